@@ -1,0 +1,150 @@
+"""Reading Hugging Face checkpoints tensor by tensor: safetensors (single or sharded) and,
+only when allowed, pickled PyTorch `.bin` files (loaded with `weights_only=True`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from polar_jax.errors import PolarJaxError
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Everything besides the weights that a converted directory keeps (those present are copied).
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+)
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """A local checkpoint directory; a Hugging Face hub id is downloaded when online."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise PolarJaxError(f"{src} is a file; expected a Hugging Face checkpoint directory")
+    if str(src).count("/") == 1 and not str(src).startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]))
+        except Exception as err:  # offline, unknown repo, gated model...
+            raise PolarJaxError(
+                f"{src} is not a local directory and could not be fetched from the Hugging Face hub: {err}"
+            ) from None
+    raise PolarJaxError(f"{src} does not exist (expected a Hugging Face checkpoint directory)")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise PolarJaxError(f"{path} is missing") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PolarJaxError(f"{path} is not readable JSON: {err}") from None
+
+
+def read_config(src: Path) -> dict:
+    """The checkpoint's `config.json` as a dict."""
+    if not (src / "config.json").exists():
+        raise PolarJaxError(f"{src} has no config.json; is it a Hugging Face checkpoint directory?")
+    return read_json(src / "config.json")
+
+
+def _shards(src: Path, index_name: str) -> list[Path]:
+    index = read_json(src / index_name)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise PolarJaxError(f"{src / index_name} has no weight_map")
+    files = [src / f for f in dict.fromkeys(weight_map.values())]
+    for f in files:
+        if not f.exists():
+            raise PolarJaxError(f"{src / index_name} names shard {f.name}, which is missing")
+    return files
+
+
+def weight_files(src: Path, allow_pickle: bool) -> tuple[str, list[Path]]:
+    """("safetensors" | "pickle", the files to read in order)."""
+    if (src / SAFETENSORS_INDEX).exists():
+        return "safetensors", _shards(src, SAFETENSORS_INDEX)
+    if (src / SAFETENSORS_FILE).exists():
+        return "safetensors", [src / SAFETENSORS_FILE]
+    pickled = (src / PICKLE_INDEX).exists() or (src / PICKLE_FILE).exists()
+    if pickled and not allow_pickle:
+        raise PolarJaxError(
+            f"{src} holds only pickled PyTorch weights ({PICKLE_FILE}); pickles can run code when "
+            "loaded, so pass --allow-pickle to read them (with torch.load(weights_only=True))"
+        )
+    if (src / PICKLE_INDEX).exists():
+        return "pickle", _shards(src, PICKLE_INDEX)
+    if (src / PICKLE_FILE).exists():
+        return "pickle", [src / PICKLE_FILE]
+    raise PolarJaxError(
+        f"{src} has no weights: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, or "
+        f"(with --allow-pickle) {PICKLE_FILE}"
+    )
+
+
+def count_tensors(kind: str, files: list[Path]) -> int | None:
+    """Number of tensors, when it can be read without loading them (for the progress bar)."""
+    if kind != "safetensors":
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        try:
+            with safe_open(f, framework="flax") as st:
+                total += len(list(st.keys()))
+        except Exception as err:
+            raise PolarJaxError(f"{f} is not a readable safetensors file (truncated?): {err}") from None
+    return total
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    cpu = jax.devices("cpu")[0]
+    try:
+        with jax.default_device(cpu), safe_open(path, framework="flax") as st:
+            for name in st.keys():
+                yield name, np.asarray(st.get_tensor(name))
+    except PolarJaxError:
+        raise
+    except Exception as err:
+        raise PolarJaxError(f"{path} is not a readable safetensors file (truncated?): {err}") from None
+
+
+def _iter_pickle(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    try:
+        import torch
+    except ImportError:
+        raise PolarJaxError(f"reading {path} needs PyTorch installed") from None
+    import ml_dtypes
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise PolarJaxError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
+    for name in list(state):
+        t = state.pop(name)
+        if t.dtype == torch.bfloat16:
+            yield name, t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            yield name, t.numpy()
+
+
+def iter_tensors(kind: str, files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, host array) for every tensor of every file, one at a time."""
+    read = _iter_safetensors if kind == "safetensors" else _iter_pickle
+    for f in files:
+        yield from read(f)

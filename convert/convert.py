@@ -1,0 +1,149 @@
+"""`polar-jax convert`: a Hugging Face checkpoint -> a directory of orbax params in our layouts.
+
+Output directory:
+    config.json        the source's Hugging Face config, unchanged
+    polar_jax.json     format version, parameter dtype, source
+    params/            orbax-checkpoint of the model state (a nested dict of arrays)
+    tokenizer files and generation_config.json, copied when present
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from convert.checkpoint import (
+    SIDE_FILES,
+    count_tensors,
+    iter_tensors,
+    read_config,
+    resolve_source,
+    weight_files,
+)
+from convert.mapping import canonical_name, param_specs
+from models.config import ModelConfig, config_from_hf
+from polar_jax.errors import PolarJaxError
+
+FORMAT_VERSION = 1
+METADATA_FILE = "polar_jax.json"
+PARAMS_DIR = "params"
+_NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+
+def source_dtype(hf_config: dict) -> str:
+    """The dtype the checkpoint was saved in, per its config (float32 when unstated)."""
+    name = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
+    return name if name in _NUMPY_DTYPES else "float32"
+
+
+def read_hf_params(src: Path, config: ModelConfig, dtype: str, allow_pickle: bool = False,
+                   progress: bool = False) -> dict:
+    """Streams the checkpoint at `src` into the nested param dict of `config`'s model.
+
+    Every tensor is checked against the model's expectations: a missing, unexpected or
+    misshapen tensor is an error naming it.
+    """
+    if dtype not in _NUMPY_DTYPES:
+        raise PolarJaxError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_NUMPY_DTYPES)}")
+    target = _NUMPY_DTYPES[dtype]
+    specs = param_specs(config)
+    kind, files = weight_files(src, allow_pickle)
+    params: dict = {}
+    seen: set[str] = set()
+    bar = tqdm(total=count_tensors(kind, files), desc="tensors", unit="tensor", disable=not progress)
+    with bar:
+        for hf_name, array in iter_tensors(kind, files):
+            bar.update()
+            name = canonical_name(hf_name, config)
+            if name is None:
+                continue
+            spec = specs.get(name)
+            if spec is None:
+                raise PolarJaxError(
+                    f"unexpected tensor {hf_name!r} {tuple(array.shape)} in {src}: a "
+                    f"{config.model_type} model with this config.json has no such weight"
+                )
+            if name in seen:
+                raise PolarJaxError(f"tensor {hf_name!r} appears twice in {src}")
+            if tuple(array.shape) != spec.hf_shape:
+                raise PolarJaxError(
+                    f"tensor {hf_name!r} has shape {tuple(array.shape)}, but config.json implies "
+                    f"{spec.hf_shape}"
+                )
+            if not np.issubdtype(array.dtype, np.floating) and array.dtype != ml_dtypes.bfloat16:
+                raise PolarJaxError(f"tensor {hf_name!r} has non-float dtype {array.dtype}")
+            seen.add(name)
+            node = params
+            for key in spec.path[:-1]:
+                node = node.setdefault(key, {})
+            node[spec.path[-1]] = np.ascontiguousarray(spec.transform(array).astype(target))
+    missing = [name for name in specs if name not in seen]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise PolarJaxError(f"checkpoint {src} is missing tensor(s) {shown}{more}")
+    return params
+
+
+def save_params(params: dict, directory: Path) -> None:
+    """Writes the nested param dict with orbax-checkpoint."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory.absolute(), params)
+        checkpointer.wait_until_finished()
+
+
+def convert_checkpoint(src: str, dst: str, dtype: str | None = None, allow_pickle: bool = False,
+                       force: bool = False, progress: bool = False) -> Path:
+    """Converts the HF checkpoint `src` into `dst`; returns `dst`.
+
+    The output is assembled in a temporary sibling directory and renamed into place at the
+    end, so an error never leaves a partial `dst`.
+    """
+    dst_path = Path(dst)
+    if dst_path.exists() and not force:
+        raise PolarJaxError(f"{dst} already exists; pass --force to replace it")
+    src_path = resolve_source(src)
+    hf_config = read_config(src_path)
+    config = config_from_hf(hf_config)
+    dtype = dtype or source_dtype(hf_config)
+    params = read_hf_params(src_path, config, dtype, allow_pickle, progress)
+
+    dst_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst_path.parent / f".{dst_path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        save_params(params, tmp / PARAMS_DIR)
+        shutil.copyfile(src_path / "config.json", tmp / "config.json")
+        for name in SIDE_FILES:
+            if (src_path / name).exists():
+                shutil.copyfile(src_path / name, tmp / name)
+        metadata = {"format": FORMAT_VERSION, "dtype": dtype, "model_type": config.model_type,
+                    "source": str(src)}
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        _replace(tmp, dst_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst_path
+
+
+def _replace(new: Path, dst: Path) -> None:
+    """Moves `new` to `dst`, replacing whatever is there."""
+    if not dst.exists():
+        new.rename(dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    dst.rename(old)
+    new.rename(dst)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()

@@ -1,0 +1,164 @@
+"""Building blocks shared by every family: norms, embeddings, attention and MLP.
+
+Weights are stored in the layouts the decode kernels read and that shard per head and per
+neuron: q/k/v projections `[d, heads, head_dim]`, the output projection `[heads, head_dim, d]`,
+MLP weights neuron-major `[N, d]` (row n holds neuron n's input, or output, weights).
+Matmuls accumulate in float32; norms and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.activations import get_activation
+
+F32 = jnp.float32
+_MASKED = -1e30
+
+
+def _param(shape, dtype, fill: float = 0.0):
+    """A parameter of `shape`; its values are placeholders until a checkpoint is loaded."""
+    return nnx.Param(jnp.full(shape, fill, dtype))
+
+
+def _maybe(flag: bool, shape, dtype, fill: float = 0.0):
+    """`_param(...)` when the checkpoint has this tensor, else None."""
+    return _param(shape, dtype, fill) if flag else None
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = _param((dim,), dtype, 1.0)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(F32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(F32) * x32).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, dtype, affine: bool = True, eps: float = 1e-5):
+        self.weight = _maybe(affine, (dim,), dtype, 1.0)
+        self.bias = _maybe(affine, (dim,), dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(F32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight[...].astype(F32) + self.bias[...].astype(F32)
+        return y.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding `[V, d]`; `attend` gives logits against it (tied heads)."""
+
+    def __init__(self, num: int, dim: int, dtype):
+        self.embedding = _param((num, dim), dtype)
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x):
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...], preferred_element_type=F32)
+
+
+class Attention(nnx.Module):
+    """Q/K/V and output projections; the attention itself is `causal_attention`."""
+
+    def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
+                 qkv_bias: bool, out_bias: bool):
+        self.w_q = _param((d, num_heads, head_dim), dtype)
+        self.w_k = _param((d, num_kv_heads, head_dim), dtype)
+        self.w_v = _param((d, num_kv_heads, head_dim), dtype)
+        self.b_q = _maybe(qkv_bias, (num_heads, head_dim), dtype)
+        self.b_k = _maybe(qkv_bias, (num_kv_heads, head_dim), dtype)
+        self.b_v = _maybe(qkv_bias, (num_kv_heads, head_dim), dtype)
+        self.w_o = _param((num_heads, head_dim, d), dtype)
+        self.b_o = _maybe(out_bias, (d,), dtype)
+
+    def project_qkv(self, x):
+        """x `[..., d]` -> q `[..., Hq, D]`, k and v `[..., Hkv, D]`."""
+
+        def proj(w, b):
+            y = jnp.einsum("...d,dhk->...hk", x, w[...], preferred_element_type=F32)
+            if b is not None:
+                y = y + b[...].astype(F32)
+            return y.astype(x.dtype)
+
+        return proj(self.w_q, self.b_q), proj(self.w_k, self.b_k), proj(self.w_v, self.b_v)
+
+    def project_out(self, o):
+        """o `[..., Hq, D]` -> `[..., d]`."""
+        y = jnp.einsum("...hk,hkd->...d", o, self.w_o[...], preferred_element_type=F32)
+        if self.b_o is not None:
+            y = y + self.b_o[...].astype(F32)
+        return y.astype(o.dtype)
+
+
+class MLP(nnx.Module):
+    """`act(x @ w_in.T + b_in) @ w_out + b_out`, or the gated form with `w_gate`."""
+
+    def __init__(self, d: int, n: int, dtype, activation: str, gated: bool, bias: bool):
+        self.w_gate = _maybe(gated, (n, d), dtype)
+        self.b_gate = _maybe(gated and bias, (n,), dtype)
+        self.w_in = _param((n, d), dtype)
+        self.b_in = _maybe(bias, (n,), dtype)
+        self.w_out = _param((n, d), dtype)
+        self.b_out = _maybe(bias, (d,), dtype)
+        self.activation = activation
+
+    def hidden(self, x):
+        """The neuron activations `[..., N]` (float32), what the MLP router learns to predict."""
+        act = get_activation(self.activation)
+
+        def proj(w, b):
+            y = jnp.einsum("...d,nd->...n", x, w[...], preferred_element_type=F32)
+            return y if b is None else y + b[...].astype(F32)
+
+        h = proj(self.w_in, self.b_in)
+        if self.w_gate is None:
+            return act(h)
+        return act(proj(self.w_gate, self.b_gate)) * h
+
+    def __call__(self, x):
+        h = self.hidden(x).astype(x.dtype)
+        y = jnp.einsum("...n,nd->...d", h, self.w_out[...], preferred_element_type=F32)
+        if self.b_out is not None:
+            y = y + self.b_out[...].astype(F32)
+        return y.astype(x.dtype)
+
+
+def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float | None = None):
+    """Causal softmax attention over one sequence block, grouped-query aware.
+
+    q `[B, T, Hq, D]`; k, v `[B, T, Hkv, D]`; key_valid `[B, T]` (False at padding).
+    Query i sees key j when j <= i, key j is valid and, with a window W, i - j < W.
+    Returns `[B, T, Hq, D]` in q's dtype; rows with no visible key hold unspecified values.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * scale
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    visible = j <= i
+    if window is not None:
+        visible = visible & (i - j < window)
+    visible = visible[None] & key_valid[:, None, :].astype(bool)
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=F32)
+    return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def positions_from_mask(attention_mask):
+    """Position ids `[B, T]` counted over the real tokens of each row (padding anywhere)."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)

@@ -1,0 +1,59 @@
+"""Rotary position embeddings: default, `linear`, `dynamic` (NTK) and `llama3` scaling.
+
+Same convention as Hugging Face Llama: the two halves of a head are rotated as pairs
+(`rotate_half`), frequencies computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """`[head_dim // 2]` float32 inverse frequencies before any sequence-dependent scaling."""
+    inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(positions, rope: RopeConfig, head_dim: int, max_position_embeddings: int):
+    """cos, sin `[B, T, head_dim]` (float32) for integer positions `[B, T]`."""
+    inv_freq = jnp.asarray(inverse_frequencies(rope, head_dim))
+    if rope.rope_type == "dynamic":
+        # NTK-aware: past the trained context the base grows with the longest position seen.
+        seq_len = jnp.maximum(jnp.max(positions) + 1, max_position_embeddings).astype(jnp.float32)
+        base = rope.theta * (
+            rope.factor * seq_len / max_position_embeddings - (rope.factor - 1)
+        ) ** (head_dim / (head_dim - 2))
+        inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Rotates x `[B, T, H, D]` by the angles in cos, sin `[B, T, D]`."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)

@@ -1,0 +1,65 @@
+"""Loading a model from a converted directory or straight from a Hugging Face directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from convert.checkpoint import read_config, read_json, resolve_source
+from convert.convert import METADATA_FILE, PARAMS_DIR, read_hf_params, source_dtype
+from models import ModelConfig, build_model, config_from_hf
+from polar_jax.errors import PolarJaxError
+
+
+def is_converted(path: Path) -> bool:
+    return (path / METADATA_FILE).exists()
+
+
+def load_model(path: str, dtype=None, sharding: jax.sharding.Sharding | None = None):
+    """(config, model) for a converted directory or a Hugging Face checkpoint directory.
+
+    Parameters are cast to `dtype` (default: as stored). `sharding` places every parameter
+    (default: the first device).
+    """
+    src = resolve_source(path)
+    config = config_from_hf(read_config(src))
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if is_converted(src):
+        metadata = read_json(src / METADATA_FILE)
+        dtype = dtype or jnp.dtype(metadata["dtype"])
+        params = _restore(src / PARAMS_DIR, config, dtype, sharding)
+    else:
+        stored = source_dtype(read_config(src))
+        dtype = dtype or jnp.dtype(stored)
+        host = read_hf_params(src, config, stored)
+        params = jax.tree.map(lambda a: jax.device_put(jnp.asarray(a, dtype), sharding), host)
+    model = build_model(config, dtype)
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, params)
+    return config, nnx.merge(graphdef, state)
+
+
+def _restore(directory: Path, config: ModelConfig, dtype, sharding):
+    import orbax.checkpoint as ocp
+
+    abstract = nnx.to_pure_dict(nnx.split(build_model(config, dtype))[1])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding), abstract)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(directory.absolute(), target)
+    except Exception as err:
+        raise PolarJaxError(f"cannot read the params in {directory}: {err}") from None
+
+
+def load_tokenizer(path: str):
+    """The Hugging Face tokenizer stored beside the model (read from local files only)."""
+    from transformers import AutoTokenizer
+
+    src = resolve_source(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except Exception as err:
+        raise PolarJaxError(f"cannot load a tokenizer from {src}: {err}") from None
