@@ -1,0 +1,121 @@
+"""The `polar-jax` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from polar_jax.errors import PolarJaxError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _cmd_convert(args) -> int:
+    from convert import convert_checkpoint
+
+    start = time.perf_counter()
+    dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                             force=args.force, progress=sys.stderr.isatty())
+    print(f"converted {args.src} -> {dst} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_eval_perplexity(args) -> int:
+    import jax.numpy as jnp
+
+    from polar_jax.dtypes import default_compute_dtype, parse_dtype
+    from polar_jax.evaluate import perplexity, read_text
+    from polar_jax.loading import load_model, load_tokenizer
+
+    text = read_text(args.text)
+    dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+    start = time.perf_counter()
+    config, model = load_model(args.model, dtype)
+    tokenizer = load_tokenizer(args.model)
+    result = perplexity(model, config, tokenizer, text, seq_len=args.seq_len,
+                        max_tokens=args.max_tokens, batch_size=args.batch_size,
+                        progress=sys.stderr.isatty() and not args.json)
+    result.update(model=args.model, dtype=jnp.dtype(dtype).name,
+                  seq_len=args.seq_len, seconds=round(time.perf_counter() - start, 3))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+              f"({result['windows']} windows of {args.seq_len}, {result['dtype']}, "
+              f"{result['seconds']:.1f} s)")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from polar_jax.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polar-jax",
+        description="Polar Sparsity for batched LLM decoding in JAX and Pallas.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert", help="convert a Hugging Face checkpoint into a polar-jax directory",
+        description="Convert a Hugging Face checkpoint (safetensors, or pickled .bin with "
+                    "--allow-pickle) into a polar-jax directory of orbax params.")
+    convert.add_argument("src", help="Hugging Face checkpoint directory (or hub id, when online)")
+    convert.add_argument("dst", help="output directory (must not exist unless --force)")
+    convert.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                         help="parameter dtype (default: the checkpoint's own)")
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="read pytorch_model.bin files (torch.load with weights_only=True)")
+    convert.add_argument("--force", action="store_true", help="replace an existing DST")
+    convert.set_defaults(run=_cmd_convert)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model")
+    evals = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    ppl = evals.add_parser(
+        "perplexity", help="perplexity over a text file",
+        description="Perplexity: the text is tokenized once without special tokens, truncated to "
+                    "--max-tokens, cut into non-overlapping windows of --seq-len tokens, and every "
+                    "token after the first of a window is scored.")
+    ppl.add_argument("--model", required=True, help="converted or Hugging Face model directory")
+    ppl.add_argument("--text", required=True, help="UTF-8 text file")
+    ppl.add_argument("--seq-len", type=_positive_int, default=512)
+    ppl.add_argument("--max-tokens", type=_positive_int, default=None)
+    ppl.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step")
+    ppl.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                     help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.set_defaults(run=_cmd_eval_perplexity)
+
+    bench = commands.add_parser("bench", help="GPU benchmarks (see `polar-jax bench --help`)",
+                                add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except PolarJaxError as err:
+        print(f"polar-jax: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("polar-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

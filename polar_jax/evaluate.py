@@ -1,0 +1,93 @@
+"""Perplexity with a fixed protocol, so numbers compare across models, dtypes and modes.
+
+Protocol: tokenize the whole text once with no special tokens; keep the first `max_tokens`;
+cut into non-overlapping windows of `seq_len` tokens (a shorter last window is kept if it
+has at least 2 tokens); score every token after the first of each window;
+perplexity = exp(mean negative log-likelihood).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from polar_jax.errors import PolarJaxError
+
+
+def read_text(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolarJaxError(f"text file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PolarJaxError(f"cannot read text file {path} as UTF-8: {err}") from None
+    if not text.strip():
+        raise PolarJaxError(f"text file {path} is empty")
+    return text
+
+
+def make_windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """tokens, mask `[num_windows, seq_len]`; the last window is right-padded (mask 0)."""
+    starts = [s for s in range(0, len(ids), seq_len) if len(ids) - s >= 2]
+    tokens = np.zeros((len(starts), seq_len), np.int32)
+    mask = np.zeros((len(starts), seq_len), np.int32)
+    for row, start in enumerate(starts):
+        chunk = ids[start:start + seq_len]
+        tokens[row, :len(chunk)] = chunk
+        mask[row, :len(chunk)] = 1
+    return tokens, mask
+
+
+def _nll_fn(model):
+    """A jitted `(state, tokens, mask) -> (sum of NLL, scored count)` over the model's state."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def nll(state, tokens, mask):
+        logits = nnx.merge(graphdef, state)(tokens, mask)[:, :-1]
+        targets = tokens[:, 1:]
+        scored = mask[:, 1:].astype(bool)
+        logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        token_nll = jax.nn.logsumexp(logits, axis=-1) - logp
+        return jnp.sum(jnp.where(scored, token_nll, 0.0)), jnp.sum(scored)
+
+    return lambda tokens, mask: nll(state, tokens, mask)
+
+
+def perplexity(model, config, tokenizer, text: str, seq_len: int = 512, max_tokens: int | None = None,
+               batch_size: int = 8, progress: bool = False) -> dict:
+    """{"perplexity", "nll" (mean), "tokens" (scored count), "windows"} for `text`."""
+    if seq_len < 2:
+        raise PolarJaxError(f"--seq-len must be at least 2, got {seq_len}")
+    if config.model_type == "opt" and seq_len > config.max_position_embeddings:
+        raise PolarJaxError(
+            f"--seq-len {seq_len} exceeds the model's {config.max_position_embeddings} learned positions"
+        )
+    if batch_size < 1:
+        raise PolarJaxError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise PolarJaxError(f"--max-tokens must be at least 2, got {max_tokens}")
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise PolarJaxError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
+    tokens, mask = make_windows(ids, seq_len)
+    batch_size = min(batch_size, len(tokens))
+    pad = -len(tokens) % batch_size  # whole batches only: one compiled shape
+    tokens = np.concatenate([tokens, np.zeros((pad, seq_len), np.int32)])
+    mask = np.concatenate([mask, np.zeros((pad, seq_len), np.int32)])
+    nll = _nll_fn(model)
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(tokens), batch_size), desc="windows", unit="batch",
+                      disable=not progress):
+        batch_nll, batch_count = nll(tokens[start:start + batch_size], mask[start:start + batch_size])
+        total += float(batch_nll)
+        count += int(batch_count)
+    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
+            "windows": len(tokens) - pad}
