@@ -1,0 +1,346 @@
+"""Head/group-sparse decode attention (flash-decoding) as a Pallas kernel.
+
+One decode step: each row `b` of the batch has one query token with `Hq` heads, a KV cache
+`[Hkv, S, D]` holding `lengths[b]` valid positions, and a per-row set of selected KV groups
+`group_idx[b]` (Polar Sparsity's head router picks them). Query head `h` reads group `h // G`
+(`G = Hq // Hkv`). Only the selected groups are computed; the other heads' outputs are zero.
+
+Kernel layout (Triton lowering on NVIDIA GPUs, interpret mode on the CPU):
+
+- one program per (row, selected group slot, sequence split), a 1-D grid with the splits of a
+  slot adjacent;
+- the program reads the group id from `group_idx` and that group's K/V blocks once, for all G
+  query heads at once: the G heads are the rows of the q tile (padded to 16 rows for the
+  tensor-core dot);
+- online softmax in float32 (base 2) over `block_k`-token blocks; the loop runs only over the
+  blocks inside `[max(0, len - window), len)`, split evenly between the splits;
+- one split: the program normalises and writes its G output rows straight into the output
+  (which starts as zeros, so unselected heads and empty rows stay exactly zero);
+- several splits ("flash-decoding"): each split writes (o, m, l) partials; then either the last
+  split to finish a slot (an atomic counter per slot) combines them in the same kernel, or a
+  plain-JAX combine does it (`combine="xla"`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._common import (
+    FLOAT_DTYPES, LOG2E, NEG_INF, atomic_add, barrier, cdiv, compiler_params, masked_load,
+    masked_store, next_pow2, pl, resolve_interpret, sm_count,
+)
+
+__all__ = ["sparse_decode_attention", "sparse_decode_attention_reference", "attention_config"]
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+def _selected_groups_mask(group_idx, batch: int, num_kv: int):
+    """[B, Hkv] bool: group h is selected for row b."""
+    if group_idx is None:
+        return jnp.ones((batch, num_kv), dtype=bool)
+    return jnp.any(group_idx[:, :, None] == jnp.arange(num_kv, dtype=group_idx.dtype), axis=1)
+
+
+def sparse_decode_attention_reference(q, k_cache, v_cache, lengths, group_idx=None, *,
+                                      sm_scale=None, sliding_window=None):
+    """Pure-`jnp` reference with the same semantics (float32 softmax, `q.dtype` output)."""
+    B, Hq, D = q.shape
+    _, Hkv, S, _ = k_cache.shape
+    G = Hq // Hkv
+    scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
+    qf = q.astype(jnp.float32).reshape(B, Hkv, G, D)
+    s = jnp.einsum("bhgd,bhsd->bhgs", qf, k_cache.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST) * scale
+    pos = jnp.arange(S)
+    L = jnp.clip(lengths.astype(jnp.int32), 0, S)[:, None]
+    lo = jnp.zeros_like(L) if sliding_window is None else jnp.maximum(L - sliding_window, 0)
+    valid = (pos[None, :] >= lo) & (pos[None, :] < L)  # [B, S]
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhgs,bhsd->bhgd", p, v_cache.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST) / jnp.where(l > 0, l, 1.0)
+    keep = _selected_groups_mask(group_idx, B, Hkv) & (L > 0)
+    o = jnp.where(keep[:, :, None, None], o, 0.0)
+    return o.reshape(B, Hq, D).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, interpret=False,
+                     block_k=None, num_splits=None, num_warps=None, num_stages=None,
+                     combine=None, target_programs=None, min_split_tokens=None):
+    """Tiling for one call: block_k, num_splits (a power of 2), warps, stages, combine."""
+    if block_k is None:
+        block_k = 16 if interpret else 64
+    block_k = max(16, next_pow2(block_k))
+    if num_splits is None:
+        if interpret:
+            num_splits = 1
+        else:
+            target = target_programs or 2 * sm_count()
+            min_tok = min_split_tokens or 256
+            num_splits = 1
+            base = batch * num_selected
+            while (base * num_splits < target and num_splits < 64
+                   and seq_len // (2 * num_splits) >= max(min_tok, block_k)):
+                num_splits *= 2
+    num_splits = next_pow2(max(1, int(num_splits)))
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 3 if block_k <= 64 else 2
+    if combine is None:
+        combine = "kernel"
+    if combine not in ("kernel", "xla"):
+        raise ValueError(f"combine must be 'kernel' or 'xla', got {combine!r}")
+    return dict(block_k=int(block_k), num_splits=int(num_splits), num_warps=int(num_warps),
+                num_stages=int(num_stages), combine=combine)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp, D, Dp, BK,
+                 NS, W, scale_log2, mode, interpret):
+    if mode == "direct":
+        _, o_ref = refs
+    elif mode == "kernel":
+        _, _, o_ref, cnt_ref, op_ref, mp_ref, lp_ref = refs
+    else:  # "xla"
+        op_ref, mp_ref, lp_ref = refs
+
+    pid = pl.program_id(0)
+    s = pid % NS
+    bj = pid // NS
+    b = bj // K
+    j = bj % K
+    g = jnp.clip(gidx_ref[b, j], 0, Hkv - 1)
+    L = jnp.clip(len_ref[b], 0, S)
+    lo = jnp.int32(0) if W is None else jnp.maximum(L - W, 0)
+    n_blk = (L - lo + BK - 1) // BK
+    per = (n_blk + NS - 1) // NS
+    blk0 = s * per
+    blk1 = jnp.minimum(blk0 + per, n_blk)
+
+    rows = jnp.arange(Gp, dtype=jnp.int32)
+    row_ok = rows < G
+    cols = jnp.arange(Dp, dtype=jnp.int32)
+    col_ok = cols < D
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    head_rows = g * G + rows
+    q = masked_load(q_ref, (b, head_rows[:, None], cols[None, :]), tile_ok, 0.0,
+                    interpret=interpret)
+    offs = jnp.arange(BK, dtype=jnp.int32)
+
+    def body(blk, carry):
+        acc, m, l = carry
+        pos = lo + blk * BK + offs
+        ok = pos < L
+        kv_ok = ok[:, None] & col_ok[None, :]
+        kt = masked_load(k_ref, (b, g, pos[:, None], cols[None, :]), kv_ok, 0.0,
+                         interpret=interpret)
+        sc = lax.dot_general(q, kt, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32) * scale_log2
+        sc = jnp.where(ok[None, :], sc, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(sc - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        vt = masked_load(v_ref, (b, g, pos[:, None], cols[None, :]), kv_ok, 0.0,
+                         interpret=interpret)
+        acc = acc * alpha[:, None] + lax.dot_general(
+            p.astype(vt.dtype), vt, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    acc0 = jnp.zeros((Gp, Dp), jnp.float32)
+    m0 = jnp.full((Gp,), NEG_INF, jnp.float32)
+    l0 = jnp.zeros((Gp,), jnp.float32)
+    acc, m, l = lax.fori_loop(blk0, blk1, body, (acc0, m0, l0))
+
+    if mode == "direct":
+        o = acc / jnp.where(l > 0, l, 1.0)[:, None]
+        masked_store(o_ref, (b, head_rows[:, None], cols[None, :]), o.astype(o_ref.dtype), tile_ok)
+        return
+
+    # Partials of this split (rows >= G are never read back).
+    masked_store(op_ref, (bj, s, rows[:, None], cols[None, :]), acc, tile_ok)
+    masked_store(mp_ref, (bj, s, rows), m, row_ok)
+    masked_store(lp_ref, (bj, s, rows), l, row_ok)
+    if mode == "xla":
+        return
+
+    # The last split of slot (b, j) to arrive combines the partials of all splits.
+    barrier(interpret)  # every thread's partial stores precede the (release) atomic
+    arrived = atomic_add(cnt_ref, (bj,), jnp.int32(1))
+
+    @pl.when(arrived == NS - 1)
+    def _combine():
+        sp = jnp.arange(NS, dtype=jnp.int32)
+        ms = masked_load(mp_ref, (bj, sp[:, None], rows[None, :]), row_ok[None, :], 0.0,
+                         interpret=interpret, volatile=True)
+        mx = jnp.max(ms, axis=0)
+
+        def comb(t, carry):
+            o_acc, l_acc = carry
+            mt = masked_load(mp_ref, (bj, t, rows), row_ok, 0.0, interpret=interpret, volatile=True)
+            lt = masked_load(lp_ref, (bj, t, rows), row_ok, 0.0, interpret=interpret, volatile=True)
+            ot = masked_load(op_ref, (bj, t, rows[:, None], cols[None, :]), tile_ok, 0.0,
+                             interpret=interpret, volatile=True)
+            w = jnp.exp2(mt - mx)
+            return o_acc + w[:, None] * ot, l_acc + w * lt
+
+        o_acc, l_acc = lax.fori_loop(0, NS, comb, (jnp.zeros((Gp, Dp), jnp.float32),
+                                                   jnp.zeros((Gp,), jnp.float32)))
+        o = o_acc / jnp.where(l_acc > 0, l_acc, 1.0)[:, None]
+        masked_store(o_ref, (b, head_rows[:, None], cols[None, :]), o.astype(o_ref.dtype),
+                     tile_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "interpret", "cfg"))
+def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, *, sm_scale, window, interpret,
+                      cfg):
+    cfg = dict(cfg)
+    B, Hq, D = q.shape
+    _, Hkv, S, _ = k_cache.shape
+    K = group_idx.shape[1]
+    G = Hq // Hkv
+    Gp = max(16, next_pow2(G))
+    Dp = max(16, next_pow2(D))
+    NS = cfg["num_splits"]
+    BK = cfg["block_k"]
+    mode = "direct" if NS == 1 else cfg["combine"]
+    kernel = functools.partial(
+        _attn_kernel, K=K, Hkv=Hkv, S=S, G=G, Gp=Gp, D=D, Dp=Dp, BK=BK, NS=NS, W=window,
+        scale_log2=float(sm_scale * LOG2E), mode=mode, interpret=interpret)
+    grid = (B * K * NS,)
+    full = pl.BlockSpec()
+    params = compiler_params(cfg["num_warps"], cfg["num_stages"])
+    out_sds = jax.ShapeDtypeStruct((B, Hq, D), q.dtype)
+    part_sds = [jax.ShapeDtypeStruct((B * K, NS, Gp, Dp), jnp.float32),
+                jax.ShapeDtypeStruct((B * K, NS, Gp), jnp.float32),
+                jax.ShapeDtypeStruct((B * K, NS, Gp), jnp.float32)]
+    args = [lengths, group_idx, q, k_cache, v_cache]
+    if mode == "direct":
+        out = pl.pallas_call(
+            kernel, grid=grid, in_specs=[full] * 6, out_specs=full, out_shape=out_sds,
+            input_output_aliases={5: 0}, compiler_params=params, interpret=interpret,
+            name="sparse_decode_attention",
+        )(*args, jnp.zeros((B, Hq, D), q.dtype))
+        return out
+    if mode == "kernel":
+        outs = pl.pallas_call(
+            kernel, grid=grid, in_specs=[full] * 7, out_specs=[full] * 5,
+            out_shape=[out_sds, jax.ShapeDtypeStruct((B * K,), jnp.int32), *part_sds],
+            input_output_aliases={5: 0, 6: 1}, compiler_params=params, interpret=interpret,
+            name="sparse_decode_attention_splitk",
+        )(*args, jnp.zeros((B, Hq, D), q.dtype), jnp.zeros((B * K,), jnp.int32))
+        return outs[0]
+    # mode == "xla": partials from the kernel, combine and scatter in plain JAX.
+    op, mp, lp = pl.pallas_call(
+        kernel, grid=grid, in_specs=[full] * 5, out_specs=[full] * 3, out_shape=part_sds,
+        compiler_params=params, interpret=interpret, name="sparse_decode_attention_partials",
+    )(*args)
+    op = op[:, :, :G, :D].reshape(B, K, NS, G, D)
+    mp = mp[:, :, :G].reshape(B, K, NS, G)
+    lp = lp[:, :, :G].reshape(B, K, NS, G)
+    mx = jnp.max(mp, axis=2, keepdims=True)
+    w = jnp.exp2(mp - mx)
+    lsum = jnp.sum(w * lp, axis=2)
+    o = jnp.sum(w[..., None] * op, axis=2) / jnp.where(lsum > 0, lsum, 1.0)[..., None]
+    gi = jnp.clip(group_idx, 0, Hkv - 1)
+    out = jnp.zeros((B, Hkv, G, D), q.dtype)
+    out = out.at[jnp.arange(B)[:, None], gi].set(o.astype(q.dtype))
+    return out.reshape(B, Hq, D)
+
+
+# --------------------------------------------------------------------------------------------
+# Public wrapper
+# --------------------------------------------------------------------------------------------
+
+def _check_args(q, k_cache, v_cache, lengths, group_idx, sliding_window):
+    for name, x, nd in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
+        if getattr(x, "ndim", None) != nd:
+            raise ValueError(f"{name} must have {nd} dimensions, got shape {getattr(x, 'shape', None)}")
+    B, Hq, D = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} differ in shape")
+    Bk, Hkv, S, Dk = k_cache.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"cache shape {k_cache.shape} does not match q {q.shape}: expected "
+                         f"[B={B}, Hkv, S, D={D}]")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    if S < 1 or D < 1 or B < 1:
+        raise ValueError(f"empty shapes are not supported: q {q.shape}, cache {k_cache.shape}")
+    if D > 256:
+        raise ValueError(f"head dim D={D} > 256 is not supported")
+    if jnp.dtype(q.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"q dtype must be float32, bfloat16 or float16, got {q.dtype}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")
+    if getattr(lengths, "shape", None) != (B,):
+        raise ValueError(f"lengths must have shape [B]=({B},), got {getattr(lengths, 'shape', None)}")
+    if lengths.dtype != jnp.int32:
+        raise TypeError(f"lengths must be int32, got {lengths.dtype}")
+    if group_idx is not None:
+        if getattr(group_idx, "ndim", None) != 2 or group_idx.shape[0] != B:
+            raise ValueError(f"group_idx must have shape [B={B}, k], got "
+                             f"{getattr(group_idx, 'shape', None)}")
+        if group_idx.dtype != jnp.int32:
+            raise TypeError(f"group_idx must be int32, got {group_idx.dtype}")
+        k = group_idx.shape[1]
+        if not 1 <= k <= Hkv:
+            raise ValueError(f"group_idx selects k={k} groups per row; need 1 <= k <= Hkv={Hkv}")
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+
+
+def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, sm_scale=None,
+                            sliding_window=None, interpret=None, block_k=None, num_splits=None,
+                            num_warps=None, num_stages=None, combine=None):
+    """Decode attention over the selected KV groups of each row.
+
+    Args:
+      q: `[B, Hq, D]` query of the current token.
+      k_cache, v_cache: `[B, Hkv, S, D]` caches (`Hq = Hkv * G`; head h reads group h // G).
+      lengths: int32 `[B]` in `[0, S]`; row b attends to `[max(0, len - W), len)`.
+      group_idx: int32 `[B, k]`, distinct KV groups per row (None: all groups). Values are
+        clamped into range inside the kernel (a range check would need a host sync).
+      sm_scale: softmax scale, default `1/sqrt(D)`.
+      sliding_window: W, or None for no window.
+      interpret: run the Pallas interpreter (None: when the default backend is the CPU).
+      block_k, num_splits, num_warps, num_stages, combine: tuning knobs, None = heuristic.
+        `combine` is "kernel" (last split combines in the kernel) or "xla".
+
+    Returns:
+      `[B, Hq, D]` in `q.dtype`; exactly zero for unselected heads and rows of length 0.
+    """
+    _check_args(q, k_cache, v_cache, lengths, group_idx, sliding_window)
+    B, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if group_idx is None:
+        group_idx = jnp.broadcast_to(jnp.arange(Hkv, dtype=jnp.int32), (B, Hkv))
+    interpret = resolve_interpret(interpret)
+    scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
+    cfg = attention_config(B, group_idx.shape[1], S, D, Hq // Hkv, interpret=interpret,
+                           block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+                           num_stages=num_stages, combine=combine)
+    return _sparse_attention(q, k_cache, v_cache, lengths, group_idx, sm_scale=scale,
+                             window=sliding_window, interpret=interpret,
+                             cfg=tuple(sorted(cfg.items())))
