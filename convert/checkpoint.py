@@ -18,9 +18,10 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Everything besides the weights that a converted directory keeps (those present are copied).
-SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one defines a vocabulary
+SIDE_FILES = TOKENIZER_FILES + (
+    "tokenizer_config.json", "special_tokens_map.json", "merges.txt", "added_tokens.json",
+    "generation_config.json",
 )
 
 
@@ -57,7 +58,10 @@ def read_config(src: Path) -> dict:
     """The checkpoint's `config.json` as a dict."""
     if not (src / "config.json").exists():
         raise PolarJaxError(f"{src} has no config.json; is it a Hugging Face checkpoint directory?")
-    return read_json(src / "config.json")
+    config = read_json(src / "config.json")
+    if not isinstance(config, dict):
+        raise PolarJaxError(f"{src / 'config.json'} must hold a JSON object, not {type(config).__name__}")
+    return config
 
 
 def _shards(src: Path, index_name: str) -> list[Path]:
@@ -132,7 +136,10 @@ def _iter_pickle(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     import ml_dtypes
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # pre-1.6 (non-zip) files cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise PolarJaxError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
     for name in list(state):

@@ -108,9 +108,11 @@ def convert_checkpoint(src: str, dst: str, dtype: str | None = None, allow_pickl
     end, so an error never leaves a partial `dst`.
     """
     dst_path = Path(dst)
-    if dst_path.exists() and not force:
+    if (dst_path.exists() or dst_path.is_symlink()) and not force:
         raise PolarJaxError(f"{dst} already exists; pass --force to replace it")
     src_path = resolve_source(src)
+    if dst_path.exists() and dst_path.resolve() == src_path.resolve():
+        raise PolarJaxError(f"the destination {dst} is the source checkpoint itself")
     hf_config = read_config(src_path)
     config = config_from_hf(hf_config)
     dtype = dtype or source_dtype(hf_config)
@@ -137,13 +139,13 @@ def convert_checkpoint(src: str, dst: str, dtype: str | None = None, allow_pickl
 
 def _replace(new: Path, dst: Path) -> None:
     """Moves `new` to `dst`, replacing whatever is there."""
-    if not dst.exists():
+    if not (dst.exists() or dst.is_symlink()):
         new.rename(dst)
         return
     old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
     dst.rename(old)
     new.rename(dst)
-    if old.is_dir():
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old)
     else:
         old.unlink()

@@ -93,6 +93,8 @@ def _opt_specs(c: OPTConfig) -> dict[str, ParamSpec]:
         f"{top}.embed_positions.weight": _identity(
             ("pos_embed", "embedding"), (c.max_position_embeddings + c.position_offset, d)),
     }
+    if not c.tie_word_embeddings:
+        specs["lm_head.weight"] = _identity(("lm_head", "embedding"), (c.vocab_size, e))
     if e != d:
         specs[f"{top}.project_in.weight"] = _transposed(("project_in",), (d, e))
         specs[f"{top}.project_out.weight"] = _transposed(("project_out",), (e, d))

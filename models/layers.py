@@ -162,3 +162,55 @@ def positions_from_mask(attention_mask):
     """Position ids `[B, T]` counted over the real tokens of each row (padding anywhere)."""
     mask = attention_mask.astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
+                     scale: float | None = None):
+    """One query token per sequence against its KV cache (dense, XLA).
+
+    q `[B, Hq, D]`; k_cache, v_cache `[B, Hkv, S, D]`; row b attends to cache positions
+    `[max(0, lengths[b] - window), lengths[b])`. Returns `[B, Hq, D]`, zero where lengths is 0.
+    Same contract as `pallas_kernels.sparse_decode_attention` with all groups selected.
+    """
+    b, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    q = q.reshape(b, hkv, hq // hkv, d)
+    scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=F32) * scale
+    pos = jnp.arange(s)[None, :]
+    visible = pos < lengths[:, None]
+    if window is not None:
+        visible = visible & (pos >= lengths[:, None] - window)
+    scores = jnp.where(visible[:, None, None, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_cache.dtype), v_cache,
+                   preferred_element_type=F32)
+    o = jnp.where((lengths > 0)[:, None, None, None], o, 0.0)
+    return o.reshape(b, hq, d).astype(q.dtype)
+
+
+# Attention modes. A block calls `attend(q, k, v, kv, window) -> (o, kv)` with q `[B, T, Hq, D]`,
+# k, v `[B, T, Hkv, D]` and its layer's cache `kv` (a (k, v) pair of `[B, Hkv, S, D]`, or None);
+# the model picks the mode, so one block definition serves evaluation, prefill and decode.
+
+
+def full_attention(q, k, v, kv, window, *, key_valid):
+    """Causal attention over the given tokens; their K/V are written to `kv[:, :, :T]` if given."""
+    if kv is not None:
+        kv = tuple(jax.lax.dynamic_update_slice(c, x.swapaxes(1, 2).astype(c.dtype), (0, 0, 0, 0))
+                   for c, x in zip(kv, (k, v)))
+    return causal_attention(q, k, v, key_valid, window), kv
+
+
+def cached_attention(q, k, v, kv, window, *, positions):
+    """One new token per sequence (T = 1): written at `positions [B]`, then attends the cache."""
+    rows = jnp.arange(q.shape[0])
+    kv = tuple(c.at[rows, :, positions].set(x[:, 0].astype(c.dtype)) for c, x in zip(kv, (k, v)))
+    o = decode_attention(q[:, 0], kv[0], kv[1], positions + 1, window)
+    return o[:, None], kv
+
+
+def init_kv_cache(config, batch: int, length: int, dtype):
+    """Per layer, a zeroed (k, v) pair of `[batch, kv_heads, length, head_dim]`."""
+    shape = (batch, config.num_kv_heads, length, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]

@@ -3,11 +3,13 @@ gated SiLU MLP; Qwen2's q/k/v biases and Mistral's sliding window come from the 
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from flax import nnx
 
 from models.config import LlamaConfig
-from models.layers import MLP, Attention, Embedding, RMSNorm, causal_attention, positions_from_mask
+from models.layers import MLP, Attention, Embedding, RMSNorm, full_attention, positions_from_mask
 from models.rope import apply_rope, rope_cos_sin
 
 
@@ -21,12 +23,12 @@ class LlamaBlock(nnx.Module):
         self.mlp = MLP(c.hidden_size, c.mlp_dim, dtype, c.activation, gated=True, bias=c.mlp_bias)
         self.sliding_window = c.sliding_windows[layer]
 
-    def __call__(self, x, cos, sin, key_valid):
+    def __call__(self, x, cos, sin, attend, kv):
         q, k, v = self.attn.project_qkv(self.attn_norm(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = causal_attention(q, k, v, key_valid, window=self.sliding_window)
+        o, kv = attend(q, k, v, kv, self.sliding_window)
         x = x + self.attn.project_out(o)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class LlamaModel(nnx.Module):
@@ -38,13 +40,22 @@ class LlamaModel(nnx.Module):
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.lm_head = None if c.tie_word_embeddings else Embedding(c.vocab_size, c.hidden_size, dtype)
 
-    def __call__(self, tokens, attention_mask):
-        """tokens, attention_mask `[B, T]` -> float32 logits `[B, T, V]`."""
+    def hidden(self, tokens, positions, attend, kv_cache=None):
+        """Final hidden states `[B, T, d]` and the updated cache (see `models.layers` modes)."""
         c = self.config
-        positions = positions_from_mask(attention_mask)
         cos, sin = rope_cos_sin(positions, c.rope, c.head_dim, c.max_position_embeddings)
         x = self.embed(tokens)
-        for block in self.layers:
-            x = block(x, cos, sin, attention_mask)
-        x = self.final_norm(x)
+        new_cache = []
+        for i, block in enumerate(self.layers):
+            x, kv = block(x, cos, sin, attend, None if kv_cache is None else kv_cache[i])
+            new_cache.append(kv)
+        return self.final_norm(x), (None if kv_cache is None else new_cache)
+
+    def logits(self, x):
+        """Final hidden states `[..., d]` -> float32 logits `[..., V]`."""
         return (self.lm_head or self.embed).attend(x)
+
+    def __call__(self, tokens, attention_mask):
+        """tokens, attention_mask `[B, T]` -> float32 logits `[B, T, V]`."""
+        attend = functools.partial(full_attention, key_valid=attention_mask)
+        return self.logits(self.hidden(tokens, positions_from_mask(attention_mask), attend)[0])

@@ -1,14 +1,16 @@
 """OPT: learned positions (offset 2), LayerNorm before (pre-LN) or after (post-LN, as
 opt-350m) each sublayer, optional `project_in`/`project_out` around a narrower embedding,
-biases, the activation named by `activation_function`, tied `lm_head`."""
+biases, the activation named by `activation_function`, tied (or untied) `lm_head`."""
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 from flax import nnx
 
 from models.config import OPTConfig
-from models.layers import MLP, Attention, Embedding, LayerNorm, causal_attention, positions_from_mask, _param
+from models.layers import MLP, Attention, Embedding, LayerNorm, _param, full_attention, positions_from_mask
 
 
 class OPTBlock(nnx.Module):
@@ -22,15 +24,16 @@ class OPTBlock(nnx.Module):
         self.mlp = MLP(c.hidden_size, c.mlp_dim, dtype, c.activation, gated=False, bias=c.enable_bias)
         self.pre_ln = c.do_layer_norm_before
 
-    def __call__(self, x, key_valid):
+    def __call__(self, x, attend, kv):
         h = self.attn_norm(x) if self.pre_ln else x
         q, k, v = self.attn.project_qkv(h)
-        x = x + self.attn.project_out(causal_attention(q, k, v, key_valid))
+        o, kv = attend(q, k, v, kv, None)
+        x = x + self.attn.project_out(o)
         if not self.pre_ln:
             x = self.attn_norm(x)
         h = self.mlp_norm(x) if self.pre_ln else x
         x = x + self.mlp(h)
-        return x if self.pre_ln else self.mlp_norm(x)
+        return (x if self.pre_ln else self.mlp_norm(x)), kv
 
 
 class OPTModel(nnx.Module):
@@ -45,18 +48,29 @@ class OPTModel(nnx.Module):
         self.layers = nnx.List([OPTBlock(c, dtype) for _ in range(c.num_layers)])
         affine = c.layer_norm_elementwise_affine
         self.final_norm = LayerNorm(c.hidden_size, dtype, affine) if c.final_layer_norm else None
+        self.lm_head = None if c.tie_word_embeddings else Embedding(c.vocab_size, c.word_embed_proj_dim, dtype)
 
-    def __call__(self, tokens, attention_mask):
-        """tokens, attention_mask `[B, T]` -> float32 logits `[B, T, V]`."""
-        positions = positions_from_mask(attention_mask)
+    def hidden(self, tokens, positions, attend, kv_cache=None):
+        """Final hidden states `[B, T, word_embed_proj_dim]` and the updated cache."""
         x = self.embed(tokens)
         if self.project_in is not None:
             x = jnp.einsum("...e,ed->...d", x, self.project_in[...], preferred_element_type=jnp.float32).astype(x.dtype)
         x = x + self.pos_embed(positions + self.config.position_offset)
-        for block in self.layers:
-            x = block(x, attention_mask)
+        new_cache = []
+        for i, block in enumerate(self.layers):
+            x, kv = block(x, attend, None if kv_cache is None else kv_cache[i])
+            new_cache.append(kv)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.project_out is not None:
             x = jnp.einsum("...d,de->...e", x, self.project_out[...], preferred_element_type=jnp.float32).astype(x.dtype)
-        return self.embed.attend(x)
+        return x, (None if kv_cache is None else new_cache)
+
+    def logits(self, x):
+        """Final hidden states `[..., e]` -> float32 logits `[..., V]`."""
+        return (self.lm_head or self.embed).attend(x)
+
+    def __call__(self, tokens, attention_mask):
+        """tokens, attention_mask `[B, T]` -> float32 logits `[B, T, V]`."""
+        attend = functools.partial(full_attention, key_valid=attention_mask)
+        return self.logits(self.hidden(tokens, positions_from_mask(attention_mask), attend)[0])

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convert.checkpoint import read_config, read_json, resolve_source
+from convert.checkpoint import TOKENIZER_FILES, read_config, read_json, resolve_source
 from convert.convert import METADATA_FILE, PARAMS_DIR, read_hf_params, source_dtype
 from models import ModelConfig, build_model, config_from_hf
 from polar_jax.errors import PolarJaxError
@@ -59,6 +59,11 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     src = resolve_source(path)
+    if not any((src / name).exists() for name in TOKENIZER_FILES):
+        raise PolarJaxError(
+            f"{src} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+            "files of the original checkpoint next to the model"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except Exception as err:

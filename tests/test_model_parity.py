@@ -32,9 +32,9 @@ VARIANTS = {
     "opt-post-ln-projected": ("OPTConfig", "OPTForCausalLM", dict(
         vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=1024, do_layer_norm_before=False, word_embed_proj_dim=32)),
-    "opt-gelu": ("OPTConfig", "OPTForCausalLM", dict(
+    "opt-gelu-untied": ("OPTConfig", "OPTForCausalLM", dict(
         vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=1024, activation_function="gelu")),
+        max_position_embeddings=1024, activation_function="gelu", tie_word_embeddings=False)),
     "llama-2-mha": ("LlamaConfig", "LlamaForCausalLM", dict(
         _LLAMA, num_key_value_heads=4, tie_word_embeddings=False)),
     "llama-3.1-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(
