@@ -68,3 +68,14 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except Exception as err:
         raise PolarJaxError(f"cannot load a tokenizer from {src}: {err}") from None
+
+
+def load_eos_ids(path: str) -> list[int]:
+    """End-of-sequence ids from `generation_config.json`, else `config.json`."""
+    src = resolve_source(path)
+    for name in ("generation_config.json", "config.json"):
+        if (src / name).exists():
+            eos = read_json(src / name).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return []

@@ -1,0 +1,54 @@
+"""Next-token selection. Settings are traced values: changing them never recompiles."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from polar_jax.errors import PolarJaxError
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; top_k 0 = no top-k cut; top_p 1 = no nucleus cut."""
+
+    temperature: jax.Array | float = 0.0
+    top_k: jax.Array | int = 0
+    top_p: jax.Array | float = 1.0
+
+    def validated(self) -> "SamplingParams":
+        """The same settings as arrays, after checking their ranges."""
+        if not self.temperature >= 0:
+            raise PolarJaxError(f"temperature must be >= 0, got {self.temperature}")
+        if not self.top_k >= 0:
+            raise PolarJaxError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise PolarJaxError(f"top-p must be in (0, 1], got {self.top_p}")
+        return SamplingParams(jnp.float32(self.temperature), jnp.int32(self.top_k),
+                              jnp.float32(self.top_p))
+
+
+def _filtered_logits(logits, params: SamplingParams):
+    """Temperature-scaled logits `[B, V]` with tokens outside top-k / top-p set to -inf."""
+    vocab = logits.shape[-1]
+    logits = logits / params.temperature
+    ranked = jnp.sort(logits, axis=-1)[:, ::-1]
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
+    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # Nucleus: the smallest prefix of the ranking whose probability reaches top_p.
+    kept = (jnp.cumsum(probs, axis=-1) - probs) < params.top_p
+    cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def next_token(logits, params: SamplingParams, key):
+    """Token ids `[B]` from float32 logits `[B, V]`: argmax when temperature is 0, else a draw."""
+    return jax.lax.cond(
+        params.temperature > 0,
+        lambda: jax.random.categorical(key, _filtered_logits(logits, params), axis=-1),
+        lambda: jnp.argmax(logits, axis=-1),
+    ).astype(jnp.int32)
