@@ -1,5 +1,17 @@
 """Pallas GPU kernels for Polar Sparsity decoding (Triton lowering; interpret mode on CPU)."""
 
 from pallas_kernels.activations import ACTIVATIONS, get_activation
+from pallas_kernels.selective_mlp import selective_mlp, selective_mlp_reference
+from pallas_kernels.sparse_attention import (
+    sparse_decode_attention,
+    sparse_decode_attention_reference,
+)
 
-__all__ = ["ACTIVATIONS", "get_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "get_activation",
+    "selective_mlp",
+    "selective_mlp_reference",
+    "sparse_decode_attention",
+    "sparse_decode_attention_reference",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from polar_jax.bench import main
+
+sys.exit(main())
