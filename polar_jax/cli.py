@@ -56,6 +56,44 @@ def _cmd_eval_perplexity(args) -> int:
     return 0
 
 
+def _read_prompts(args) -> list[str]:
+    if args.prompts_file is None:
+        return args.prompt
+    from polar_jax.evaluate import read_text
+
+    prompts = [line for line in read_text(args.prompts_file).splitlines() if line.strip()]
+    if not prompts:
+        raise PolarJaxError(f"{args.prompts_file} holds no prompts (one per line)")
+    return prompts
+
+
+def _cmd_generate(args) -> int:
+    from polar_jax.decode import Decoder
+    from polar_jax.dtypes import default_compute_dtype, parse_dtype
+    from polar_jax.sampling import SamplingParams
+
+    prompts = _read_prompts(args)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p).validated()
+    dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+    decoder = Decoder.load(args.model, dtype)
+    result = decoder.generate(prompts, args.max_new_tokens, sampling, args.seed, args.batch_size)
+    summary = {"tokens_per_second": round(result.tokens_per_second, 2),
+               "batch_size": result.batch_size, "new_tokens": result.new_tokens,
+               "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3)}
+    for c in result.completions:
+        if args.json:
+            print(json.dumps({"prompt": c.prompt, "completion": c.text, "tokens": c.tokens}))
+        else:
+            print(f"{c.prompt}\033[1m{c.text}\033[0m\n" if sys.stdout.isatty() else f"{c.prompt}{c.text}\n")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{summary['new_tokens']} new tokens at batch size {summary['batch_size']}: "
+              f"{summary['tokens_per_second']:.1f} tokens/s ({summary['seconds']:.2f} s, plus "
+              f"{summary['compile_seconds']:.1f} s compiling)")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from polar_jax.bench import main as bench_main
 
@@ -97,6 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(run=_cmd_eval_perplexity)
+
+    gen = commands.add_parser(
+        "generate", help="batched generation (greedy by default)",
+        description="Generate completions for a batch of prompts. Prompts of different lengths "
+                    "are batched together; each sequence stops at EOS or --max-new-tokens.")
+    gen.add_argument("--model", required=True, help="converted or Hugging Face model directory")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    source.add_argument("--prompts-file", help="a text file with one prompt per line")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="prompts decoded together (default: all)")
+    gen.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                     help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    gen.add_argument("--json", action="store_true",
+                     help="one JSON object per prompt, then a summary object")
+    gen.set_defaults(run=_cmd_generate)
 
     bench = commands.add_parser("bench", help="GPU benchmarks (see `polar-jax bench --help`)",
                                 add_help=False)

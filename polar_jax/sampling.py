@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from polar_jax.errors import PolarJaxError
 
@@ -27,8 +28,8 @@ class SamplingParams:
             raise PolarJaxError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise PolarJaxError(f"top-p must be in (0, 1], got {self.top_p}")
-        return SamplingParams(jnp.float32(self.temperature), jnp.int32(self.top_k),
-                              jnp.float32(self.top_p))
+        return SamplingParams(np.float32(self.temperature), np.int32(self.top_k),
+                              np.float32(self.top_p))
 
 
 def _filtered_logits(logits, params: SamplingParams):
@@ -40,7 +41,7 @@ def _filtered_logits(logits, params: SamplingParams):
     ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
     # Nucleus: the smallest prefix of the ranking whose probability reaches top_p.
-    kept = (jnp.cumsum(probs, axis=-1) - probs) < params.top_p
+    kept = ((jnp.cumsum(probs, axis=-1) - probs) < params.top_p) & (jnp.arange(vocab) < k)
     cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
