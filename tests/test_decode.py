@@ -240,7 +240,7 @@ def test_cli_generate_errors(tmp_path, capsys):
         (["--prompt", "hi", "--top-p", "0"], "top-p must be in (0, 1]"),
         (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
         (["--prompt", "hi " * 1100], "maximum is 1024 positions"),
-        (["--prompt", "hi " * 1000, "--max-new-tokens", "100"], "learned positions"),
+        (["--prompt", "hi " * 480, "--max-new-tokens", "100"], "learned positions"),
     ]
     for extra, message in cases:
         capsys.readouterr()
