@@ -3,6 +3,7 @@
 Subcommands:
   kernels   the Pallas kernels (selective MLP, group-sparse decode attention) against dense
             baselines, with the copy bandwidth measured in the same run.
+  generate  end-to-end batched generation of a real model: tokens/s and time per decode step.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 _SUBCOMMANDS = {
     "kernels": ("polar_jax.bench.kernels", "the Pallas kernels against dense baselines"),
+    "generate": ("polar_jax.bench.generate", "end-to-end batched generation of a real model"),
 }
 
 
