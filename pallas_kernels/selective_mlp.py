@@ -96,16 +96,18 @@ def mlp_config(batch, d, k, *, interpret=False, gated=False, up=None, down=None,
         u = dict(block_m=min(bm_small, 32), block_n=16, block_d=32, splits=1, num_warps=4,
                  num_stages=1)
         dn = dict(block_m=min(bm_small, 32), block_k=16, block_d=32, splits=1, num_warps=4,
-                  num_stages=1)
+                  num_stages=1, prefetch=True)
     else:
-        target = target_programs or 4 * sm_count()
+        target = target_programs or 2 * sm_count()
         if batch <= 64:
             u = dict(block_m=bm_small, block_n=32, block_d=256 if batch <= 16 else 128,
                      num_warps=4, num_stages=4)
-            dn = dict(block_m=bm_small, block_k=64, block_d=128, num_warps=4, num_stages=4)
+            dn = dict(block_m=bm_small, block_k=64, block_d=128, num_warps=4, num_stages=4,
+                      prefetch=True)
         else:
             u = dict(block_m=64, block_n=64, block_d=64, num_warps=4, num_stages=4)
-            dn = dict(block_m=64, block_k=64, block_d=128, num_warps=4, num_stages=4)
+            dn = dict(block_m=64, block_k=64, block_d=128, num_warps=4, num_stages=4,
+                      prefetch=True)
         if gated:
             u["num_stages"] = 3
         u.update({kk: vv for kk, vv in up.items() if kk != "splits"})
@@ -149,6 +151,8 @@ def _up_kernel(*refs, B, d, k, BM, BN, BD, NS, n_bt, has_b_in, gated, has_b_gate
     s = rest_id % NS
     nb = rest_id // NS
 
+    # float32 inputs: a true float32 dot (the Triton default for float32 is TF32).
+    prec = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
     rn = nb * BN + jnp.arange(BN, dtype=jnp.int32)  # positions in idx
     n_ok = rn < k
     nid = masked_load(idx_ref, (rn,), n_ok, 0, interpret=interpret)
@@ -171,11 +175,13 @@ def _up_kernel(*refs, B, d, k, BM, BN, BD, NS, n_bt, has_b_in, gated, has_b_gate
         xt = masked_load(x_ref, (rb[:, None], cols[None, :]), xm, 0.0, interpret=interpret)
         wt = masked_load(w_ref, (nid[:, None], cols[None, :]), wm, 0.0, interpret=interpret)
         dims = (((1,), (1,)), ((), ()))
-        acc = carry[0] + lax.dot_general(xt, wt, dims, preferred_element_type=jnp.float32)
+        acc = carry[0] + lax.dot_general(xt, wt, dims, precision=prec,
+                                         preferred_element_type=jnp.float32)
         if not gated:
             return (acc,)
         wg = masked_load(wg_ref, (nid[:, None], cols[None, :]), wm, 0.0, interpret=interpret)
-        accg = carry[1] + lax.dot_general(xt, wg, dims, preferred_element_type=jnp.float32)
+        accg = carry[1] + lax.dot_general(xt, wg, dims, precision=prec,
+                                          preferred_element_type=jnp.float32)
         return acc, accg
 
     zero = jnp.zeros((BM, BN), jnp.float32)
@@ -212,23 +218,28 @@ def _up_kernel(*refs, B, d, k, BM, BN, BD, NS, n_bt, has_b_in, gated, has_b_gate
 
     @pl.when(arrived == NS - 1)
     def _():
-        ones = jnp.ones((BM, BN), dtype=bool)
-
-        def red(t, carry):
-            a = carry[0] + masked_load(p_ref, (t, pr[:, None], pc[None, :]), ones, 0.0,
-                                       interpret=interpret, volatile=True)
-            if not gated:
-                return (a,)
-            g = carry[1] + masked_load(pg_ref, (t, pr[:, None], pc[None, :]), ones, 0.0,
-                                       interpret=interpret, volatile=True)
-            return a, g
-
-        z = jnp.zeros((BM, BN), jnp.float32)
-        tot = lax.fori_loop(0, NS, red, (z, z) if gated else (z,))
-        finish(tot[0], tot[1] if gated else None)
+        # Loads after the acquire-release atomic see the other splits' partials; all splits
+        # are loaded at once (in chunks that fit in registers) so their latencies overlap.
+        a = _sum_partials(p_ref, NS, pr, pc, interpret)
+        g = _sum_partials(pg_ref, NS, pr, pc, interpret) if gated else None
+        finish(a, g)
 
 
-def _down_kernel(*refs, B, d, k, BM, BK, BD, NS, n_bt, n_db, has_b_out, interpret):
+def _sum_partials(p_ref, NS, pr, pc, interpret, max_elems=8192):
+    """sum_s p_ref[s, pr, pc] as one [CH, R, C] tile load per chunk of CH splits."""
+    R, C = pr.shape[0], pc.shape[0]
+    CH = max(1, min(NS, max_elems // (R * C)))
+    tot = None
+    for c0 in range(0, NS, CH):
+        sp = c0 + jnp.arange(CH, dtype=jnp.int32)
+        t = masked_load(p_ref, (sp[:, None, None], pr[None, :, None], pc[None, None, :]),
+                        jnp.ones((CH, R, C), dtype=bool), 0.0, interpret=interpret)
+        t = jnp.sum(t, axis=0)
+        tot = t if tot is None else tot + t
+    return tot
+
+
+def _down_kernel(*refs, B, d, k, BM, BK, BD, NS, n_bt, n_db, has_b_out, prefetch, interpret):
     refs = list(refs)
     h_ref, idx_ref, w_ref = refs.pop(0), refs.pop(0), refs.pop(0)
     bo_ref = refs.pop(0) if has_b_out else None
@@ -254,18 +265,38 @@ def _down_kernel(*refs, B, d, k, BM, BK, BD, NS, n_bt, n_db, has_b_out, interpre
     ar_k = jnp.arange(BK, dtype=jnp.int32)
     need_cmask = d % BD != 0
 
-    def body(c, acc):
+    prec = lax.Precision.HIGHEST if h_ref.dtype == jnp.float32 else None
+
+    def load_ids(c):
         kk = k0 + c * BK + ar_k
         k_ok = kk < k1
-        nid = masked_load(idx_ref, (kk,), k_ok, 0, interpret=interpret)
+        return kk, k_ok, masked_load(idx_ref, (kk,), k_ok, 0, interpret=interpret)
+
+    def step(acc, kk, k_ok, nid):
         ht = masked_load(h_ref, (rb[:, None], kk[None, :]), b_ok[:, None] & k_ok[None, :], 0.0,
                          interpret=interpret)
         wm = k_ok[:, None] & c_ok[None, :] if need_cmask else k_ok[:, None]
         wt = masked_load(w_ref, (nid[:, None], cols[None, :]), wm, 0.0, interpret=interpret)
-        return acc + lax.dot_general(ht, wt, (((1,), (0,)), ((), ())),
+        return acc + lax.dot_general(ht, wt, (((1,), (0,)), ((), ())), precision=prec,
                                      preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, n_chunks, body, jnp.zeros((BM, BD), jnp.float32))
+    acc0 = jnp.zeros((BM, BD), jnp.float32)
+    if prefetch:
+        # The neuron ids of chunk c+1 are loaded while chunk c's rows stream in, so the
+        # row gather never waits on its own index load.
+        def body(c, carry):
+            acc, nid = carry
+            kk, k_ok, _ = load_ids(c)
+            _, _, nid_next = load_ids(c + 1)
+            return step(acc, kk, k_ok, nid), nid_next
+
+        acc, _ = lax.fori_loop(0, n_chunks, body, (acc0, load_ids(0)[2]))
+    else:
+        def body(c, acc):
+            kk, k_ok, nid = load_ids(c)
+            return step(acc, kk, k_ok, nid)
+
+        acc = lax.fori_loop(0, n_chunks, body, acc0)
 
     def finish(y):
         if has_b_out:
@@ -285,27 +316,18 @@ def _down_kernel(*refs, B, d, k, BM, BK, BD, NS, n_bt, n_db, has_b_out, interpre
 
     @pl.when(arrived == NS - 1)
     def _():
-        ones = jnp.ones((BM, BD), dtype=bool)
-        tot = lax.fori_loop(
-            0, NS, lambda t, a: a + masked_load(p_ref, (t, rb[:, None], cols[None, :]), ones, 0.0,
-                                                interpret=interpret, volatile=True),
-            jnp.zeros((BM, BD), jnp.float32))
-        finish(tot)
+        finish(_sum_partials(p_ref, NS, rb, cols, interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "interpret", "ucfg", "dcfg"))
-def _selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, w_gate, b_gate, *, activation,
-                   interpret, ucfg, dcfg):
-    u, dn = dict(ucfg), dict(dcfg)
+def _run_up(x, w_in, b_in, neuron_idx, w_gate, b_gate, *, activation, interpret, u):
+    """h = act(x @ w_in[idx].T + b_in[idx]) (or the gated form), [B, k] in x.dtype."""
     B, d = x.shape
     k = neuron_idx.shape[0]
     gated = w_gate is not None
     full = pl.BlockSpec()
-
-    # ---- up: h [B, k] ----
     BM, BN, BD, NS = u["block_m"], u["block_n"], u["block_d"], u["splits"]
     n_bt, n_nb = cdiv(B, BM), cdiv(k, BN)
-    up_kernel = functools.partial(
+    kernel = functools.partial(
         _up_kernel, B=B, d=d, k=k, BM=BM, BN=BN, BD=BD, NS=NS, n_bt=n_bt,
         has_b_in=b_in is not None, gated=gated, has_b_gate=b_gate is not None,
         act=_kernel_activation(activation), interpret=interpret)
@@ -314,43 +336,54 @@ def _selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, w_gate, b_gate, *, a
     params = compiler_params(u["num_warps"], u["num_stages"])
     grid = (n_bt * n_nb * NS,)
     if NS == 1:
-        h = pl.pallas_call(up_kernel, grid=grid, in_specs=[full] * len(args), out_specs=full,
-                           out_shape=h_sds, compiler_params=params, interpret=interpret,
-                           name="selective_mlp_up")(*args)
-    else:
-        n_in = len(args)
-        p_sds = jax.ShapeDtypeStruct((NS, n_bt * BM, n_nb * BN), jnp.float32)
-        outs = pl.pallas_call(
-            up_kernel, grid=grid, in_specs=[full] * (n_in + 1),
-            out_specs=[full] * (3 + gated),
-            out_shape=[h_sds, jax.ShapeDtypeStruct((n_bt * n_nb,), jnp.int32), p_sds]
-            + ([p_sds] if gated else []),
-            input_output_aliases={n_in: 1}, compiler_params=params, interpret=interpret,
-            name="selective_mlp_up_splitd")(*args, jnp.zeros((n_bt * n_nb,), jnp.int32))
-        h = outs[0]
+        return pl.pallas_call(kernel, grid=grid, in_specs=[full] * len(args), out_specs=full,
+                              out_shape=h_sds, compiler_params=params, interpret=interpret,
+                              name="selective_mlp_up")(*args)
+    n_in = len(args)
+    p_sds = jax.ShapeDtypeStruct((NS, n_bt * BM, n_nb * BN), jnp.float32)
+    outs = pl.pallas_call(
+        kernel, grid=grid, in_specs=[full] * (n_in + 1), out_specs=[full] * (3 + gated),
+        out_shape=[h_sds, jax.ShapeDtypeStruct((n_bt * n_nb,), jnp.int32), p_sds]
+        + ([p_sds] if gated else []),
+        input_output_aliases={n_in: 1}, compiler_params=params, interpret=interpret,
+        name="selective_mlp_up_splitd")(*args, jnp.zeros((n_bt * n_nb,), jnp.int32))
+    return outs[0]
 
-    # ---- down: y [B, d] ----
+
+def _run_down(h, w_out, b_out, neuron_idx, *, interpret, dn):
+    """y = h @ w_out[idx] + b_out, [B, d] in h.dtype."""
+    B, k = h.shape
+    d = w_out.shape[1]
+    full = pl.BlockSpec()
     BM, BK, BD, NS = dn["block_m"], dn["block_k"], dn["block_d"], dn["splits"]
     n_bt, n_db = cdiv(B, BM), cdiv(d, BD)
-    down_kernel = functools.partial(
+    kernel = functools.partial(
         _down_kernel, B=B, d=d, k=k, BM=BM, BK=BK, BD=BD, NS=NS, n_bt=n_bt, n_db=n_db,
-        has_b_out=b_out is not None, interpret=interpret)
+        has_b_out=b_out is not None, prefetch=bool(dn["prefetch"]), interpret=interpret)
     args = [h, neuron_idx, w_out] + ([b_out] if b_out is not None else [])
-    y_sds = jax.ShapeDtypeStruct((B, d), x.dtype)
+    y_sds = jax.ShapeDtypeStruct((B, d), h.dtype)
     params = compiler_params(dn["num_warps"], dn["num_stages"])
     grid = (n_bt * n_db * NS,)
     if NS == 1:
-        return pl.pallas_call(down_kernel, grid=grid, in_specs=[full] * len(args), out_specs=full,
+        return pl.pallas_call(kernel, grid=grid, in_specs=[full] * len(args), out_specs=full,
                               out_shape=y_sds, compiler_params=params, interpret=interpret,
                               name="selective_mlp_down")(*args)
     n_in = len(args)
     outs = pl.pallas_call(
-        down_kernel, grid=grid, in_specs=[full] * (n_in + 1), out_specs=[full] * 3,
+        kernel, grid=grid, in_specs=[full] * (n_in + 1), out_specs=[full] * 3,
         out_shape=[y_sds, jax.ShapeDtypeStruct((n_bt * n_db,), jnp.int32),
                    jax.ShapeDtypeStruct((NS, n_bt * BM, n_db * BD), jnp.float32)],
         input_output_aliases={n_in: 1}, compiler_params=params, interpret=interpret,
         name="selective_mlp_down_splitk")(*args, jnp.zeros((n_bt * n_db,), jnp.int32))
     return outs[0]
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "interpret", "ucfg", "dcfg"))
+def _selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, w_gate, b_gate, *, activation,
+                   interpret, ucfg, dcfg):
+    h = _run_up(x, w_in, b_in, neuron_idx, w_gate, b_gate, activation=activation,
+                interpret=interpret, u=dict(ucfg))
+    return _run_down(h, w_out, b_out, neuron_idx, interpret=interpret, dn=dict(dcfg))
 
 
 # --------------------------------------------------------------------------------------------

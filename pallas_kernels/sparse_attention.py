@@ -81,7 +81,8 @@ def sparse_decode_attention_reference(q, k_cache, v_cache, lengths, group_idx=No
 
 def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, interpret=False,
                      block_k=None, num_splits=None, num_warps=None, num_stages=None,
-                     combine=None, target_programs=None, min_split_tokens=None):
+                     combine=None, evict_first=None, target_programs=None,
+                     min_split_tokens=None):
     """Tiling for one call: block_k, num_splits (a power of 2), warps, stages, combine."""
     if block_k is None:
         block_k = 16 if interpret else 64
@@ -101,13 +102,13 @@ def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, inte
     if num_warps is None:
         num_warps = 4
     if num_stages is None:
-        num_stages = 3 if block_k <= 64 else 2
+        num_stages = 2
     if combine is None:
         combine = "kernel"
     if combine not in ("kernel", "xla"):
         raise ValueError(f"combine must be 'kernel' or 'xla', got {combine!r}")
     return dict(block_k=int(block_k), num_splits=int(num_splits), num_warps=int(num_warps),
-                num_stages=int(num_stages), combine=combine)
+                num_stages=int(num_stages), combine=combine, evict_first=bool(evict_first))
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, inte
 # --------------------------------------------------------------------------------------------
 
 def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp, D, Dp, BK,
-                 NS, W, scale_log2, mode, interpret):
+                 NS, W, scale_log2, mode, evict, interpret):
     if mode == "direct":
         _, o_ref = refs
     elif mode == "kernel":
@@ -136,6 +137,8 @@ def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp
     blk0 = s * per
     blk1 = jnp.minimum(blk0 + per, n_blk)
 
+    # float32 inputs: a true float32 dot (the Triton default for float32 is TF32).
+    prec = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
     rows = jnp.arange(Gp, dtype=jnp.int32)
     row_ok = rows < G
     cols = jnp.arange(Dp, dtype=jnp.int32)
@@ -152,8 +155,8 @@ def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp
         ok = pos < L
         kv_ok = ok[:, None] & col_ok[None, :]
         kt = masked_load(k_ref, (b, g, pos[:, None], cols[None, :]), kv_ok, 0.0,
-                         interpret=interpret)
-        sc = lax.dot_general(q, kt, (((1,), (1,)), ((), ())),
+                         interpret=interpret, evict_first=evict)
+        sc = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=prec,
                              preferred_element_type=jnp.float32) * scale_log2
         sc = jnp.where(ok[None, :], sc, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
@@ -161,9 +164,10 @@ def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp
         p = jnp.exp2(sc - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         vt = masked_load(v_ref, (b, g, pos[:, None], cols[None, :]), kv_ok, 0.0,
-                         interpret=interpret)
+                         interpret=interpret, evict_first=evict)
         acc = acc * alpha[:, None] + lax.dot_general(
-            p.astype(vt.dtype), vt, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            p.astype(vt.dtype), vt, (((1,), (0,)), ((), ())), precision=prec,
+            preferred_element_type=jnp.float32)
         return acc, m_new, l
 
     acc0 = jnp.zeros((Gp, Dp), jnp.float32)
@@ -183,31 +187,32 @@ def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp
     if mode == "xla":
         return
 
-    # The last split of slot (b, j) to arrive combines the partials of all splits.
-    barrier(interpret)  # every thread's partial stores precede the (release) atomic
+    # The last split of slot (b, j) to arrive combines the partials of all splits. Its loads
+    # come after the acquire-release atomic, which orders them after the other programs'
+    # partial stores (each program's stores precede its own atomic through the barrier).
+    barrier(interpret)
     arrived = atomic_add(cnt_ref, (bj,), jnp.int32(1))
 
     @pl.when(arrived == NS - 1)
     def _combine():
         sp = jnp.arange(NS, dtype=jnp.int32)
-        ms = masked_load(mp_ref, (bj, sp[:, None], rows[None, :]), row_ok[None, :], 0.0,
-                         interpret=interpret, volatile=True)
-        mx = jnp.max(ms, axis=0)
+        every = jnp.ones((NS,), dtype=bool)
 
-        def comb(t, carry):
-            o_acc, l_acc = carry
-            mt = masked_load(mp_ref, (bj, t, rows), row_ok, 0.0, interpret=interpret, volatile=True)
-            lt = masked_load(lp_ref, (bj, t, rows), row_ok, 0.0, interpret=interpret, volatile=True)
-            ot = masked_load(op_ref, (bj, t, rows[:, None], cols[None, :]), tile_ok, 0.0,
-                             interpret=interpret, volatile=True)
-            w = jnp.exp2(mt - mx)
-            return o_acc + w[:, None] * ot, l_acc + w * lt
+        def one_row(r):
+            mr = masked_load(mp_ref, (bj, sp, r), every, 0.0, interpret=interpret)
+            lr = masked_load(lp_ref, (bj, sp, r), every, 0.0, interpret=interpret)
+            orow = masked_load(op_ref, (bj, sp[:, None], r, cols[None, :]),
+                               every[:, None] & col_ok[None, :], 0.0, interpret=interpret)
+            w = jnp.exp2(mr - jnp.max(mr))
+            lsum = jnp.sum(w * lr)
+            o = jnp.sum(w[:, None] * orow, axis=0) / jnp.where(lsum > 0, lsum, 1.0)
+            masked_store(o_ref, (b, g * G + r, cols), o.astype(o_ref.dtype), col_ok)
 
-        o_acc, l_acc = lax.fori_loop(0, NS, comb, (jnp.zeros((Gp, Dp), jnp.float32),
-                                                   jnp.zeros((Gp,), jnp.float32)))
-        o = o_acc / jnp.where(l_acc > 0, l_acc, 1.0)[:, None]
-        masked_store(o_ref, (b, head_rows[:, None], cols[None, :]), o.astype(o_ref.dtype),
-                     tile_ok)
+        if G <= 8:
+            for r in range(G):  # independent rows: their loads overlap
+                one_row(r)
+        else:
+            lax.fori_loop(0, G, lambda r, c: (one_row(r), c)[1], 0)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "window", "interpret", "cfg"))
@@ -225,7 +230,8 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, *, sm_scale, wind
     mode = "direct" if NS == 1 else cfg["combine"]
     kernel = functools.partial(
         _attn_kernel, K=K, Hkv=Hkv, S=S, G=G, Gp=Gp, D=D, Dp=Dp, BK=BK, NS=NS, W=window,
-        scale_log2=float(sm_scale * LOG2E), mode=mode, interpret=interpret)
+        scale_log2=float(sm_scale * LOG2E), mode=mode, evict=cfg["evict_first"],
+        interpret=interpret)
     grid = (B * K * NS,)
     full = pl.BlockSpec()
     params = compiler_params(cfg["num_warps"], cfg["num_stages"])
@@ -313,7 +319,7 @@ def _check_args(q, k_cache, v_cache, lengths, group_idx, sliding_window):
 
 def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, sm_scale=None,
                             sliding_window=None, interpret=None, block_k=None, num_splits=None,
-                            num_warps=None, num_stages=None, combine=None):
+                            num_warps=None, num_stages=None, combine=None, evict_first=None):
     """Decode attention over the selected KV groups of each row.
 
     Args:
@@ -325,8 +331,9 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, sm_
       sm_scale: softmax scale, default `1/sqrt(D)`.
       sliding_window: W, or None for no window.
       interpret: run the Pallas interpreter (None: when the default backend is the CPU).
-      block_k, num_splits, num_warps, num_stages, combine: tuning knobs, None = heuristic.
-        `combine` is "kernel" (last split combines in the kernel) or "xla".
+      block_k, num_splits, num_warps, num_stages, combine, evict_first: tuning knobs, None =
+        heuristic. `combine` is "kernel" (last split combines in the kernel) or "xla";
+        `evict_first` marks K/V loads as first to leave the L2.
 
     Returns:
       `[B, Hq, D]` in `q.dtype`; exactly zero for unselected heads and rows of length 0.
@@ -340,7 +347,7 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, sm_
     scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
     cfg = attention_config(B, group_idx.shape[1], S, D, Hq // Hkv, interpret=interpret,
                            block_k=block_k, num_splits=num_splits, num_warps=num_warps,
-                           num_stages=num_stages, combine=combine)
+                           num_stages=num_stages, combine=combine, evict_first=evict_first)
     return _sparse_attention(q, k_cache, v_cache, lengths, group_idx, sm_scale=scale,
                              window=sliding_window, interpret=interpret,
                              cfg=tuple(sorted(cfg.items())))

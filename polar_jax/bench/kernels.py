@@ -679,20 +679,35 @@ def format_tables(attn_table, mlp_table, targets, copy_tbps):
 # ------------------------------------------------------------------------------------------
 
 ATTN_SWEEP_SHAPES = [((16, 32, 32, 4096), 0.25), ((16, 32, 8, 4096), 1.0), ((1, 32, 8, 32768), 1.0),
-                     ((64, 32, 8, 4096), 0.5), ((256, 32, 8, 2048), 1.0), ((64, 32, 32, 2048), 1.0)]
+                     ((64, 32, 8, 4096), 0.5), ((256, 32, 8, 2048), 1.0), ((64, 32, 32, 2048), 0.5),
+                     ((16, 32, 8, 4096), 0.5)]
 ATTN_SWEEP_VARIANTS = [
-    {}, dict(block_k=128), dict(num_warps=8), dict(num_stages=2), dict(num_stages=4),
-    dict(block_k=128, num_warps=8), dict(split_factor=2), dict(split_factor=0.5),
-    dict(split_factor=4), dict(combine="xla"),
+    {}, dict(block_k=128), dict(num_stages=3), dict(block_k=32, num_stages=3),
+    dict(evict_first=True), dict(num_warps=2), dict(split_factor=2), dict(split_factor=0.5),
+    dict(combine="xla"),
 ]
-MLP_SWEEP = [(8192, 1, 0.1), (8192, 16, 0.1), (8192, 64, 0.25), (8192, 256, 0.5), (4096, 16, 0.05)]
+MLP_SWEEP = [(8192, 1, 0.1), (8192, 16, 0.1), (8192, 64, 0.25), (8192, 256, 0.5), (4096, 16, 0.1),
+             (8192, 16, 0.5)]
 MLP_SWEEP_VARIANTS = [
     ({}, {}),
-    (dict(block_n=64), {}), (dict(block_n=16), {}), (dict(block_d=128), {}), (dict(block_d=512), {}),
-    (dict(num_stages=3), dict(num_stages=3)), (dict(split_factor=2), dict(split_factor=2)),
-    (dict(split_factor=0.5), dict(split_factor=0.5)),
-    ({}, dict(block_k=32)), ({}, dict(block_d=256)), ({}, dict(block_k=128, block_d=64)),
-    (dict(num_warps=8), dict(num_warps=8)),
+    (dict(block_n=64, block_d=128), {}), (dict(block_n=16), {}), (dict(block_d=128), {}),
+    (dict(num_warps=8), {}), ({}, dict(num_warps=8)), ({}, dict(prefetch=False)),
+    (dict(split_factor=2), {}), (dict(split_factor=0.5), {}),
+    ({}, dict(split_factor=2)), ({}, dict(split_factor=0.5)),
+    ({}, dict(block_k=32, block_d=256)), ({}, dict(block_k=128, block_d=64)),
+    (dict(num_stages=3), dict(num_stages=3)),
+]
+MLP_SWEEP_VARIANTS_B256 = [
+    ({}, {}),
+    (dict(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3), {}),
+    (dict(block_m=256, block_n=64, block_d=64, num_warps=8, num_stages=3), {}),
+    (dict(block_m=128, block_n=64, block_d=64, num_warps=4, num_stages=4), {}),
+    (dict(block_m=128, block_n=64, block_d=128, num_warps=8, num_stages=3), {}),
+    ({}, dict(block_m=128, block_k=64, block_d=128, num_warps=8, num_stages=3)),
+    ({}, dict(block_m=256, block_k=64, block_d=64, num_warps=8, num_stages=3)),
+    ({}, dict(block_m=128, block_k=32, block_d=256, num_warps=8, num_stages=3)),
+    ({}, dict(block_m=128, block_k=64, block_d=64, num_warps=4, num_stages=4)),
+    ({}, dict(split_factor=0.5)), ({}, dict(split_factor=2)),
 ]
 
 
@@ -721,7 +736,7 @@ def run_sweep(reps, target_ms, log=print):
         N = 4 * d
         k = max(1, int(round(frac * N)))
         bu, bd = mlp_config(B, d, k)
-        for vu, vd in MLP_SWEEP_VARIANTS:
+        for vu, vd in (MLP_SWEEP_VARIANTS_B256 if B > 64 else MLP_SWEEP_VARIANTS):
             up, down = dict(vu), dict(vd)
             fu, fd = up.pop("split_factor", None), down.pop("split_factor", None)
             if fu is not None:
@@ -887,17 +902,23 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_mlp(d, mlp_b, mlp_f, args.reps, args.target_ms, torch_rows)
             jax.clear_caches()
     result["rows"] = rows
+    attn_table, mlp_table, targets = evaluate(rows, copy_tbps)
+    result["targets"] = targets
+
+    def dump():
+        result["seconds"] = round(time.time() - t_start, 1)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1, default=str)
+
+    dump()
+    if rows:
+        print(format_tables(attn_table, mlp_table, targets, copy_tbps), flush=True)
     if args.sweep or args.sweep_only:
         result["sweep"] = run_sweep(args.reps, args.target_ms)
         print(format_sweep(result["sweep"]), flush=True)
-
-    attn_table, mlp_table, targets = evaluate(rows, copy_tbps)
-    result["targets"] = targets
-    result["seconds"] = round(time.time() - t_start, 1)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
+        dump()
     print(f"\n# {env['device']} | jax {env['jax']} | {env['date']} | {result['command']}")
     print(format_tables(attn_table, mlp_table, targets, copy_tbps))
     if "checks" in result:
