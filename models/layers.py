@@ -189,9 +189,8 @@ def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
     return o.reshape(b, hq, d).astype(q.dtype)
 
 
-# Attention modes. A block calls `attend(q, k, v, kv, window) -> (o, kv)` with q `[B, T, Hq, D]`,
-# k, v `[B, T, Hkv, D]` and its layer's cache `kv` (a (k, v) pair of `[B, Hkv, S, D]`, or None);
-# the model picks the mode, so one block definition serves evaluation, prefill and decode.
+# Attention modes: `attend(q, k, v, kv, window) -> (o, kv)` with q `[B, T, Hq, D]`, k, v
+# `[B, T, Hkv, D]` and the layer's cache `kv` (a (k, v) pair of `[B, Hkv, S, D]`, or None).
 
 
 def full_attention(q, k, v, kv, window, *, key_valid):
@@ -214,3 +213,22 @@ def init_kv_cache(config, batch: int, length: int, dtype):
     """Per layer, a zeroed (k, v) pair of `[batch, kv_heads, length, head_dim]`."""
     shape = (batch, config.num_kv_heads, length, config.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+
+
+class DenseOps:
+    """How every block runs its attention and MLP: densely, attention by the mode `attend`.
+
+    Blocks call `attention(layer, u, q, k, v, kv, window)` and `mlp(layer, u, x, mlp)`, where
+    u `[B, T, d]` is the layer's attention input (the output of its first norm), the vector
+    routers read. Routing, recording and sparse execution are subclasses: one block
+    definition serves evaluation, prefill, decode, router data collection and sparsity.
+    """
+
+    def __init__(self, attend):
+        self.attend = attend
+
+    def attention(self, layer: int, u, q, k, v, kv, window):
+        return self.attend(q, k, v, kv, window)
+
+    def mlp(self, layer: int, u, x, mlp: MLP):
+        return mlp(x)

@@ -9,13 +9,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import LlamaConfig
-from models.layers import MLP, Attention, Embedding, RMSNorm, full_attention, positions_from_mask
+from models.layers import (
+    MLP, Attention, DenseOps, Embedding, RMSNorm, full_attention, positions_from_mask,
+)
 from models.rope import apply_rope, rope_cos_sin
 
 
 class LlamaBlock(nnx.Module):
     def __init__(self, config: LlamaConfig, layer: int, dtype):
         c = config
+        self.layer = layer
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, dtype,
                               qkv_bias=c.attention_bias, out_bias=c.out_proj_bias)
@@ -23,12 +26,13 @@ class LlamaBlock(nnx.Module):
         self.mlp = MLP(c.hidden_size, c.mlp_dim, dtype, c.activation, gated=True, bias=c.mlp_bias)
         self.sliding_window = c.sliding_windows[layer]
 
-    def __call__(self, x, cos, sin, attend, kv):
-        q, k, v = self.attn.project_qkv(self.attn_norm(x))
+    def __call__(self, x, cos, sin, ops: DenseOps, kv):
+        u = self.attn_norm(x)
+        q, k, v = self.attn.project_qkv(u)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o, kv = attend(q, k, v, kv, self.sliding_window)
+        o, kv = ops.attention(self.layer, u, q, k, v, kv, self.sliding_window)
         x = x + self.attn.project_out(o)
-        return x + self.mlp(self.mlp_norm(x)), kv
+        return x + ops.mlp(self.layer, u, self.mlp_norm(x), self.mlp), kv
 
 
 class LlamaModel(nnx.Module):
@@ -40,14 +44,14 @@ class LlamaModel(nnx.Module):
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.lm_head = None if c.tie_word_embeddings else Embedding(c.vocab_size, c.hidden_size, dtype)
 
-    def hidden(self, tokens, positions, attend, kv_cache=None):
-        """Final hidden states `[B, T, d]` and the updated cache (see `models.layers` modes)."""
+    def hidden(self, tokens, positions, ops: DenseOps, kv_cache=None):
+        """Final hidden states `[B, T, d]` and the updated cache; `ops` runs each sublayer."""
         c = self.config
         cos, sin = rope_cos_sin(positions, c.rope, c.head_dim, c.max_position_embeddings)
         x = self.embed(tokens)
         new_cache = []
         for i, block in enumerate(self.layers):
-            x, kv = block(x, cos, sin, attend, None if kv_cache is None else kv_cache[i])
+            x, kv = block(x, cos, sin, ops, None if kv_cache is None else kv_cache[i])
             new_cache.append(kv)
         return self.final_norm(x), (None if kv_cache is None else new_cache)
 
@@ -57,5 +61,5 @@ class LlamaModel(nnx.Module):
 
     def __call__(self, tokens, attention_mask):
         """tokens, attention_mask `[B, T]` -> float32 logits `[B, T, V]`."""
-        attend = functools.partial(full_attention, key_valid=attention_mask)
-        return self.logits(self.hidden(tokens, positions_from_mask(attention_mask), attend)[0])
+        ops = DenseOps(functools.partial(full_attention, key_valid=attention_mask))
+        return self.logits(self.hidden(tokens, positions_from_mask(attention_mask), ops)[0])

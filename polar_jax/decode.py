@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from models import ModelConfig
-from models.layers import cached_attention, full_attention, init_kv_cache
+from models.layers import DenseOps, cached_attention, full_attention, init_kv_cache
 from polar_jax.errors import PolarJaxError
 from polar_jax.sampling import SamplingParams, next_token
 
@@ -117,8 +117,8 @@ class Decoder:
         batch, prompt_len = prompt_tokens.shape
         rows = jnp.arange(batch)
         slots = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-        attend = functools.partial(full_attention, key_valid=slots < prompt_lengths[:, None])
-        x, kv_cache = model.hidden(prompt_tokens, slots, attend, kv_cache)
+        ops = DenseOps(functools.partial(full_attention, key_valid=slots < prompt_lengths[:, None]))
+        x, kv_cache = model.hidden(prompt_tokens, slots, ops, kv_cache)
         logits = model.logits(x[rows, jnp.maximum(prompt_lengths - 1, 0)])
         token = next_token(logits, sampling, jax.random.fold_in(key, 0))
 
@@ -134,8 +134,8 @@ class Decoder:
 
         def body(carry):
             step, token, lengths, finished, out, count, kv_cache = carry
-            attend = functools.partial(cached_attention, positions=lengths)
-            x, kv_cache = model.hidden(token[:, None], lengths[:, None], attend, kv_cache)
+            ops = DenseOps(functools.partial(cached_attention, positions=lengths))
+            x, kv_cache = model.hidden(token[:, None], lengths[:, None], ops, kv_cache)
             new = next_token(model.logits(x[:, 0]), sampling, jax.random.fold_in(key, step))
             out = out.at[:, step].set(jnp.where(finished, PAD_ID, new))
             count = count + ~finished
