@@ -104,18 +104,21 @@ def mlp_config(batch, d, k, *, interpret=False, gated=False, up=None, down=None,
                      num_warps=4, num_stages=4)
             dn = dict(block_m=bm_small, block_k=64, block_d=128, num_warps=4, num_stages=4,
                       prefetch=True)
-        else:
-            u = dict(block_m=64, block_n=64, block_d=64, num_warps=4, num_stages=4)
+            down_target = target
+        else:  # large batch: tensor-core bound, GEMM-like tiles
+            u = dict(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3)
             dn = dict(block_m=64, block_k=64, block_d=128, num_warps=4, num_stages=4,
                       prefetch=True)
+            down_target = target // 2
         if gated:
-            u["num_stages"] = 3
+            u["num_stages"] = min(u["num_stages"], 3)
         u.update({kk: vv for kk, vv in up.items() if kk != "splits"})
         dn.update({kk: vv for kk, vv in down.items() if kk != "splits"})
         n_bt = cdiv(batch, min(u["block_m"], max(16, next_pow2(batch))))
         u["splits"] = _pow2_splits(n_bt * cdiv(k, u["block_n"]), target, d, 4 * u["block_d"])
         n_bt = cdiv(batch, min(dn["block_m"], max(16, next_pow2(batch))))
-        dn["splits"] = _pow2_splits(n_bt * cdiv(d, dn["block_d"]), target, k, 4 * dn["block_k"])
+        dn["splits"] = _pow2_splits(n_bt * cdiv(d, dn["block_d"]), down_target, k,
+                                    4 * dn["block_k"])
     u.update(up)
     dn.update(down)
     for c in (u, dn):
