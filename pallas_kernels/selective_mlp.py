@@ -96,19 +96,25 @@ def mlp_config(batch, d, k, *, interpret=False, gated=False, up=None, down=None,
         u = dict(block_m=min(bm_small, 32), block_n=16, block_d=32, splits=1, num_warps=4,
                  num_stages=1)
         dn = dict(block_m=min(bm_small, 32), block_k=16, block_d=32, splits=1, num_warps=4,
-                  num_stages=1, prefetch=True)
+                  num_stages=1, prefetch=False)
     else:
         target = target_programs or 2 * sm_count()
         if batch <= 64:
-            u = dict(block_m=bm_small, block_n=32, block_d=256 if batch <= 16 else 128,
-                     num_warps=4, num_stages=4)
+            u = dict(block_m=bm_small, block_n=32, block_d=128, num_warps=4, num_stages=4)
             dn = dict(block_m=bm_small, block_k=64, block_d=128, num_warps=4, num_stages=4,
-                      prefetch=True)
-            down_target = target
-        else:  # large batch: tensor-core bound, GEMM-like tiles
+                      prefetch=False)
+            # Bigger batch tiles make the split-k partials dearer: fewer down splits.
+            down_target = target if batch <= 16 else target // 2
+        elif cdiv(batch, 128) * cdiv(k, 128) >= sm_count():
+            # Large batch and many neurons: tensor-core bound, GEMM-like tiles.
             u = dict(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3)
             dn = dict(block_m=64, block_k=64, block_d=128, num_warps=4, num_stages=4,
-                      prefetch=True)
+                      prefetch=False)
+            down_target = target // 2
+        else:  # large batch, fewer neurons: smaller tiles so that no d-split is needed
+            u = dict(block_m=64, block_n=64, block_d=64, num_warps=4, num_stages=4)
+            dn = dict(block_m=64, block_k=64, block_d=128, num_warps=4, num_stages=4,
+                      prefetch=False)
             down_target = target // 2
         if gated:
             u["num_stages"] = min(u["num_stages"], 3)
@@ -362,7 +368,8 @@ def _run_down(h, w_out, b_out, neuron_idx, *, interpret, dn):
     n_bt, n_db = cdiv(B, BM), cdiv(d, BD)
     kernel = functools.partial(
         _down_kernel, B=B, d=d, k=k, BM=BM, BK=BK, BD=BD, NS=NS, n_bt=n_bt, n_db=n_db,
-        has_b_out=b_out is not None, prefetch=bool(dn["prefetch"]), interpret=interpret)
+        has_b_out=b_out is not None, prefetch=bool(dn.get("prefetch", False)),
+        interpret=interpret)
     args = [h, neuron_idx, w_out] + ([b_out] if b_out is not None else [])
     y_sds = jax.ShapeDtypeStruct((B, d), h.dtype)
     params = compiler_params(dn["num_warps"], dn["num_stages"])

@@ -220,8 +220,13 @@ def _n_calls(est_ms: float, target_ms: float, lo=8, hi=50) -> int:
     return int(min(hi, max(lo, round(target_ms / max(est_ms, 1e-4)))))
 
 
-def _device_events(trace_dir):
-    """(start_ns, end_ns) of the kernels / memsets / copies on the GPU planes of a trace."""
+def _device_events(trace_dir, info=None):
+    """(start_ns, end_ns) of the kernels / memsets / copies on the GPU planes of a trace.
+
+    `info` (a dict), if given, receives the line names with their event counts and the most
+    frequent event names: what the trace holds.
+    """
+    import collections
     import glob
 
     from jax.profiler import ProfileData
@@ -230,16 +235,23 @@ def _device_events(trace_dir):
     if not files:
         return []
     events = set()
+    names = collections.Counter()
     for plane in ProfileData.from_file(files[0]).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
             lname = line.name.lower()
+            evs = list(line.events)
+            if info is not None:
+                info.setdefault("lines", {})[f"{plane.name} | {line.name}"] = len(evs)
             if "xla" in lname or "step" in lname or "launch" in lname or "source" in lname:
                 continue  # derived / aggregated lines, not the streams
-            for e in line.events:
+            for e in evs:
                 if e.duration_ns > 0:
                     events.add((float(e.start_ns), float(e.start_ns + e.duration_ns)))
+                    names[e.name[:80]] += 1
+    if info is not None:
+        info["top_events"] = names.most_common(8)
     return sorted(events)
 
 
@@ -274,7 +286,7 @@ def _busy(evs):
     return tot
 
 
-def time_calls(fn, calls, reps):
+def time_calls(fn, calls, reps, debug=False):
     """ms per call of `fn(*c) for c in calls`, unrolled inside one jit.
 
     Primary: GPU time from a profiler trace (CUPTI), per repeat the span from the first kernel
@@ -303,7 +315,10 @@ def time_calls(fn, calls, reps):
                     jax.block_until_ready(f(calls))
             finally:
                 jax.profiler.stop_trace()
-            groups = _split_reps(_device_events(d), reps)
+            info = {} if debug else None
+            groups = _split_reps(_device_events(d, info), reps)
+            if debug:
+                res["trace_info"] = info
         except Exception as err:  # no profiler: fall back to the wall clock
             groups = None
             res["trace_error"] = f"{type(err).__name__}: {err}"[:200]
@@ -416,7 +431,7 @@ def bench_attention(shape, densities, reps, target_ms, torch_rows, cfg_over=None
         cfg = attention_config(B, k, S, D, Hq // Hkv, interpret=_interp(), **over)
         fn = lambda q, kk, vv, ln, gi, _o=over: sparse_decode_attention(q, kk, vv, ln, gi, **_o)
         try:
-            t = time_calls(fn, calls, reps)
+            t = time_calls(fn, calls, reps, debug=dens == densities[0])
         except Exception as err:  # keep going: report the failure
             t = {"error": f"{type(err).__name__}: {err}"[:500]}
         row = dict(kind="attn", method="ours", B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, density=dens, k=k,
@@ -520,7 +535,7 @@ def bench_mlp(d, batches, fractions, reps, target_ms, torch_rows, up=None, down=
             fn = lambda x, wi, bi, wo, bo, idx, _u=up, _d=down: selective_mlp(
                 x, wi, bi, wo, bo, idx, activation="relu", up_config=_u, down_config=_d)
             try:
-                t = time_calls(fn, calls, reps)
+                t = time_calls(fn, calls, reps, debug=frac == fractions[0])
             except Exception as err:
                 t = {"error": f"{type(err).__name__}: {err}"[:500]}
             row = dict(kind="mlp", method="ours", B=B, d=d, N=N, fraction=frac, k=k, bytes=nbytes,
@@ -796,26 +811,19 @@ def format_tables(attn_table, mlp_table, targets, copy_tbps):
 # Tuning sweep (--sweep): variants of the tiling on representative shapes
 # ------------------------------------------------------------------------------------------
 
-ATTN_SWEEP_SHAPES = [((16, 32, 32, 4096), 0.5), ((64, 32, 32, 2048), 0.5), ((16, 32, 8, 4096), 0.5),
-                     ((64, 32, 8, 4096), 0.5), ((256, 32, 8, 2048), 0.5), ((1, 32, 8, 32768), 1.0)]
+ATTN_SWEEP_SHAPES = [((16, 32, 8, 4096), 0.5), ((1, 32, 8, 32768), 1.0)]
 ATTN_SWEEP_VARIANTS = [
-    {}, dict(num_warps=2), dict(block_k=128), dict(block_k=128, num_warps=8),
-    dict(split_factor=2), dict(split_factor=0.5), dict(num_warps=2, split_factor=2),
+    {}, dict(num_warps=4), dict(split_factor=0.5), dict(block_k=128), dict(block_k=32),
+    dict(split_factor=2),
 ]
-MLP_SWEEP = [(8192, 1, 0.1), (8192, 16, 0.1), (8192, 64, 0.25), (8192, 64, 0.1), (4096, 16, 0.1)]
+MLP_SWEEP = [(8192, 1, 0.1), (8192, 16, 0.1), (8192, 64, 0.1)]
 MLP_SWEEP_VARIANTS = [
-    ({}, {}), ({}, dict(num_warps=8)), ({}, dict(prefetch=False)), (dict(block_d=128), {}),
-    (dict(split_factor=0.5), {}), ({}, dict(split_factor=0.5)), (dict(block_n=16), {}),
-    (dict(num_warps=8), {}),
+    ({}, {}), (dict(split_factor=0.5), {}), ({}, dict(num_warps=8)), (dict(block_n=64), {}),
+    ({}, dict(prefetch=True)),
 ]
-MLP_SWEEP_B256 = [(8192, 256, 0.5), (4096, 256, 0.5)]
+MLP_SWEEP_B256 = [(4096, 256, 1.0)]
 MLP_SWEEP_VARIANTS_B256 = [
-    ({}, {}),
-    (dict(block_m=64, block_n=64, block_d=64, num_warps=4, num_stages=4), {}),
-    (dict(block_m=128, block_n=256, block_d=64, num_warps=8, num_stages=3), {}),
-    (dict(block_m=256, block_n=128, block_d=64, num_warps=8, num_stages=3), {}),
-    ({}, dict(block_m=128, block_k=64, block_d=128, num_warps=8, num_stages=3)),
-    ({}, dict(split_factor=2)),
+    ({}, {}), (dict(block_m=64, block_n=64, block_d=64, num_warps=4, num_stages=4), {}),
 ]
 
 
