@@ -109,12 +109,12 @@ def mlp_config(batch, d, k, *, interpret=False, gated=False, up=None, down=None,
             # Large batch and many neurons: tensor-core bound, GEMM-like tiles.
             u = dict(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3)
             dn = dict(block_m=64, block_k=64, block_d=128, num_warps=4, num_stages=4,
-                      prefetch=False)
+                      prefetch=True)
             down_target = target // 2
         else:  # large batch, fewer neurons: smaller tiles so that no d-split is needed
             u = dict(block_m=64, block_n=64, block_d=64, num_warps=4, num_stages=4)
             dn = dict(block_m=64, block_k=64, block_d=128, num_warps=4, num_stages=4,
-                      prefetch=False)
+                      prefetch=True)  # large batch: the prefetch keeps the loop pipelined
             down_target = target // 2
         if gated:
             u["num_stages"] = min(u["num_stages"], 3)
