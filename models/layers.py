@@ -126,12 +126,15 @@ class MLP(nnx.Module):
             return act(h)
         return act(proj(self.w_gate, self.b_gate)) * h
 
-    def __call__(self, x):
-        h = self.hidden(x).astype(x.dtype)
-        y = jnp.einsum("...n,nd->...d", h, self.w_out[...], preferred_element_type=F32)
+    def project_out(self, h, dtype):
+        """Neuron activations `[..., N]` -> `[..., d]` in `dtype`."""
+        y = jnp.einsum("...n,nd->...d", h.astype(dtype), self.w_out[...], preferred_element_type=F32)
         if self.b_out is not None:
             y = y + self.b_out[...].astype(F32)
-        return y.astype(x.dtype)
+        return y.astype(dtype)
+
+    def __call__(self, x):
+        return self.project_out(self.hidden(x), x.dtype)
 
 
 def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float | None = None):

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from polar_jax.errors import PolarJaxError
 
@@ -94,6 +95,51 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_train_routers(args) -> int:
+    import numpy as np
+
+    from polar_jax.dtypes import default_compute_dtype, parse_dtype
+    from polar_jax.evaluate import read_text
+    from polar_jax.loading import load_model, load_tokenizer
+    from routers.pipeline import train_routers
+    from routers.train import TrainSettings
+
+    text = read_text(args.text)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise PolarJaxError(f"{out} already exists; pass --force to replace it")
+    settings = TrainSettings(attn_topk=args.attn_topk, mlp_rank=args.mlp_rank, epochs=args.epochs,
+                             batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+    config, model = load_model(args.model, dtype)
+    tokenizer = load_tokenizer(args.model)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
+    summary = train_routers(model, config, ids, out, settings, seq_len=args.seq_len,
+                            progress=sys.stderr.isatty() and not args.json)
+    if args.json:
+        keys = ("attn_recall_mean", "attn_recall_per_layer", "mlp_recall_mean",
+                "mlp_recall_per_layer", "mlp_topk", "tokens_train", "tokens_heldout", "attn_topk",
+                "attn_groups_kept", "seconds")
+        print(json.dumps({k: summary[k] for k in keys} | {"out": str(out)}))
+        return 0
+    print(f"routers for {config.model_type} ({config.num_layers} layers) -> {out}")
+    print(f"tokens: {summary['tokens_train']} train, {summary['tokens_heldout']} held out; "
+          f"time: {summary['seconds']}")
+    mlp_k = summary["mlp_topk"]
+    print(f"{'layer':>5} {'attn recall':>11} {'mlp recall':>10} " + ("mlp k @ batch 1/16/64/256" if mlp_k else ""))
+    for layer, attn in enumerate(summary["attn_recall_per_layer"]):
+        mlp = summary["mlp_recall_per_layer"]
+        row = f"{layer:>5} {attn:>11.4f} {'-' if mlp is None else f'{mlp[layer]:.4f}':>10} "
+        if mlp_k:
+            row += " / ".join(str(mlp_k[b][layer]) for b in ("1", "16", "64", "256"))
+        print(row)
+    mean_mlp = summary["mlp_recall_mean"]
+    print(f"{'mean*':>5} {summary['attn_recall_mean']:>11.4f} "
+          f"{'-' if mean_mlp is None else f'{mean_mlp:.4f}':>10}   (*layers after the first; "
+          f"attention at {summary['attn_groups_kept']} of {config.num_kv_heads} groups)")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from polar_jax.bench import main as bench_main
 
@@ -156,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true",
                      help="one JSON object per prompt, then a summary object")
     gen.set_defaults(run=_cmd_generate)
+
+    tr = commands.add_parser(
+        "train-routers", help="train the attention-group and MLP routers of a model",
+        description="Collect router data by running the dense model over a text, train every "
+                    "layer's routers together (Optax AdamW, weighted BCE), calibrate the MLP "
+                    "top-k per batch size, measure held-out recall and save the routers.")
+    tr.add_argument("--model", required=True, help="converted or Hugging Face model directory")
+    tr.add_argument("--text", required=True, help="UTF-8 training text (e.g. WikiText-2 valid)")
+    tr.add_argument("--out", required=True, help="routers directory to write")
+    tr.add_argument("--max-tokens", type=_positive_int, default=None, help="use the first N tokens")
+    tr.add_argument("--attn-topk", type=float, default=0.5,
+                    help="fraction of KV groups kept per token (labels and metrics)")
+    tr.add_argument("--mlp-rank", type=_positive_int, default=1024, help="MLP router rank (capped at d)")
+    tr.add_argument("--epochs", type=_positive_int, default=10, help="at most; early stopping")
+    tr.add_argument("--batch-size", type=_positive_int, default=64, help="tokens per step")
+    tr.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    tr.add_argument("--seq-len", type=_positive_int, default=512, help="collection window")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                    help="model compute dtype for collection (default: float32 on CPU, bfloat16 on GPU)")
+    tr.add_argument("--force", action="store_true", help="replace an existing --out")
+    tr.add_argument("--json", action="store_true", help="print one JSON object of metrics")
+    tr.set_defaults(run=_cmd_train_routers)
 
     bench = commands.add_parser("bench", help="GPU benchmarks (see `polar-jax bench --help`)",
                                 add_help=False)

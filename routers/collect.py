@@ -1,0 +1,128 @@
+"""Collecting router training data: run the dense model over text and record, per layer and
+per token, the router input and the labels.
+
+- `u`: the layer's attention input (output of its first norm), stored as bfloat16 bits;
+- `group_norm`: for each KV group, the L2 norm over the group's query heads of their attention
+  outputs before the output projection (for MHA a group is one head), float32;
+- `active` (models whose MLP is not gated): neuron n's activation output > 0, packed 8 per byte.
+
+Arrays are `[num_layers, num_tokens, ...]` `.npy` memmaps filled window batch by window batch,
+so host memory stays bounded by one batch whatever the text length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from models import ModelConfig
+from models.layers import F32, DenseOps, full_attention
+from polar_jax.evaluate import make_windows
+
+
+class RecordingOps(DenseOps):
+    """Dense execution that also keeps each layer's router input and labels."""
+
+    def __init__(self, attend, num_kv_heads: int, record_mlp: bool):
+        super().__init__(attend)
+        self.num_kv_heads = num_kv_heads
+        self.record_mlp = record_mlp
+        self.records: dict[int, dict[str, jax.Array]] = {}
+
+    def attention(self, layer, u, q, k, v, kv, window):
+        o, kv = self.attend(q, k, v, kv, window)
+        b, t, hq, d = o.shape
+        grouped = o.astype(F32).reshape(b, t, self.num_kv_heads, (hq // self.num_kv_heads) * d)
+        self.records[layer] = {"u": u, "group_norm": jnp.sqrt(jnp.sum(grouped**2, axis=-1))}
+        return o, kv
+
+    def mlp(self, layer, u, x, mlp):
+        h = mlp.hidden(x)
+        if self.record_mlp:
+            self.records[layer]["active"] = jnp.packbits(h > 0, axis=-1)
+        return mlp.project_out(h, x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Collected:
+    """Memmapped router data in `directory`: u, group_norm, active (or None)."""
+
+    directory: Path
+    u: np.ndarray  # [L, T, d] uint16 (bfloat16 bits)
+    group_norm: np.ndarray  # [L, T, Hkv] float32
+    active: np.ndarray | None  # [L, T, ceil(N / 8)] uint8
+
+    @property
+    def num_tokens(self) -> int:
+        return self.u.shape[1]
+
+    @classmethod
+    def open(cls, directory: Path) -> "Collected":
+        active = directory / "active.npy"
+        return cls(directory, np.load(directory / "u.npy", mmap_mode="r"),
+                   np.load(directory / "group_norm.npy", mmap_mode="r"),
+                   np.load(active, mmap_mode="r") if active.exists() else None)
+
+
+def _record_fn(model, config: ModelConfig, record_mlp: bool):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def record(state, tokens, mask):
+        model = nnx.merge(graphdef, state)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        ops = RecordingOps(functools.partial(full_attention, key_valid=mask), config.num_kv_heads,
+                           record_mlp)
+        model.hidden(tokens, positions, ops)
+        stack = lambda key: jnp.stack([ops.records[i][key] for i in range(config.num_layers)])
+        out = {"u": jax.lax.bitcast_convert_type(stack("u").astype(jnp.bfloat16), jnp.uint16),
+               "group_norm": stack("group_norm")}
+        if record_mlp:
+            out["active"] = stack("active")
+        return out
+
+    return lambda tokens, mask: record(state, tokens, mask)
+
+
+def collect(model, config: ModelConfig, ids: np.ndarray, directory: Path, seq_len: int = 512,
+            batch_size: int = 8, progress: bool = False) -> Collected:
+    """Runs the model over `ids` in windows of `seq_len` and stores every token's records."""
+    directory.mkdir(parents=True, exist_ok=True)
+    record_mlp = not config.gated_mlp
+    tokens, mask = make_windows(ids, seq_len)
+    total = int(mask.sum())
+    L = config.num_layers
+    files = {
+        "u": ((L, total, config.hidden_size), np.uint16),
+        "group_norm": ((L, total, config.num_kv_heads), np.float32),
+    }
+    if record_mlp:
+        files["active"] = ((L, total, -(-config.mlp_dim // 8)), np.uint8)
+    arrays = {name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype,
+                                              shape=shape)
+              for name, (shape, dtype) in files.items()}
+    record = _record_fn(model, config, record_mlp)
+    offset = 0
+    for start in tqdm(range(0, len(tokens), batch_size), desc="collect", unit="batch",
+                      disable=not progress):
+        batch_tokens, batch_mask = tokens[start:start + batch_size], mask[start:start + batch_size]
+        rows = len(batch_tokens)
+        if rows < batch_size:  # one compiled shape: pad with empty windows
+            pad = ((0, batch_size - rows), (0, 0))
+            batch_tokens, batch_mask = np.pad(batch_tokens, pad), np.pad(batch_mask, pad)
+        out = jax.device_get(record(batch_tokens, batch_mask))
+        valid = batch_mask[:rows].astype(bool)
+        count = int(valid.sum())
+        for name, array in arrays.items():
+            array[:, offset:offset + count] = out[name][:, :rows][:, valid]
+        offset += count
+    for array in arrays.values():
+        array.flush()
+    return Collected.open(directory)

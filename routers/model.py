@@ -1,0 +1,159 @@
+"""Router modules, all layers stacked on a leading layer axis so one jitted step trains them
+all, plus saving and loading with a check that the routers belong to the model.
+
+- attention router (every model): `Linear(d, Hkv)` with bias, one score per KV group;
+- MLP router (models whose MLP is not gated): `Linear(d, r) -> Linear(r, N)`, no bias and no
+  activation between (the original's low-rank predictor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import ModelConfig, build_model
+from polar_jax.errors import PolarJaxError
+
+F32 = jnp.float32
+FORMAT_VERSION = 1
+METADATA_FILE = "routers.json"
+PARAMS_DIR = "params"
+
+
+def _uniform(key, shape, fan_in):
+    """PyTorch's `nn.Linear` initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, F32, -bound, bound)
+
+
+class Routers(nnx.Module):
+    """Every layer's routers; params `attn_w [L, d, Hkv]`, `attn_b [L, Hkv]`,
+    `mlp_down [L, d, r]`, `mlp_up [L, r, N]` (the last two only for non-gated MLPs)."""
+
+    def __init__(self, num_layers: int, d: int, num_groups: int, mlp_dim: int | None,
+                 mlp_rank: int, key):
+        keys = jax.random.split(key, 4)
+        self.attn_w = nnx.Param(_uniform(keys[0], (num_layers, d, num_groups), d))
+        self.attn_b = nnx.Param(_uniform(keys[1], (num_layers, num_groups), d))
+        self.mlp_down = nnx.Param(_uniform(keys[2], (num_layers, d, mlp_rank), d)) if mlp_dim else None
+        self.mlp_up = (nnx.Param(_uniform(keys[3], (num_layers, mlp_rank, mlp_dim), mlp_rank))
+                       if mlp_dim else None)
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, mlp_rank: int = 1024, seed: int = 0) -> "Routers":
+        mlp_dim = None if config.gated_mlp else config.mlp_dim
+        return cls(config.num_layers, config.hidden_size, config.num_kv_heads, mlp_dim,
+                   min(mlp_rank, config.hidden_size), jax.random.key(seed))
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.mlp_down is not None
+
+    def attn_scores(self, u, layer: int | None = None):
+        """Group logits: u `[L, ..., d]` -> `[L, ..., Hkv]`, or for one `layer`, `[..., d]` -> `[..., Hkv]`."""
+        w, b = self.attn_w[...], self.attn_b[...]
+        if layer is not None:
+            return jnp.einsum("...d,dh->...h", u, w[layer].astype(u.dtype), preferred_element_type=F32) + b[layer]
+        return jnp.einsum("l...d,ldh->l...h", u, w.astype(u.dtype), preferred_element_type=F32) + b[:, None]
+
+    def mlp_scores(self, u, layer: int | None = None):
+        """Neuron logits: u `[L, ..., d]` -> `[L, ..., N]`, or for one `layer`, `[..., d]` -> `[..., N]`."""
+        down, up = self.mlp_down[...], self.mlp_up[...]
+        if layer is not None:
+            h = jnp.einsum("...d,dr->...r", u, down[layer].astype(u.dtype), preferred_element_type=F32)
+            return jnp.einsum("...r,rn->...n", h.astype(u.dtype), up[layer].astype(u.dtype),
+                              preferred_element_type=F32)
+        h = jnp.einsum("l...d,ldr->l...r", u, down.astype(u.dtype), preferred_element_type=F32)
+        return jnp.einsum("l...r,lrn->l...n", h.astype(u.dtype), up.astype(u.dtype),
+                          preferred_element_type=F32)
+
+
+TIE_BREAK = 1e-3
+
+
+def batch_neuron_scores(logits, axis: int = -2):
+    """How much a batch needs each neuron: the sum over the batch (`axis`) of relu(logits), the
+    original's rule, plus `TIE_BREAK` x the summed sigmoid. Without the second term every neuron
+    that no token scores positive ties at zero and a top-k reaching into them picks arbitrarily;
+    with it they are ranked by probability (for one token the order is that of the logits)."""
+    return jnp.sum(jax.nn.relu(logits) + TIE_BREAK * jax.nn.sigmoid(logits), axis=axis)
+
+
+def model_fingerprint(config: ModelConfig) -> dict:
+    """What a routers directory records about its model: type, sizes, and a hash of the shapes
+    of every parameter (so routers never load onto a model they were not trained for)."""
+    shapes = nnx.to_pure_dict(nnx.split(build_model(config))[1])
+    flat = sorted((jax.tree_util.keystr(path), list(leaf.shape))
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0])
+    digest = hashlib.sha256(json.dumps(flat).encode()).hexdigest()[:16]
+    return {"model_type": config.model_type, "num_layers": config.num_layers,
+            "hidden_size": config.hidden_size, "num_kv_heads": config.num_kv_heads,
+            "mlp_dim": config.mlp_dim, "shape_hash": digest}
+
+
+def save_routers(routers: Routers, metadata: dict, out: str | Path) -> Path:
+    """Writes params (orbax) and `routers.json` to a temporary sibling, then renames to `out`."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(routers)))
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save((tmp / PARAMS_DIR).absolute(), state)
+            checkpointer.wait_until_finished()
+        (tmp / METADATA_FILE).write_text(json.dumps(dict(metadata, format=FORMAT_VERSION), indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_metadata(path: str | Path) -> dict:
+    meta_file = Path(path) / METADATA_FILE
+    if not meta_file.exists():
+        raise PolarJaxError(f"{path} is not a routers directory (no {METADATA_FILE})")
+    try:
+        return json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PolarJaxError(f"{meta_file} is not readable JSON: {err}") from None
+
+
+def load_routers(path: str | Path, config: ModelConfig) -> tuple[Routers, dict]:
+    """(routers, metadata) from `path`, refusing routers trained for another model."""
+    import orbax.checkpoint as ocp
+
+    metadata = read_metadata(path)
+    expected, found = model_fingerprint(config), metadata.get("model", {})
+    if found != expected:
+        raise PolarJaxError(
+            f"the routers in {path} belong to another model: they were trained for {found}, "
+            f"but this model is {expected}"
+        )
+    abstract = nnx.eval_shape(lambda: Routers.for_model(config, metadata["mlp_rank"]))
+    graphdef, state = nnx.split(abstract)
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore((Path(path) / PARAMS_DIR).absolute(), target)
+    except Exception as err:
+        raise PolarJaxError(f"cannot read the router params in {path}: {err}") from None
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state), metadata

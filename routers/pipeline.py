@@ -1,0 +1,82 @@
+"""`polar-jax train-routers`: collect, train, calibrate, evaluate, save."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models import ModelConfig
+from polar_jax.errors import PolarJaxError
+from routers.collect import collect
+from routers.model import model_fingerprint, save_routers
+from routers.train import (
+    TrainSettings,
+    calibrate_mlp_topk,
+    evaluate,
+    groups_to_keep,
+    mlp_topk_step,
+    train,
+)
+
+HELDOUT_FRACTION = 0.2
+
+
+def split_tokens(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train: first 80%, calibration: next 10%, metrics: last 10%) of the token stream."""
+    heldout = int(len(ids) * HELDOUT_FRACTION)
+    train_end = len(ids) - heldout
+    calib_end = train_end + heldout // 2
+    return ids[:train_end], ids[train_end:calib_end], ids[calib_end:]
+
+
+def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
+                  settings: TrainSettings, seq_len: int = 512, collect_batch_size: int = 8,
+                  progress: bool = False) -> dict:
+    """Runs the whole pipeline on the token ids `ids`; returns the summary saved in routers.json."""
+    if not 0 < settings.attn_topk <= 1:
+        raise PolarJaxError(f"--attn-topk must be in (0, 1], got {settings.attn_topk}")
+    parts = split_tokens(ids)
+    minimum = max(2 * seq_len, 10 * settings.batch_size)
+    if len(parts[0]) < settings.batch_size or min(len(p) for p in parts[1:]) < 2 or len(ids) < minimum:
+        raise PolarJaxError(
+            f"the text has {len(ids)} tokens; router training needs at least {minimum} "
+            f"(80% train, 10% calibration, 10% metrics)")
+    with tempfile.TemporaryDirectory(prefix="polar-jax-routers-") as tmp:
+        start = time.perf_counter()
+        train_data, calib_data, metric_data = (
+            collect(model, config, part, Path(tmp) / name, seq_len, collect_batch_size, progress)
+            for name, part in zip(("train", "calib", "metric"), parts))
+        collect_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        routers, history = train(config, train_data, calib_data, settings, progress)
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        mlp_topk = None
+        if routers.has_mlp:
+            mlp_topk = calibrate_mlp_topk(routers, config, calib_data, seed=settings.seed,
+                                          progress=progress)
+        calibrate_seconds = time.perf_counter() - start
+        metrics = evaluate(routers, config, metric_data, settings.attn_topk,
+                           None if mlp_topk is None else mlp_topk[1])
+    summary = {
+        "model": model_fingerprint(config),
+        "attn_topk": settings.attn_topk,
+        "attn_groups_kept": groups_to_keep(settings.attn_topk, config.num_kv_heads),
+        "mlp_rank": min(settings.mlp_rank, config.hidden_size),
+        **metrics,
+        "mlp_topk": None if mlp_topk is None else {str(b): k for b, k in mlp_topk.items()},
+        "mlp_topk_step": mlp_topk_step(config.mlp_dim),
+        "tokens_train": train_data.num_tokens,
+        "tokens_heldout": calib_data.num_tokens + metric_data.num_tokens,
+        "tokens_calibration": calib_data.num_tokens,
+        "history": history,
+        "settings": dataclasses.asdict(settings),
+        "seconds": {"collect": round(collect_seconds, 2), "train": round(train_seconds, 2),
+                    "calibrate": round(calibrate_seconds, 2)},
+    }
+    save_routers(routers, summary, out)
+    return summary

@@ -1,0 +1,260 @@
+"""Training the routers with Optax, calibrating the MLP top-k per batch size, and measuring
+held-out recall.
+
+Data splits (of the token stream): the first 80% trains; of the last 20%, never trained on,
+the first half calibrates the MLP top-k and drives early stopping, the second half measures
+every reported metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from models import ModelConfig
+from routers.collect import Collected
+from routers.model import Routers, batch_neuron_scores
+
+F32 = jnp.float32
+CALIBRATION_BATCH_SIZES = tuple(2**i for i in range(10))  # 1 ... 512
+COVERAGE_TARGET = 0.99
+MLP_NEG_WEIGHT_OFFSET = 0.005
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    attn_topk: float = 0.5
+    mlp_rank: int = 1024
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    patience: int = 2
+    seed: int = 0
+    device_budget_bytes: int = 1 << 30  # training data held on the device at once
+
+
+def groups_to_keep(fraction: float, num_groups: int) -> int:
+    """k = round(fraction x Hkv), at least 1."""
+    return max(1, min(num_groups, round(fraction * num_groups)))
+
+
+def mlp_topk_step(num_neurons: int) -> int:
+    """The granularity of calibrated MLP k: 128, or 8 for MLPs under 2048 neurons."""
+    return 8 if num_neurons < 2048 else 128
+
+
+def _load(data: Collected, idx: np.ndarray) -> dict:
+    """Device arrays of the records of tokens `idx`, read from the memmaps."""
+    out = {"u": jax.lax.bitcast_convert_type(jnp.asarray(data.u[:, idx]), jnp.bfloat16),
+           "group_norm": jnp.asarray(data.group_norm[:, idx])}
+    if data.active is not None:
+        out["active"] = jnp.asarray(data.active[:, idx])
+    return out
+
+
+def _unpack(active, n: int):
+    return jnp.unpackbits(active, axis=-1)[..., :n].astype(bool)
+
+
+def _topk_mask(scores, k: int):
+    """Boolean mask of the k largest entries along the last axis."""
+    _, idx = jax.lax.top_k(scores, k)
+    return jnp.sum(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.int32), axis=-2) > 0
+
+
+def _weighted_bce(logits, labels, neg_weight):
+    """Mean over tokens and outputs of BCE with positives weighted 1, negatives `neg_weight`."""
+    pos = -jax.nn.log_sigmoid(logits)
+    neg = -jax.nn.log_sigmoid(-logits)
+    per = jnp.where(labels, pos, neg_weight[:, None, None] * neg)
+    return jnp.mean(per, axis=(1, 2))
+
+
+class _Trainer:
+    def __init__(self, routers: Routers, config: ModelConfig, settings: TrainSettings,
+                 mlp_neg_weight: np.ndarray | None):
+        self.config = config
+        self.k = groups_to_keep(settings.attn_topk, config.num_kv_heads)
+        self.attn_neg_weight = jnp.full((config.num_layers,), self.k / config.num_kv_heads, F32)
+        self.mlp_neg_weight = None if mlp_neg_weight is None else jnp.asarray(mlp_neg_weight, F32)
+        self.graphdef, self.params = nnx.split(routers)
+        self.optimizer = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay)
+        self.opt_state = self.optimizer.init(self.params)
+        self._train_chunk = jax.jit(self._train_chunk_impl, donate_argnums=(0, 1))
+        self._loss = jax.jit(self._loss_impl)
+
+    def _loss_impl(self, params, batch):
+        routers = nnx.merge(self.graphdef, params)
+        u = batch["u"].astype(F32)  # routers train in float32; the data is stored in bf16
+        labels = _topk_mask(batch["group_norm"], self.k)
+        loss = _weighted_bce(routers.attn_scores(u), labels, self.attn_neg_weight)
+        if routers.has_mlp:
+            active = _unpack(batch["active"], self.config.mlp_dim)
+            loss = loss + _weighted_bce(routers.mlp_scores(u), active, self.mlp_neg_weight)
+        return jnp.sum(loss)  # layers are independent: their losses add
+
+    def _train_chunk_impl(self, params, opt_state, data, order):
+        """One pass over a chunk on the device: `order [steps, batch]` indexes its tokens."""
+
+        def step(carry, idx):
+            params, opt_state = carry
+            batch = jax.tree.map(lambda a: a[:, idx], data)
+            loss, grads = jax.value_and_grad(self._loss_impl)(params, batch)
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), order)
+        return params, opt_state, jnp.mean(losses)
+
+    def epoch(self, data: Collected, settings: TrainSettings, rng: np.random.Generator) -> float:
+        per_token = data.u[:, :1].nbytes + data.group_norm[:, :1].nbytes + (
+            data.active[:, :1].nbytes if data.active is not None else 0)
+        chunk = max(settings.batch_size, settings.device_budget_bytes // per_token)
+        chunk -= chunk % settings.batch_size
+        starts = rng.permutation(range(0, data.num_tokens, chunk))
+        losses = []
+        for start in starts:
+            idx = np.arange(start, min(start + chunk, data.num_tokens))
+            steps = len(idx) // settings.batch_size
+            if steps == 0:
+                continue
+            order = rng.permutation(len(idx))[:steps * settings.batch_size]
+            order = order.reshape(steps, settings.batch_size)
+            self.params, self.opt_state, loss = self._train_chunk(
+                self.params, self.opt_state, _load(data, idx), jnp.asarray(order))
+            losses.append(float(loss))
+        return float(np.mean(losses))
+
+    def heldout_loss(self, data: Collected, batch_size: int = 4096) -> float:
+        total = 0.0
+        for start in range(0, data.num_tokens, batch_size):
+            idx = np.arange(start, min(start + batch_size, data.num_tokens))
+            total += float(self._loss(self.params, _load(data, idx))) * len(idx)
+        return total / data.num_tokens
+
+    @property
+    def routers(self) -> Routers:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def mlp_positive_rate(data: Collected, n: int, max_tokens: int = 20000) -> np.ndarray:
+    """Per layer, the fraction of (token, neuron) pairs that are active."""
+    idx = np.arange(min(max_tokens, data.num_tokens))
+    return np.asarray(jnp.mean(_unpack(jnp.asarray(data.active[:, idx]), n), axis=(1, 2)))
+
+
+def train(config: ModelConfig, train_data: Collected, calib_data: Collected,
+          settings: TrainSettings, progress: bool = False) -> tuple[Routers, list[dict]]:
+    """Trains all layers' routers together; keeps the parameters of the epoch with the lowest
+    loss on the calibration split, stopping after `patience` epochs without improvement."""
+    routers = Routers.for_model(config, settings.mlp_rank, settings.seed)
+    neg = None
+    if routers.has_mlp:
+        neg = mlp_positive_rate(train_data, config.mlp_dim) + MLP_NEG_WEIGHT_OFFSET
+    trainer = _Trainer(routers, config, settings, neg)
+    rng = np.random.default_rng(settings.seed)
+    history, best, best_params, waited = [], math.inf, trainer.params, 0
+    bar = tqdm(range(settings.epochs), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        train_loss = trainer.epoch(train_data, settings, rng)
+        heldout = trainer.heldout_loss(calib_data)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "heldout_loss": heldout})
+        bar.set_postfix(train=f"{train_loss:.4f}", heldout=f"{heldout:.4f}")
+        if heldout < best:
+            best, best_params, waited = heldout, jax.tree.map(jnp.copy, trainer.params), 0
+        else:
+            waited += 1
+            if waited >= settings.patience:
+                break
+    return nnx.merge(trainer.graphdef, best_params), history
+
+
+@jax.jit
+def _coverage(routers: Routers, u, active_packed):
+    """For batches of tokens u `[L, nb, bs, d]`: per layer and k, how many of each batch's
+    active neurons the top-k of `batch_neuron_scores` covers, summed over batches (`[L, N]`),
+    and the summed union sizes `[L]`."""
+    scores = batch_neuron_scores(routers.mlp_scores(u), axis=2)  # [L, nb, N]
+    union = jnp.any(_unpack(active_packed, scores.shape[-1]), axis=2)  # [L, nb, N]
+    order = jnp.argsort(-scores, axis=-1)
+    covered = jnp.cumsum(jnp.take_along_axis(union, order, axis=-1), axis=-1)
+    return jnp.sum(covered, axis=1), jnp.sum(union, axis=(1, 2))
+
+
+def calibrate_mlp_topk(routers: Routers, config: ModelConfig, data: Collected,
+                       batch_sizes=CALIBRATION_BATCH_SIZES, tokens_per_size: int = 4096,
+                       seed: int = 0, progress: bool = False) -> dict[int, list[int]]:
+    """Batch size -> per layer, the smallest k (a multiple of `mlp_topk_step`, capped at N) whose
+    top-k of the batch's `batch_neuron_scores` covers >= 99% of the batch's true active union,
+    pooled over random batches (at least 32, about `tokens_per_size` tokens in all) drawn from
+    `data`, the calibration split."""
+    n, step = config.mlp_dim, mlp_topk_step(config.mlp_dim)
+    grid = np.minimum(np.arange(step, n + step, step), n)
+    rng = np.random.default_rng(seed)
+    table = {}
+    for batch_size in tqdm(batch_sizes, desc="calibrate", unit="size", disable=not progress):
+        num_batches = max(32, tokens_per_size // batch_size)
+        per_call = max(1, tokens_per_size // batch_size)
+        covered = np.zeros((config.num_layers, n))
+        union = np.zeros(config.num_layers)
+        for first in range(0, num_batches, per_call):
+            nb = min(per_call, num_batches - first)
+            idx = np.stack([rng.choice(data.num_tokens, batch_size, replace=batch_size > data.num_tokens)
+                            for _ in range(nb)])
+            flat = idx.ravel()
+            batch = _load(data, flat)
+            shape = lambda a: a.reshape(a.shape[0], nb, batch_size, *a.shape[2:])
+            c, u = _coverage(routers, shape(batch["u"]), shape(batch["active"]))
+            covered += np.asarray(c)
+            union += np.asarray(u)
+        coverage = covered / np.maximum(union, 1)[:, None]  # [L, N]: coverage of top-(i+1)
+        ok = coverage[:, grid - 1] >= COVERAGE_TARGET
+        table[batch_size] = [int(grid[np.argmax(row)]) if row.any() else n for row in ok]
+    return table
+
+
+def evaluate(routers: Routers, config: ModelConfig, data: Collected, attn_topk: float,
+             mlp_topk_batch1: list[int] | None, batch_size: int = 4096) -> dict:
+    """Held-out recall per layer: of the oracle top-k groups by the router's top-k, and (MLP) of
+    the active neurons by the router's top-k at the batch-1 calibrated k."""
+    k = groups_to_keep(attn_topk, config.num_kv_heads)
+    L, n = config.num_layers, config.mlp_dim
+
+    @jax.jit
+    def hits(batch):
+        router_top = _topk_mask(routers.attn_scores(batch["u"]), k)
+        oracle_top = _topk_mask(batch["group_norm"], k)
+        out = {"attn": jnp.sum(router_top & oracle_top, axis=(1, 2))}
+        if mlp_topk_batch1 is not None:
+            active = _unpack(batch["active"], n)
+            scores = batch_neuron_scores(routers.mlp_scores(batch["u"])[:, :, None], axis=2)
+            ranks = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)  # rank of each neuron
+            kept = ranks < jnp.asarray(mlp_topk_batch1)[:, None, None]
+            out["mlp_hit"] = jnp.sum(kept & active, axis=(1, 2))
+            out["mlp_active"] = jnp.sum(active, axis=(1, 2))
+        return out
+
+    totals: dict[str, np.ndarray] = {}
+    for start in range(0, data.num_tokens, batch_size):
+        idx = np.arange(start, min(start + batch_size, data.num_tokens))
+        for key, value in hits(_load(data, idx)).items():
+            totals[key] = totals.get(key, 0) + np.asarray(value, np.float64)
+    attn = totals["attn"] / (k * data.num_tokens)
+    result = {"attn_recall_per_layer": attn.round(4).tolist(),
+              "attn_recall_mean": float(attn[1:].mean() if L > 1 else attn.mean())}
+    if mlp_topk_batch1 is not None:
+        mlp = totals["mlp_hit"] / np.maximum(totals["mlp_active"], 1)
+        result["mlp_recall_per_layer"] = mlp.round(4).tolist()
+        result["mlp_recall_mean"] = float(mlp[1:].mean() if L > 1 else mlp.mean())
+    else:
+        result["mlp_recall_per_layer"] = None
+        result["mlp_recall_mean"] = None
+    return result
