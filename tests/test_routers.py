@@ -1,0 +1,176 @@
+"""Routers: collected labels against Hugging Face hooks, calibration against a brute-force
+reference, training quality on the fixtures, and save/load with the model check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import shared_path
+from polar_jax.cli import main
+from polar_jax.errors import PolarJaxError
+from polar_jax.loading import load_model
+from routers.collect import Collected, collect
+from routers.model import Routers, batch_neuron_scores, load_routers
+from routers.train import calibrate_mlp_topk
+
+
+@pytest.fixture(scope="module")
+def tiny_opt_hf(tmp_path_factory):
+    config = transformers.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=256)
+    torch.manual_seed(0)
+    hf = transformers.OPTForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+    src = tmp_path_factory.mktemp("opt") / "hf"
+    hf.save_pretrained(src)
+    return hf, src
+
+
+def test_collected_records_match_hf_hooks(tiny_opt_hf, tmp_path):
+    """u, the per-group attention output norms and the active neurons, recomputed from
+    forward hooks on the HF PyTorch model."""
+    hf, src = tiny_opt_hf
+    config, model = load_model(str(src), dtype=jnp.float32)
+    ids = np.random.default_rng().integers(0, 256, size=150).astype(np.int32)
+    data = collect(model, config, ids, tmp_path / "data", seq_len=64, batch_size=2)
+    assert data.num_tokens == 150
+    captured = {}
+    hooks = []
+    for i, layer in enumerate(hf.model.decoder.layers):
+        hooks.append(layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: captured.setdefault(("u", i), []).append(kw["hidden_states"]),
+            with_kwargs=True))
+        hooks.append(layer.self_attn.out_proj.register_forward_pre_hook(
+            lambda m, a, i=i: captured.setdefault(("o", i), []).append(a[0])))
+        hooks.append(layer.fc1.register_forward_hook(
+            lambda m, a, out, i=i: captured.setdefault(("fc1", i), []).append(out)))
+    with torch.no_grad():
+        for start in range(0, 150, 64):
+            hf(torch.tensor(ids[None, start:start + 64].astype(np.int64)))
+    for h in hooks:
+        h.remove()
+    for i in range(config.num_layers):
+        u = torch.cat([t.reshape(-1, 64) for t in captured[("u", i)]]).numpy()
+        o = torch.cat([t.reshape(-1, 4, 16) for t in captured[("o", i)]]).numpy()
+        fc1 = torch.cat([t.reshape(-1, 128) for t in captured[("fc1", i)]]).numpy()
+        ours_u = np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(data.u[i]), jnp.bfloat16), np.float32)
+        np.testing.assert_allclose(ours_u, u, rtol=1e-2, atol=1e-2 * np.abs(u).max())  # bf16 storage
+        np.testing.assert_allclose(data.group_norm[i], np.linalg.norm(o, axis=-1), rtol=1e-4, atol=1e-5)
+        active = np.unpackbits(np.asarray(data.active[i]), axis=-1)[:, :128].astype(bool)
+        clear = np.abs(fc1) > 1e-4  # ignore pre-activations at the float32 rounding edge
+        np.testing.assert_array_equal(active[clear], (fc1 > 0)[clear])
+
+
+def test_batch_neuron_scores_break_ties_by_probability():
+    logits = jnp.array([[[-1.0, -3.0, 2.0, -0.5]]])  # one token
+    scores = np.asarray(batch_neuron_scores(logits, axis=1))[0]
+    assert list(np.argsort(-scores)) == [2, 3, 0, 1]
+    batch = jnp.array([[[1.0, 0.0, -5.0], [1.0, 3.0, -5.0]]])  # relu sums 2, 3, 0
+    assert list(np.argsort(-np.asarray(batch_neuron_scores(batch, axis=1))[0])) == [1, 0, 2]
+
+
+def _synthetic_data(tmp_path: Path, L=2, T=300, d=16, n=40):
+    rng = np.random.default_rng()
+    u = rng.normal(size=(L, T, d)).astype(np.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(u, jnp.bfloat16), jnp.uint16)
+    active = rng.random((L, T, n)) < 0.15
+    for name, value in {"u": np.asarray(bits), "group_norm": rng.random((L, T, 4)).astype(np.float32),
+                        "active": np.packbits(active, axis=-1)}.items():
+        np.save(tmp_path / f"{name}.npy", value)
+    return Collected.open(tmp_path), np.asarray(jnp.asarray(u, jnp.bfloat16).astype(jnp.float32)), active
+
+
+def test_calibration_against_brute_force(tmp_path):
+    data, u, active = _synthetic_data(tmp_path)
+    routers = Routers(2, 16, 4, 40, 8, jax.random.key(np.random.default_rng().integers(1 << 30)))
+    config = type("C", (), {"mlp_dim": 40, "num_layers": 2})()
+    table = calibrate_mlp_topk(routers, config, data, batch_sizes=(1, 4), tokens_per_size=64, seed=3)
+    # Brute force with the same batches: replay the sampler.
+    rng = np.random.default_rng(3)
+    down, up = np.asarray(routers.mlp_down[...], np.float64), np.asarray(routers.mlp_up[...], np.float64)
+    for batch_size in (1, 4):
+        nb = max(32, 64 // batch_size)
+        idx = np.stack([rng.choice(300, batch_size, replace=False) for _ in range(nb)])
+        for layer in range(2):
+            best = None
+            for k in list(range(8, 40, 8)) + [40]:
+                hit = tot = 0
+                for rows in idx:
+                    logits = u[layer, rows].astype(np.float64) @ down[layer] @ up[layer]
+                    score = (np.maximum(logits, 0) + 1e-3 / (1 + np.exp(-logits))).sum(0)
+                    union = active[layer, rows].any(0)
+                    top = np.argsort(-score, kind="stable")[:k]
+                    hit += union[top].sum()
+                    tot += union.sum()
+                if hit >= 0.99 * tot:
+                    best = k
+                    break
+            assert table[batch_size][layer] == best
+
+
+def _train(name: str, tmp_path_factory) -> tuple[dict, Path]:
+    model = shared_path("fixtures", name)
+    text = shared_path("data", "wikitext2_valid.txt")
+    out = tmp_path_factory.mktemp(name) / "routers"
+    argv = ["train-routers", "--model", str(model), "--text", str(text), "--max-tokens", "60000",
+            "--out", str(out), "--json"]
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(argv) == 0
+    return json.loads(buffer.getvalue().strip().splitlines()[-1]), out
+
+
+@pytest.fixture(scope="module")
+def opt_routers(tmp_path_factory):
+    return _train("tiny-opt", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama_routers(tmp_path_factory):
+    return _train("tiny-llama", tmp_path_factory)
+
+
+def test_tiny_llama_attention_recall(llama_routers):
+    metrics, _ = llama_routers
+    assert metrics["attn_recall_mean"] >= 0.82  # random choice: 0.5
+    assert metrics["mlp_recall_mean"] is None and metrics["mlp_topk"] is None  # gated MLP
+    assert metrics["tokens_train"] == 48000 and metrics["tokens_heldout"] == 12000
+
+
+def test_tiny_opt_attention_and_mlp(opt_routers):
+    metrics, _ = opt_routers
+    assert metrics["attn_recall_mean"] >= 0.74
+    assert metrics["mlp_recall_mean"] >= 0.99
+    table = {int(b): np.array(k) for b, k in metrics["mlp_topk"].items()}
+    assert sorted(table) == [2**i for i in range(10)]
+    assert (table[1][1:] <= 0.4 * 1024).all()
+    sizes = sorted(table)
+    means = [table[b].mean() for b in sizes]
+    assert all(a <= b for a, b in zip(means, means[1:])) and (table[64] > table[1]).all()
+
+
+def test_save_load_and_model_check(opt_routers, llama_routers):
+    _, opt_dir = opt_routers
+    _, llama_dir = llama_routers
+    opt_config, _ = load_model(str(shared_path("fixtures", "tiny-opt")))
+    routers, metadata = load_routers(opt_dir, opt_config)
+    assert metadata["attn_topk"] == 0.5 and routers.has_mlp
+    u = jnp.asarray(np.random.default_rng().normal(size=(6, 3, 256)), jnp.float32)
+    assert routers.attn_scores(u).shape == (6, 3, 8) and routers.mlp_scores(u).shape == (6, 3, 1024)
+    with pytest.raises(PolarJaxError, match="belong to another model"):
+        load_routers(llama_dir, opt_config)
+    with pytest.raises(PolarJaxError, match="not a routers directory"):
+        load_routers(opt_dir.parent, opt_config)
