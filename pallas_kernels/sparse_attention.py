@@ -217,8 +217,10 @@ def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "window", "interpret", "cfg"))
-def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, *, sm_scale, window, interpret,
-                      cfg):
+def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, out_init=None, *, sm_scale,
+                      window, interpret, cfg):
+    """The kernel call. `out_init` (default zeros) is the buffer the kernel writes the selected
+    heads into; tests pass a poisoned one to check what the kernel writes and what it leaves."""
     cfg = dict(cfg)
     B, Hq, D = q.shape
     _, Hkv, S, _ = k_cache.shape
@@ -241,12 +243,13 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, *, sm_scale, wind
                 jax.ShapeDtypeStruct((B * K, NS, Gp), jnp.float32),
                 jax.ShapeDtypeStruct((B * K, NS, Gp), jnp.float32)]
     args = [lengths, group_idx, q, k_cache, v_cache]
+    zeros = jnp.zeros((B, Hq, D), q.dtype)
     if mode == "direct":
         out = pl.pallas_call(
             kernel, grid=grid, in_specs=[full] * 6, out_specs=full, out_shape=out_sds,
             input_output_aliases={5: 0}, compiler_params=params, interpret=interpret,
             name="sparse_decode_attention",
-        )(*args, jnp.zeros((B, Hq, D), q.dtype))
+        )(*args, zeros if out_init is None else out_init)
         return out
     if mode == "kernel":
         outs = pl.pallas_call(
@@ -254,7 +257,7 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, *, sm_scale, wind
             out_shape=[out_sds, jax.ShapeDtypeStruct((B * K,), jnp.int32), *part_sds],
             input_output_aliases={5: 0, 6: 1}, compiler_params=params, interpret=interpret,
             name="sparse_decode_attention_splitk",
-        )(*args, jnp.zeros((B, Hq, D), q.dtype), jnp.zeros((B * K,), jnp.int32))
+        )(*args, zeros if out_init is None else out_init, jnp.zeros((B * K,), jnp.int32))
         return outs[0]
     # mode == "xla": partials from the kernel, combine and scatter in plain JAX.
     op, mp, lp = pl.pallas_call(
@@ -269,7 +272,7 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, *, sm_scale, wind
     lsum = jnp.sum(w * lp, axis=2)
     o = jnp.sum(w[..., None] * op, axis=2) / jnp.where(lsum > 0, lsum, 1.0)[..., None]
     gi = jnp.clip(group_idx, 0, Hkv - 1)
-    out = jnp.zeros((B, Hkv, G, D), q.dtype)
+    out = (zeros if out_init is None else out_init).reshape(B, Hkv, G, D)
     out = out.at[jnp.arange(B)[:, None], gi].set(o.astype(q.dtype))
     return out.reshape(B, Hq, D)
 

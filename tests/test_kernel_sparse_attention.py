@@ -1,0 +1,195 @@
+"""Group-sparse decode attention kernel (Pallas interpret mode on the CPU).
+
+Every test draws fresh random inputs (seed from os.urandom, printed on failure) and checks the
+kernel against the pure-jnp reference and against an independent float64 numpy computation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import sparse_decode_attention, sparse_decode_attention_reference
+
+sa = sys.modules["pallas_kernels.sparse_attention"]
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+
+
+@pytest.fixture
+def rng():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def attention_f64(q, k, v, lengths, group_idx, sm_scale=None, window=None):
+    """float64 numpy: per row, per selected group, per query head of the group."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, Hq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    out = np.zeros((B, Hq, D))
+    for b in range(B):
+        L = int(lengths[b])
+        lo = 0 if window is None else max(0, L - window)
+        if L == 0:
+            continue
+        groups = range(Hkv) if group_idx is None else np.asarray(group_idx[b])
+        for g in groups:
+            for h in range(g * G, (g + 1) * G):
+                s = k[b, g, lo:L] @ q[b, h] * scale
+                p = np.exp(s - s.max())
+                out[b, h] = p @ v[b, g, lo:L] / p.sum()
+    return out
+
+
+def rel_err(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_inputs(rng, B, Hq, Hkv, S, D, k, dtype, lengths=None):
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), dtype)
+    kc = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    vc = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    if lengths is None:
+        lengths = rng.integers(1, S + 1, B)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    gi = jnp.asarray(np.argsort(rng.random((B, Hkv)), axis=1)[:, :k], jnp.int32)
+    return q, kc, vc, lengths, gi
+
+
+def selected_mask(gi, lengths, B, Hkv, G):
+    sel = np.zeros((B, Hkv), bool)
+    sel[np.arange(B)[:, None], np.asarray(gi)] = True
+    sel &= (np.asarray(lengths) > 0)[:, None]
+    return np.repeat(sel, G, axis=1)  # [B, Hq]
+
+
+# B, Hq, Hkv, S, D, k, dtype, lengths, window, overrides
+CASES = [
+    # G=1, k=1, lengths 0 / 1 / S / between, S not a multiple of the block, one split
+    (4, 3, 3, 37, 64, 1, jnp.float32, [0, 1, 37, 20], None, {}),
+    # G=2, k=all, several splits combined in the kernel, a window shorter than some lengths
+    (3, 8, 4, 50, 64, 4, jnp.float32, [50, 7, 33], 9, dict(num_splits=4)),
+    # G=4, D=80 (padded to 128 inside), bfloat16, splits combined in plain JAX
+    (2, 8, 2, 45, 80, 1, jnp.bfloat16, [45, 0], None, dict(num_splits=2, combine="xla")),
+    # G=8, D=128, float16, window, custom scale, 32-token blocks and 2 splits
+    (2, 16, 2, 70, 128, 2, jnp.float16, [70, 19], 25, dict(num_splits=2, block_k=32)),
+    # G=4 float16 with many splits (more than blocks for the short row)
+    (3, 12, 3, 40, 64, 2, jnp.float16, [40, 3, 1], None, dict(num_splits=8)),
+    # G=2, D=80, float32, window longer than every length
+    (2, 4, 2, 30, 80, 2, jnp.float32, [30, 12], 100, {}),
+    # G=1, D=128, float16, k=all, 4 splits combined in the kernel, a window of 1
+    (2, 4, 4, 29, 128, 4, jnp.float16, [29, 2], 1, dict(num_splits=4)),
+    # G=2, D=128, bfloat16, window, kernel combine, 32-token blocks
+    (3, 6, 3, 66, 128, 2, jnp.bfloat16, [66, 65, 31], 40, dict(num_splits=2, block_k=32)),
+    # G=8, D=64, float32, plain-JAX combine, window
+    (2, 16, 2, 52, 64, 1, jnp.float32, [52, 18], 30, dict(num_splits=4, combine="xla")),
+    # a cache of one position
+    (2, 2, 1, 1, 64, 1, jnp.float32, [1, 0], None, {}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-{c[1]}/{c[2]}-S{c[3]}-D{c[4]}-k{c[5]}-"
+                         f"{jnp.dtype(c[6]).name}-W{c[8]}-{'-'.join(f'{a}{b}' for a, b in c[9].items())}")
+def test_matches_reference_and_float64(rng, case):
+    B, Hq, Hkv, S, D, k, dtype, lengths, window, over = case
+    q, kc, vc, lens, gi = make_inputs(rng, B, Hq, Hkv, S, D, k, dtype, lengths)
+    scale = 0.7 / math.sqrt(D) if dtype == jnp.float16 else None
+    out = sparse_decode_attention(q, kc, vc, lens, gi, sm_scale=scale, sliding_window=window,
+                                  **over)
+    assert out.shape == (B, Hq, D) and out.dtype == q.dtype
+    o = np.asarray(out, np.float64)
+    assert np.all(np.isfinite(o))
+    ref = sparse_decode_attention_reference(q, kc, vc, lens, gi, sm_scale=scale,
+                                            sliding_window=window)
+    exact = attention_f64(q, kc, vc, np.asarray(lens), np.asarray(gi), scale, window)
+    assert rel_err(out, exact) < TOL[dtype]
+    assert rel_err(ref, exact) < TOL[dtype]
+    assert rel_err(out, ref) < 2 * TOL[dtype]
+    sel = selected_mask(gi, lens, B, Hkv, Hq // Hkv)
+    assert np.all(o[~sel] == 0.0), "unselected heads and empty rows must be exactly zero"
+    assert np.all(np.abs(o[sel]).sum(-1) > 0)
+
+
+def test_all_groups_default_and_jit(rng):
+    B, Hq, Hkv, S, D = 2, 4, 2, 33, 64
+    q, kc, vc, lens, _ = make_inputs(rng, B, Hq, Hkv, S, D, Hkv, jnp.float32, [33, 5])
+    out = jax.jit(lambda *a: sparse_decode_attention(*a))(q, kc, vc, lens)
+    exact = attention_f64(q, kc, vc, np.asarray(lens), None)
+    assert rel_err(out, exact) < TOL[jnp.float32]
+
+
+@pytest.mark.parametrize("num_splits,combine", [(1, "kernel"), (4, "kernel"), (2, "xla")])
+def test_writes_exactly_the_selected_heads(rng, num_splits, combine):
+    """The kernel writes into a NaN-poisoned output: every selected head (rows of length 0
+    included, as zeros) must be overwritten and every other head left untouched."""
+    B, Hq, Hkv, S, D, k = 3, 8, 4, 40, 64, 2
+    q, kc, vc, lens, gi = make_inputs(rng, B, Hq, Hkv, S, D, k, jnp.float32, [40, 0, 17])
+    cfg = sa.attention_config(B, k, S, D, Hq // Hkv, interpret=True, num_splits=num_splits,
+                              combine=combine)
+    poison = jnp.full((B, Hq, D), jnp.nan, jnp.float32)
+    out = sa._sparse_attention(q, kc, vc, lens, gi, poison, sm_scale=1 / math.sqrt(D),
+                               window=None, interpret=True, cfg=tuple(sorted(cfg.items())))
+    o = np.asarray(out)
+    written = np.zeros((B, Hkv), bool)
+    written[np.arange(B)[:, None], np.asarray(gi)] = True
+    written = np.repeat(written, Hq // Hkv, axis=1)
+    assert np.all(np.isfinite(o[written])), "a selected head was not written"
+    assert np.all(np.isnan(o[~written])), "the kernel wrote outside the selected heads"
+    exact = attention_f64(q, kc, vc, np.asarray(lens), np.asarray(gi))
+    assert rel_err(o[written], exact[written]) < TOL[jnp.float32]
+    assert np.all(o[1][written[1]] == 0.0)  # the row of length 0
+
+
+def test_config_heuristic():
+    # Small batch x groups: split the sequence (power of 2, at most 32), never below a block.
+    c = sa.attention_config(1, 8, 32768, 128, 4)
+    assert c["num_splits"] == 32 and c["block_k"] == 64
+    assert sa.attention_config(256, 8, 2048, 128, 4)["num_splits"] == 1
+    assert sa.attention_config(4, 1, 64, 128, 4)["num_splits"] == 1
+    with pytest.raises(ValueError, match="combine"):
+        sa.attention_config(1, 1, 64, 64, 1, combine="nope")
+
+
+def _args(B=2, Hq=4, Hkv=2, S=16, D=64, k=1, dtype=jnp.float32):
+    q = jnp.zeros((B, Hq, D), dtype)
+    kc = jnp.zeros((B, Hkv, S, D), dtype)
+    return q, kc, kc, jnp.full((B,), S, jnp.int32), jnp.zeros((B, k), jnp.int32)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda a: (a[0][0],) + a[1:], ValueError, "q must have 3 dimensions"),
+    (lambda a: (a[0], a[1][:, :1], a[2], a[3], a[4]), ValueError, "differ in shape"),
+    (lambda a: (a[0][:, :3],) + a[1:], ValueError, "multiple of Hkv"),
+    (lambda a: (a[0][:1],) + a[1:], ValueError, "does not match q"),
+    (lambda a: (a[0].astype(jnp.int32),) + a[1:], TypeError, "q dtype"),
+    (lambda a: (a[0], a[1].astype(jnp.float16), a[2].astype(jnp.float16), a[3], a[4]),
+     TypeError, "share a dtype"),
+    (lambda a: a[:3] + (a[3].astype(jnp.int64) if jax.config.jax_enable_x64 else
+                        a[3].astype(jnp.float32), a[4]), TypeError, "lengths must be int32"),
+    (lambda a: a[:3] + (a[3][:1], a[4]), ValueError, "lengths must have shape"),
+    (lambda a: a[:4] + (a[4].astype(jnp.float32),), TypeError, "group_idx must be int32"),
+    (lambda a: a[:4] + (jnp.zeros((2, 3), jnp.int32),), ValueError, "1 <= k <= Hkv"),
+    (lambda a: a[:4] + (jnp.zeros((2, 0), jnp.int32),), ValueError, "1 <= k <= Hkv"),
+    (lambda a: a[:4] + (jnp.zeros((3, 1), jnp.int32),), ValueError, "group_idx must have shape"),
+])
+def test_argument_errors(mutate, exc, match):
+    with pytest.raises(exc, match=match):
+        sparse_decode_attention(*mutate(_args()))
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True])
+def test_bad_window(window):
+    with pytest.raises(ValueError, match="sliding_window"):
+        sparse_decode_attention(*_args(), sliding_window=window)
