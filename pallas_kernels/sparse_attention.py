@@ -95,7 +95,10 @@ def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, inte
             min_tok = min_split_tokens or 256
             num_splits = 1
             base = batch * num_selected
-            while (base * num_splits < target and num_splits < 32
+            # The last split combines up to num_splits partials per head: more than 32 only
+            # pays when even 32 splits would leave most SMs idle (measured, see the notes).
+            max_splits = 64 if base * 32 < sm_count() else 32
+            while (base * num_splits < target and num_splits < max_splits
                    and seq_len // (2 * num_splits) >= max(min_tok, block_k)):
                 num_splits *= 2
     num_splits = next_pow2(max(1, int(num_splits)))
