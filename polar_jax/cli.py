@@ -31,29 +31,71 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _dense_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
 def _cmd_eval_perplexity(args) -> int:
+    import functools
+
     import jax.numpy as jnp
 
     from polar_jax.dtypes import default_compute_dtype, parse_dtype
     from polar_jax.evaluate import perplexity, read_text
     from polar_jax.loading import load_model, load_tokenizer
+    from polar_jax.sparsity import MaskedOps, SparsityPlan
+    from routers.model import load_routers
 
     text = read_text(args.text)
     dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+    if args.mode == "sparse" and not args.routers:
+        raise PolarJaxError("--mode sparse needs --routers DIR (trained by `polar-jax train-routers`)")
     start = time.perf_counter()
     config, model = load_model(args.model, dtype)
     tokenizer = load_tokenizer(args.model)
-    result = perplexity(model, config, tokenizer, text, seq_len=args.seq_len,
-                        max_tokens=args.max_tokens, batch_size=args.batch_size,
-                        progress=sys.stderr.isatty() and not args.json)
-    result.update(model=args.model, dtype=jnp.dtype(dtype).name,
+    routers = metadata = None
+    if args.routers:
+        routers, metadata = load_routers(args.routers, config)
+    run = functools.partial(perplexity, model, config, tokenizer, text, seq_len=args.seq_len,
+                            max_tokens=args.max_tokens, batch_size=args.batch_size,
+                            progress=sys.stderr.isatty() and not args.json)
+    if args.mode == "dense":
+        result = run()
+    else:
+        plan = SparsityPlan.build(config, metadata, args.attn_topk, args.dense_layers,
+                                  args.mlp_batch_size)
+        make_ops = lambda attend, routers: MaskedOps(attend, args.mode, plan, config.num_kv_heads,
+                                                     routers)
+        result = run(make_ops=make_ops, routers=routers)
+        result.update(attn_topk=args.attn_topk, dense_layers=list(args.dense_layers),
+                      mlp_batch_size=args.mlp_batch_size,
+                      mlp_neurons_per_layer=list(plan.mlp_neurons))
+        if args.with_dense:
+            result["dense_perplexity"] = run()["perplexity"]
+    result.update(mode=args.mode, model=args.model, dtype=jnp.dtype(dtype).name,
                   seq_len=args.seq_len, seconds=round(time.perf_counter() - start, 3))
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+        extra = "" if args.mode == "dense" else f" ({args.mode}, {args.attn_topk:g} of KV groups)"
+        print(f"perplexity {result['perplexity']:.4f}{extra} over {result['tokens']} tokens "
               f"({result['windows']} windows of {args.seq_len}, {result['dtype']}, "
               f"{result['seconds']:.1f} s)")
+        if "dense_perplexity" in result:
+            print(f"dense perplexity {result['dense_perplexity']:.4f}")
     return 0
 
 
@@ -76,9 +118,11 @@ def _cmd_generate(args) -> int:
     prompts = _read_prompts(args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p).validated()
     dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
-    decoder = Decoder.load(args.model, dtype)
+    decoder = Decoder.load(args.model, dtype, routers=args.routers, attn_topk=args.attn_topk,
+                           dense_layers=args.dense_layers)
     result = decoder.generate(prompts, args.max_new_tokens, sampling, args.seed, args.batch_size)
-    summary = {"tokens_per_second": round(result.tokens_per_second, 2),
+    summary = {"mode": "sparse" if decoder.sparse else "dense",
+               "tokens_per_second": round(result.tokens_per_second, 2),
                "batch_size": result.batch_size, "new_tokens": result.new_tokens,
                "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3)}
     for c in result.completions:
@@ -179,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step")
     ppl.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                      help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    ppl.add_argument("--routers", help="routers directory (for --mode sparse; its calibrated MLP k)")
+    ppl.add_argument("--mode", choices=["dense", "sparse", "oracle"], default="dense",
+                     help="sparse: the routers' groups and neurons; oracle: the true top-k groups "
+                          "by output norm and the truly active neurons")
+    ppl.add_argument("--attn-topk", type=_fraction, default=0.5, help="fraction of KV groups kept")
+    ppl.add_argument("--dense-layers", type=_dense_layers, default=(0,),
+                     help="comma-separated layers whose attention stays dense (default: 0)")
+    ppl.add_argument("--mlp-batch-size", type=_positive_int, default=1,
+                     help="use the MLP k calibrated for this decode batch size")
+    ppl.add_argument("--with-dense", action="store_true",
+                     help="also report the dense perplexity, for comparison")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(run=_cmd_eval_perplexity)
 
@@ -199,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompts decoded together (default: all)")
     gen.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                      help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    gen.add_argument("--routers", help="routers directory: decode with Polar Sparsity")
+    gen.add_argument("--attn-topk", type=_fraction, default=0.5,
+                     help="with --routers: fraction of KV groups each sequence reads")
+    gen.add_argument("--dense-layers", type=_dense_layers, default=(0,),
+                     help="with --routers: comma-separated layers whose attention stays dense")
     gen.add_argument("--json", action="store_true",
                      help="one JSON object per prompt, then a summary object")
     gen.set_defaults(run=_cmd_generate)

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,8 @@ from models import ModelConfig
 from models.layers import DenseOps, cached_attention, full_attention, init_kv_cache
 from polar_jax.errors import PolarJaxError
 from polar_jax.sampling import SamplingParams, next_token
+from polar_jax.sparsity import SparseDecodeOps, SparsityPlan
+from routers.model import Routers, load_routers
 
 PAD_ID = -1  # in output buffers, after a sequence has finished
 
@@ -86,34 +88,62 @@ def _available_bytes(device) -> int | None:
 class Decoder:
     """A model split once into graph and state, with compiled generate programs per bucket."""
 
-    def __init__(self, config: ModelConfig, model, tokenizer=None, eos_ids: Sequence[int] = ()):
+    def __init__(self, config: ModelConfig, model, tokenizer=None, eos_ids: Sequence[int] = (),
+                 routers: Routers | None = None,
+                 plan_for_batch: Callable[[int], SparsityPlan] | None = None):
+        """With `routers`, decoding is sparse: `plan_for_batch(batch_bucket)` gives each layer's
+        groups kept per sequence and MLP neurons kept for the batch. Prefill stays dense."""
+        if (routers is None) != (plan_for_batch is None):
+            raise ValueError("sparse decoding needs both routers and plan_for_batch")
         self.config = config
         self.tokenizer = tokenizer
         self.eos_ids = np.asarray(sorted(set(eos_ids)) or [PAD_ID], np.int32)
         self.graphdef, self.state = nnx.split(model)
         self.dtype = jax.tree.leaves(self.state)[0].dtype
+        self.router_graphdef = self.router_state = None
+        self.plan_for_batch = plan_for_batch
+        if routers is not None:
+            self.router_graphdef, state = nnx.split(routers)
+            self.router_state = jax.tree.map(lambda a: a.astype(self.dtype), state)
         self._compiled: dict[DecodeShape, jax.stages.Compiled] = {}
         self._kv_cache: dict[DecodeShape, list] = {}
         self._jitted = jax.jit(self._generate, static_argnames=("shape",),
                                donate_argnames=("kv_cache",))
 
     @classmethod
-    def load(cls, path: str, dtype=None) -> "Decoder":
+    def load(cls, path: str, dtype=None, routers: str | None = None, attn_topk: float = 0.5,
+             dense_layers: Sequence[int] = (0,)) -> "Decoder":
+        """The model at `path` (converted or Hugging Face), with the routers directory
+        `routers` for sparse decoding."""
         from polar_jax.loading import load_eos_ids, load_model, load_tokenizer
 
         config, model = load_model(path, dtype)
-        return cls(config, model, load_tokenizer(path), load_eos_ids(path))
+        router_module = plan_for_batch = None
+        if routers is not None:
+            router_module, metadata = load_routers(routers, config)
+            build = functools.partial(SparsityPlan.build, config, metadata, attn_topk,
+                                      tuple(dense_layers))
+            build(1)  # reject bad settings now, not at the first trace
+            plan_for_batch = lambda batch: build(mlp_batch_size=batch)
+        return cls(config, model, load_tokenizer(path), load_eos_ids(path), router_module,
+                   plan_for_batch)
+
+    @property
+    def sparse(self) -> bool:
+        return self.router_state is not None
 
     # -- the jitted program ------------------------------------------------------------------
 
-    def _generate(self, state, kv_cache, prompt_tokens, prompt_lengths, active, max_new,
-                  eos_ids, sampling: SamplingParams, key, *, shape: DecodeShape):
+    def _generate(self, state, router_state, kv_cache, prompt_tokens, prompt_lengths, active,
+                  max_new, eos_ids, sampling: SamplingParams, key, *, shape: DecodeShape):
         """Prefill, then decode until every active row hit EOS or `max_new` tokens.
 
         Returns generated ids `[B, shape.max_new]` (PAD_ID after the end), their counts `[B]`
         and the cache.
         """
         model = nnx.merge(self.graphdef, state)
+        routers = None if router_state is None else nnx.merge(self.router_graphdef, router_state)
+        plan = self.plan_for_batch(shape.batch) if routers is not None else None
         batch, prompt_len = prompt_tokens.shape
         rows = jnp.arange(batch)
         slots = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
@@ -134,7 +164,10 @@ class Decoder:
 
         def body(carry):
             step, token, lengths, finished, out, count, kv_cache = carry
-            ops = DenseOps(functools.partial(cached_attention, positions=lengths))
+            if routers is None:
+                ops = DenseOps(functools.partial(cached_attention, positions=lengths))
+            else:
+                ops = SparseDecodeOps(routers, plan, lengths, ~finished)
             x, kv_cache = model.hidden(token[:, None], lengths[:, None], ops, kv_cache)
             new = next_token(model.logits(x[:, 0]), sampling, jax.random.fold_in(key, step))
             out = out.at[:, step].set(jnp.where(finished, PAD_ID, new))
@@ -172,7 +205,7 @@ class Decoder:
             self._check_memory(shape)
             self._kv_cache[shape] = init_kv_cache(self.config, shape.batch, shape.cache_len, self.dtype)
             self._compiled[shape] = self._jitted.lower(
-                self.state, self._kv_cache[shape], *args, shape=shape).compile()
+                self.state, self.router_state, self._kv_cache[shape], *args, shape=shape).compile()
         return self._compiled[shape]
 
     def check_lengths(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
@@ -209,7 +242,8 @@ class Decoder:
         program = self._program(shape, args)
         compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        out, count, self._kv_cache[shape] = program(self.state, self._kv_cache[shape], *args)
+        out, count, self._kv_cache[shape] = program(self.state, self.router_state,
+                                                    self._kv_cache[shape], *args)
         out, count = np.asarray(out), np.asarray(count)
         seconds = time.perf_counter() - start
         return [out[i, :count[i]].tolist() for i in range(len(prompts))], seconds, compile_seconds
@@ -244,9 +278,11 @@ class Decoder:
 def generate(model: str | Decoder, prompts: Sequence[str | Sequence[int]], *,
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, batch_size: int | None = None,
-             dtype=None) -> GenerationOutput:
+             dtype=None, routers: str | None = None, attn_topk: float = 0.5) -> GenerationOutput:
     """Generates completions for `prompts` with the model at `model` (a converted or Hugging
-    Face directory) or an existing `Decoder`. Greedy unless `temperature > 0`."""
-    decoder = model if isinstance(model, Decoder) else Decoder.load(model, dtype)
+    Face directory) or an existing `Decoder`. Greedy unless `temperature > 0`; sparse with a
+    `routers` directory."""
+    decoder = (model if isinstance(model, Decoder)
+               else Decoder.load(model, dtype, routers=routers, attn_topk=attn_topk))
     return decoder.generate(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p),
                             seed, batch_size)

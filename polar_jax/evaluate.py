@@ -8,6 +8,7 @@ perplexity = exp(mean negative log-likelihood).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from models.layers import DenseOps, full_attention, positions_from_mask
 from polar_jax.errors import PolarJaxError
 
 
@@ -44,25 +46,34 @@ def make_windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]
     return tokens, mask
 
 
-def _nll_fn(model):
-    """A jitted `(state, tokens, mask) -> (sum of NLL, scored count)` over the model's state."""
+def _nll_fn(model, make_ops=None, routers=None):
+    """A jitted `(tokens, mask) -> (sum of NLL, scored count)` over the model's state.
+
+    `make_ops(attend, routers)` builds the blocks' ops (default: dense); `routers` is passed
+    to the jitted function as an argument, not baked in as a constant.
+    """
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def nll(state, tokens, mask):
-        logits = nnx.merge(graphdef, state)(tokens, mask)[:, :-1]
+    def nll(state, routers, tokens, mask):
+        model = nnx.merge(graphdef, state)
+        attend = functools.partial(full_attention, key_valid=mask)
+        ops = DenseOps(attend) if make_ops is None else make_ops(attend, routers)
+        x, _ = model.hidden(tokens, positions_from_mask(mask), ops)
+        logits = model.logits(x[:, :-1])
         targets = tokens[:, 1:]
         scored = mask[:, 1:].astype(bool)
         logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         token_nll = jax.nn.logsumexp(logits, axis=-1) - logp
         return jnp.sum(jnp.where(scored, token_nll, 0.0)), jnp.sum(scored)
 
-    return lambda tokens, mask: nll(state, tokens, mask)
+    return lambda tokens, mask: nll(state, routers, tokens, mask)
 
 
 def perplexity(model, config, tokenizer, text: str, seq_len: int = 512, max_tokens: int | None = None,
-               batch_size: int = 8, progress: bool = False) -> dict:
-    """{"perplexity", "nll" (mean), "tokens" (scored count), "windows"} for `text`."""
+               batch_size: int = 8, progress: bool = False, make_ops=None, routers=None) -> dict:
+    """{"perplexity", "nll" (mean), "tokens" (scored count), "windows"} for `text`; the blocks
+    run through `make_ops(attend, routers)` when given (sparse and oracle evaluation)."""
     if seq_len < 2:
         raise PolarJaxError(f"--seq-len must be at least 2, got {seq_len}")
     if config.model_type == "opt" and seq_len > config.max_position_embeddings:
@@ -82,7 +93,7 @@ def perplexity(model, config, tokenizer, text: str, seq_len: int = 512, max_toke
     pad = -len(tokens) % batch_size  # whole batches only: one compiled shape
     tokens = np.concatenate([tokens, np.zeros((pad, seq_len), np.int32)])
     mask = np.concatenate([mask, np.zeros((pad, seq_len), np.int32)])
-    nll = _nll_fn(model)
+    nll = _nll_fn(model, make_ops, routers)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(tokens), batch_size), desc="windows", unit="batch",
                       disable=not progress):

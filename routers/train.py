@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from models import ModelConfig
 from routers.collect import Collected
-from routers.model import Routers, batch_neuron_scores
+from routers.model import Routers, batch_neuron_scores, topk_mask
 
 F32 = jnp.float32
 CALIBRATION_BATCH_SIZES = tuple(2**i for i in range(10))  # 1 ... 512
@@ -64,12 +64,6 @@ def _unpack(active, n: int):
     return jnp.unpackbits(active, axis=-1)[..., :n].astype(bool)
 
 
-def _topk_mask(scores, k: int):
-    """Boolean mask of the k largest entries along the last axis."""
-    _, idx = jax.lax.top_k(scores, k)
-    return jnp.sum(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.int32), axis=-2) > 0
-
-
 def _weighted_bce(logits, labels, neg_weight):
     """Mean over tokens and outputs of BCE with positives weighted 1, negatives `neg_weight`."""
     pos = -jax.nn.log_sigmoid(logits)
@@ -94,7 +88,7 @@ class _Trainer:
     def _loss_impl(self, params, batch):
         routers = nnx.merge(self.graphdef, params)
         u = batch["u"].astype(F32)  # routers train in float32; the data is stored in bf16
-        labels = _topk_mask(batch["group_norm"], self.k)
+        labels = topk_mask(batch["group_norm"], self.k)
         loss = _weighted_bce(routers.attn_scores(u), labels, self.attn_neg_weight)
         if routers.has_mlp:
             active = _unpack(batch["active"], self.config.mlp_dim)
@@ -230,8 +224,8 @@ def evaluate(routers: Routers, config: ModelConfig, data: Collected, attn_topk: 
 
     @jax.jit
     def hits(batch):
-        router_top = _topk_mask(routers.attn_scores(batch["u"]), k)
-        oracle_top = _topk_mask(batch["group_norm"], k)
+        router_top = topk_mask(routers.attn_scores(batch["u"]), k)
+        oracle_top = topk_mask(batch["group_norm"], k)
         out = {"attn": jnp.sum(router_top & oracle_top, axis=(1, 2))}
         if mlp_topk_batch1 is not None:
             active = _unpack(batch["active"], n)

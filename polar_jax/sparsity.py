@@ -1,0 +1,140 @@
+"""Polar Sparsity execution: routers choose, per layer, the KV groups each sequence reads and
+the MLP neurons the batch computes.
+
+Two executions of the same selection rule:
+- `SparseDecodeOps`: the decode step, through the Pallas kernels (`sparse_decode_attention`,
+  `selective_mlp`); prefill stays dense.
+- `MaskedOps`: full-sequence evaluation (`mode="sparse"` with the routers, `mode="oracle"` with
+  the true top-k groups and the true active neurons): unselected groups' attention outputs are
+  zeroed and unselected neurons' activations dropped, which computes exactly what the kernels
+  compute, so perplexity measured here is the decode path's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from models import ModelConfig
+from models.layers import F32, DenseOps, MLP
+from pallas_kernels import selective_mlp, sparse_decode_attention
+from polar_jax.errors import PolarJaxError
+from routers.model import Routers, batch_neuron_scores, topk_mask
+from routers.train import groups_to_keep
+
+DENSE_MLP_FRACTION = 0.8  # at k >= 0.8 N the dense MLP is as fast; use it
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityPlan:
+    """Static per-layer choices: groups kept per sequence (None: all) and MLP neurons kept
+    (None: dense MLP)."""
+
+    attn_groups: tuple[int | None, ...]
+    mlp_neurons: tuple[int | None, ...]
+
+    @classmethod
+    def build(cls, config: ModelConfig, metadata: dict | None, attn_topk: float,
+              dense_layers=(0,), mlp_batch_size: int | None = 1) -> "SparsityPlan":
+        """From a routers directory's metadata: k groups per layer from `attn_topk`, and the MLP
+        k calibrated for `mlp_batch_size` (the nearest calibrated size at or above it)."""
+        if not 0 < attn_topk <= 1:
+            raise PolarJaxError(f"--attn-topk must be in (0, 1], got {attn_topk}")
+        bad = [i for i in dense_layers if not 0 <= i < config.num_layers]
+        if bad:
+            raise PolarJaxError(f"dense layers {bad} out of range: the model has {config.num_layers} layers")
+        k = groups_to_keep(attn_topk, config.num_kv_heads)
+        attn = tuple(None if i in dense_layers or k == config.num_kv_heads else k
+                     for i in range(config.num_layers))
+        mlp: tuple[int | None, ...] = (None,) * config.num_layers
+        table = (metadata or {}).get("mlp_topk")
+        if table and mlp_batch_size is not None and not config.gated_mlp:
+            sizes = sorted(int(b) for b in table)
+            size = next((b for b in sizes if b >= mlp_batch_size), sizes[-1])
+            mlp = tuple(None if n >= DENSE_MLP_FRACTION * config.mlp_dim else int(n)
+                        for n in table[str(size)])
+        return cls(attn, mlp)
+
+    @property
+    def is_dense(self) -> bool:
+        return all(k is None for k in self.attn_groups + self.mlp_neurons)
+
+
+class SparseDecodeOps(DenseOps):
+    """One decode step (T = 1) with the sparse kernels. Every group's K/V is written to the
+    cache (later tokens may select any group); each row then reads only its selected groups."""
+
+    def __init__(self, routers: Routers, plan: SparsityPlan, positions, active):
+        super().__init__(None)
+        self.routers, self.plan = routers, plan
+        self.positions, self.active = positions, active
+
+    def attention(self, layer, u, q, k, v, kv, window):
+        rows = jnp.arange(q.shape[0])
+        kv = tuple(c.at[rows, :, self.positions].set(x[:, 0].astype(c.dtype))
+                   for c, x in zip(kv, (k, v)))
+        group_idx = None
+        if self.plan.attn_groups[layer] is not None:
+            scores = self.routers.attn_scores(u[:, 0], layer)
+            group_idx = jax.lax.top_k(scores, self.plan.attn_groups[layer])[1].astype(jnp.int32)
+        o = sparse_decode_attention(q[:, 0], kv[0], kv[1], self.positions + 1, group_idx,
+                                    sliding_window=window)
+        return o[:, None], kv
+
+    def mlp(self, layer, u, x, mlp: MLP):
+        keep = self.plan.mlp_neurons[layer]
+        if keep is None:
+            return mlp(x)
+        logits = self.routers.mlp_scores(u[:, 0], layer)
+        scores = batch_neuron_scores(logits, axis=0, where=self.active[:, None])
+        neuron_idx = jax.lax.top_k(scores, keep)[1].astype(jnp.int32)
+        param = lambda p: None if p is None else p[...]
+        y = selective_mlp(x[:, 0], param(mlp.w_in), param(mlp.b_in), param(mlp.w_out),
+                          param(mlp.b_out), neuron_idx, activation=mlp.activation)
+        return y[:, None]
+
+
+class MaskedOps(DenseOps):
+    """Full-sequence evaluation that zeroes what the sparse decode path would not compute.
+
+    mode "sparse": each position keeps its router's top-k groups and (non-gated MLPs) the top-k
+    neurons of its own router scores, k calibrated for the plan's batch size. mode "oracle":
+    the top-k groups by true attention-output norm and the truly active neurons.
+    """
+
+    def __init__(self, attend, mode: str, plan: SparsityPlan, num_kv_heads: int,
+                 routers: Routers | None = None):
+        super().__init__(attend)
+        if mode not in ("sparse", "oracle"):
+            raise PolarJaxError(f"unknown sparsity mode {mode!r}; choose dense, sparse or oracle")
+        if mode == "sparse" and routers is None:
+            raise PolarJaxError("--mode sparse needs --routers")
+        self.mode, self.plan, self.routers, self.num_kv_heads = mode, plan, routers, num_kv_heads
+
+    def attention(self, layer, u, q, k, v, kv, window):
+        o, kv = self.attend(q, k, v, kv, window)
+        keep = self.plan.attn_groups[layer]
+        if keep is None:
+            return o, kv
+        b, t, hq, d = o.shape
+        grouped = o.reshape(b, t, self.num_kv_heads, (hq // self.num_kv_heads) * d)
+        if self.mode == "sparse":
+            scores = self.routers.attn_scores(u, layer)
+        else:
+            scores = jnp.sum(jnp.square(grouped.astype(F32)), axis=-1)
+        selected = topk_mask(scores, keep)  # [B, T, Hkv]
+        o = jnp.where(selected[..., None], grouped, 0).reshape(b, t, hq, d)
+        return o, kv
+
+    def mlp(self, layer, u, x, mlp: MLP):
+        keep = self.plan.mlp_neurons[layer]
+        if keep is None:
+            return mlp(x)
+        if self.mode == "oracle":
+            h = mlp.hidden(x)
+            return mlp.project_out(jnp.where(h > 0, h, 0.0), x.dtype)
+        scores = batch_neuron_scores(self.routers.mlp_scores(u, layer)[..., None, :], axis=-2)
+        h = mlp.hidden(x)
+        return mlp.project_out(jnp.where(topk_mask(scores, keep), h, 0.0), x.dtype)
