@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import warnings
 from pathlib import Path
@@ -30,3 +33,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def trained_routers(tmp_path_factory):
+    """`trained_routers(name)` -> (metrics, routers dir): `polar-jax train-routers` on a fixture
+    with the first 60,000 tokens of WikiText-2 valid, run once per session per fixture."""
+    from polar_jax.cli import main
+
+    cache: dict[str, tuple[dict, Path]] = {}
+
+    def train(name: str):
+        if name not in cache:
+            model = shared_path("fixtures", name)
+            text = shared_path("data", "wikitext2_valid.txt")
+            out = tmp_path_factory.mktemp(name) / "routers"
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                assert main(["train-routers", "--model", str(model), "--text", str(text),
+                             "--max-tokens", "60000", "--out", str(out), "--json"]) == 0
+            cache[name] = json.loads(buffer.getvalue().strip().splitlines()[-1]), out
+        return cache[name]
+
+    return train

@@ -14,7 +14,6 @@ import torch
 import transformers
 
 from conftest import shared_path
-from polar_jax.cli import main
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import load_model
 from routers.collect import Collected, collect
@@ -118,29 +117,14 @@ def test_calibration_against_brute_force(tmp_path):
             assert table[batch_size][layer] == best
 
 
-def _train(name: str, tmp_path_factory) -> tuple[dict, Path]:
-    model = shared_path("fixtures", name)
-    text = shared_path("data", "wikitext2_valid.txt")
-    out = tmp_path_factory.mktemp(name) / "routers"
-    argv = ["train-routers", "--model", str(model), "--text", str(text), "--max-tokens", "60000",
-            "--out", str(out), "--json"]
-    import contextlib
-    import io
-
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        assert main(argv) == 0
-    return json.loads(buffer.getvalue().strip().splitlines()[-1]), out
+@pytest.fixture(scope="module")
+def opt_routers(trained_routers):
+    return trained_routers("tiny-opt")
 
 
 @pytest.fixture(scope="module")
-def opt_routers(tmp_path_factory):
-    return _train("tiny-opt", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def llama_routers(tmp_path_factory):
-    return _train("tiny-llama", tmp_path_factory)
+def llama_routers(trained_routers):
+    return trained_routers("tiny-llama")
 
 
 def test_tiny_llama_attention_recall(llama_routers):

@@ -1,0 +1,128 @@
+"""Polar Sparsity end to end: the kernel decode path against dense decode, teacher-forced
+decode against the masked evaluation, and perplexity bounds on the fixtures."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+
+from conftest import shared_path
+from models.layers import DenseOps, cached_attention, full_attention, init_kv_cache
+from polar_jax.cli import main
+from polar_jax.decode import Decoder
+from polar_jax.loading import load_model
+from polar_jax.sparsity import MaskedOps, SparseDecodeOps, SparsityPlan
+from routers.model import Routers
+from test_model_parity import VARIANTS, _randomize
+
+
+def _random_model(name: str, tmp_path_factory):
+    config_cls, model_cls, kwargs = VARIANTS[name]
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    _randomize(hf, seed=int(np.random.default_rng().integers(1 << 30)))
+    src = tmp_path_factory.mktemp(name) / "hf"
+    hf.save_pretrained(src)
+    config, model = load_model(str(src), dtype=jnp.float32)
+    routers = Routers.for_model(config, mlp_rank=32, seed=int(np.random.default_rng().integers(1 << 30)))
+    return config, model, routers
+
+
+@pytest.fixture(scope="module", params=["opt-pre-ln", "mistral-sliding-window"])
+def random_model(request, tmp_path_factory):
+    return _random_model(request.param, tmp_path_factory)
+
+
+def _teacher_forced(model, config, tokens, make_ops):
+    """Log-probabilities `[T, V]` of a batch-1 sequence decoded one token at a time from an
+    empty cache, every step through `make_ops(positions, active)`."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, token, position, kv_cache):
+        m = nnx.merge(graphdef, state)
+        ops = make_ops(position[None], jnp.ones((1,), bool))
+        x, kv_cache = m.hidden(token[None, None], position[None, None], ops, kv_cache)
+        return jax.nn.log_softmax(m.logits(x[0, 0])), kv_cache
+
+    kv_cache = init_kv_cache(config, 1, 128, jnp.float32)
+    out = []
+    for position, token in enumerate(tokens):
+        logp, kv_cache = step(state, jnp.int32(token), jnp.int32(position), kv_cache)
+        out.append(np.asarray(logp))
+    return np.stack(out)
+
+
+def _full_plan(config):
+    """Sparse code path with nothing left out: every group, every neuron (through the kernels)."""
+    return SparsityPlan((None,) * config.num_layers,
+                        (None if config.gated_mlp else config.mlp_dim,) * config.num_layers)
+
+
+def test_sparse_path_with_everything_kept_equals_dense(random_model):
+    config, model, routers = random_model
+    tokens = np.random.default_rng().integers(0, config.vocab_size, size=40)
+    dense = _teacher_forced(model, config, tokens,
+                            lambda pos, active: DenseOps(functools.partial(cached_attention, positions=pos)))
+    sparse = _teacher_forced(model, config, tokens,
+                             lambda pos, active: SparseDecodeOps(routers, _full_plan(config), pos, active))
+    # float32: within 1e-5 of the largest logit (the kernels sum in another order than XLA)
+    np.testing.assert_allclose(sparse, dense, atol=1e-5 * np.abs(dense).max(), rtol=0)
+    # The same through the whole generation loop: identical tokens.
+    prompts = [np.random.default_rng().integers(0, config.vocab_size, size=n).tolist() for n in (5, 13, 2)]
+    plain = Decoder(config, model).generate(prompts, 12)
+    kernels = Decoder(config, model, routers=routers,
+                      plan_for_batch=lambda batch: _full_plan(config)).generate(prompts, 12)
+    assert [c.tokens for c in kernels.completions] == [c.tokens for c in plain.completions]
+
+
+def test_teacher_forced_decode_equals_sparse_evaluation(random_model):
+    """The decode path (Pallas kernels, interpret mode on CPU) and the masked evaluation give
+    the same next-token log-probabilities at every position."""
+    config, model, routers = random_model
+    plan = SparsityPlan.build(config, {"mlp_topk": {"1": [config.mlp_dim // 4] * config.num_layers}},
+                              attn_topk=0.5, dense_layers=(0,), mlp_batch_size=1)
+    assert any(k is not None for k in plan.attn_groups)
+    assert config.gated_mlp or all(k == config.mlp_dim // 4 for k in plan.mlp_neurons)
+    tokens = np.random.default_rng().integers(0, config.vocab_size, size=48)
+    decoded = _teacher_forced(model, config, tokens,
+                              lambda pos, active: SparseDecodeOps(routers, plan, pos, active))
+    mask = jnp.ones((1, len(tokens)), jnp.int32)
+    ops = MaskedOps(functools.partial(full_attention, key_valid=mask), "sparse", plan,
+                    config.num_kv_heads, routers)
+    x, _ = model.hidden(jnp.asarray(tokens)[None], jnp.arange(len(tokens))[None], ops)
+    evaluated = np.asarray(jax.nn.log_softmax(model.logits(x[0])))
+    np.testing.assert_allclose(decoded, evaluated, atol=1e-4, rtol=0)
+    dense = np.asarray(jax.nn.log_softmax(model(jnp.asarray(tokens)[None], mask)[0]))
+    assert np.abs(dense - evaluated).max() > 1e-2  # the sparsity did change something
+
+
+def _eval(name: str, routers_dir, mode: str, topk: float = 0.5) -> dict:
+    buffer = io.StringIO()
+    argv = ["eval", "perplexity", "--model", str(shared_path("fixtures", name)), "--text",
+            str(shared_path("data", "wikitext2_test.txt")), "--max-tokens", "65536",
+            "--dtype", "float32", "--mode", mode, "--attn-topk", str(topk), "--json"]
+    if routers_dir is not None:
+        argv += ["--routers", str(routers_dir)]
+    with contextlib.redirect_stdout(buffer):
+        assert main(argv) == 0
+    return json.loads(buffer.getvalue().strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name, bound", [("tiny-llama", 1.14), ("tiny-opt", 1.20)])
+def test_fixture_sparse_perplexity_bounds(name, bound, trained_routers):
+    _, routers_dir = trained_routers(name)
+    dense = _eval(name, None, "dense")["perplexity"]
+    sparse = _eval(name, routers_dir, "sparse")
+    oracle = _eval(name, routers_dir, "oracle")
+    assert sparse["tokens"] == oracle["tokens"] == 65408
+    assert oracle["perplexity"] <= sparse["perplexity"] <= bound * dense
+    assert sparse["mode"] == "sparse" and sparse["attn_topk"] == 0.5
