@@ -4,7 +4,8 @@ The whole generation (prefill and every decode step) is one jitted program, so a
 around it measures the device. The time per decode step is the difference between runs with
 N and N/2 + 1 new tokens (the same compiled program: the count is a traced value) divided by
 the steps between them, so prefill and transfers cancel out. EOS is disabled, so every
-sequence decodes all N tokens; prompts are real text.
+sequence decodes all N tokens; prompts are real text. With routers, the same prompts are
+decoded sparsely at each fraction of groups, and the greedy tokens compared with dense.
 """
 
 from __future__ import annotations
@@ -21,47 +22,80 @@ import numpy as np
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "demo" / "data" / "wikitext2_test.txt"
 
 
-def _median_seconds(decoder, prompts, new_tokens: int, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        decoder.generate_ids(prompts, new_tokens)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _measure(decoder, prompts, new_tokens: int, repeats: int) -> dict:
+    """Times of the whole program at N and N/2 + 1 new tokens (one compiled program)."""
+
+    def median_seconds(count: int) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            decoder.generate_ids(prompts, count)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    start = time.perf_counter()
+    tokens, _, _ = decoder.generate_ids(prompts, new_tokens)  # compiles, and warms up
+    first_call = time.perf_counter() - start
+    half = new_tokens // 2 + 1
+    full, short = median_seconds(new_tokens), median_seconds(half)
+    step = (full - short) / (new_tokens - half)
+    batch = len(prompts)
+    return {"tokens": tokens, "first_call_s": round(first_call, 3), "generate_s": round(full, 5),
+            "tokens_per_second": round(batch * new_tokens / full, 1),
+            "decode_step_ms": round(step * 1e3, 4),
+            "decode_tokens_per_second": round(batch / step, 1)}
 
 
-def run(model: str, batch_size: int, new_tokens: int, prompt_len: int, dtype, repeats: int,
-        text: Path) -> dict:
+def run(model: str, routers: str | None, attn_topks: list[float], batch_size: int,
+        new_tokens: int, prompt_len: int, dtype, repeats: int, text: Path) -> list[dict]:
+    """Dense, then sparse at each fraction of groups (with `routers`), on the same prompts."""
     from polar_jax.decode import Decoder
     from polar_jax.loading import load_model, load_tokenizer
+    from polar_jax.sparsity import SparsityPlan
+    from routers.model import load_routers
 
     config, params = load_model(model, dtype)
     tokenizer = load_tokenizer(model)
-    decoder = Decoder(config, params, tokenizer, eos_ids=[])
     ids = np.asarray(tokenizer(text.read_text()[:2_000_000], add_special_tokens=False)["input_ids"])
     starts = np.random.default_rng(0).integers(0, len(ids) - prompt_len, size=batch_size)
     prompts = [ids[s:s + prompt_len].tolist() for s in starts]
-    half = new_tokens // 2 + 1
-    start = time.perf_counter()
-    decoder.generate_ids(prompts, new_tokens)  # compiles, and warms up
-    first_call = time.perf_counter() - start
-    full = _median_seconds(decoder, prompts, new_tokens, repeats)
-    short = _median_seconds(decoder, prompts, half, repeats)
-    step = (full - short) / (new_tokens - half)
-    return {
-        "model": model, "model_type": config.model_type, "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__, "dtype": np.dtype(decoder.dtype).name, "batch_size": batch_size,
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-        "first_call_s": round(first_call, 3), "generate_s": round(full, 5),
-        "tokens_per_second": round(batch_size * new_tokens / full, 1),
-        "decode_step_ms": round(step * 1e3, 4),
-        "decode_tokens_per_second": round(batch_size / step, 1),
-    }
+    base = {"model": model, "model_type": config.model_type, "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__, "batch_size": batch_size, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "repeats": repeats}
+    dense = Decoder(config, params, tokenizer, eos_ids=[])
+    rows = [dict(base, mode="dense", dtype=np.dtype(dense.dtype).name,
+                 **_measure(dense, prompts, new_tokens, repeats))]
+    if routers is not None:
+        router_module, metadata = load_routers(routers, config)
+        for fraction in attn_topks:
+            plan = lambda batch, f=fraction: SparsityPlan.build(config, metadata, f, (0,), batch)
+            sparse = Decoder(config, params, tokenizer, eos_ids=[], routers=router_module,
+                             plan_for_batch=plan)
+            row = dict(base, mode="sparse", attn_topk=fraction, dtype=rows[0]["dtype"],
+                       mlp_neurons_per_layer=list(plan(_bucket(batch_size)).mlp_neurons),
+                       **_measure(sparse, prompts, new_tokens, repeats))
+            same = [a == b for a, b in zip(row["tokens"], rows[0]["tokens"])]
+            row["sequences_equal_to_dense"] = f"{sum(same)}/{len(same)}"
+            row["speedup_vs_dense"] = round(rows[0]["decode_step_ms"] / row["decode_step_ms"], 3)
+            rows.append(row)
+    for row in rows:
+        del row["tokens"]
+    return rows
+
+
+def _bucket(batch: int) -> int:
+    from polar_jax.decode import bucket_shape
+
+    return bucket_shape(batch, 1, 1).batch
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m polar_jax.bench generate", description=__doc__)
     parser.add_argument("--model", action="append", required=True, help="model directory (repeatable)")
+    parser.add_argument("--routers", action="append", default=[],
+                        help="routers directory of the --model at the same position (repeatable; "
+                             "'-' for none): adds sparse rows")
+    parser.add_argument("--attn-topk", default="0.5", help="comma-separated fractions of groups")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -70,17 +104,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="where prompts come from")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    if args.routers and len(args.routers) != len(args.model):
+        parser.error("give one --routers (or '-') per --model")
     from polar_jax.dtypes import default_compute_dtype, parse_dtype
 
     dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
-    rows = [run(m, args.batch_size, args.new_tokens, args.prompt_len, dtype, args.repeats, args.text)
-            for m in args.model]
-    print(f"{'model':<28} {'dtype':<9} {'batch':>5} {'new':>4} {'tok/s':>10} {'step ms':>8} "
-          f"{'decode tok/s':>12} {'1st call s':>10}")
+    fractions = [float(f) for f in args.attn_topk.split(",")]
+    routers = [None if r == "-" else r for r in args.routers] or [None] * len(args.model)
+    rows = []
+    for model, router in zip(args.model, routers):
+        rows += run(model, router, fractions, args.batch_size, args.new_tokens, args.prompt_len,
+                    dtype, args.repeats, args.text)
+    print(f"{'model':<14} {'mode':<13} {'dtype':<9} {'batch':>5} {'new':>4} {'tok/s':>10} "
+          f"{'step ms':>8} {'decode tok/s':>12} {'vs dense':>8} {'same tokens':>11} {'1st call s':>10}")
     for r in rows:
-        print(f"{Path(r['model']).name:<28} {r['dtype']:<9} {r['batch_size']:>5} {r['new_tokens']:>4} "
-              f"{r['tokens_per_second']:>10.1f} {r['decode_step_ms']:>8.3f} "
-              f"{r['decode_tokens_per_second']:>12.1f} {r['first_call_s']:>10.2f}")
+        mode = r["mode"] if r["mode"] == "dense" else f"sparse {r['attn_topk']:g}"
+        print(f"{Path(r['model']).name:<14} {mode:<13} {r['dtype']:<9} {r['batch_size']:>5} "
+              f"{r['new_tokens']:>4} {r['tokens_per_second']:>10.1f} {r['decode_step_ms']:>8.3f} "
+              f"{r['decode_tokens_per_second']:>12.1f} {r.get('speedup_vs_dense', 1.0):>8.2f} "
+              f"{r.get('sequences_equal_to_dense', '-'):>11} {r['first_call_s']:>10.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
