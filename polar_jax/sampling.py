@@ -41,7 +41,8 @@ def _filtered_logits(logits, params: SamplingParams):
     ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
     # Nucleus: the smallest prefix of the ranking whose probability reaches top_p.
-    kept = ((jnp.cumsum(probs, axis=-1) - probs) < params.top_p) & (jnp.arange(vocab) < k)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # float32 sums can pass 1: top_p 1 keeps all
+    kept = ((mass_before < params.top_p) | (params.top_p >= 1.0)) & (jnp.arange(vocab) < k)
     cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
