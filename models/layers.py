@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.activations import get_activation
+from pallas_kernels.sparse_attention import sparse_decode_attention
 
 F32 = jnp.float32
 _MASKED = -1e30
@@ -208,7 +209,10 @@ def cached_attention(q, k, v, kv, window, *, positions):
     """One new token per sequence (T = 1): written at `positions [B]`, then attends the cache."""
     rows = jnp.arange(q.shape[0])
     kv = tuple(c.at[rows, :, positions].set(x[:, 0].astype(c.dtype)) for c, x in zip(kv, (k, v)))
-    o = decode_attention(q[:, 0], kv[0], kv[1], positions + 1, window)
+    if jax.default_backend() == "gpu":  # the Pallas kernel, all groups: reads only up to each length
+        o = sparse_decode_attention(q[:, 0], kv[0], kv[1], positions + 1, sliding_window=window)
+    else:
+        o = decode_attention(q[:, 0], kv[0], kv[1], positions + 1, window)
     return o[:, None], kv
 
 

@@ -126,3 +126,14 @@ def test_fixture_sparse_perplexity_bounds(name, bound, trained_routers):
     assert sparse["tokens"] == oracle["tokens"] == 65408
     assert oracle["perplexity"] <= sparse["perplexity"] <= bound * dense
     assert sparse["mode"] == "sparse" and sparse["attn_topk"] == 0.5
+
+
+def test_bench_decode_smoke(tmp_path, capsys):
+    """`polar-jax bench decode --arch tiny --steps 2` runs the dense and sparse decode loops
+    (kernels in interpret mode) and writes its rows; no timing is asserted."""
+    out = tmp_path / "rows.json"
+    assert main(["bench", "decode", "--arch", "tiny", "--steps", "2", "--repeats", "1",
+                 "--attn-topk", "0.5", "--mlp-density", "0.5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
+    assert all(r["roofline_speedup"] >= 1.0 and r["mlp_neurons"] == 128 for r in rows)

@@ -13,6 +13,7 @@ import sys
 _SUBCOMMANDS = {
     "kernels": ("polar_jax.bench.kernels", "the Pallas kernels against dense baselines"),
     "generate": ("polar_jax.bench.generate", "end-to-end batched generation of a real model"),
+    "decode": ("polar_jax.bench.decode", "decode steps at real model shapes: dense, sparse, roofline"),
 }
 
 

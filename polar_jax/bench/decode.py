@@ -1,0 +1,348 @@
+"""`polar-jax bench decode`: decode throughput at real model shapes, dense vs Polar Sparsity
+vs the memory roofline.
+
+For each batch size and context length: random weights of the architecture's exact Hugging
+Face shapes (a step's time does not depend on their values), random routers, a KV cache
+filled with random values up to the context length; then N greedy decode steps inside one
+jitted `fori_loop`, timed as `(t(2N) - t(N)) / N` (median of repeats), so dispatch and the
+first call's compilation cancel. One KV cache per batch size serves every context length (the
+attention stops at each row's length), so contexts never recompile. The roofline is the bytes a step must read divided by the
+copy bandwidth measured in the same run: all weights and the whole KV cache for dense; the
+attention and router weights, the selected MLP rows and the selected KV groups for sparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048,
+            activation_function="relu", do_layer_norm_before=True)
+_LLAMA = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False)
+ARCHS = {
+    "tiny": dict(_OPT, vocab_size=512, hidden_size=64, ffn_dim=256, num_hidden_layers=2,
+                 num_attention_heads=4),
+    "opt-6.7b": dict(_OPT, hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32),
+    "opt-13b": dict(_OPT, hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40),
+    "opt-30b": dict(_OPT, hidden_size=7168, ffn_dim=28672, num_hidden_layers=48, num_attention_heads=56),
+    "llama-2-7b": dict(_LLAMA, vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rope_theta=10000.0),
+    "llama-3-8b": dict(_LLAMA, vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-3.1-70b": dict(_LLAMA, vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                          max_position_embeddings=131072,
+                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                            high_freq_factor=4.0,
+                                            original_max_position_embeddings=8192),
+                          rope_theta=500000.0),
+    "qwen2-7b": dict(_LLAMA, model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                     intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
+                     rms_norm_eps=1e-6),
+    "mistral-7b": dict(_LLAMA, model_type="mistral", vocab_size=32000, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=32768, sliding_window=4096,
+                       rope_theta=10000.0),
+}
+
+
+def arch_config(name: str, max_len: int, layers: int | None = None):
+    """The frozen config of a built-in architecture (positions stretched to cover `max_len`:
+    the benchmark times steps, it does not need the model to be trained there)."""
+    from models import config_from_hf
+
+    hf = dict(ARCHS[name])
+    hf["max_position_embeddings"] = max(hf["max_position_embeddings"], max_len)
+    if layers:
+        hf["num_hidden_layers"] = min(layers, hf["num_hidden_layers"])
+    return config_from_hf(hf)
+
+
+def random_state(config, dtype, seed: int = 0):
+    """(graphdef, state) of the model with random-normal parameters made on the device."""
+    from models import build_model
+
+    graphdef, abstract = nnx.split(build_model(config, dtype))
+    leaves, treedef = jax.tree.flatten(abstract)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    make = jax.jit(lambda key, shape: jax.random.normal(key, shape, dtype) * 0.02,
+                   static_argnums=1)
+    return graphdef, jax.tree.unflatten(treedef, [make(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def _bytes(tree) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass
+class StepBytes:
+    dense: int
+    sparse: int
+
+
+def step_bytes(config, state, router_state, plan, batch: int, context: int, itemsize: int) -> StepBytes:
+    """Bytes one decode step must read, dense and sparse."""
+    params = nnx.to_pure_dict(state)
+    weights = _bytes(params)
+    if "pos_embed" in params:  # learned positions: only the batch's rows are read
+        weights -= _bytes(params["pos_embed"])
+    kv_layer = 2 * batch * config.num_kv_heads * context * config.head_dim * itemsize
+    dense = weights + config.num_layers * kv_layer
+    sparse = weights + (0 if router_state is None else _bytes(router_state))
+    for layer in range(config.num_layers):
+        groups = plan.attn_groups[layer] if plan else None
+        sparse += kv_layer * (1 if groups is None else groups / config.num_kv_heads)
+        neurons = plan.mlp_neurons[layer] if plan else None
+        if neurons is not None:
+            mlp = params["layers"][layer]["mlp"]
+            rows = _bytes([mlp["w_in"], mlp["w_out"]] + ([mlp["w_gate"]] if "w_gate" in mlp else []))
+            sparse -= rows * (1 - neurons / config.mlp_dim)
+    return StepBytes(int(dense), int(sparse))
+
+
+def make_decode_loop(graphdef, router_graphdef, plan):
+    """Jitted `(state, router_state, kv_cache, tokens, lengths, n) -> (tokens, kv_cache)`: n
+    greedy decode steps (dense when `plan` is None) in one `fori_loop`, the cache donated."""
+    from models.layers import DenseOps, cached_attention
+    from polar_jax.sparsity import SparseDecodeOps
+
+    @functools.partial(jax.jit, donate_argnums=(2,))
+    def run(state, router_state, kv_cache, tokens, lengths, n):
+        model = nnx.merge(graphdef, state)
+        routers = None if plan is None else nnx.merge(router_graphdef, router_state)
+        active = jnp.ones(tokens.shape, bool)
+
+        def step(_, carry):
+            tokens, lengths, kv_cache = carry
+            if plan is None:
+                ops = DenseOps(functools.partial(cached_attention, positions=lengths))
+            else:
+                ops = SparseDecodeOps(routers, plan, lengths, active)
+            x, kv_cache = model.hidden(tokens[:, None], lengths[:, None], ops, kv_cache)
+            tokens = jnp.argmax(model.logits(x[:, 0]), axis=-1).astype(jnp.int32)
+            return tokens, lengths + 1, kv_cache
+
+        tokens, _, kv_cache = jax.lax.fori_loop(0, n, step, (tokens, lengths, kv_cache))
+        return tokens, kv_cache
+
+    return run
+
+
+def time_steps(run, state, router_state, kv_cache, batch: int, context: int, steps: int,
+               repeats: int):
+    """(ms per step, kv_cache): median over repeats of (t(2 steps) - t(steps)) / steps."""
+    rng = np.random.default_rng(0)
+    lengths = jnp.full((batch,), context, jnp.int32)
+
+    def once(n):
+        nonlocal kv_cache
+        tokens = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
+        start = time.perf_counter()
+        out, kv_cache = run(state, router_state, kv_cache, tokens, lengths, np.int32(n))
+        out.block_until_ready()
+        return time.perf_counter() - start
+
+    once(steps)  # compile and warm up
+    per_step = [(once(2 * steps) - once(steps)) / steps for _ in range(repeats)]
+    return statistics.median(per_step) * 1e3, kv_cache
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 5) -> float:
+    """Device-to-device copy, bytes read + written per second, timed as a jitted loop."""
+    x = jax.random.normal(jax.random.key(1), (nbytes // 2,), jnp.bfloat16)
+
+    @jax.jit
+    def copies(x, n):
+        return jax.lax.fori_loop(0, n, lambda i, y: y * jnp.bfloat16(1.0009765625), x)
+
+    def once(n):
+        start = time.perf_counter()
+        copies(x, np.int32(n)).block_until_ready()
+        return time.perf_counter() - start
+
+    once(2)
+    per = [(once(20) - once(10)) / 10 for _ in range(repeats)]
+    return 2 * nbytes / statistics.median(per)
+
+
+def _free_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else None
+
+
+def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float | None,
+             steps: int, repeats: int, dtype, layers: int | None, bandwidth: float, log) -> list[dict]:
+    from models.layers import init_kv_cache
+    from polar_jax.sparsity import DENSE_MLP_FRACTION, SparsityPlan
+    from routers.model import Routers
+
+    max_len = max(context_lens) + 2 * steps + 1
+    config = arch_config(arch, max_len, layers)
+    full_layers = ARCHS[arch]["num_hidden_layers"]
+    scale = full_layers / config.num_layers
+    graphdef, state = random_state(config, dtype)
+    routers = Routers.for_model(config, 1024, seed=1)
+    router_graphdef, router_state = nnx.split(routers)
+    router_state = jax.tree.map(lambda a: a.astype(dtype), router_state)
+    itemsize = jnp.dtype(dtype).itemsize
+    rows = []
+    dense_run = make_decode_loop(graphdef, None, None)
+    sparse_runs = {}  # (fraction, batch) -> (plan, jitted loop)
+    # One cache per batch size, long enough for the longest context: the attention kernels
+    # stop at each row's length, so a context is a traced value and never recompiles.
+    cache_len = -(-(max(context_lens) + 2 * steps + 1) // 128) * 128
+    for batch in batch_sizes:
+        need = 2 * config.num_layers * batch * config.num_kv_heads * cache_len * config.head_dim * itemsize
+        free = _free_bytes()
+        if free is not None and need > 0.9 * free:
+            for context in context_lens:
+                why = f"KV cache {need / 2**30:.1f} GiB > free {free / 2**30:.1f} GiB"
+                rows.append(dict(arch=arch, batch=batch, context=context, skipped=why))
+                log(_format(rows[-1]))
+            continue
+        key = jax.random.key(batch)
+        kv_cache = [tuple(jax.random.normal(k, (batch, config.num_kv_heads, cache_len, config.head_dim), dtype)
+                          for k in jax.random.split(kk)) for kk in jax.random.split(key, config.num_layers)]
+        for context in context_lens:
+            base = dict(arch=arch, batch=batch, context=context, layers_timed=config.num_layers,
+                        layers=full_layers)
+            dense_ms, kv_cache = time_steps(dense_run, state, None, kv_cache, batch, context, steps, repeats)
+            dense_bytes = step_bytes(config, state, None, None, batch, context, itemsize).dense
+            for fraction in fractions:
+                k_mlp = None
+                if mlp_density is not None and not config.gated_mlp:
+                    k_mlp = int(min(config.mlp_dim, max(128, round(mlp_density * config.mlp_dim / 128) * 128)))
+                    k_mlp = None if k_mlp >= DENSE_MLP_FRACTION * config.mlp_dim else k_mlp
+                if (fraction, batch) not in sparse_runs:
+                    metadata = {"mlp_topk": {str(batch): [k_mlp or config.mlp_dim] * config.num_layers}}
+                    plan = SparsityPlan.build(config, metadata, fraction, (0,), batch)
+                    sparse_runs[fraction, batch] = plan, make_decode_loop(graphdef, router_graphdef, plan)
+                plan, run = sparse_runs[fraction, batch]
+                sparse_ms, kv_cache = time_steps(run, state, router_state, kv_cache, batch, context,
+                                                 steps, repeats)
+                sparse_bytes = step_bytes(config, state, router_state, plan, batch, context, itemsize).sparse
+                row = dict(base, attn_topk=fraction, mlp_neurons=k_mlp,
+                           dense_ms=round(dense_ms * scale, 4), sparse_ms=round(sparse_ms * scale, 4),
+                           dense_tokens_per_s=round(batch / (dense_ms * scale) * 1e3, 1),
+                           sparse_tokens_per_s=round(batch / (sparse_ms * scale) * 1e3, 1),
+                           speedup=round(dense_ms / sparse_ms, 3),
+                           dense_roofline_ms=round(dense_bytes / bandwidth * 1e3 * scale, 4),
+                           sparse_roofline_ms=round(sparse_bytes / bandwidth * 1e3 * scale, 4))
+                row["dense_pct_roofline"] = round(100 * row["dense_roofline_ms"] / row["dense_ms"], 1)
+                row["sparse_pct_roofline"] = round(100 * row["sparse_roofline_ms"] / row["sparse_ms"], 1)
+                row["roofline_speedup"] = round(dense_bytes / sparse_bytes, 3)
+                rows.append(row)
+                log(_format(row))
+        del kv_cache
+    return rows
+
+
+def _format(r: dict) -> str:
+    if "skipped" in r:
+        return f"{r['arch']:<14} {r['batch']:>5} {r['context']:>6}  skipped: {r['skipped']}"
+    return (f"{r['arch']:<14} {r['batch']:>5} {r['context']:>6} {r['attn_topk']:>5.2f} "
+            f"{str(r['mlp_neurons'] or '-'):>6} {r['dense_ms']:>8.3f} {r['sparse_ms']:>8.3f} "
+            f"{r['dense_tokens_per_s']:>10.0f} {r['sparse_tokens_per_s']:>10.0f} {r['speedup']:>6.2f} "
+            f"{r['roofline_speedup']:>6.2f} {r['dense_pct_roofline']:>6.1f} {r['sparse_pct_roofline']:>6.1f}")
+
+
+HEADER = (f"{'arch':<14} {'batch':>5} {'ctx':>6} {'attn':>5} {'mlp k':>6} {'dense ms':>8} "
+          f"{'sparse ms':>8} {'dense tok/s':>10} {'sparse tok/s':>10} {'speedup':>6} {'roof x':>6} "
+          f"{'dense %':>6} {'sparse %':>6}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Speedup and % of roofline against batch size, one line per context length (and fraction)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "skipped" not in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    series = sorted({(r["context"], r["attn_topk"]) for r in rows})
+    for context, fraction in series:
+        pts = sorted((r["batch"], r) for r in rows if (r["context"], r["attn_topk"]) == (context, fraction))
+        xs = [b for b, _ in pts]
+        label = f"ctx {context}, {fraction:g} of groups"
+        ax1.plot(xs, [r["speedup"] for _, r in pts], "o-", label=label)
+        ax1.plot(xs, [r["roofline_speedup"] for _, r in pts], "--", color=ax1.lines[-1].get_color(), alpha=0.5)
+        ax2.plot(xs, [r["dense_pct_roofline"] for _, r in pts], "s--", label=f"dense, ctx {context}")
+        ax2.plot(xs, [r["sparse_pct_roofline"] for _, r in pts], "o-", label=f"sparse, {label}")
+    arch = rows[0]["arch"] if rows else ""
+    for ax, title in ((ax1, f"{arch}: sparse / dense tokens per s (dashed: roofline ratio)"),
+                      (ax2, f"{arch}: % of memory roofline")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="polar-jax bench decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    parser.add_argument("--batch-sizes", type=_ints, default=None,
+                        help="default 1,16,64,128,256 (tiny: 1,4)")
+    parser.add_argument("--context-lens", type=_ints, default=None,
+                        help="default 1024,2048,4096 (tiny: 64,256)")
+    parser.add_argument("--attn-topk", type=_floats, default=[0.5, 0.3])
+    parser.add_argument("--mlp-density", type=float, default=None,
+                        help="fraction of MLP neurons kept (non-gated MLPs); default: dense MLP")
+    parser.add_argument("--steps", type=int, default=16, help="N: steps per timed loop")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="time this many layers and scale to the whole model (large models)")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--plot", type=Path, help="write a PNG here (needs matplotlib)")
+    args = parser.parse_args(argv)
+    from polar_jax.dtypes import parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    tiny = args.arch == "tiny"
+    args.batch_sizes = args.batch_sizes or ([1, 4] if tiny else [1, 16, 64, 128, 256])
+    args.context_lens = args.context_lens or ([64, 256] if tiny else [1024, 2048, 4096])
+    log = lambda line: print(line, flush=True)
+    bandwidth = copy_bandwidth() if jax.default_backend() != "cpu" else copy_bandwidth(16 << 20, 1)
+    log(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
+        f"{datetime.date.today()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    log(HEADER)
+    rows = run_arch(args.arch, args.batch_sizes, args.context_lens, args.attn_topk,
+                    args.mlp_density, args.steps, args.repeats, dtype, args.layers, bandwidth, log)
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=str(datetime.date.today()), copy_tbps=round(bandwidth / 1e12, 3),
+                dtype=args.dtype, steps=args.steps, repeats=args.repeats, mlp_density=args.mlp_density)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if args.plot:
+        try:
+            plot(rows, args.plot)
+        except ImportError:
+            log("matplotlib is not installed: no plot (rerun `plot` from the JSON elsewhere)")
+    return 0
