@@ -136,4 +136,4 @@ def test_bench_decode_smoke(tmp_path, capsys):
                  "--attn-topk", "0.5", "--mlp-density", "0.5", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(np.isfinite([r["dense_ms"], r["sparse_ms"]]).all() for r in rows)
-    assert all(r["roofline_speedup"] >= 1.0 and r["mlp_neurons"] == 128 for r in rows)
+    assert all(r["mlp_neurons"] == 128 and r["dense_roofline_ms"] > 0 for r in rows)
