@@ -161,22 +161,19 @@ def time_steps(run, state, router_state, kv_cache, batch: int, context: int, ste
     return statistics.median(per_step) * 1e3, kv_cache
 
 
-def copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 5) -> float:
-    """Device-to-device copy, bytes read + written per second, timed as a jitted loop."""
-    x = jax.random.normal(jax.random.key(1), (nbytes // 2,), jnp.bfloat16)
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second): the faster of a JAX
+    elementwise copy timed from a profiler trace and, where torch imports, a torch copy in a
+    CUDA graph (both as in `bench kernels`); measured before the model is allocated."""
+    from polar_jax.bench.kernels import _torch_available, copy_bandwidth_jax, run_torch
 
-    @jax.jit
-    def copies(x, n):
-        return jax.lax.fori_loop(0, n, lambda i, y: y * jnp.bfloat16(1.0009765625), x)
-
-    def once(n):
-        start = time.perf_counter()
-        copies(x, np.int32(n)).block_until_ready()
-        return time.perf_counter() - start
-
-    once(2)
-    per = [(once(20) - once(10)) / 10 for _ in range(repeats)]
-    return 2 * nbytes / statistics.median(per)
+    gpu = jax.default_backend() == "gpu"
+    torch_tbps = 0.0
+    if gpu and _torch_available():
+        rows = run_torch([dict(kind="copy", bytes=1 << 30, n_calls=10)], 5).get("cases", [])
+        torch_tbps = next((c.get("tbps") or 0.0 for c in rows if c.get("kind") == "copy"), 0.0)
+    jax_copy, _ = copy_bandwidth_jax(5 if gpu else 1, (1 << 30) if gpu else (1 << 22))
+    return max(jax_copy["tbps"], torch_tbps) * 1e12
 
 
 def _free_bytes() -> int | None:
@@ -329,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_sizes = args.batch_sizes or ([1, 4] if tiny else [1, 16, 64, 128, 256])
     args.context_lens = args.context_lens or ([64, 256] if tiny else [1024, 2048, 4096])
     log = lambda line: print(line, flush=True)
-    bandwidth = copy_bandwidth() if jax.default_backend() != "cpu" else copy_bandwidth(16 << 20, 1)
+    bandwidth = copy_bandwidth()
     log(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
         f"{datetime.date.today()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     log(HEADER)
