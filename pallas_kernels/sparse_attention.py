@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._common import (
-    FLOAT_DTYPES, LOG2E, NEG_INF, atomic_add, barrier, cdiv, compiler_params, masked_load,
+    FLOAT_DTYPES, LOG2E, NEG_INF, atomic_add, barrier, compiler_params, masked_load,
     masked_store, next_pow2, pl, resolve_interpret, sm_count,
 )
 

@@ -21,6 +21,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model and --dtype, as every command that runs a model takes them."""
+    parser.add_argument("--model", required=True, help="converted or Hugging Face model directory")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+
+
+def _compute_dtype(args):
+    from polar_jax.dtypes import default_compute_dtype, parse_dtype
+
+    return parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+
+
 def _cmd_convert(args) -> int:
     from convert import convert_checkpoint
 
@@ -53,14 +66,13 @@ def _cmd_eval_perplexity(args) -> int:
 
     import jax.numpy as jnp
 
-    from polar_jax.dtypes import default_compute_dtype, parse_dtype
     from polar_jax.evaluate import perplexity, read_text
     from polar_jax.loading import load_model, load_tokenizer
     from polar_jax.sparsity import MaskedOps, SparsityPlan
     from routers.model import load_routers
 
     text = read_text(args.text)
-    dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+    dtype = _compute_dtype(args)
     if args.mode == "sparse" and not args.routers:
         raise PolarJaxError("--mode sparse needs --routers DIR (trained by `polar-jax train-routers`)")
     start = time.perf_counter()
@@ -112,12 +124,11 @@ def _read_prompts(args) -> list[str]:
 
 def _cmd_generate(args) -> int:
     from polar_jax.decode import Decoder
-    from polar_jax.dtypes import default_compute_dtype, parse_dtype
     from polar_jax.sampling import SamplingParams
 
     prompts = _read_prompts(args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p).validated()
-    dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+    dtype = _compute_dtype(args)
     decoder = Decoder.load(args.model, dtype, routers=args.routers, attn_topk=args.attn_topk,
                            dense_layers=args.dense_layers)
     result = decoder.generate(prompts, args.max_new_tokens, sampling, args.seed, args.batch_size)
@@ -142,7 +153,6 @@ def _cmd_generate(args) -> int:
 def _cmd_train_routers(args) -> int:
     import numpy as np
 
-    from polar_jax.dtypes import default_compute_dtype, parse_dtype
     from polar_jax.evaluate import read_text
     from polar_jax.loading import load_model, load_tokenizer
     from routers.pipeline import train_routers
@@ -154,7 +164,7 @@ def _cmd_train_routers(args) -> int:
         raise PolarJaxError(f"{out} already exists; pass --force to replace it")
     settings = TrainSettings(attn_topk=args.attn_topk, mlp_rank=args.mlp_rank, epochs=args.epochs,
                              batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
-    dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+    dtype = _compute_dtype(args)
     config, model = load_model(args.model, dtype)
     tokenizer = load_tokenizer(args.model)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
@@ -216,13 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity: the text is tokenized once without special tokens, truncated to "
                     "--max-tokens, cut into non-overlapping windows of --seq-len tokens, and every "
                     "token after the first of a window is scored.")
-    ppl.add_argument("--model", required=True, help="converted or Hugging Face model directory")
+    _add_model_args(ppl)
     ppl.add_argument("--text", required=True, help="UTF-8 text file")
     ppl.add_argument("--seq-len", type=_positive_int, default=512)
     ppl.add_argument("--max-tokens", type=_positive_int, default=None)
     ppl.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step")
-    ppl.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                     help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     ppl.add_argument("--routers", help="routers directory (for --mode sparse; its calibrated MLP k)")
     ppl.add_argument("--mode", choices=["dense", "sparse", "oracle"], default="dense",
                      help="sparse: the routers' groups and neurons; oracle: the true top-k groups "
@@ -241,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="batched generation (greedy by default)",
         description="Generate completions for a batch of prompts. Prompts of different lengths "
                     "are batched together; each sequence stops at EOS or --max-new-tokens.")
-    gen.add_argument("--model", required=True, help="converted or Hugging Face model directory")
+    _add_model_args(gen)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     source.add_argument("--prompts-file", help="a text file with one prompt per line")
@@ -252,8 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=_positive_int, default=None,
                      help="prompts decoded together (default: all)")
-    gen.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                     help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     gen.add_argument("--routers", help="routers directory: decode with Polar Sparsity")
     gen.add_argument("--attn-topk", type=_fraction, default=0.5,
                      help="with --routers: fraction of KV groups each sequence reads")
@@ -268,11 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Collect router data by running the dense model over a text, train every "
                     "layer's routers together (Optax AdamW, weighted BCE), calibrate the MLP "
                     "top-k per batch size, measure held-out recall and save the routers.")
-    tr.add_argument("--model", required=True, help="converted or Hugging Face model directory")
+    _add_model_args(tr)
     tr.add_argument("--text", required=True, help="UTF-8 training text (e.g. WikiText-2 valid)")
     tr.add_argument("--out", required=True, help="routers directory to write")
     tr.add_argument("--max-tokens", type=_positive_int, default=None, help="use the first N tokens")
-    tr.add_argument("--attn-topk", type=float, default=0.5,
+    tr.add_argument("--attn-topk", type=_fraction, default=0.5,
                     help="fraction of KV groups kept per token (labels and metrics)")
     tr.add_argument("--mlp-rank", type=_positive_int, default=1024, help="MLP router rank (capped at d)")
     tr.add_argument("--epochs", type=_positive_int, default=10, help="at most; early stopping")
@@ -280,8 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     tr.add_argument("--seq-len", type=_positive_int, default=512, help="collection window")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                    help="model compute dtype for collection (default: float32 on CPU, bfloat16 on GPU)")
     tr.add_argument("--force", action="store_true", help="replace an existing --out")
     tr.add_argument("--json", action="store_true", help="print one JSON object of metrics")
     tr.set_defaults(run=_cmd_train_routers)

@@ -14,13 +14,12 @@ import transformers
 
 import polar_jax.decode as decode
 from conftest import shared_path
-from convert import convert_checkpoint
 from polar_jax.cli import main
 from polar_jax.decode import Decoder, bucket_shape
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import load_model
 from polar_jax.sampling import SamplingParams, _filtered_logits
-from test_model_parity import VARIANTS, _randomize
+from test_model_parity import VARIANTS, _randomize, random_hf_model
 
 PROMPT_LENGTHS = (3, 17, 40, 129)
 NEW_TOKENS = 32
@@ -62,16 +61,8 @@ DECODE_VARIANTS["mistral-sliding-window"] = (
 
 @pytest.fixture(scope="module", params=sorted(DECODE_VARIANTS))
 def random_model(request, tmp_path_factory):
-    config_cls, model_cls, kwargs = DECODE_VARIANTS[request.param]
-    config = getattr(transformers, config_cls)(**kwargs)
-    torch.manual_seed(0)
-    hf = getattr(transformers, model_cls)(config).eval()
-    _randomize(hf, seed=abs(hash(request.param)) % 2**31)
-    src = tmp_path_factory.mktemp(request.param) / "hf"
-    hf.save_pretrained(src)
-    dst = src.parent / "converted"
-    convert_checkpoint(str(src), str(dst), dtype="float32")
-    config, model = load_model(str(dst), dtype=jnp.float32)
+    hf, _, config, model = random_hf_model(DECODE_VARIANTS[request.param],
+                                           tmp_path_factory.mktemp(request.param))
     eos = hf.generation_config.eos_token_id
     return hf, Decoder(config, model, eos_ids=[eos] if isinstance(eos, int) else eos or [])
 

@@ -33,7 +33,7 @@ def attention_f64(q, k, v, lengths, group_idx, sm_scale=None, window=None):
     """float64 numpy: per row, per selected group, per query head of the group."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     B, Hq, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     out = np.zeros((B, Hq, D))

@@ -71,19 +71,24 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def variant(request, tmp_path_factory):
-    config_cls, model_cls, kwargs = VARIANTS[request.param]
+def random_hf_model(spec, directory):
+    """A VARIANTS `spec` built with transformers, randomized, saved and converted (float32):
+    (HF model, its directory, our config, our model)."""
+    config_cls, model_cls, kwargs = spec
     config = getattr(transformers, config_cls)(**kwargs)
     config._attn_implementation = "eager"
-    torch.manual_seed(0)
     hf = getattr(transformers, model_cls)(config).eval()
-    _randomize(hf, seed=abs(hash(request.param)) % 2**31)
-    src = tmp_path_factory.mktemp(request.param) / "hf"
+    _randomize(hf, seed=int(np.random.default_rng().integers(2**31)))
+    src, dst = directory / "hf", directory / "converted"
     hf.save_pretrained(src)
-    dst = src.parent / "converted"
     convert_checkpoint(str(src), str(dst), dtype="float32")
-    _, model = load_model(str(dst), dtype=jnp.float32)
+    config, model = load_model(str(dst), dtype=jnp.float32)
+    return hf, src, config, model
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request, tmp_path_factory):
+    hf, src, _, model = random_hf_model(VARIANTS[request.param], tmp_path_factory.mktemp(request.param))
     return request.param, hf, model, src
 
 

@@ -3,7 +3,6 @@ reference, training quality on the fixtures, and save/load with the model check.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax

@@ -12,26 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 from flax import nnx
 
 from conftest import shared_path
 from models.layers import DenseOps, cached_attention, full_attention, init_kv_cache
 from polar_jax.cli import main
 from polar_jax.decode import Decoder
-from polar_jax.loading import load_model
 from polar_jax.sparsity import MaskedOps, SparseDecodeOps, SparsityPlan
 from routers.model import Routers
-from test_model_parity import VARIANTS, _randomize
+from test_model_parity import VARIANTS, random_hf_model
 
 
 def _random_model(name: str, tmp_path_factory):
-    config_cls, model_cls, kwargs = VARIANTS[name]
-    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
-    _randomize(hf, seed=int(np.random.default_rng().integers(1 << 30)))
-    src = tmp_path_factory.mktemp(name) / "hf"
-    hf.save_pretrained(src)
-    config, model = load_model(str(src), dtype=jnp.float32)
+    _, _, config, model = random_hf_model(VARIANTS[name], tmp_path_factory.mktemp(name))
     routers = Routers.for_model(config, mlp_rank=32, seed=int(np.random.default_rng().integers(1 << 30)))
     return config, model, routers
 

@@ -183,7 +183,6 @@ def _free_bytes() -> int | None:
 
 def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float | None,
              steps: int, repeats: int, dtype, layers: int | None, bandwidth: float, log) -> list[dict]:
-    from models.layers import init_kv_cache
     from polar_jax.sparsity import DENSE_MLP_FRACTION, SparsityPlan
     from routers.model import Routers
 

@@ -580,7 +580,6 @@ def bench_mlp(d, batches, fractions, reps, target_ms, torch_rows, up=None, down=
 # ------------------------------------------------------------------------------------------
 
 def run_checks(log=print, small=False):
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
