@@ -130,3 +130,5 @@ def test_bench_decode_smoke(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(np.isfinite([r["dense_ms"], r["sparse_ms"]]).all() for r in rows)
     assert all(r["mlp_neurons"] == 128 and r["dense_roofline_ms"] > 0 for r in rows)
+    peer = json.loads(out.read_text())["meta"]["peer"]  # torch is installed with the test extra
+    assert peer.get("mode") == "eager" and all(r["torch_ms"] > 0 for r in rows), peer

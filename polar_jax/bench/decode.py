@@ -9,6 +9,8 @@ first call's compilation cancel. One KV cache per batch size serves every contex
 attention stops at each row's length), so contexts never recompile. The roofline is the bytes a step must read divided by the
 copy bandwidth measured in the same run: all weights and the whole KV cache for dense; the
 attention and router weights, the selected MLP rows and the selected KV groups for sparse.
+With torch importable, Hugging Face transformers decodes the same shapes in PyTorch (static
+KV cache, SDPA; `--torch-compile` to compile it) as the peer column.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import importlib.util
 import json
 import statistics
 import time
@@ -176,6 +179,100 @@ def copy_bandwidth() -> float:
     return max(jax_copy["tbps"], torch_tbps) * 1e12
 
 
+# The PyTorch peer: Hugging Face transformers with a static KV cache and SDPA, in a subprocess
+# run before JAX touches the GPU (so the two never share its memory). Random weights; the cache
+# is filled by a real prefill; N greedy steps timed with CUDA events (median of repeats), after
+# `torch.compile` of the forward where it works, else eager.
+_TORCH_PEER = r"""
+import json, statistics, sys, time
+import torch
+import transformers
+
+cfg = json.load(sys.stdin)
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = getattr(torch, cfg["dtype"])
+config = transformers.AutoConfig.for_model(**cfg["hf"])
+config._attn_implementation = "sdpa"
+torch.manual_seed(0)
+with torch.device(dev):
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+forward = model.forward
+compiled = "eager"
+if dev == "cuda" and cfg["compile"]:
+    try:
+        forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+        compiled = "torch.compile"
+    except Exception as err:
+        compiled = f"eager (compile failed: {type(err).__name__})"
+rows = []
+steps = cfg["steps"]
+for batch in cfg["batch_sizes"]:
+    for context in cfg["context_lens"]:
+        try:
+            cache = transformers.StaticCache(config=config, max_cache_len=context + 3 * steps + 1)
+            ids = torch.randint(0, config.vocab_size, (batch, context), device=dev)
+            with torch.no_grad():
+                out = model(ids, past_key_values=cache, use_cache=True,
+                            cache_position=torch.arange(context, device=dev))
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                del out
+
+                def run(start, n):
+                    global token
+                    for i in range(n):
+                        pos = torch.tensor([start + i], device=dev)
+                        logits = forward(token, past_key_values=cache, cache_position=pos,
+                                         use_cache=True).logits
+                        token = logits[:, -1].argmax(-1, keepdim=True)
+
+                run(context, steps)  # warm-up (and compilation)
+                times = []
+                for _ in range(cfg["repeats"]):
+                    if dev == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    run(context + steps, steps)
+                    if dev == "cuda":
+                        torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t0) / steps)  # same slots each time
+            ms = statistics.median(times) * 1e3
+            rows.append(dict(batch=batch, context=context, torch_ms=round(ms, 4),
+                             torch_tokens_per_s=round(batch / ms * 1e3, 1)))
+        except torch.OutOfMemoryError:
+            rows.append(dict(batch=batch, context=context, torch_skipped="out of memory"))
+        finally:
+            cache = None
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+print("@@PEER@@" + json.dumps({"rows": rows, "mode": compiled, "torch": torch.__version__,
+                               "transformers": transformers.__version__}))
+"""
+
+
+def torch_peer(arch: str, batch_sizes, context_lens, steps: int, repeats: int, dtype: str,
+               layers: int | None, compile_model: bool = True, timeout: int = 1800) -> dict:
+    """{"rows": [...], "mode", "torch", ...} from the PyTorch peer, or {"error": ...}."""
+    import subprocess
+    import sys
+
+    hf = dict(ARCHS[arch])
+    hf["max_position_embeddings"] = max(hf["max_position_embeddings"], max(context_lens) + 3 * steps + 1)
+    if layers:
+        hf["num_hidden_layers"] = min(layers, hf["num_hidden_layers"])
+    payload = json.dumps(dict(hf=hf, batch_sizes=batch_sizes, context_lens=context_lens,
+                              steps=steps, repeats=repeats, dtype=dtype, compile=compile_model))
+    try:
+        done = subprocess.run([sys.executable, "-c", _TORCH_PEER], input=payload, text=True,
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith("@@PEER@@"):
+            return json.loads(line[len("@@PEER@@"):])
+    return {"error": (done.stderr or done.stdout)[-1500:]}
+
+
+
 def _free_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else None
@@ -315,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--layers", type=int, default=None,
                         help="time this many layers and scale to the whole model (large models)")
+    parser.add_argument("--peer", choices=["auto", "off"], default="auto",
+                        help="auto: time Hugging Face transformers (PyTorch, static cache, SDPA) on "
+                             "the same shapes when torch imports")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="torch.compile the peer's forward (reduce-overhead)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--plot", type=Path, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -325,15 +427,37 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_sizes = args.batch_sizes or ([1, 4] if tiny else [1, 16, 64, 128, 256])
     args.context_lens = args.context_lens or ([64, 256] if tiny else [1024, 2048, 4096])
     log = lambda line: print(line, flush=True)
+    peer = {}
+    if args.peer == "auto" and importlib.util.find_spec("torch") is not None:
+        # Before JAX initialises the GPU, so that the two never share its memory.
+        start = time.perf_counter()
+        peer = torch_peer(args.arch, args.batch_sizes, args.context_lens, args.steps,
+                          args.repeats, args.dtype, args.layers, args.torch_compile)
+        log(f"PyTorch peer ({peer.get('mode', 'failed')}, {time.perf_counter() - start:.0f} s)"
+            + (f": {peer['error'][-300:]}" if "error" in peer else ""))
     bandwidth = copy_bandwidth()
     log(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
         f"{datetime.date.today()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     log(HEADER)
     rows = run_arch(args.arch, args.batch_sizes, args.context_lens, args.attn_topk,
                     args.mlp_density, args.steps, args.repeats, dtype, args.layers, bandwidth, log)
+    peer_rows = {(r["batch"], r["context"]): r for r in peer.get("rows", [])}
+    for row in rows:
+        match = peer_rows.get((row["batch"], row["context"]), {})
+        if "torch_ms" in match and "dense_ms" in row:
+            scale = row["layers"] / row["layers_timed"]
+            row["torch_ms"] = round(match["torch_ms"] * scale, 4)
+            row["torch_tokens_per_s"] = round(row["batch"] / row["torch_ms"] * 1e3, 1)
+            row["dense_vs_torch"] = round(row["torch_ms"] / row["dense_ms"], 3)
+            if row["attn_topk"] != args.attn_topk[0]:
+                continue
+            log(f"{row['arch']} B={row['batch']} S={row['context']}: torch {row['torch_ms']:.3f} ms, "
+                f"ours dense {row['dense_ms']:.3f} ms ({row['dense_vs_torch']:.2f}x), sparse "
+                f"{row['sparse_ms']:.3f} ms")
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=str(datetime.date.today()), copy_tbps=round(bandwidth / 1e12, 3),
-                dtype=args.dtype, steps=args.steps, repeats=args.repeats, mlp_density=args.mlp_density)
+                dtype=args.dtype, steps=args.steps, repeats=args.repeats, mlp_density=args.mlp_density,
+                peer={k: v for k, v in peer.items() if k != "rows"})
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     if args.plot:
