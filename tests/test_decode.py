@@ -238,3 +238,16 @@ def test_cli_generate_errors(tmp_path, capsys):
         assert main(["generate", "--model", str(src), *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_package_level_generate(tmp_path):
+    """`polar_jax.generate` is the documented Python entry point."""
+    import polar_jax
+
+    src = shared_path("fixtures", "tiny-opt")
+    out = polar_jax.generate(str(src), ["The history of", [5, 6, 7]], max_new_tokens=6,
+                             dtype=jnp.float32)
+    greedy = Decoder.load(str(src), jnp.float32).generate(["The history of", [5, 6, 7]], 6)
+    assert [c.tokens for c in out.completions] == [c.tokens for c in greedy.completions]
+    assert out.completions[0].prompt == "The history of" and out.completions[1].prompt is None
+    assert out.new_tokens == sum(len(c.tokens) for c in out.completions)
