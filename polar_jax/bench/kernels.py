@@ -766,6 +766,15 @@ def evaluate(rows, copy_tbps):
     return attn_table, mlp_table, targets
 
 
+def _timing_cells(r):
+    """ms, kernel ms, TB/s, % of copy and speedup cells of a table row."""
+    return (f"{r['ms']:.4f}" if "ms" in r else "error",
+            f"{r['kernel_ms']:.4f}" if r.get("kernel_ms") else "-",
+            f"{r['tbps']:.2f}" if "ms" in r else "-",
+            f"{r['pct_copy']:.0f}%" if r.get("pct_copy") is not None else "-",
+            f"{r['speedup_vs_best_dense']:.2f}x" if r.get("speedup_vs_best_dense") else "-")
+
+
 def format_tables(attn_table, mlp_table, targets, copy_tbps):
     out = []
     if attn_table:
@@ -773,13 +782,9 @@ def format_tables(attn_table, mlp_table, targets, copy_tbps):
         out.append("| B | Hq/Hkv | S | method | groups | ms | kernel ms | TB/s | % copy | speedup vs best dense | targets |")
         out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in attn_table:
-            ms = f"{r['ms']:.4f}" if "ms" in r else "error"
-            tb = f"{r['tbps']:.2f}" if "ms" in r else "-"
-            pc = f"{r['pct_copy']:.0f}%" if r.get("pct_copy") is not None else "-"
-            sp = f"{r['speedup_vs_best_dense']:.2f}x" if r.get("speedup_vs_best_dense") else "-"
             grp = f"{r['density']:.2f} ({r['k']}/{r['Hkv']})" if r["method"] == "ours" else "all"
             meth = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
-            km = f"{r['kernel_ms']:.4f}" if r.get("kernel_ms") else "-"
+            ms, km, tb, pc, sp = _timing_cells(r)
             out.append(f"| {r['B']} | {r['Hq']}/{r['Hkv']} | {r['S']} | {meth} | {grp} | {ms} | {km} | {tb} | "
                        f"{pc} | {sp} | {', '.join(r.get('targets', []))} |")
     if mlp_table:
@@ -787,12 +792,8 @@ def format_tables(attn_table, mlp_table, targets, copy_tbps):
         out.append("| d | B | method | k/N | ms | kernel ms | TB/s | % copy | speedup vs best dense | vs XLA dense | targets |")
         out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in mlp_table:
-            ms = f"{r['ms']:.4f}" if "ms" in r else "error"
-            tb = f"{r['tbps']:.2f}" if "ms" in r else "-"
-            pc = f"{r['pct_copy']:.0f}%" if r.get("pct_copy") is not None else "-"
-            sp = f"{r['speedup_vs_best_dense']:.2f}x" if r.get("speedup_vs_best_dense") else "-"
+            ms, km, tb, pc, sp = _timing_cells(r)
             sx = f"{r['speedup_vs_xla_dense']:.2f}x" if r.get("speedup_vs_xla_dense") else "-"
-            km = f"{r['kernel_ms']:.4f}" if r.get("kernel_ms") else "-"
             out.append(f"| {r['d']} | {r['B']} | {r['method']} | {r['fraction']:.2f} | {ms} | {km} | {tb} | "
                        f"{pc} | {sp} | {sx} | {', '.join(r.get('targets', []))} |")
     if targets:
