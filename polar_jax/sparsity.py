@@ -77,20 +77,27 @@ class SparseDecodeOps(DenseOps):
                    for c, x in zip(kv, (k, v)))
         group_idx = None
         if self.plan.attn_groups[layer] is not None:
-            scores = self.routers.attn_scores(u[:, 0], layer)
-            group_idx = jax.lax.top_k(scores, self.plan.attn_groups[layer])[1].astype(jnp.int32)
+            group_idx = self.select_groups(layer, u[:, 0], self.plan.attn_groups[layer])
         o = sparse_decode_attention(q[:, 0], kv[0], kv[1], self.positions + 1, group_idx,
                                     sliding_window=window)
         return o[:, None], kv
+
+    def select_groups(self, layer: int, u, keep: int):
+        """int32 `[B, keep]`: each row's top-`keep` KV groups by its router scores."""
+        return jax.lax.top_k(self.routers.attn_scores(u, layer), keep)[1].astype(jnp.int32)
+
+    def select_neurons(self, layer: int, u, keep: int):
+        """int32 `[keep]`: the batch's top-`keep` neurons by `batch_neuron_scores`."""
+        logits = self.routers.mlp_scores(u, layer)
+        scores = batch_neuron_scores(logits, axis=0, where=self.active[:, None])
+        # lax.top_k: 52 us for N=16384 on the H200, where bisection + nonzero took 319 us.
+        return jax.lax.top_k(scores, keep)[1].astype(jnp.int32)
 
     def mlp(self, layer, u, x, mlp: MLP):
         keep = self.plan.mlp_neurons[layer]
         if keep is None:
             return mlp(x)
-        logits = self.routers.mlp_scores(u[:, 0], layer)
-        scores = batch_neuron_scores(logits, axis=0, where=self.active[:, None])
-        # lax.top_k: 52 us for N=16384 on the H200, where bisection + nonzero took 319 us.
-        neuron_idx = jax.lax.top_k(scores, keep)[1].astype(jnp.int32)
+        neuron_idx = self.select_neurons(layer, u[:, 0], keep)
         param = lambda p: None if p is None else p[...]
         y = selective_mlp(x[:, 0], param(mlp.w_in), param(mlp.b_in), param(mlp.w_out),
                           param(mlp.b_out), neuron_idx, activation=mlp.activation)

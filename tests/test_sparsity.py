@@ -132,3 +132,15 @@ def test_bench_decode_smoke(tmp_path, capsys):
     assert all(r["mlp_neurons"] == 128 and r["dense_roofline_ms"] > 0 for r in rows)
     peer = json.loads(out.read_text())["meta"]["peer"]  # torch is installed with the test extra
     assert peer.get("mode") == "eager" and all(r["torch_ms"] > 0 for r in rows), peer
+
+
+def test_bench_decode_breakdown_smoke(tmp_path):
+    """`--breakdown` times the step without attention, MLP and routers (code path only)."""
+    out = tmp_path / "rows.json"
+    assert main(["bench", "decode", "--arch", "tiny", "--steps", "2", "--repeats", "1",
+                 "--batch-sizes", "2", "--context-lens", "64", "--attn-topk", "0.5",
+                 "--mlp-density", "0.5", "--peer", "off", "--breakdown", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    parts = row["breakdown_us_per_layer"]
+    assert set(parts["dense"]) == {"step", "attention", "mlp", "other"}
+    assert set(parts["sparse"]) == {"step", "attention", "mlp", "other", "routers"}

@@ -117,9 +117,46 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, item
     return StepBytes(int(dense), int(sparse))
 
 
-def make_decode_loop(graphdef, router_graphdef, plan):
+BREAKDOWN_VARIANTS = ("no-attention", "no-mlp", "no-routers")
+
+
+def _variant_ops(base, variant: str):
+    """`base` ops with one part of the step left out, to time the parts by difference:
+    "no-attention" (no cache read, no group selection), "no-mlp" (no MLP, no neuron
+    selection), "no-routers" (sparse: fixed groups and neurons instead of the routers')."""
+    from models.layers import DenseOps
+    from polar_jax.sparsity import SparseDecodeOps
+
+    if variant == "full":
+        return base
+    if variant == "no-routers":
+        class FixedSelection(SparseDecodeOps):
+            def select_groups(self, layer, u, keep):
+                return jnp.broadcast_to(jnp.arange(keep, dtype=jnp.int32), (u.shape[0], keep))
+
+            def select_neurons(self, layer, u, keep):
+                return jnp.arange(keep, dtype=jnp.int32)
+
+        return FixedSelection(base.routers, base.plan, base.positions, base.active)
+
+    class Without(DenseOps):
+        def attention(self, layer, u, q, k, v, kv, window):
+            if variant == "no-attention":
+                return jnp.zeros_like(q), kv
+            return base.attention(layer, u, q, k, v, kv, window)
+
+        def mlp(self, layer, u, x, mlp):
+            if variant == "no-mlp":
+                return jnp.zeros_like(x)
+            return base.mlp(layer, u, x, mlp)
+
+    return Without(None)
+
+
+def make_decode_loop(graphdef, router_graphdef, plan, variant: str = "full"):
     """Jitted `(state, router_state, kv_cache, tokens, lengths, n) -> (tokens, kv_cache)`: n
-    greedy decode steps (dense when `plan` is None) in one `fori_loop`, the cache donated."""
+    greedy decode steps (dense when `plan` is None) in one `fori_loop`, the cache donated;
+    `variant` leaves a part out (see `_variant_ops`)."""
     from models.layers import DenseOps, cached_attention
     from polar_jax.sparsity import SparseDecodeOps
 
@@ -135,6 +172,7 @@ def make_decode_loop(graphdef, router_graphdef, plan):
                 ops = DenseOps(functools.partial(cached_attention, positions=lengths))
             else:
                 ops = SparseDecodeOps(routers, plan, lengths, active)
+            ops = _variant_ops(ops, variant)
             x, kv_cache = model.hidden(tokens[:, None], lengths[:, None], ops, kv_cache)
             tokens = jnp.argmax(model.logits(x[:, 0]), axis=-1).astype(jnp.int32)
             return tokens, lengths + 1, kv_cache
@@ -279,7 +317,8 @@ def _free_bytes() -> int | None:
 
 
 def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float | None,
-             steps: int, repeats: int, dtype, layers: int | None, bandwidth: float, log) -> list[dict]:
+             steps: int, repeats: int, dtype, layers: int | None, bandwidth: float, log,
+             breakdown: bool = False) -> list[dict]:
     from polar_jax.sparsity import DENSE_MLP_FRACTION, SparsityPlan
     from routers.model import Routers
 
@@ -294,6 +333,7 @@ def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float
     itemsize = jnp.dtype(dtype).itemsize
     rows = []
     dense_run = make_decode_loop(graphdef, None, None)
+    dense_variants = {v: make_decode_loop(graphdef, None, None, v) for v in BREAKDOWN_VARIANTS[:2]}
     sparse_runs = {}  # (fraction, batch) -> (plan, jitted loop)
     # One cache per batch size, long enough for the longest context: the attention kernels
     # stop at each row's length, so a context is a traced value and never recompiles.
@@ -338,10 +378,39 @@ def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float
                 row["dense_pct_roofline"] = round(100 * row["dense_roofline_ms"] / row["dense_ms"], 1)
                 row["sparse_pct_roofline"] = round(100 * row["sparse_roofline_ms"] / row["sparse_ms"], 1)
                 row["roofline_speedup"] = round(dense_bytes / sparse_bytes, 3)
+                if breakdown and fraction == fractions[0]:
+                    timed = {"dense": dense_ms, "sparse": sparse_ms}
+                    for v, loop in dense_variants.items():
+                        timed["dense " + v], kv_cache = time_steps(
+                            loop, state, None, kv_cache, batch, context, steps, repeats)
+                    for v in BREAKDOWN_VARIANTS:
+                        loop = make_decode_loop(graphdef, router_graphdef, plan, v)
+                        timed["sparse " + v], kv_cache = time_steps(
+                            loop, state, router_state, kv_cache, batch, context, steps, repeats)
+                    row["breakdown_us_per_layer"] = _breakdown(timed, config.num_layers)
+                    log(f"  per layer (us): {row['breakdown_us_per_layer']}")
                 rows.append(row)
                 log(_format(row))
         del kv_cache
     return rows
+
+
+def _breakdown(timed: dict, num_layers: int) -> dict:
+    """Per-layer microseconds of attention (with its router), MLP (with its router), the
+    routers alone, and the rest (projections, norms, cache writes, embeddings, logits), from
+    the step times with one part left out."""
+    per_layer = lambda ms: round(ms * 1e3 / num_layers, 2)
+    out = {}
+    for mode in ("dense", "sparse"):
+        full = timed[mode]
+        attention = full - timed[f"{mode} no-attention"]
+        mlp = full - timed[f"{mode} no-mlp"]
+        parts = {"step": per_layer(full), "attention": per_layer(attention), "mlp": per_layer(mlp),
+                 "other": per_layer(full - attention - mlp)}
+        if mode == "sparse":
+            parts["routers"] = per_layer(full - timed["sparse no-routers"])
+        out[mode] = parts
+    return out
 
 
 def _format(r: dict) -> str:
@@ -412,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--layers", type=int, default=None,
                         help="time this many layers and scale to the whole model (large models)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each step without attention / MLP / routers (first "
+                             "fraction only) and report microseconds per layer")
     parser.add_argument("--peer", choices=["auto", "off"], default="auto",
                         help="auto: time Hugging Face transformers (PyTorch, static cache, SDPA) on "
                              "the same shapes when torch imports")
@@ -440,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{datetime.date.today()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     log(HEADER)
     rows = run_arch(args.arch, args.batch_sizes, args.context_lens, args.attn_topk,
-                    args.mlp_density, args.steps, args.repeats, dtype, args.layers, bandwidth, log)
+                    args.mlp_density, args.steps, args.repeats, dtype, args.layers, bandwidth, log,
+                    args.breakdown)
     peer_rows = {(r["batch"], r["context"]): r for r in peer.get("rows", [])}
     for row in rows:
         match = peer_rows.get((row["batch"], row["context"]), {})
