@@ -205,10 +205,16 @@ def full_attention(q, k, v, kv, window, *, key_valid):
     return causal_attention(q, k, v, key_valid, window), kv
 
 
+def write_token(kv, k, v, positions):
+    """The cache pair `kv` with each row's new k, v `[B, 1, Hkv, D]` written at `positions [B]`
+    (every group: later tokens may select any)."""
+    rows = jnp.arange(k.shape[0])
+    return tuple(c.at[rows, :, positions].set(x[:, 0].astype(c.dtype)) for c, x in zip(kv, (k, v)))
+
+
 def cached_attention(q, k, v, kv, window, *, positions):
     """One new token per sequence (T = 1): written at `positions [B]`, then attends the cache."""
-    rows = jnp.arange(q.shape[0])
-    kv = tuple(c.at[rows, :, positions].set(x[:, 0].astype(c.dtype)) for c, x in zip(kv, (k, v)))
+    kv = write_token(kv, k, v, positions)
     if jax.default_backend() == "gpu":  # the Pallas kernel, all groups: reads only up to each length
         o = sparse_decode_attention(q[:, 0], kv[0], kv[1], positions + 1, sliding_window=window)
     else:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from models import ModelConfig
-from models.layers import F32, DenseOps, MLP
+from models.layers import F32, MLP, DenseOps, write_token
 from pallas_kernels import selective_mlp, sparse_decode_attention
 from polar_jax.errors import PolarJaxError
 from routers.model import Routers, batch_neuron_scores, topk_mask
@@ -57,10 +57,6 @@ class SparsityPlan:
                         for n in table[str(size)])
         return cls(attn, mlp)
 
-    @property
-    def is_dense(self) -> bool:
-        return all(k is None for k in self.attn_groups + self.mlp_neurons)
-
 
 class SparseDecodeOps(DenseOps):
     """One decode step (T = 1) with the sparse kernels. Every group's K/V is written to the
@@ -72,9 +68,7 @@ class SparseDecodeOps(DenseOps):
         self.positions, self.active = positions, active
 
     def attention(self, layer, u, q, k, v, kv, window):
-        rows = jnp.arange(q.shape[0])
-        kv = tuple(c.at[rows, :, self.positions].set(x[:, 0].astype(c.dtype))
-                   for c, x in zip(kv, (k, v)))
+        kv = write_token(kv, k, v, self.positions)
         group_idx = None
         if self.plan.attn_groups[layer] is not None:
             group_idx = self.select_groups(layer, u[:, 0], self.plan.attn_groups[layer])
