@@ -6,6 +6,7 @@ from pallas_kernels.sparse_attention import (
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
+from pallas_kernels.topk_select import topk_indices, topk_indices_reference
 
 __all__ = [
     "ACTIVATIONS",
@@ -14,4 +15,6 @@ __all__ = [
     "selective_mlp_reference",
     "sparse_decode_attention",
     "sparse_decode_attention_reference",
+    "topk_indices",
+    "topk_indices_reference",
 ]
