@@ -34,6 +34,7 @@ class RMSNorm(nnx.Module):
         self.weight = _param((dim,), dtype, 1.0)
         self.eps = eps
 
+    @jax.named_scope("norm")
     def __call__(self, x):
         x32 = x.astype(F32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -46,6 +47,7 @@ class LayerNorm(nnx.Module):
         self.bias = _maybe(affine, (dim,), dtype)
         self.eps = eps
 
+    @jax.named_scope("norm")
     def __call__(self, x):
         x32 = x.astype(F32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -65,6 +67,7 @@ class Embedding(nnx.Module):
     def __call__(self, ids):
         return jnp.take(self.embedding[...], ids, axis=0)
 
+    @jax.named_scope("logits")
     def attend(self, x):
         return jnp.einsum("...d,vd->...v", x, self.embedding[...], preferred_element_type=F32)
 
@@ -83,6 +86,7 @@ class Attention(nnx.Module):
         self.w_o = _param((num_heads, head_dim, d), dtype)
         self.b_o = _maybe(out_bias, (d,), dtype)
 
+    @jax.named_scope("qkv_proj")
     def project_qkv(self, x):
         """x `[..., d]` -> q `[..., Hq, D]`, k and v `[..., Hkv, D]`."""
 
@@ -94,6 +98,7 @@ class Attention(nnx.Module):
 
         return proj(self.w_q, self.b_q), proj(self.w_k, self.b_k), proj(self.w_v, self.b_v)
 
+    @jax.named_scope("out_proj")
     def project_out(self, o):
         """o `[..., Hq, D]` -> `[..., d]`."""
         y = jnp.einsum("...hk,hkd->...d", o, self.w_o[...], preferred_element_type=F32)
@@ -134,6 +139,7 @@ class MLP(nnx.Module):
             y = y + self.b_out[...].astype(F32)
         return y.astype(dtype)
 
+    @jax.named_scope("mlp")
     def __call__(self, x):
         return self.project_out(self.hidden(x), x.dtype)
 
@@ -205,6 +211,7 @@ def full_attention(q, k, v, kv, window, *, key_valid):
     return causal_attention(q, k, v, key_valid, window), kv
 
 
+@jax.named_scope("kv_write")
 def write_token(kv, k, v, positions):
     """The cache pair `kv` with each row's new k, v `[B, 1, Hkv, D]` written at `positions [B]`
     (every group: later tokens may select any)."""
@@ -235,11 +242,15 @@ class DenseOps:
     u `[B, T, d]` is the layer's attention input (the output of its first norm), the vector
     routers read. Routing, recording and sparse execution are subclasses: one block
     definition serves evaluation, prefill, decode, router data collection and sparsity.
+    The parts of a step run under `jax.named_scope`s (`norm`, `qkv_proj`, `attention`,
+    `kv_write`, `out_proj`, `mlp`, ...; see `polar_jax.bench.trace.SCOPES`) so that a profile
+    attributes each kernel to its part.
     """
 
     def __init__(self, attend):
         self.attend = attend
 
+    @jax.named_scope("attention")
     def attention(self, layer: int, u, q, k, v, kv, window):
         return self.attend(q, k, v, kv, window)
 

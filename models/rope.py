@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,6 +51,7 @@ def rope_cos_sin(positions, rope: RopeConfig, head_dim: int, max_position_embedd
     return jnp.cos(emb), jnp.sin(emb)
 
 
+@jax.named_scope("rope")
 def apply_rope(x, cos, sin):
     """Rotates x `[B, T, H, D]` by the angles in cos, sin `[B, T, D]`."""
     half = x.shape[-1] // 2

@@ -100,11 +100,8 @@ class Decoder:
         self.eos_ids = np.asarray(sorted(set(eos_ids)) or [PAD_ID], np.int32)
         self.graphdef, self.state = nnx.split(model)
         self.dtype = jax.tree.leaves(self.state)[0].dtype
-        self.router_graphdef = self.router_state = None
         self.plan_for_batch = plan_for_batch
-        if routers is not None:
-            self.router_graphdef, state = nnx.split(routers)
-            self.router_state = jax.tree.map(lambda a: a.astype(self.dtype), state)
+        self.router_state = None if routers is None else routers.unstack(self.dtype)
         self._compiled: dict[DecodeShape, jax.stages.Compiled] = {}
         self._kv_cache: dict[DecodeShape, list] = {}
         self._jitted = jax.jit(self._generate, static_argnames=("shape",),
@@ -142,8 +139,7 @@ class Decoder:
         and the cache.
         """
         model = nnx.merge(self.graphdef, state)
-        routers = None if router_state is None else nnx.merge(self.router_graphdef, router_state)
-        plan = self.plan_for_batch(shape.batch) if routers is not None else None
+        plan = self.plan_for_batch(shape.batch) if router_state is not None else None
         batch, prompt_len = prompt_tokens.shape
         rows = jnp.arange(batch)
         slots = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
@@ -164,10 +160,10 @@ class Decoder:
 
         def body(carry):
             step, token, lengths, finished, out, count, kv_cache = carry
-            if routers is None:
+            if router_state is None:
                 ops = DenseOps(functools.partial(cached_attention, positions=lengths))
             else:
-                ops = SparseDecodeOps(routers, plan, lengths, ~finished)
+                ops = SparseDecodeOps(router_state, plan, lengths, ~finished)
             x, kv_cache = model.hidden(token[:, None], lengths[:, None], ops, kv_cache)
             new = next_token(model.logits(x[:, 0]), sampling, jax.random.fold_in(key, step))
             out = out.at[:, step].set(jnp.where(finished, PAD_ID, new))

@@ -13,6 +13,7 @@ Two executions of the same selection rule:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from models import ModelConfig
 from models.layers import F32, MLP, DenseOps, write_token
 from pallas_kernels import selective_mlp, sparse_decode_attention, topk_indices
 from polar_jax.errors import PolarJaxError
-from routers.model import Routers, batch_neuron_scores, topk_mask
+from routers.model import LayerRouters, Routers, batch_neuron_scores, topk_mask
 from routers.train import groups_to_keep
 
 DENSE_MLP_FRACTION = 0.8  # at k >= 0.8 N the dense MLP is as fast; use it
@@ -60,13 +61,15 @@ class SparsityPlan:
 
 class SparseDecodeOps(DenseOps):
     """One decode step (T = 1) with the sparse kernels. Every group's K/V is written to the
-    cache (later tokens may select any group); each row then reads only its selected groups."""
+    cache (later tokens may select any group); each row then reads only its selected groups.
+    `routers`: every layer's `LayerRouters` (from `Routers.unstack`)."""
 
-    def __init__(self, routers: Routers, plan: SparsityPlan, positions, active):
+    def __init__(self, routers: Sequence[LayerRouters], plan: SparsityPlan, positions, active):
         super().__init__(None)
         self.routers, self.plan = routers, plan
         self.positions, self.active = positions, active
 
+    @jax.named_scope("attention")
     def attention(self, layer, u, q, k, v, kv, window):
         kv = write_token(kv, k, v, self.positions)
         group_idx = None
@@ -76,16 +79,19 @@ class SparseDecodeOps(DenseOps):
                                     sliding_window=window)
         return o[:, None], kv
 
+    @jax.named_scope("attn_router")
     def select_groups(self, layer: int, u, keep: int):
         """int32 `[B, keep]`: each row's top-`keep` KV groups by its router scores."""
-        return jax.lax.top_k(self.routers.attn_scores(u, layer), keep)[1].astype(jnp.int32)
+        return jax.lax.top_k(self.routers[layer].attn_scores(u), keep)[1].astype(jnp.int32)
 
+    @jax.named_scope("mlp_router")
     def select_neurons(self, layer: int, u, keep: int):
         """int32 `[keep]`: the batch's top-`keep` neurons by `batch_neuron_scores`, ascending."""
-        logits = self.routers.mlp_scores(u, layer)
+        logits = self.routers[layer].mlp_scores(u)
         scores = batch_neuron_scores(logits, axis=0, where=self.active[:, None])
         return topk_indices(scores, keep)
 
+    @jax.named_scope("mlp")
     def mlp(self, layer, u, x, mlp: MLP):
         keep = self.plan.mlp_neurons[layer]
         if keep is None:

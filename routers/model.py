@@ -8,6 +8,7 @@ all, plus saving and loading with a check that the routers belong to the model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -59,20 +60,55 @@ class Routers(nnx.Module):
 
     def attn_scores(self, u, layer: int | None = None):
         """Group logits: u `[L, ..., d]` -> `[L, ..., Hkv]`, or for one `layer`, `[..., d]` -> `[..., Hkv]`."""
-        w, b = self.attn_w[...], self.attn_b[...]
         if layer is not None:
-            return jnp.einsum("...d,dh->...h", u, w[layer].astype(u.dtype), preferred_element_type=F32) + b[layer]
+            return self.layer(layer).attn_scores(u)
+        w, b = self.attn_w[...], self.attn_b[...]
         return jnp.einsum("l...d,ldh->l...h", u, w.astype(u.dtype), preferred_element_type=F32) + b[:, None]
 
     def mlp_scores(self, u, layer: int | None = None):
         """Neuron logits: u `[L, ..., d]` -> `[L, ..., N]`, or for one `layer`, `[..., d]` -> `[..., N]`."""
-        down, up = self.mlp_down[...], self.mlp_up[...]
         if layer is not None:
-            h = jnp.einsum("...d,dr->...r", u, down[layer].astype(u.dtype), preferred_element_type=F32)
-            return jnp.einsum("...r,rn->...n", h.astype(u.dtype), up[layer].astype(u.dtype),
-                              preferred_element_type=F32)
+            return self.layer(layer).mlp_scores(u)
+        down, up = self.mlp_down[...], self.mlp_up[...]
         h = jnp.einsum("l...d,ldr->l...r", u, down.astype(u.dtype), preferred_element_type=F32)
         return jnp.einsum("l...r,lrn->l...n", h.astype(u.dtype), up.astype(u.dtype),
+                          preferred_element_type=F32)
+
+    def layer(self, i: int) -> "LayerRouters":
+        """Layer `i`'s weights (slices of the stacked params)."""
+        return LayerRouters(self.attn_w[i], self.attn_b[i],
+                            None if self.mlp_down is None else self.mlp_down[i],
+                            None if self.mlp_up is None else self.mlp_up[i])
+
+    def unstack(self, dtype=None) -> tuple["LayerRouters", ...]:
+        """Every layer's weights as separate arrays (in `dtype`), made once outside any jit: for
+        decoding, where slicing the stacked params inside the loop copies each layer's weights
+        every step (measured: 23 us per layer and step for a rank-1024 router of opt-6.7b)."""
+        cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+        return tuple(jax.tree.map(lambda a: jnp.copy(cast(a)), self.layer(i))
+                     for i in range(self.attn_w.shape[0]))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerRouters:
+    """One layer's routers: `attn_w [d, Hkv]`, `attn_b [Hkv]`, `mlp_down [d, r]`, `mlp_up [r, N]`
+    (None for gated MLPs)."""
+
+    attn_w: jax.Array
+    attn_b: jax.Array
+    mlp_down: jax.Array | None
+    mlp_up: jax.Array | None
+
+    def attn_scores(self, u):
+        """Group logits `[..., Hkv]` (float32) of u `[..., d]`."""
+        return jnp.einsum("...d,dh->...h", u, self.attn_w.astype(u.dtype),
+                          preferred_element_type=F32) + self.attn_b
+
+    def mlp_scores(self, u):
+        """Neuron logits `[..., N]` (float32) of u `[..., d]`."""
+        h = jnp.einsum("...d,dr->...r", u, self.mlp_down.astype(u.dtype), preferred_element_type=F32)
+        return jnp.einsum("...r,rn->...n", h.astype(u.dtype), self.mlp_up.astype(u.dtype),
                           preferred_element_type=F32)
 
 

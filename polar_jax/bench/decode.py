@@ -117,53 +117,16 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, item
     return StepBytes(int(dense), int(sparse))
 
 
-BREAKDOWN_VARIANTS = ("no-attention", "no-mlp", "no-routers")
-
-
-def _variant_ops(base, variant: str):
-    """`base` ops with one part of the step left out, to time the parts by difference:
-    "no-attention" (no cache read, no group selection), "no-mlp" (no MLP, no neuron
-    selection), "no-routers" (sparse: fixed groups and neurons instead of the routers')."""
-    from models.layers import DenseOps
-    from polar_jax.sparsity import SparseDecodeOps
-
-    if variant == "full":
-        return base
-    if variant == "no-routers":
-        class FixedSelection(SparseDecodeOps):
-            def select_groups(self, layer, u, keep):
-                return jnp.broadcast_to(jnp.arange(keep, dtype=jnp.int32), (u.shape[0], keep))
-
-            def select_neurons(self, layer, u, keep):
-                return jnp.arange(keep, dtype=jnp.int32)
-
-        return FixedSelection(base.routers, base.plan, base.positions, base.active)
-
-    class Without(DenseOps):
-        def attention(self, layer, u, q, k, v, kv, window):
-            if variant == "no-attention":
-                return jnp.zeros_like(q), kv
-            return base.attention(layer, u, q, k, v, kv, window)
-
-        def mlp(self, layer, u, x, mlp):
-            if variant == "no-mlp":
-                return jnp.zeros_like(x)
-            return base.mlp(layer, u, x, mlp)
-
-    return Without(None)
-
-
-def make_decode_loop(graphdef, router_graphdef, plan, variant: str = "full"):
+def make_decode_loop(graphdef, plan):
     """Jitted `(state, router_state, kv_cache, tokens, lengths, n) -> (tokens, kv_cache)`: n
     greedy decode steps (dense when `plan` is None) in one `fori_loop`, the cache donated;
-    `variant` leaves a part out (see `_variant_ops`)."""
+    `router_state` is `Routers.unstack()`."""
     from models.layers import DenseOps, cached_attention
     from polar_jax.sparsity import SparseDecodeOps
 
     @functools.partial(jax.jit, donate_argnums=(2,))
     def run(state, router_state, kv_cache, tokens, lengths, n):
         model = nnx.merge(graphdef, state)
-        routers = None if plan is None else nnx.merge(router_graphdef, router_state)
         active = jnp.ones(tokens.shape, bool)
 
         def step(_, carry):
@@ -171,8 +134,7 @@ def make_decode_loop(graphdef, router_graphdef, plan, variant: str = "full"):
             if plan is None:
                 ops = DenseOps(functools.partial(cached_attention, positions=lengths))
             else:
-                ops = SparseDecodeOps(routers, plan, lengths, active)
-            ops = _variant_ops(ops, variant)
+                ops = SparseDecodeOps(router_state, plan, lengths, active)
             x, kv_cache = model.hidden(tokens[:, None], lengths[:, None], ops, kv_cache)
             tokens = jnp.argmax(model.logits(x[:, 0]), axis=-1).astype(jnp.int32)
             return tokens, lengths + 1, kv_cache
@@ -183,15 +145,19 @@ def make_decode_loop(graphdef, router_graphdef, plan, variant: str = "full"):
     return run
 
 
+def _step_inputs(rng, batch: int, context: int):
+    return (jnp.asarray(rng.integers(0, 1000, batch), jnp.int32),
+            jnp.full((batch,), context, jnp.int32))
+
+
 def time_steps(run, state, router_state, kv_cache, batch: int, context: int, steps: int,
                repeats: int):
     """(ms per step, kv_cache): median over repeats of (t(2 steps) - t(steps)) / steps."""
     rng = np.random.default_rng(0)
-    lengths = jnp.full((batch,), context, jnp.int32)
 
     def once(n):
         nonlocal kv_cache
-        tokens = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
+        tokens, lengths = _step_inputs(rng, batch, context)
         start = time.perf_counter()
         out, kv_cache = run(state, router_state, kv_cache, tokens, lengths, np.int32(n))
         out.block_until_ready()
@@ -200,6 +166,21 @@ def time_steps(run, state, router_state, kv_cache, batch: int, context: int, ste
     once(steps)  # compile and warm up
     per_step = [(once(2 * steps) - once(steps)) / steps for _ in range(repeats)]
     return statistics.median(per_step) * 1e3, kv_cache
+
+
+def profile_steps(run, state, router_state, kv_cache, batch: int, context: int, steps: int,
+                  num_layers: int):
+    """(breakdown, kv_cache): one profiled run of `steps` steps (already compiled), its device
+    time per layer split by the model's named scopes (`trace.scope_breakdown`)."""
+    from polar_jax.bench.trace import scope_breakdown, tracing
+
+    tokens, lengths = _step_inputs(np.random.default_rng(1), batch, context)
+    n = np.int32(steps)
+    hlo = run.lower(state, router_state, kv_cache, tokens, lengths, n).compile().as_text()
+    with tracing() as events:
+        out, kv_cache = run(state, router_state, kv_cache, tokens, lengths, n)
+        out.block_until_ready()
+    return scope_breakdown(events(), hlo, steps * num_layers), kv_cache
 
 
 def copy_bandwidth() -> float:
@@ -327,13 +308,10 @@ def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float
     full_layers = ARCHS[arch]["num_hidden_layers"]
     scale = full_layers / config.num_layers
     graphdef, state = random_state(config, dtype)
-    routers = Routers.for_model(config, 1024, seed=1)
-    router_graphdef, router_state = nnx.split(routers)
-    router_state = jax.tree.map(lambda a: a.astype(dtype), router_state)
+    router_state = Routers.for_model(config, 1024, seed=1).unstack(dtype)
     itemsize = jnp.dtype(dtype).itemsize
     rows = []
-    dense_run = make_decode_loop(graphdef, None, None)
-    dense_variants = {v: make_decode_loop(graphdef, None, None, v) for v in BREAKDOWN_VARIANTS[:2]}
+    dense_run = make_decode_loop(graphdef, None)
     sparse_runs = {}  # (fraction, batch) -> (plan, jitted loop)
     # One cache per batch size, long enough for the longest context: the attention kernels
     # stop at each row's length, so a context is a traced value and never recompiles.
@@ -363,7 +341,7 @@ def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float
                 if (fraction, batch) not in sparse_runs:
                     metadata = {"mlp_topk": {str(batch): [k_mlp or config.mlp_dim] * config.num_layers}}
                     plan = SparsityPlan.build(config, metadata, fraction, (0,), batch)
-                    sparse_runs[fraction, batch] = plan, make_decode_loop(graphdef, router_graphdef, plan)
+                    sparse_runs[fraction, batch] = plan, make_decode_loop(graphdef, plan)
                 plan, run = sparse_runs[fraction, batch]
                 sparse_ms, kv_cache = time_steps(run, state, router_state, kv_cache, batch, context,
                                                  steps, repeats)
@@ -379,38 +357,20 @@ def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float
                 row["sparse_pct_roofline"] = round(100 * row["sparse_roofline_ms"] / row["sparse_ms"], 1)
                 row["roofline_speedup"] = round(dense_bytes / sparse_bytes, 3)
                 if breakdown and fraction == fractions[0]:
-                    timed = {"dense": dense_ms, "sparse": sparse_ms}
-                    for v, loop in dense_variants.items():
-                        timed["dense " + v], kv_cache = time_steps(
-                            loop, state, None, kv_cache, batch, context, steps, repeats)
-                    for v in BREAKDOWN_VARIANTS:
-                        loop = make_decode_loop(graphdef, router_graphdef, plan, v)
-                        timed["sparse " + v], kv_cache = time_steps(
-                            loop, state, router_state, kv_cache, batch, context, steps, repeats)
-                    row["breakdown_us_per_layer"] = _breakdown(timed, config.num_layers)
-                    log(f"  per layer (us): {row['breakdown_us_per_layer']}")
+                    row["breakdown_us_per_layer"] = {}
+                    for mode, loop, routers in (("dense", dense_run, None), ("sparse", run, router_state)):
+                        parts, kv_cache = profile_steps(loop, state, routers, kv_cache, batch,
+                                                        context, steps, config.num_layers)
+                        row["breakdown_us_per_layer"][mode] = parts
+                        log(f"  {mode} us per layer: span {parts['span']}: " + ", ".join(
+                            f"{k} {v}" for k, v in parts["parts"].items()))
+                        for kern in parts["top_kernels"][:6]:
+                            log(f"      {kern['us']:>8.2f} us  {kern['calls']:>5} x  "
+                                f"{kern['scope']:<11} {kern['kernel']}")
                 rows.append(row)
                 log(_format(row))
         del kv_cache
     return rows
-
-
-def _breakdown(timed: dict, num_layers: int) -> dict:
-    """Per-layer microseconds of attention (with its router), MLP (with its router), the
-    routers alone, and the rest (projections, norms, cache writes, embeddings, logits), from
-    the step times with one part left out."""
-    per_layer = lambda ms: round(ms * 1e3 / num_layers, 2)
-    out = {}
-    for mode in ("dense", "sparse"):
-        full = timed[mode]
-        attention = full - timed[f"{mode} no-attention"]
-        mlp = full - timed[f"{mode} no-mlp"]
-        parts = {"step": per_layer(full), "attention": per_layer(attention), "mlp": per_layer(mlp),
-                 "other": per_layer(full - attention - mlp)}
-        if mode == "sparse":
-            parts["routers"] = per_layer(full - timed["sparse no-routers"])
-        out[mode] = parts
-    return out
 
 
 def _format(r: dict) -> str:
@@ -482,8 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None,
                         help="time this many layers and scale to the whole model (large models)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="also time each step without attention / MLP / routers (first "
-                             "fraction only) and report microseconds per layer")
+                        help="also profile one loop of dense and sparse steps (first fraction "
+                             "only): device microseconds per layer by part (norms, projections, "
+                             "attention, KV write, routers, MLP, gaps) and the costliest kernels")
     parser.add_argument("--peer", choices=["auto", "off"], default="auto",
                         help="auto: time Hugging Face transformers (PyTorch, static cache, SDPA) on "
                              "the same shapes when torch imports")

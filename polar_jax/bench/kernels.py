@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from polar_jax.bench.trace import busy_ns, kernel_events
+
 ATTN_SHAPES = [(16, 32, 32, 4096), (64, 32, 32, 2048), (16, 32, 8, 4096), (64, 32, 8, 4096),
                (256, 32, 8, 2048), (1, 32, 8, 32768)]
 ATTN_DENSITIES = [0.25, 0.5, 1.0]
@@ -220,41 +222,6 @@ def _n_calls(est_ms: float, target_ms: float, lo=8, hi=50) -> int:
     return int(min(hi, max(lo, round(target_ms / max(est_ms, 1e-4)))))
 
 
-def _device_events(trace_dir, info=None):
-    """(start_ns, end_ns) of the kernels / memsets / copies on the GPU planes of a trace.
-
-    `info` (a dict), if given, receives the line names with their event counts and the most
-    frequent event names: what the trace holds.
-    """
-    import collections
-    import glob
-
-    from jax.profiler import ProfileData
-
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
-        return []
-    events = set()
-    names = collections.Counter()
-    for plane in ProfileData.from_file(files[0]).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            lname = line.name.lower()
-            evs = list(line.events)
-            if info is not None:
-                info.setdefault("lines", {})[f"{plane.name} | {line.name}"] = len(evs)
-            if "xla" in lname or "step" in lname or "launch" in lname or "source" in lname:
-                continue  # derived / aggregated lines, not the streams
-            for e in evs:
-                if e.duration_ns > 0:
-                    events.add((float(e.start_ns), float(e.start_ns + e.duration_ns)))
-                    names[e.name[:80]] += 1
-    if info is not None:
-        info["top_events"] = names.most_common(8)
-    return sorted(events)
-
-
 def _split_reps(events, reps):
     """The events of each timed repeat: cut at the reps-1 largest idle gaps (host syncs)."""
     if len(events) < reps:
@@ -270,20 +237,6 @@ def _split_reps(events, reps):
         out.append(events[prev:c])
         prev = c
     return out
-
-
-def _busy(evs):
-    tot, cur_s, cur_e = 0.0, None, None
-    for s_, e_ in evs:
-        if cur_e is None or s_ > cur_e:
-            if cur_e is not None:
-                tot += cur_e - cur_s
-            cur_s, cur_e = s_, e_
-        else:
-            cur_e = max(cur_e, e_)
-    if cur_e is not None:
-        tot += cur_e - cur_s
-    return tot
 
 
 def time_calls(fn, calls, reps, debug=False):
@@ -316,7 +269,7 @@ def time_calls(fn, calls, reps, debug=False):
             finally:
                 jax.profiler.stop_trace()
             info = {} if debug else None
-            groups = _split_reps(_device_events(d, info), reps)
+            groups = _split_reps(kernel_events(d, info), reps)
             if debug:
                 res["trace_info"] = info
         except Exception as err:  # no profiler: fall back to the wall clock
@@ -325,9 +278,9 @@ def time_calls(fn, calls, reps, debug=False):
         finally:
             shutil.rmtree(d, ignore_errors=True)
         if groups and all(groups):
-            spans = [max(e for _, e in g) - g[0][0] for g in groups]
+            spans = [max(ev[1] for ev in g) - g[0][0] for g in groups]
             spans = [x / n * 1e-6 for x in spans]
-            busy = [_busy(g) / n * 1e-6 for g in groups]
+            busy = [busy_ns(g) / n * 1e-6 for g in groups]
             res.update(ms=statistics.median(spans), ms_min=min(spans), ms_max=max(spans),
                        kernel_ms=statistics.median(busy), timing="device-trace",
                        events_per_call=round(sum(len(g) for g in groups) / (reps * n), 2))

@@ -1,0 +1,146 @@
+"""Reading profiler traces: the kernels a jitted program ran on the device, and where in the
+model each came from.
+
+`kernel_events` lists the device's kernels, memsets and copies from a `jax.profiler` trace
+(CUPTI on a GPU; the CPU client's thunks on a CPU). `scope_breakdown` sums their time by the
+innermost `jax.named_scope` of the HLO instruction that launched them, read from the compiled
+program's metadata: the model's blocks name their parts (`norm`, `qkv_proj`, `attention`, ...),
+so a decode step's time splits into those parts without changing what runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import glob
+import os
+import re
+import shutil
+import tempfile
+
+import jax
+
+# The parts of a decode step, as named by `jax.named_scope` in models/ and polar_jax/sparsity.py
+# (innermost first wins). Kernels outside all of them (embedding, logits, sampling, loop
+# control) count as "other".
+SCOPES = ("kv_write", "attn_router", "mlp_router", "norm", "rope", "qkv_proj", "attention",
+          "out_proj", "mlp", "logits")
+
+_CONTROL_FLOW = re.compile(r"^(while|conditional|call)(\.\d+)?$")
+_OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
+
+
+@contextlib.contextmanager
+def tracing():
+    """`with tracing() as events:` profiles the block; afterwards `events()` returns
+    `kernel_events` of the trace (and the trace is deleted)."""
+    path = tempfile.mkdtemp(prefix="pj_trace_")
+    found: list = []
+    try:
+        jax.profiler.start_trace(path)
+        try:
+            yield lambda: found
+        finally:
+            jax.profiler.stop_trace()
+        found.extend(kernel_events(path))
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def kernel_events(trace_dir, info: dict | None = None) -> list[tuple[float, float, str, str]]:
+    """(start_ns, end_ns, kernel name, hlo_op) of the work on the device planes of a trace
+    (GPU kernels, memsets and copies; on a CPU, the XLA client's thunks). `info`, if given,
+    receives each line's event count: what the trace holds."""
+    from jax.profiler import ProfileData
+
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return []
+    events = set()
+    for plane in ProfileData.from_file(files[0]).planes:
+        gpu = plane.name.startswith("/device:GPU")
+        if not gpu and plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            lname = line.name.lower()
+            if gpu and ("xla" in lname or "step" in lname or "launch" in lname or "source" in lname):
+                continue  # derived / aggregated lines, not the streams
+            if not gpu and not lname.startswith("tf_xla"):
+                continue  # the CPU client's and its thread pool's lines run the thunks
+            evs = list(line.events)
+            if info is not None:
+                info[f"{plane.name} | {line.name}"] = len(evs)
+            for e in evs:
+                if e.duration_ns <= 0:
+                    continue
+                stats = dict(e.stats)
+                if not gpu and ("hlo_op" not in stats or _CONTROL_FLOW.match(e.name)):
+                    continue  # thread-pool bookkeeping, or a loop / call around other thunks
+                events.add((float(e.start_ns), float(e.start_ns + e.duration_ns), e.name,
+                            str(stats.get("hlo_op", ""))))
+    return sorted(events)
+
+
+def busy_ns(events) -> float:
+    """The union of the events' intervals (time the device was doing something)."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e, *_ in events:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+def hlo_scopes(hlo_text: str) -> dict[str, str]:
+    """Instruction name (also in its kernel-name spelling, `.` and `-` as `_`) -> the innermost
+    of `SCOPES` in its `op_name`, for every instruction of a compiled HLO module's text."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _OP_NAME.match(line)
+        if not m:
+            continue
+        name, op_name = m.groups()
+        parts = op_name.split("/")
+        scope = next((p for p in reversed(parts) if p in SCOPES), "other")
+        out[name] = scope
+        out[re.sub(r"[.\-]", "_", name)] = scope
+    return out
+
+
+def _scope_of(name: str, hlo_op: str, scopes: dict[str, str]) -> str:
+    for key in (hlo_op, name, re.sub(r"[.\-]", "_", name)):
+        if key and key in scopes:
+            return scopes[key]
+    # Kernels whose names are not HLO names: Pallas kernels by their own names, library GEMMs.
+    for prefix, scope in (("sparse_decode_attention", "attention"), ("selective_mlp", "mlp"),
+                          ("topk_indices", "mlp_router")):
+        if name.startswith(prefix):
+            return scope
+    return "other"
+
+
+def scope_breakdown(events, hlo_text: str, per: float) -> dict:
+    """Device time of `events` by scope, in microseconds divided by `per` (e.g. steps x
+    layers), plus "gaps" (the span not covered by any event) and the ten costliest kernels."""
+    scopes = hlo_scopes(hlo_text)
+    by_scope: dict[str, float] = collections.Counter()
+    by_kernel: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for s, e, name, hlo_op in events:
+        scope = _scope_of(name, hlo_op, scopes)
+        by_scope[scope] += e - s
+        entry = by_kernel[(scope, name[:60])]
+        entry[0] += e - s
+        entry[1] += 1
+    us = lambda ns: round(ns / 1e3 / per, 2)
+    span = (events[-1][1] - events[0][0]) if events else 0.0
+    parts = {k: us(v) for k, v in sorted(by_scope.items(), key=lambda kv: -kv[1])}
+    parts["gaps"] = us(span - busy_ns(events))
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:10]
+    return {"span": us(span), "parts": parts,
+            "top_kernels": [dict(scope=scope, kernel=name, us=us(t), calls=round(c / per, 2))
+                            for (scope, name), (t, c) in top]}
