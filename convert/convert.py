@@ -82,7 +82,13 @@ def read_hf_params(src: Path, config: ModelConfig, dtype: str, allow_pickle: boo
             node = params
             for key in spec.path[:-1]:
                 node = node.setdefault(key, {})
-            node[spec.path[-1]] = np.ascontiguousarray(spec.transform(array).astype(target))
+            value = spec.transform(array).astype(target)
+            if spec.part is None:
+                node[spec.path[-1]] = np.ascontiguousarray(value)
+            else:  # one part of a tensor stored together with others (every part is required)
+                if spec.path[-1] not in node:
+                    node[spec.path[-1]] = np.empty(spec.full_shape, target)
+                node[spec.path[-1]][spec.part] = value
     missing = [name for name in specs if name not in seen]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5])

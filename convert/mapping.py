@@ -20,9 +20,17 @@ Path = tuple[str | int, ...]
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
+    """`path` in the model; the HF shape; the layout change. For tensors stored together
+    (q/k/v, gate/up), `part` is where this one goes in the parameter of shape `full_shape`."""
+
     path: Path
     hf_shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] = lambda w: w
+    part: tuple | None = None
+    full_shape: tuple[int, ...] | None = None
+
+    def into(self, part: tuple, full_shape: tuple[int, ...]) -> "ParamSpec":
+        return dataclasses.replace(self, part=part, full_shape=tuple(full_shape))
 
 
 def _identity(path: Path, shape) -> ParamSpec:
@@ -52,11 +60,18 @@ def _out_proj(path: Path, d: int, heads: int, head_dim: int) -> ParamSpec:
 
 def _attention(specs, prefix: str, path: Path, c: ModelConfig, qkv_bias: bool, out_bias: bool,
                out_name: str):
+    """q, k, v go to heads `[0, Hq)`, `[Hq, Hq + Hkv)`, `[Hq + Hkv, Hq + 2 Hkv)` of `w_qkv`."""
     d, hq, hkv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    for name, heads in (("q", hq), ("k", hkv), ("v", hkv)):
-        specs[f"{prefix}.{name}_proj.weight"] = _in_proj(path + (f"w_{name}",), d, heads, hd)
+    heads = hq + 2 * hkv
+    start = 0
+    for name, n in (("q", hq), ("k", hkv), ("v", hkv)):
+        at = slice(start, start + n)
+        specs[f"{prefix}.{name}_proj.weight"] = _in_proj(path + ("w_qkv",), d, n, hd).into(
+            (slice(None), at), (d, heads, hd))
         if qkv_bias:
-            specs[f"{prefix}.{name}_proj.bias"] = _in_bias(path + (f"b_{name}",), heads, hd)
+            specs[f"{prefix}.{name}_proj.bias"] = _in_bias(path + ("b_qkv",), n, hd).into(
+                (at,), (heads, hd))
+        start += n
     specs[f"{prefix}.{out_name}.weight"] = _out_proj(path + ("w_o",), d, hq, hd)
     if out_bias:
         specs[f"{prefix}.{out_name}.bias"] = _identity(path + ("b_o",), (d,))
@@ -75,12 +90,14 @@ def _llama_specs(c: LlamaConfig) -> dict[str, ParamSpec]:
         _attention(specs, f"{hf}.self_attn", ours + ("attn",), c, c.attention_bias,
                    c.out_proj_bias, "o_proj")
         mlp = ours + ("mlp",)
-        specs[f"{hf}.mlp.gate_proj.weight"] = _identity(mlp + ("w_gate",), (n, d))
-        specs[f"{hf}.mlp.up_proj.weight"] = _identity(mlp + ("w_in",), (n, d))
+        for g, name in enumerate(("gate_proj", "up_proj")):  # w_gate_up [N, 2, d]
+            specs[f"{hf}.mlp.{name}.weight"] = _identity(mlp + ("w_gate_up",), (n, d)).into(
+                (slice(None), g), (n, 2, d))
+            if c.mlp_bias:
+                specs[f"{hf}.mlp.{name}.bias"] = _identity(mlp + ("b_gate_up",), (n,)).into(
+                    (slice(None), g), (n, 2))
         specs[f"{hf}.mlp.down_proj.weight"] = _transposed(mlp + ("w_out",), (d, n))
         if c.mlp_bias:
-            specs[f"{hf}.mlp.gate_proj.bias"] = _identity(mlp + ("b_gate",), (n,))
-            specs[f"{hf}.mlp.up_proj.bias"] = _identity(mlp + ("b_in",), (n,))
             specs[f"{hf}.mlp.down_proj.bias"] = _identity(mlp + ("b_out",), (d,))
     return specs
 

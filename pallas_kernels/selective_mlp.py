@@ -100,13 +100,14 @@ def mlp_config(batch, d, k, *, interpret=False, gated=False, up=None, down=None,
     else:
         target = target_programs or 2 * sm_count()
         if batch <= 64:
-            # 32-64 rows: three up stages and the id prefetch (H200, d 4096, k/N 0.62, B 64:
-            # 0.074 -> 0.061 ms); at B <= 16 four stages and no prefetch are faster.
+            # 32-64 rows: three up stages, the id prefetch and 64 output columns per down
+            # program (H200, d 4096, k/N 0.62, B 64: 0.074 -> 0.061 -> 0.057 ms); at B <= 16
+            # four stages, no prefetch and 128 columns are faster.
             mid = batch > 16
             u = dict(block_m=bm_small, block_n=32, block_d=128, num_warps=4,
                      num_stages=3 if mid else 4)
-            dn = dict(block_m=bm_small, block_k=64, block_d=128, num_warps=4, num_stages=4,
-                      prefetch=mid)
+            dn = dict(block_m=bm_small, block_k=64, block_d=64 if mid else 128, num_warps=4,
+                      num_stages=4, prefetch=mid)
             # Bigger batch tiles make the split-k partials dearer: fewer down splits.
             down_target = target if batch <= 16 else target // 2
         elif cdiv(batch, 128) * cdiv(k, 128) >= sm_count():

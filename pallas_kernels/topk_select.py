@@ -3,16 +3,17 @@ kernel.
 
 Polar Sparsity needs, every decode step and layer, the set of neurons (or KV groups) with the
 highest router scores; the kernels that use the set do not care about its order. `lax.top_k`
-sorts the whole row (about 50 us for 16384 scores on an H200, per layer and step); this
+sorts the whole row (about 52 us for 16384 scores on an H200, per layer and step); this
 kernel only finds the k-th largest value and compacts:
 
 - one program per row holds the row in registers (padded to a power of two) as int32 keys
-  whose signed order is the scores' order;
-- the k-th largest key is built bit by bit from the top (32 counting passes, each a sum over
-  the row held in registers: no memory traffic, no sort);
+  whose signed order is the scores' order (16-bit keys for bfloat16 scores);
+- the k-th largest key is built bit by bit from the top (one counting pass per key bit, each
+  a sum over the row held in registers: no memory traffic, no sort);
 - the keys above it, plus the first ties at it (lowest index first, as `lax.top_k`), are
-  compacted with a prefix sum and scattered to their slots.
+  compacted with one prefix sum and scattered to their slots.
 
+H200, N = 16384: 22.5 us for float32 scores, 14.5 us for bfloat16 (`lax.top_k`: 52 us).
 The result lists each row's selected indices in ascending order.
 """
 
@@ -44,30 +45,40 @@ def _order_key(x):
     return bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))
 
 
-def _topk_kernel(s_ref, *refs, N, Np, K, interpret):
+def _topk_kernel(s_ref, *refs, N, Np, K, key_bits, interpret):
     o_ref = refs[-1]
     row = pl.program_id(0)
     idx = jnp.arange(Np, dtype=jnp.int32)
     valid = idx < N
     x = masked_load(s_ref, (row, idx), valid, 0.0, interpret=interpret).astype(jnp.float32)
-    key = jnp.where(valid, _order_key(x), jnp.int32(INT32_MIN))
+    key = _order_key(x)
+    if key_bits == 16:  # bfloat16 scores: the low half of the float32 bits is zero
+        key = key >> 16
+    key = jnp.where(valid, key, jnp.int32(INT32_MIN))
 
     def count_at_least(t):
         return jnp.sum((key >= t).astype(jnp.int32))
 
-    # The largest t with count(key >= t) >= K is the K-th largest key. Built from the top bit
-    # of the unsigned view (key ^ INT32_MIN) down: bit 31 decides the sign, then each lower
-    # bit is set when the count stays >= K.
-    t = jnp.where(count_at_least(jnp.int32(0)) >= K, jnp.int32(0), jnp.int32(INT32_MIN))
-    for bit in range(30, -1, -1):
+    # The largest t with count(key >= t) >= K is the K-th largest key. The sign decides first,
+    # then each lower bit of t from the top is set when the count stays >= K: one reduction
+    # per bit (each costs about 0.3 us on an H200 at N = 16384; the passes' dependency costs
+    # little, so deciding several bits per pass with more reductions is slower, measured).
+    lowest = jnp.int32(-(1 << (key_bits - 1)))  # the smallest key: all of its low bits clear
+    t = jnp.where(count_at_least(jnp.int32(0)) >= K, jnp.int32(0), lowest)
+    for bit in range(key_bits - 2, -1, -1):
         cand = t | jnp.int32(1 << bit)
         t = jnp.where(count_at_least(cand) >= K, cand, t)
 
-    above = key > t
-    tie = (key == t) & valid
-    need = K - jnp.sum(above.astype(jnp.int32))
-    take = above | (tie & (jnp.cumsum(tie.astype(jnp.int32)) <= need))
-    slot = jnp.cumsum(take.astype(jnp.int32)) - 1
+    above = (key > t).astype(jnp.int32)
+    tie = ((key == t) & valid).astype(jnp.int32)
+    need = K - jnp.sum(above)
+    if Np < (1 << 15):  # one prefix sum for both ranks: above's in the low 16 bits
+        ranks = jnp.cumsum(above + (tie << 16))
+        above_rank, tie_rank = ranks & 0xFFFF, ranks >> 16
+    else:
+        above_rank, tie_rank = jnp.cumsum(above), jnp.cumsum(tie)
+    take = (above == 1) | ((tie == 1) & (tie_rank <= need))
+    slot = above_rank + jnp.minimum(tie_rank, need) - 1
     # Lanes not taken aim at the spare slot K (never read back) rather than a real one.
     masked_store(o_ref, (row, jnp.where(take, slot, K)), idx, take)
 
@@ -78,7 +89,9 @@ def _topk_call(scores, out_init=None, *, k, num_warps, interpret):
     writes into (tests pass a poisoned one); otherwise a fresh one."""
     R, N = scores.shape
     Np = max(16, next_pow2(N))
-    kernel = functools.partial(_topk_kernel, N=N, Np=Np, K=k, interpret=interpret)
+    key_bits = 16 if scores.dtype == jnp.bfloat16 else 32
+    kernel = functools.partial(_topk_kernel, N=N, Np=Np, K=k, key_bits=key_bits,
+                               interpret=interpret)
     full = pl.BlockSpec()
     args = [scores] if out_init is None else [scores, out_init]
     out = pl.pallas_call(

@@ -45,14 +45,20 @@ def scores(rng, shape, kind):
     return x
 
 
-@pytest.mark.parametrize("N", [1, 5, 100, 1000, 16384])
-@pytest.mark.parametrize("kind", ["normal", "ties", "wide"])
-def test_topk_matches_references(rng, N, kind):
+@pytest.mark.parametrize("N, kind", [(N, kind) for N in (1, 5, 100, 1000, 16384)
+                                     for kind in ("normal", "ties", "wide")]
+                         # rows of 2^15 and more rank with two prefix sums, not one packed one
+                         + [(33000, "ties")])
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_topk_matches_references(rng, N, kind, dtype):
+    """float32 rows search 32-bit keys, bfloat16 rows 16-bit keys."""
     R = int(rng.integers(1, 4))
     x = scores(rng, (R, N), kind)
+    if dtype == "bfloat16":  # the reference sees exactly the values the kernel sees
+        x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
     for k in sorted({1, N, int(rng.integers(1, N + 1))}):
         poison = jnp.full((R, k + 1), -1, jnp.int32)
-        got = np.asarray(_topk_call(jnp.asarray(x), poison, k=k, num_warps=4,
+        got = np.asarray(_topk_call(jnp.asarray(x, jnp.dtype(dtype)), poison, k=k, num_warps=4,
                                     interpret=resolve_interpret(None)))
         np.testing.assert_array_equal(got, numpy_topk(x, k), err_msg=f"N={N} k={k} {kind}")
         np.testing.assert_array_equal(got, np.asarray(topk_indices_reference(jnp.asarray(x), k)))

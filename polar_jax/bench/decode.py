@@ -112,7 +112,7 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, item
         neurons = plan.mlp_neurons[layer] if plan else None
         if neurons is not None:
             mlp = params["layers"][layer]["mlp"]
-            rows = _bytes([mlp["w_in"], mlp["w_out"]] + ([mlp["w_gate"]] if "w_gate" in mlp else []))
+            rows = _bytes([mlp.get("w_in", mlp.get("w_gate_up")), mlp["w_out"]])
             sparse -= rows * (1 - neurons / config.mlp_dim)
     return StepBytes(int(dense), int(sparse))
 

@@ -23,8 +23,8 @@ import jax
 # The parts of a decode step, as named by `jax.named_scope` in models/ and polar_jax/sparsity.py
 # (innermost first wins). Kernels outside all of them (embedding, logits, sampling, loop
 # control) count as "other".
-SCOPES = ("kv_write", "attn_router", "mlp_router", "norm", "rope", "qkv_proj", "attention",
-          "out_proj", "mlp", "logits")
+SCOPES = ("kv_write", "routers", "attn_router", "mlp_router", "norm", "rope", "qkv_proj",
+          "attention", "out_proj", "mlp", "logits")
 
 _CONTROL_FLOW = re.compile(r"^(while|conditional|call)(\.\d+)?$")
 _OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
@@ -118,7 +118,8 @@ def _scope_of(name: str, hlo_op: str, scopes: dict[str, str]) -> str:
             return scopes[key]
     # Kernels whose names are not HLO names: Pallas kernels by their own names, library GEMMs.
     for prefix, scope in (("sparse_decode_attention", "attention"), ("selective_mlp", "mlp"),
-                          ("topk_indices", "mlp_router")):
+                          ("neuron_scores", "mlp_router"), ("topk_indices", "mlp_router"),
+                          ("write_kv_token", "kv_write")):
         if name.startswith(prefix):
             return scope
     return "other"
