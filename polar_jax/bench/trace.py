@@ -21,8 +21,9 @@ import tempfile
 import jax
 
 # The parts of a decode step, as named by `jax.named_scope` in models/ and polar_jax/sparsity.py
-# (innermost first wins). Kernels outside all of them (embedding, logits, sampling, loop
-# control) count as "other".
+# (innermost first wins). Kernels outside all of them (embedding, residual adds, sampling, loop
+# control) count as "other"; cuBLAS GEMMs, which XLA runs without an HLO name, as
+# "library_gemm" (the projections or MLP matmuls XLA gave to cuBLAS rather than Triton).
 SCOPES = ("kv_write", "routers", "attn_router", "mlp_router", "norm", "rope", "qkv_proj",
           "attention", "out_proj", "mlp", "logits")
 
@@ -116,10 +117,12 @@ def _scope_of(name: str, hlo_op: str, scopes: dict[str, str]) -> str:
     for key in (hlo_op, name, re.sub(r"[.\-]", "_", name)):
         if key and key in scopes:
             return scopes[key]
-    # Kernels whose names are not HLO names: Pallas kernels by their own names, library GEMMs.
+    # Kernels whose names are not HLO names: Pallas kernels by their own names; library GEMMs
+    # (cuBLAS, run inside XLA's CUDA graphs, carry no HLO name at all) as "library_gemm".
     for prefix, scope in (("sparse_decode_attention", "attention"), ("selective_mlp", "mlp"),
-                          ("neuron_scores", "mlp_router"), ("topk_indices", "mlp_router"),
-                          ("write_kv_token", "kv_write")):
+                          ("neuron_scores", "mlp_router"), ("topk_indices", "router_topk"),
+                          ("write_kv_token", "kv_write"), ("nvjet", "library_gemm"),
+                          ("sm90_xmma", "library_gemm"), ("cutlass", "library_gemm")):
         if name.startswith(prefix):
             return scope
     return "other"
