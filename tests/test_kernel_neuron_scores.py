@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import neuron_scores, neuron_scores_reference
+from pallas_kernels._common import resolve_interpret
 from pallas_kernels.neuron_scores import _call, _config
 from routers.model import TIE_BREAK, batch_neuron_scores
 
@@ -36,9 +37,10 @@ def test_scores_match_references(rng, dtype, B, r, N):
     active = rng.random(B) < 0.7
     active[0] = True
     poison = jnp.full((N,), jnp.nan, jnp.bfloat16)
-    cfg = tuple(sorted(_config(max(16, B), True).items()))
+    interpret = resolve_interpret(None)  # compiled on a GPU, interpreted on a CPU
+    cfg = tuple(sorted(_config(max(16, B), interpret).items()))
     got = np.asarray(_call(h, w, jnp.asarray(active), poison, tie_break=TIE_BREAK,
-                           interpret=True, cfg=cfg), np.float32)
+                           interpret=interpret, cfg=cfg), np.float32)
     assert np.isfinite(got).all()
     ref = np.asarray(neuron_scores_reference(h, w, jnp.asarray(active), tie_break=TIE_BREAK),
                      np.float32)

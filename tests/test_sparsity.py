@@ -7,6 +7,7 @@ import contextlib
 import functools
 import io
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +147,34 @@ def test_bench_decode_breakdown_smoke(tmp_path):
     assert {"attention", "mlp", "qkv_proj", "norm"} <= dense.keys()
     assert {"attention", "mlp", "attn_router", "mlp_router"} <= sparse.keys()
     assert all(v >= 0 for v in [*dense.values(), *sparse.values()])
+
+
+def test_bench_decode_real_checkpoint_with_trained_routers(tmp_path, trained_routers):
+    """`--model M --routers R` times a real checkpoint: each layer's MLP k is the routers'
+    calibrated k for the batch-size bucket (dense where k >= 0.8 N), as in generation."""
+    _, routers_dir = trained_routers("tiny-opt")
+    out = tmp_path / "rows.json"
+    assert main(["bench", "decode", "--model", str(shared_path("fixtures", "tiny-opt")),
+                 "--routers", str(routers_dir), "--batch-sizes", "3", "--context-lens", "64",
+                 "--steps", "2", "--repeats", "1", "--attn-topk", "0.5", "--peer", "off",
+                 "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    table = json.loads((routers_dir / "routers.json").read_text())["mlp_topk"]["4"]  # bucket >= 3
+    n = 1024
+    assert row["mlp_neurons_per_layer"] == [None if k >= 0.8 * n else k for k in table]
+    assert row["arch"] == "tiny-opt" and np.isfinite([row["dense_ms"], row["sparse_ms"]]).all()
+
+
+DEMO_MODEL = str(Path(__file__).resolve().parents[1] / "demo" / "tiny-opt")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "tiny", "--routers", "r"], "--routers needs --model"),
+    (["--model", DEMO_MODEL, "--layers", "2"], "--layers applies to built-in --arch shapes only"),
+    (["--model", DEMO_MODEL, "--context-lens", "2000"], f"need 2033 positions; {DEMO_MODEL} has 1024"),
+    (["--arch", "tiny", "--mlp-density", "1.5"], "--mlp-density must be in (0, 1], got 1.5"),
+])
+def test_bench_decode_bad_arguments(argv, message, capsys):
+    assert main(["bench", "decode", "--peer", "off", "--batch-sizes", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -2,15 +2,17 @@
 vs the memory roofline.
 
 For each batch size and context length: random weights of the architecture's exact Hugging
-Face shapes (a step's time does not depend on their values), random routers, a KV cache
-filled with random values up to the context length; then N greedy decode steps inside one
-jitted `fori_loop`, timed as `(t(2N) - t(N)) / N` (median of repeats), so dispatch and the
-first call's compilation cancel. One KV cache per batch size serves every context length (the
-attention stops at each row's length), so contexts never recompile. The roofline is the bytes a step must read divided by the
-copy bandwidth measured in the same run: all weights and the whole KV cache for dense; the
-attention and router weights, the selected MLP rows and the selected KV groups for sparse.
-With torch importable, Hugging Face transformers decodes the same shapes in PyTorch (static
-KV cache, SDPA; `--torch-compile` to compile it) as the peer column.
+Face shapes (a step's time does not depend on their values) and random routers, or with
+`--model M [--routers R]` a real checkpoint and its trained routers (MLP k from their
+calibration for each batch size); a KV cache filled with random values up to the context
+length; then N greedy decode steps inside one jitted `fori_loop`, timed as
+`(t(2N) - t(N)) / N` (median of repeats), so dispatch and the first call's compilation
+cancel. One KV cache per batch size serves every context length (the attention stops at each
+row's length), so contexts never recompile. The roofline is the bytes a step must read
+divided by the copy bandwidth measured in the same run: all weights and the whole KV cache
+for dense; the attention and router weights, the selected MLP rows and the selected KV groups
+for sparse. With torch importable, Hugging Face transformers decodes the same shapes in
+PyTorch (static KV cache, SDPA; `--torch-compile` to compile it) as the peer column.
 """
 
 from __future__ import annotations
@@ -63,16 +65,29 @@ ARCHS = {
 }
 
 
-def arch_config(name: str, max_len: int, layers: int | None = None):
-    """The frozen config of a built-in architecture (positions stretched to cover `max_len`:
-    the benchmark times steps, it does not need the model to be trained there)."""
-    from models import config_from_hf
-
+def arch_hf_config(name: str, max_len: int, layers: int | None = None) -> dict:
+    """The Hugging Face config of a built-in architecture, positions stretched to cover
+    `max_len` (the benchmark times steps, it does not need the model to be trained there) and
+    `layers` of them if given."""
     hf = dict(ARCHS[name])
     hf["max_position_embeddings"] = max(hf["max_position_embeddings"], max_len)
     if layers:
         hf["num_hidden_layers"] = min(layers, hf["num_hidden_layers"])
-    return config_from_hf(hf)
+    return hf
+
+
+def model_hf_config(path: str, max_len: int) -> dict:
+    """A checkpoint's Hugging Face config, refusing contexts beyond its positions."""
+    from convert.checkpoint import read_config, resolve_source
+    from models import config_from_hf
+    from polar_jax.errors import PolarJaxError
+
+    hf = read_config(resolve_source(path))
+    positions = config_from_hf(hf).max_position_embeddings
+    if max_len > positions:
+        raise PolarJaxError(f"--context-lens up to {max_len - 1} (the longest context plus 2 x "
+                            f"--steps) need {max_len} positions; {path} has {positions}")
+    return hf
 
 
 def random_state(config, dtype, seed: int = 0):
@@ -85,6 +100,53 @@ def random_state(config, dtype, seed: int = 0):
     make = jax.jit(lambda key, shape: jax.random.normal(key, shape, dtype) * 0.02,
                    static_argnums=1)
     return graphdef, jax.tree.unflatten(treedef, [make(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+@dataclasses.dataclass
+class Subject:
+    """What a run times: the model (`graphdef`, `state`), its routers (`Routers.unstack()`),
+    the routers' calibrated MLP k per batch size (None for random routers), the number of
+    layers of the whole model (times are scaled to it from `config.num_layers`) and the Hugging
+    Face config the PyTorch peer builds."""
+
+    name: str
+    config: object
+    graphdef: object
+    state: object
+    router_state: tuple
+    mlp_topk: dict | None
+    num_layers: int
+    hf_config: dict
+
+
+def arch_subject(arch: str, max_len: int, layers: int | None, dtype) -> Subject:
+    """A built-in architecture with random weights and random rank-1024 routers."""
+    from models import config_from_hf
+    from routers.model import Routers
+
+    hf = arch_hf_config(arch, max_len, layers)
+    config = config_from_hf(hf)
+    graphdef, state = random_state(config, dtype)
+    router_state = Routers.for_model(config, 1024, seed=1).unstack(dtype)
+    return Subject(arch, config, graphdef, state, router_state, None,
+                   ARCHS[arch]["num_hidden_layers"], hf)
+
+
+def model_subject(path: str, routers: str | None, hf: dict, dtype) -> Subject:
+    """A real checkpoint (converted or Hugging Face directory, config `hf`) and, if given, its
+    trained routers (else random ones)."""
+    from polar_jax.loading import load_model
+    from routers.model import Routers, load_routers
+
+    config, model = load_model(path, dtype)
+    graphdef, state = nnx.split(model)
+    if routers is None:
+        trained, mlp_topk = Routers.for_model(config, 1024, seed=1), None
+    else:
+        trained, metadata = load_routers(routers, config)
+        mlp_topk = metadata.get("mlp_topk")
+    return Subject(Path(path).name, config, graphdef, state, trained.unstack(dtype), mlp_topk,
+                   config.num_layers, hf)
 
 
 def _bytes(tree) -> int:
@@ -267,16 +329,13 @@ print("@@PEER@@" + json.dumps({"rows": rows, "mode": compiled, "torch": torch.__
 """
 
 
-def torch_peer(arch: str, batch_sizes, context_lens, steps: int, repeats: int, dtype: str,
-               layers: int | None, compile_model: bool = True, timeout: int = 1800) -> dict:
-    """{"rows": [...], "mode", "torch", ...} from the PyTorch peer, or {"error": ...}."""
+def torch_peer(hf: dict, batch_sizes, context_lens, steps: int, repeats: int, dtype: str,
+               compile_model: bool = True, timeout: int = 1800) -> dict:
+    """{"rows": [...], "mode", "torch", ...} from the PyTorch peer on a model of Hugging Face
+    config `hf` (random weights), or {"error": ...}."""
     import subprocess
     import sys
 
-    hf = dict(ARCHS[arch])
-    hf["max_position_embeddings"] = max(hf["max_position_embeddings"], max(context_lens) + steps + 1)
-    if layers:
-        hf["num_hidden_layers"] = min(layers, hf["num_hidden_layers"])
     payload = json.dumps(dict(hf=hf, batch_sizes=batch_sizes, context_lens=context_lens,
                               steps=steps, repeats=repeats, dtype=dtype, compile=compile_model))
     try:
@@ -298,18 +357,14 @@ def _free_bytes() -> int | None:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else None
 
 
-def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float | None,
-             steps: int, repeats: int, dtype, layers: int | None, bandwidth: float, log,
-             breakdown: bool = False) -> list[dict]:
-    from polar_jax.sparsity import DENSE_MLP_FRACTION, SparsityPlan
-    from routers.model import Routers
+def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
+                mlp_density: float | None, steps: int, repeats: int, dtype, bandwidth: float,
+                log, breakdown: bool = False) -> list[dict]:
+    from polar_jax.sparsity import SparsityPlan
 
-    max_len = max(context_lens) + 2 * steps + 1
-    config = arch_config(arch, max_len, layers)
-    full_layers = ARCHS[arch]["num_hidden_layers"]
-    scale = full_layers / config.num_layers
-    graphdef, state = random_state(config, dtype)
-    router_state = Routers.for_model(config, 1024, seed=1).unstack(dtype)
+    config, graphdef, state = subject.config, subject.graphdef, subject.state
+    router_state, name = subject.router_state, subject.name
+    scale = subject.num_layers / config.num_layers
     itemsize = jnp.dtype(dtype).itemsize
     rows = []
     dense_run = make_decode_loop(graphdef, None)
@@ -323,31 +378,36 @@ def run_arch(arch: str, batch_sizes, context_lens, fractions, mlp_density: float
         if free is not None and need > 0.9 * free:
             for context in context_lens:
                 why = f"KV cache {need / 2**30:.1f} GiB > free {free / 2**30:.1f} GiB"
-                rows.append(dict(arch=arch, batch=batch, context=context, skipped=why))
+                rows.append(dict(arch=name, batch=batch, context=context, skipped=why))
                 log(_format(rows[-1]))
             continue
         key = jax.random.key(batch)
         kv_cache = [tuple(jax.random.normal(k, (batch, config.num_kv_heads, cache_len, config.head_dim), dtype)
                           for k in jax.random.split(kk)) for kk in jax.random.split(key, config.num_layers)]
         for context in context_lens:
-            base = dict(arch=arch, batch=batch, context=context, layers_timed=config.num_layers,
-                        layers=full_layers)
+            base = dict(arch=name, batch=batch, context=context, layers_timed=config.num_layers,
+                        layers=subject.num_layers)
             dense_ms, kv_cache = time_steps(dense_run, state, None, kv_cache, batch, context, steps, repeats)
             dense_bytes = step_bytes(config, state, None, None, batch, context, itemsize).dense
             for fraction in fractions:
-                k_mlp = None
-                if mlp_density is not None and not config.gated_mlp:
-                    k_mlp = int(min(config.mlp_dim, max(128, round(mlp_density * config.mlp_dim / 128) * 128)))
-                    k_mlp = None if k_mlp >= DENSE_MLP_FRACTION * config.mlp_dim else k_mlp
                 if (fraction, batch) not in sparse_runs:
-                    metadata = {"mlp_topk": {str(batch): [k_mlp or config.mlp_dim] * config.num_layers}}
-                    plan = SparsityPlan.build(config, metadata, fraction, (0,), batch)
+                    # MLP k: --mlp-density for every layer, else the routers' calibrated k for
+                    # this batch size, else (random routers) a dense MLP.
+                    mlp_topk = subject.mlp_topk
+                    if mlp_density is not None:
+                        k = round(mlp_density * config.mlp_dim / 128) * 128
+                        mlp_topk = {str(batch): [min(config.mlp_dim, max(128, k))] * config.num_layers}
+                    plan = SparsityPlan.build(config, {"mlp_topk": mlp_topk} if mlp_topk else None,
+                                              fraction, (0,), batch)
                     sparse_runs[fraction, batch] = plan, make_decode_loop(graphdef, plan)
                 plan, run = sparse_runs[fraction, batch]
+                kept = [k for k in plan.mlp_neurons if k is not None]
                 sparse_ms, kv_cache = time_steps(run, state, router_state, kv_cache, batch, context,
                                                  steps, repeats)
                 sparse_bytes = step_bytes(config, state, router_state, plan, batch, context, itemsize).sparse
-                row = dict(base, attn_topk=fraction, mlp_neurons=k_mlp,
+                row = dict(base, attn_topk=fraction,
+                           mlp_neurons=round(sum(kept) / len(kept)) if kept else None,
+                           mlp_neurons_per_layer=list(plan.mlp_neurons),
                            dense_ms=round(dense_ms * scale, 4), sparse_ms=round(sparse_ms * scale, 4),
                            dense_tokens_per_s=round(batch / (dense_ms * scale) * 1e3, 1),
                            sparse_tokens_per_s=round(batch / (sparse_ms * scale) * 1e3, 1),
@@ -429,14 +489,20 @@ def _floats(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polar-jax bench decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--arch", choices=sorted(ARCHS),
+                      help="a built-in shape, random weights and random routers")
+    what.add_argument("--model", help="a real checkpoint: converted or Hugging Face directory")
+    parser.add_argument("--routers", help="with --model: its trained routers (MLP k from their "
+                                          "calibration per batch size); default random routers")
     parser.add_argument("--batch-sizes", type=_ints, default=None,
                         help="default 1,16,64,128,256 (tiny: 1,4)")
     parser.add_argument("--context-lens", type=_ints, default=None,
                         help="default 1024,2048,4096 (tiny: 64,256)")
     parser.add_argument("--attn-topk", type=_floats, default=[0.5, 0.3])
     parser.add_argument("--mlp-density", type=float, default=None,
-                        help="fraction of MLP neurons kept (non-gated MLPs); default: dense MLP")
+                        help="fraction of MLP neurons kept (non-gated MLPs); default: the "
+                             "routers' calibrated k, or a dense MLP with random routers")
     parser.add_argument("--steps", type=int, default=16, help="N: steps per timed loop")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
@@ -455,27 +521,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
     from polar_jax.dtypes import parse_dtype
+    from polar_jax.errors import PolarJaxError
 
+    if args.model is None and args.routers is not None:
+        raise PolarJaxError("--routers needs --model (built-in --arch shapes use random routers)")
+    if args.model is not None and args.layers is not None:
+        raise PolarJaxError("--layers applies to built-in --arch shapes only, not to --model")
+    if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
+        raise PolarJaxError(f"--mlp-density must be in (0, 1], got {args.mlp_density}")
     dtype = parse_dtype(args.dtype)
     tiny = args.arch == "tiny"
     args.batch_sizes = args.batch_sizes or ([1, 4] if tiny else [1, 16, 64, 128, 256])
     args.context_lens = args.context_lens or ([64, 256] if tiny else [1024, 2048, 4096])
     log = lambda line: print(line, flush=True)
+    max_len = max(args.context_lens) + 2 * args.steps + 1
+    hf = (arch_hf_config(args.arch, max_len, args.layers) if args.model is None
+          else model_hf_config(args.model, max_len))
     peer = {}
     if args.peer == "auto" and importlib.util.find_spec("torch") is not None:
         # Before JAX initialises the GPU, so that the two never share its memory.
         start = time.perf_counter()
-        peer = torch_peer(args.arch, args.batch_sizes, args.context_lens, args.steps,
-                          args.repeats, args.dtype, args.layers, args.torch_compile)
+        peer = torch_peer(hf, args.batch_sizes, args.context_lens, args.steps, args.repeats,
+                          args.dtype, args.torch_compile)
         log(f"PyTorch peer ({peer.get('mode', 'failed')}, {time.perf_counter() - start:.0f} s)"
             + (f": {peer['error'][-300:]}" if "error" in peer else ""))
     bandwidth = copy_bandwidth()
     log(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
         f"{datetime.date.today()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     log(HEADER)
-    rows = run_arch(args.arch, args.batch_sizes, args.context_lens, args.attn_topk,
-                    args.mlp_density, args.steps, args.repeats, dtype, args.layers, bandwidth, log,
-                    args.breakdown)
+    subject = (arch_subject(args.arch, max_len, args.layers, dtype) if args.model is None
+               else model_subject(args.model, args.routers, hf, dtype))
+    rows = run_subject(subject, args.batch_sizes, args.context_lens, args.attn_topk,
+                       args.mlp_density, args.steps, args.repeats, dtype, bandwidth, log,
+                       args.breakdown)
     peer_rows = {(r["batch"], r["context"]): r for r in peer.get("rows", [])}
     for row in rows:
         match = peer_rows.get((row["batch"], row["context"]), {})
