@@ -1,8 +1,9 @@
 """Building blocks shared by every family: norms, embeddings, attention and MLP.
 
 Weights are stored in the layouts the decode kernels read and that shard per head and per
-neuron: q/k/v projections `[d, heads, head_dim]`, the output projection `[heads, head_dim, d]`,
-MLP weights neuron-major `[N, d]` (row n holds neuron n's input, or output, weights).
+neuron: the q/k/v projections together `[d, Hq + 2 Hkv, head_dim]`, the output projection
+`[heads, head_dim, d]`, MLP weights neuron-major `[N, d]` (row n holds neuron n's input, or
+output, weights; a gated MLP's gate and up rows together `[N, 2, d]`).
 Matmuls accumulate in float32; norms and softmax run in float32.
 """
 
