@@ -157,6 +157,7 @@ def _bytes(tree) -> int:
 class StepBytes:
     dense: int
     sparse: int
+    fixed: int  # of both: the weights outside the layers (embeddings, final norm, head)
 
 
 def step_bytes(config, state, router_state, plan, batch: int, context: int, itemsize: int) -> StepBytes:
@@ -176,7 +177,14 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, item
             mlp = params["layers"][layer]["mlp"]
             rows = _bytes([mlp.get("w_in", mlp.get("w_gate_up")), mlp["w_out"]])
             sparse -= rows * (1 - neurons / config.mlp_dim)
-    return StepBytes(int(dense), int(sparse))
+    return StepBytes(int(dense), int(sparse), int(weights - _bytes(params["layers"])))
+
+
+def whole_model(ms: float, fixed_ms: float, scale: float) -> float:
+    """A step of the timed layers -> of the whole model (`scale` = its layers / those timed):
+    the part outside the layers once (`fixed_ms`, estimated as its bytes at the copy
+    bandwidth), the rest `scale` times."""
+    return fixed_ms + (ms - fixed_ms) * scale
 
 
 def make_decode_loop(graphdef, plan):
@@ -388,7 +396,6 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
             base = dict(arch=name, batch=batch, context=context, layers_timed=config.num_layers,
                         layers=subject.num_layers)
             dense_ms, kv_cache = time_steps(dense_run, state, None, kv_cache, batch, context, steps, repeats)
-            dense_bytes = step_bytes(config, state, None, None, batch, context, itemsize).dense
             for fraction in fractions:
                 if (fraction, batch) not in sparse_runs:
                     # MLP k: --mlp-density for every layer, else the routers' calibrated k for
@@ -404,19 +411,24 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                 kept = [k for k in plan.mlp_neurons if k is not None]
                 sparse_ms, kv_cache = time_steps(run, state, router_state, kv_cache, batch, context,
                                                  steps, repeats)
-                sparse_bytes = step_bytes(config, state, router_state, plan, batch, context, itemsize).sparse
+                nbytes = step_bytes(config, state, router_state, plan, batch, context, itemsize)
+                fixed_ms = nbytes.fixed / bandwidth * 1e3
+                dense_w, sparse_w = (whole_model(t, fixed_ms, scale) for t in (dense_ms, sparse_ms))
+                dense_roof, sparse_roof = (whole_model(b / bandwidth * 1e3, fixed_ms, scale)
+                                           for b in (nbytes.dense, nbytes.sparse))
                 row = dict(base, attn_topk=fraction,
                            mlp_neurons=round(sum(kept) / len(kept)) if kept else None,
                            mlp_neurons_per_layer=list(plan.mlp_neurons),
-                           dense_ms=round(dense_ms * scale, 4), sparse_ms=round(sparse_ms * scale, 4),
-                           dense_tokens_per_s=round(batch / (dense_ms * scale) * 1e3, 1),
-                           sparse_tokens_per_s=round(batch / (sparse_ms * scale) * 1e3, 1),
-                           speedup=round(dense_ms / sparse_ms, 3),
-                           dense_roofline_ms=round(dense_bytes / bandwidth * 1e3 * scale, 4),
-                           sparse_roofline_ms=round(sparse_bytes / bandwidth * 1e3 * scale, 4))
-                row["dense_pct_roofline"] = round(100 * row["dense_roofline_ms"] / row["dense_ms"], 1)
-                row["sparse_pct_roofline"] = round(100 * row["sparse_roofline_ms"] / row["sparse_ms"], 1)
-                row["roofline_speedup"] = round(dense_bytes / sparse_bytes, 3)
+                           dense_ms=round(dense_w, 4), sparse_ms=round(sparse_w, 4),
+                           dense_tokens_per_s=round(batch / dense_w * 1e3, 1),
+                           sparse_tokens_per_s=round(batch / sparse_w * 1e3, 1),
+                           speedup=round(dense_w / sparse_w, 3),
+                           dense_roofline_ms=round(dense_roof, 4),
+                           sparse_roofline_ms=round(sparse_roof, 4),
+                           fixed_ms=round(fixed_ms, 4))
+                row["dense_pct_roofline"] = round(100 * dense_roof / dense_w, 1)
+                row["sparse_pct_roofline"] = round(100 * sparse_roof / sparse_w, 1)
+                row["roofline_speedup"] = round(dense_roof / sparse_roof, 3)
                 if breakdown and fraction == fractions[0]:
                     row["breakdown_us_per_layer"] = {}
                     for mode, loop, routers in (("dense", dense_run, None), ("sparse", run, router_state)):
@@ -507,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--layers", type=int, default=None,
-                        help="time this many layers and scale to the whole model (large models)")
+                        help="time this many layers and scale to the whole model (large models): "
+                             "the step outside the layers (embeddings, head; estimated as its "
+                             "bytes at the copy bandwidth) counts once, the rest per layer")
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile one loop of dense and sparse steps (first fraction "
                              "only): device microseconds per layer by part (norms, projections, "
@@ -561,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             row["torch_skipped"] = match["torch_skipped"]
         if "torch_ms" in match and "dense_ms" in row:
             scale = row["layers"] / row["layers_timed"]
-            row["torch_ms"] = round(match["torch_ms"] * scale, 4)
+            row["torch_ms"] = round(whole_model(match["torch_ms"], row["fixed_ms"], scale), 4)
             row["torch_tokens_per_s"] = round(row["batch"] / row["torch_ms"] * 1e3, 1)
             row["dense_vs_torch"] = round(row["torch_ms"] / row["dense_ms"], 3)
             if row["attn_topk"] != args.attn_topk[0]:
