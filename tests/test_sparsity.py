@@ -178,3 +178,30 @@ def test_bench_decode_bad_arguments(argv, message, capsys):
     assert main(["bench", "decode", "--peer", "off", "--batch-sizes", "1", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_step_bytes_count_what_a_step_reads(tied):
+    """The roofline's bytes: every weight except the tables a step reads only the batch's rows
+    of (learned positions; the token embedding when the head is untied), plus K and V of the
+    groups each layer reads up to the context; sparse adds the routers, drops unread rows."""
+    from models import config_from_hf
+    from polar_jax.bench.decode import random_state, step_bytes
+
+    hf = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, hidden_act="silu", rms_norm_eps=1e-5,
+              tie_word_embeddings=tied)
+    config = config_from_hf(hf)
+    _, state = random_state(config, jnp.bfloat16)
+    leaves = jax.tree.leaves(nnx.to_pure_dict(state))
+    weights = sum(int(np.prod(x.shape)) * 2 for x in leaves) - (0 if tied else 96 * 32 * 2)
+    batch, context, kv_layer = 3, 50, 2 * 3 * 2 * 50 * 8 * 2  # K and V, B, Hkv, S, D, bf16
+    routers = Routers.for_model(config, 16).unstack(jnp.bfloat16)
+    plan = SparsityPlan.build(config, None, 0.5, (0,), batch)  # layer 1 reads 1 of 2 groups
+    got = step_bytes(config, state, routers, plan, batch, context, 2)
+    router_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(routers))
+    assert got.dense == weights + 2 * kv_layer
+    assert got.sparse == weights + router_bytes + kv_layer + kv_layer // 2
+    assert got.fixed == weights - sum(int(np.prod(x.shape)) * 2 for x in
+                                      jax.tree.leaves(nnx.to_pure_dict(state)["layers"]))

@@ -164,8 +164,11 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, item
     """Bytes one decode step must read, dense and sparse."""
     params = nnx.to_pure_dict(state)
     weights = _bytes(params)
-    if "pos_embed" in params:  # learned positions: only the batch's rows are read
-        weights -= _bytes(params["pos_embed"])
+    # Tables a step reads only the batch's rows of: learned positions, and the token embedding
+    # when the head is a separate matrix (a tied head reads the whole table for the logits).
+    for table in ("pos_embed",) + (("embed",) if params.get("lm_head") else ()):
+        if table in params:
+            weights -= _bytes(params[table])
     kv_layer = 2 * batch * config.num_kv_heads * context * config.head_dim * itemsize
     dense = weights + config.num_layers * kv_layer
     sparse = weights + (0 if router_state is None else _bytes(router_state))
