@@ -30,7 +30,7 @@ from convert.mapping import canonical_name, param_specs
 from models.config import ModelConfig, config_from_hf
 from polar_jax.errors import PolarJaxError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: q/k/v as one `w_qkv`, gate and up as one `w_gate_up`
 METADATA_FILE = "polar_jax.json"
 PARAMS_DIR = "params"
 _NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convert.checkpoint import TOKENIZER_FILES, read_config, read_json, resolve_source
-from convert.convert import METADATA_FILE, PARAMS_DIR, read_hf_params, source_dtype
+from convert.convert import FORMAT_VERSION, METADATA_FILE, PARAMS_DIR, read_hf_params, source_dtype
 from models import ModelConfig, build_model, config_from_hf
 from polar_jax.errors import PolarJaxError
 
@@ -29,6 +29,11 @@ def load_model(path: str, dtype=None, sharding: jax.sharding.Sharding | None = N
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if is_converted(src):
         metadata = read_json(src / METADATA_FILE)
+        if metadata.get("format") != FORMAT_VERSION:
+            raise PolarJaxError(
+                f"{src} holds polar-jax format {metadata.get('format')}; this version reads format "
+                f"{FORMAT_VERSION} (fused q/k/v and gate/up weights): convert the checkpoint again "
+                f"with `polar-jax convert SRC {src} --force`")
         dtype = dtype or jnp.dtype(metadata["dtype"])
         params = _restore(src / PARAMS_DIR, config, dtype, sharding)
     else:

@@ -768,6 +768,16 @@ def test_eval_converted_dir_without_params(opt_src, tmp_path, text_file, capsys)
                                "--seq-len", "16"], "params")
 
 
+def test_eval_converted_dir_of_an_older_format(opt_src, tmp_path, text_file, capsys):
+    """Directories converted before q/k/v and gate/up were fused ask to be converted again."""
+    dst = tmp_path / "converted"
+    convert_checkpoint(str(opt_src), str(dst))
+    metadata = json.loads((dst / "polar_jax.json").read_text())
+    (dst / "polar_jax.json").write_text(json.dumps(dict(metadata, format=1)))
+    _assert_cli_error(capsys, ["eval", "perplexity", "--model", dst, "--text", text_file,
+                               "--seq-len", "16"], "convert the checkpoint again")
+
+
 def test_eval_hf_dir_runs(opt_src, text_file, capsys):
     """The error tests above use this HF directory: it does evaluate when the input is fine."""
     result = _eval_json(capsys, ["eval", "perplexity", "--model", opt_src, "--text", text_file,
