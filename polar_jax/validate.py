@@ -1,0 +1,100 @@
+"""Checks of values that come from outside: config.json fields, routers metadata, arguments of
+the Python API and of the command line. One place, so that every layer refuses the same bad
+value with the same one-line message: what was wrong, what is allowed.
+
+A leaf module (it imports nothing of the project but `polar_jax.errors`), so that `models`,
+`convert` and `routers` may use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+from typing import Any, Callable, Mapping
+
+from polar_jax.errors import PolarJaxError
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _range(low, high, low_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}]"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"<= {high}"
+    return ""
+
+
+def integer(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """`value` as an int in [low, high]; bools, floats and strings are refused."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
+        allowed = " ".join(filter(None, ("an integer", _range(low, high))))
+        raise PolarJaxError(f"{name} must be {allowed}, got {_describe(value)}")
+    return int(value)
+
+
+def number(name: str, value: Any, low: float | None = None, high: float | None = None,
+           low_open: bool = False) -> float:
+    """`value` as a finite float in [low, high] (or (low, high] with `low_open`); ints are
+    accepted, bools and strings refused."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        value = float(value)
+        ok = not ((low is not None and (value <= low if low_open else value < low))
+                  or (high is not None and value > high))
+    if not ok:
+        allowed = " ".join(filter(None, ("a finite number", _range(low, high, low_open))))
+        raise PolarJaxError(f"{name} must be {allowed}, got {_describe(value)}")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise PolarJaxError(f"{name} must be true or false, got {_describe(value)}")
+    return value
+
+
+def string(name: str, value: Any, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str) or (choices is not None and value not in choices):
+        allowed = f"one of {', '.join(choices)}" if choices else "a string"
+        raise PolarJaxError(f"{name} must be {allowed}, got {_describe(value)}")
+    return value
+
+
+def mapping(name: str, value: Any) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise PolarJaxError(f"{name} must be a JSON object (a mapping), got {_describe(value)}")
+    return value
+
+
+def listing(name: str, value: Any, length: int | None = None) -> list:
+    """`value` as a list (a JSON array; tuples too), of `length` items when given."""
+    if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+        allowed = "a list" + (f" of {length} items" if length is not None else "")
+        raise PolarJaxError(f"{name} must be {allowed}, got {_describe(value)}")
+    return list(value)
+
+
+def cli_type(check: Callable[..., Any], parse: Callable[[str], Any], **limits) -> Callable[[str], Any]:
+    """An argparse `type=` that parses the text with `parse` and applies `check` with `limits`,
+    so the command line refuses what the Python API refuses, with the same words."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"cannot read {text!r}") from None
+        try:
+            return check("the value", value, **limits)
+        except PolarJaxError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("the value ")) from None
+
+    convert.__name__ = check.__name__  # argparse names the type in its messages
+    return convert
