@@ -11,7 +11,9 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from polar_jax import validate
 from polar_jax.errors import PolarJaxError
+from polar_jax.files import checkpoint_file
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -26,72 +28,60 @@ SIDE_FILES = TOKENIZER_FILES + (
 
 
 def resolve_source(src: str | os.PathLike) -> Path:
-    """A local checkpoint directory; a Hugging Face hub id is downloaded when online."""
+    """The local checkpoint directory `src` (nothing is downloaded: polar-jax reads local files
+    only)."""
     path = Path(src)
     if path.is_dir():
         return path
-    if path.exists():
+    if os.path.lexists(path):
         raise PolarJaxError(f"{src} is a file; expected a Hugging Face checkpoint directory")
-    if str(src).count("/") == 1 and not str(src).startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]))
-        except Exception as err:  # offline, unknown repo, gated model...
-            raise PolarJaxError(
-                f"{src} is not a local directory and could not be fetched from the Hugging Face hub: {err}"
-            ) from None
-    raise PolarJaxError(f"{src} does not exist (expected a Hugging Face checkpoint directory)")
+    raise PolarJaxError(f"{src} does not exist (expected a local Hugging Face checkpoint directory)")
 
 
-def read_json(path: Path) -> dict:
+def read_json(src: Path, name: str):
+    """The JSON file `name` of the checkpoint directory `src` (see `checkpoint_file`)."""
+    path = checkpoint_file(src, name)
     try:
         with open(path) as f:
             return json.load(f)
-    except FileNotFoundError:
-        raise PolarJaxError(f"{path} is missing") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PolarJaxError(f"{path} is not readable JSON: {err}") from None
+        raise PolarJaxError(f"{src / name} is not readable JSON: {err}") from None
 
 
 def read_config(src: Path) -> dict:
     """The checkpoint's `config.json` as a dict."""
-    if not (src / "config.json").exists():
+    if not os.path.lexists(src / "config.json"):
         raise PolarJaxError(f"{src} has no config.json; is it a Hugging Face checkpoint directory?")
-    config = read_json(src / "config.json")
-    if not isinstance(config, dict):
-        raise PolarJaxError(f"{src / 'config.json'} must hold a JSON object, not {type(config).__name__}")
-    return config
+    return validate.mapping(str(src / "config.json"), read_json(src, "config.json"))
 
 
 def _shards(src: Path, index_name: str) -> list[Path]:
-    index = read_json(src / index_name)
+    index = validate.mapping(str(src / index_name), read_json(src, index_name))
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise PolarJaxError(f"{src / index_name} has no weight_map")
-    files = [src / f for f in dict.fromkeys(weight_map.values())]
-    for f in files:
-        if not f.exists():
-            raise PolarJaxError(f"{src / index_name} names shard {f.name}, which is missing")
-    return files
+    files = dict.fromkeys(validate.string(f"{src / index_name}: weight_map[{tensor!r}]", f)
+                          for tensor, f in weight_map.items())
+    return [checkpoint_file(src, f, named_by=f"{src / index_name} names shard") for f in files]
 
 
 def weight_files(src: Path, allow_pickle: bool) -> tuple[str, list[Path]]:
-    """("safetensors" | "pickle", the files to read in order)."""
-    if (src / SAFETENSORS_INDEX).exists():
+    """("safetensors" | "pickle", the real paths of the files to read in order)."""
+    present = lambda name: os.path.lexists(src / name)
+    if present(SAFETENSORS_INDEX):
         return "safetensors", _shards(src, SAFETENSORS_INDEX)
-    if (src / SAFETENSORS_FILE).exists():
-        return "safetensors", [src / SAFETENSORS_FILE]
-    pickled = (src / PICKLE_INDEX).exists() or (src / PICKLE_FILE).exists()
+    if present(SAFETENSORS_FILE):
+        return "safetensors", [checkpoint_file(src, SAFETENSORS_FILE)]
+    pickled = present(PICKLE_INDEX) or present(PICKLE_FILE)
     if pickled and not allow_pickle:
         raise PolarJaxError(
             f"{src} holds only pickled PyTorch weights ({PICKLE_FILE}); pickles can run code when "
             "loaded, so pass --allow-pickle to read them (with torch.load(weights_only=True))"
         )
-    if (src / PICKLE_INDEX).exists():
+    if present(PICKLE_INDEX):
         return "pickle", _shards(src, PICKLE_INDEX)
-    if (src / PICKLE_FILE).exists():
-        return "pickle", [src / PICKLE_FILE]
+    if present(PICKLE_FILE):
+        return "pickle", [checkpoint_file(src, PICKLE_FILE)]
     raise PolarJaxError(
         f"{src} has no weights: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, or "
         f"(with --allow-pickle) {PICKLE_FILE}"

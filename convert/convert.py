@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import ml_dtypes
@@ -29,6 +28,7 @@ from convert.checkpoint import (
 from convert.mapping import canonical_name, param_specs
 from models.config import ModelConfig, config_from_hf
 from polar_jax.errors import PolarJaxError
+from polar_jax.files import atomic_output, cast_checked, checkpoint_file
 
 FORMAT_VERSION = 2  # 2: q/k/v as one `w_qkv`, gate and up as one `w_gate_up`
 METADATA_FILE = "polar_jax.json"
@@ -46,8 +46,9 @@ def read_hf_params(src: Path, config: ModelConfig, dtype: str, allow_pickle: boo
                    progress: bool = False) -> dict:
     """Streams the checkpoint at `src` into the nested param dict of `config`'s model.
 
-    Every tensor is checked against the model's expectations: a missing, unexpected or
-    misshapen tensor is an error naming it.
+    Every tensor is checked against the model's expectations: a missing, unexpected,
+    misshapen or non-float tensor, a NaN or Inf, or a value beyond `dtype`'s range is an error
+    naming it.
     """
     if dtype not in _NUMPY_DTYPES:
         raise PolarJaxError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_NUMPY_DTYPES)}")
@@ -82,7 +83,7 @@ def read_hf_params(src: Path, config: ModelConfig, dtype: str, allow_pickle: boo
             node = params
             for key in spec.path[:-1]:
                 node = node.setdefault(key, {})
-            value = spec.transform(array).astype(target)
+            value = spec.transform(cast_checked(f"tensor {hf_name!r}", array, target))
             if spec.part is None:
                 node[spec.path[-1]] = np.ascontiguousarray(value)
             else:  # one part of a tensor stored together with others (every part is required)
@@ -110,48 +111,23 @@ def convert_checkpoint(src: str, dst: str, dtype: str | None = None, allow_pickl
                        force: bool = False, progress: bool = False) -> Path:
     """Converts the HF checkpoint `src` into `dst`; returns `dst`.
 
-    The output is assembled in a temporary sibling directory and renamed into place at the
-    end, so an error never leaves a partial `dst`.
+    The output is assembled beside `dst` and moved into place at the end
+    (`polar_jax.files.atomic_output`): a `dst` overlapping `src` is refused, an existing one
+    is replaced only with `force`, and an error never leaves a partial `dst`.
     """
-    dst_path = Path(dst)
-    if (dst_path.exists() or dst_path.is_symlink()) and not force:
-        raise PolarJaxError(f"{dst} already exists; pass --force to replace it")
     src_path = resolve_source(src)
-    if dst_path.exists() and dst_path.resolve() == src_path.resolve():
-        raise PolarJaxError(f"the destination {dst} is the source checkpoint itself")
-    hf_config = read_config(src_path)
-    config = config_from_hf(hf_config)
-    dtype = dtype or source_dtype(hf_config)
-    params = read_hf_params(src_path, config, dtype, allow_pickle, progress)
-
-    dst_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst_path.parent / f".{dst_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        save_params(params, tmp / PARAMS_DIR)
-        shutil.copyfile(src_path / "config.json", tmp / "config.json")
-        for name in SIDE_FILES:
-            if (src_path / name).exists():
-                shutil.copyfile(src_path / name, tmp / name)
+    with atomic_output(dst, force=force, inputs={"the source checkpoint": src_path}) as staging:
+        hf_config = read_config(src_path)
+        config = config_from_hf(hf_config)
+        dtype = dtype or source_dtype(hf_config)
+        copied = {name: checkpoint_file(src_path, name, optional=True)
+                  for name in ("config.json",) + SIDE_FILES}
+        params = read_hf_params(src_path, config, dtype, allow_pickle, progress)
+        save_params(params, staging.path / PARAMS_DIR)
+        for name, path in copied.items():
+            if path is not None:
+                shutil.copyfile(path, staging.path / name)
         metadata = {"format": FORMAT_VERSION, "dtype": dtype, "model_type": config.model_type,
                     "source": str(src)}
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        _replace(tmp, dst_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst_path
-
-
-def _replace(new: Path, dst: Path) -> None:
-    """Moves `new` to `dst`, replacing whatever is there."""
-    if not (dst.exists() or dst.is_symlink()):
-        new.rename(dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    dst.rename(old)
-    new.rename(dst)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+        (staging.path / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return Path(dst)

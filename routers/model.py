@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import uuid
 from pathlib import Path
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from flax import nnx
 
 from models import ModelConfig, build_model
 from polar_jax.errors import PolarJaxError
+from polar_jax.files import atomic_output
 
 F32 = jnp.float32
 FORMAT_VERSION = 1
@@ -178,31 +178,24 @@ def model_fingerprint(config: ModelConfig) -> dict:
             "mlp_dim": config.mlp_dim, "shape_hash": digest}
 
 
-def save_routers(routers: Routers, metadata: dict, out: str | Path) -> Path:
-    """Writes params (orbax) and `routers.json` to a temporary sibling, then renames to `out`."""
+def write_routers(routers: Routers, metadata: dict, directory: Path) -> None:
+    """Writes params (orbax, in `params/`) and `routers.json` into the existing `directory`."""
     import orbax.checkpoint as ocp
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(routers)))
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save((tmp / PARAMS_DIR).absolute(), state)
-            checkpointer.wait_until_finished()
-        (tmp / METADATA_FILE).write_text(json.dumps(dict(metadata, format=FORMAT_VERSION), indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(routers)))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((directory / PARAMS_DIR).absolute(), state)
+        checkpointer.wait_until_finished()
+    (directory / METADATA_FILE).write_text(json.dumps(dict(metadata, format=FORMAT_VERSION), indent=2) + "\n")
+
+
+def save_routers(routers: Routers, metadata: dict, out: str | Path, *, force: bool = False,
+                 inputs: Mapping[str, str | Path | None] | None = None) -> Path:
+    """Saves to `out` through `polar_jax.files.atomic_output`: refused when `out` exists
+    (unless `force`) or overlaps one of `inputs` ({role: path}); nothing partial on failure."""
+    with atomic_output(out, force=force, inputs=inputs) as staging:
+        write_routers(routers, metadata, staging.path)
+    return Path(out)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
 from models import ModelConfig
 from polar_jax.errors import PolarJaxError
+from polar_jax.files import atomic_output
 from routers.collect import collect
-from routers.model import model_fingerprint, save_routers
+from routers.model import model_fingerprint, write_routers
 from routers.train import (
     TrainSettings,
     calibrate_mlp_topk,
@@ -35,8 +36,14 @@ def split_tokens(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
                   settings: TrainSettings, seq_len: int = 512, collect_batch_size: int = 8,
-                  progress: bool = False) -> dict:
-    """Runs the whole pipeline on the token ids `ids`; returns the summary saved in routers.json."""
+                  progress: bool = False, *, force: bool = False,
+                  inputs: Mapping[str, str | Path | None] | None = None) -> dict:
+    """Runs the whole pipeline on the token ids `ids`; returns the summary saved in routers.json.
+
+    The routers directory is written through `polar_jax.files.atomic_output`: `out` must not
+    exist (unless `force`) nor overlap `inputs` ({role: path}, e.g. the model directory and the
+    text file); the collected data lives in its scratch space, beside `out`.
+    """
     if not 0 < settings.attn_topk <= 1:
         raise PolarJaxError(f"--attn-topk must be in (0, 1], got {settings.attn_topk}")
     parts = split_tokens(ids)
@@ -45,10 +52,10 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
         raise PolarJaxError(
             f"the text has {len(ids)} tokens; router training needs at least {minimum} "
             f"(80% train, 10% calibration, 10% metrics)")
-    with tempfile.TemporaryDirectory(prefix="polar-jax-routers-") as tmp:
+    with atomic_output(out, force=force, inputs=inputs) as staging:
         start = time.perf_counter()
         train_data, calib_data, metric_data = (
-            collect(model, config, part, Path(tmp) / name, seq_len, collect_batch_size, progress)
+            collect(model, config, part, staging.scratch / name, seq_len, collect_batch_size, progress)
             for name, part in zip(("train", "calib", "metric"), parts))
         collect_seconds = time.perf_counter() - start
         start = time.perf_counter()
@@ -62,21 +69,21 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
         calibrate_seconds = time.perf_counter() - start
         metrics = evaluate(routers, config, metric_data, settings.attn_topk,
                            None if mlp_topk is None else mlp_topk[1])
-    summary = {
-        "model": model_fingerprint(config),
-        "attn_topk": settings.attn_topk,
-        "attn_groups_kept": groups_to_keep(settings.attn_topk, config.num_kv_heads),
-        "mlp_rank": min(settings.mlp_rank, config.hidden_size),
-        **metrics,
-        "mlp_topk": None if mlp_topk is None else {str(b): k for b, k in mlp_topk.items()},
-        "mlp_topk_step": mlp_topk_step(config.mlp_dim),
-        "tokens_train": train_data.num_tokens,
-        "tokens_heldout": calib_data.num_tokens + metric_data.num_tokens,
-        "tokens_calibration": calib_data.num_tokens,
-        "history": history,
-        "settings": dataclasses.asdict(settings),
-        "seconds": {"collect": round(collect_seconds, 2), "train": round(train_seconds, 2),
-                    "calibrate": round(calibrate_seconds, 2)},
-    }
-    save_routers(routers, summary, out)
+        summary = {
+            "model": model_fingerprint(config),
+            "attn_topk": settings.attn_topk,
+            "attn_groups_kept": groups_to_keep(settings.attn_topk, config.num_kv_heads),
+            "mlp_rank": min(settings.mlp_rank, config.hidden_size),
+            **metrics,
+            "mlp_topk": None if mlp_topk is None else {str(b): k for b, k in mlp_topk.items()},
+            "mlp_topk_step": mlp_topk_step(config.mlp_dim),
+            "tokens_train": train_data.num_tokens,
+            "tokens_heldout": calib_data.num_tokens + metric_data.num_tokens,
+            "tokens_calibration": calib_data.num_tokens,
+            "history": history,
+            "settings": dataclasses.asdict(settings),
+            "seconds": {"collect": round(collect_seconds, 2), "train": round(train_seconds, 2),
+                        "calibrate": round(calibrate_seconds, 2)},
+        }
+        write_routers(routers, summary, staging.path)
     return summary
