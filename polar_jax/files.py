@@ -139,8 +139,7 @@ def check_destination(dst: str | os.PathLike, *, force: bool,
     with and without following a symlink at `dst`) or that exists when not `force`."""
     name = Path(dst).name
     if name in ("", ".", ".."):
-        raise PolarJaxError(f"the destination {dst} must name a new directory entry, such as "
-                            f"{Path(dst) / 'out'}")
+        raise PolarJaxError(f"the destination {dst} must end in a name (not '.', '..' or '/')")
     entry = Path(dst).parent.resolve() / name
     try:
         targets = dict.fromkeys((entry, entry.resolve()))

@@ -786,32 +786,7 @@ def test_eval_hf_dir_runs(opt_src, text_file, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Failures while writing DST.
-
-
-@pytest.mark.parametrize("existing", [False, True])
-def test_write_failure_leaves_nothing_behind(opt_src, tmp_path, monkeypatch, existing):
-    """An error after the temporary directory is made (here: the params writer dies half-way)
-    removes it, and an existing DST (with --force) survives untouched."""
-    import convert.convert as convert_module
-
-    def failing_save(params, directory):
-        directory.mkdir()
-        (directory / "partial").write_bytes(b"\0" * 100)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(convert_module, "save_params", failing_save)
-    dst = tmp_path / "out"
-    if existing:
-        dst.mkdir()
-        (dst / "keep.txt").write_text("precious")
-    with pytest.raises(OSError, match="No space left"):
-        convert_checkpoint(str(opt_src), str(dst), force=existing)
-    if existing:
-        assert _snapshot(dst) == {"keep.txt": b"precious"}
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    else:
-        _assert_nothing_at(dst)
+# DST is SRC (failures while writing DST, overlaps, races: tests/test_files_safety.py).
 
 
 def test_destination_is_the_source(opt_src, tmp_path):
