@@ -67,20 +67,20 @@ def _shards(src: Path, index_name: str) -> list[Path]:
 
 def weight_files(src: Path, allow_pickle: bool) -> tuple[str, list[Path]]:
     """("safetensors" | "pickle", the real paths of the files to read in order)."""
-    present = lambda name: os.path.lexists(src / name)
-    if present(SAFETENSORS_INDEX):
+    present = {name for name in (SAFETENSORS_INDEX, SAFETENSORS_FILE, PICKLE_INDEX, PICKLE_FILE)
+               if os.path.lexists(src / name)}
+    if SAFETENSORS_INDEX in present:
         return "safetensors", _shards(src, SAFETENSORS_INDEX)
-    if present(SAFETENSORS_FILE):
+    if SAFETENSORS_FILE in present:
         return "safetensors", [checkpoint_file(src, SAFETENSORS_FILE)]
-    pickled = present(PICKLE_INDEX) or present(PICKLE_FILE)
-    if pickled and not allow_pickle:
+    if present and not allow_pickle:
         raise PolarJaxError(
             f"{src} holds only pickled PyTorch weights ({PICKLE_FILE}); pickles can run code when "
             "loaded, so pass --allow-pickle to read them (with torch.load(weights_only=True))"
         )
-    if present(PICKLE_INDEX):
+    if PICKLE_INDEX in present:
         return "pickle", _shards(src, PICKLE_INDEX)
-    if present(PICKLE_FILE):
+    if PICKLE_FILE in present:
         return "pickle", [checkpoint_file(src, PICKLE_FILE)]
     raise PolarJaxError(
         f"{src} has no weights: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, or "

@@ -154,8 +154,8 @@ def check_destination(dst: str | os.PathLike, *, force: bool,
                 raise PolarJaxError(f"the destination {dst} is {role} itself; choose another "
                                     "destination")
             if target in source.parents:
-                raise PolarJaxError(f"the destination {dst} contains {role} ({given}), which "
-                                    "replacing it would destroy; choose another destination")
+                raise PolarJaxError(f"the destination {dst} contains {role} ({given}): replacing "
+                                    "it would destroy that; choose another destination")
             if source in target.parents:
                 raise PolarJaxError(f"the destination {dst} lies inside {role} ({given}); "
                                     "choose a destination outside it")
@@ -190,7 +190,7 @@ def atomic_output(dst: str | os.PathLike, *, force: bool,
         _publish(tmp, entry, dst, force)
     except BaseException as err:
         _remove(tmp, missing_ok=True)
-        for directory in made:  # innermost first; stops at one another process filled
+        for directory in made:  # innermost first; one another process has filled stays
             with contextlib.suppress(OSError):
                 directory.rmdir()
         if isinstance(err, OSError):

@@ -20,7 +20,7 @@ from models import ModelConfig, build_model, config_from_hf
 from polar_jax import validate
 from polar_jax.dtypes import DTYPES
 from polar_jax.errors import PolarJaxError
-from polar_jax.files import check_tree, first_non_finite
+from polar_jax.files import check_tree, checkpoint_file, first_non_finite
 
 
 def is_converted(path: Path) -> bool:
@@ -100,7 +100,8 @@ def _check_finite(src: Path, params: dict, dtype: np.dtype, stored: np.dtype) ->
 
 def load_tokenizer(path: str):
     """The Hugging Face tokenizer stored beside the model (read from local files only, every
-    file of the directory checked first: the tokenizer chooses which it opens)."""
+    file of the directory, and every existing path its tokenizer_config.json names, checked
+    first: the tokenizer chooses which it opens)."""
     from transformers import AutoTokenizer
 
     src = resolve_source(path)
@@ -110,6 +111,12 @@ def load_tokenizer(path: str):
             "files of the original checkpoint next to the model"
         )
     check_tree(src)
+    if os.path.lexists(src / "tokenizer_config.json"):  # older transformers open the paths it names
+        settings = validate.mapping(str(src / "tokenizer_config.json"),
+                                    read_json(src, "tokenizer_config.json"))
+        for key, value in settings.items():
+            if key.endswith("_file") and isinstance(value, str) and os.path.lexists(src / value):
+                checkpoint_file(src, value, named_by=f"{src / 'tokenizer_config.json'} {key!r} names")
     try:
         return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except Exception as err:

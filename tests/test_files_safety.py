@@ -216,6 +216,11 @@ def test_tokenizer_file_outside_or_fifo_is_refused(opt_src, tmp_path, capsys):
     argv = ["eval", "perplexity", "--model", src, "--text", text, "--seq-len", "4"]
     _assert_cli_error(capsys, argv, "tokenizer_config.json", "lies outside")
     (src / "tokenizer_config.json").unlink()
+    settings = json.loads(outside.read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps(dict(settings, vocab_file=str(text))))
+    _assert_cli_error(capsys, argv, "tokenizer_config.json 'vocab_file' names", str(text),
+                      "lies outside")
+    (src / "tokenizer_config.json").write_text(json.dumps(settings))
     os.mkfifo(src / "chat_template.jinja")
     with _deadline(120):
         _assert_cli_error(capsys, argv, "chat_template.jinja", "not a regular file (a FIFO)")
