@@ -108,8 +108,8 @@ def cli_list(item: Callable[[str], Any]) -> Callable[[str], list]:
     def convert(text: str) -> list:
         parts = [part.strip() for part in text.split(",")]
         if not all(parts):
-            raise argparse.ArgumentTypeError(
-                f"must be a comma-separated list of one or more values (no empty item), got {text!r}")
+            raise argparse.ArgumentTypeError("must be a comma-separated list of one or more "
+                                             f"values (no empty item), got {text!r}")
         values = []
         for part in parts:
             try:
