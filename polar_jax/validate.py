@@ -98,3 +98,26 @@ def cli_type(check: Callable[..., Any], parse: Callable[[str], Any], **limits) -
 
     convert.__name__ = check.__name__  # argparse names the type in its messages
     return convert
+
+
+def cli_list(item: Callable[[str], Any]) -> Callable[[str], list]:
+    """An argparse `type=` for a comma-separated list of one or more items, each read by the
+    argparse type `item` (a `cli_type`): `cli_list(cli_type(integer, int, low=1))` reads
+    "1,16,64" as [1, 16, 64] and refuses "", "," and "1,,2" as well as "1,0"."""
+
+    def convert(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError("must be a comma-separated list of one or more "
+                                             f"values (no empty item), got {text!r}")
+        values = []
+        for part in parts:
+            try:
+                values.append(item(part))
+            except argparse.ArgumentTypeError as err:
+                where = f" (in the list {text!r})" if len(parts) > 1 else ""
+                raise argparse.ArgumentTypeError(f"{err}{where}") from None
+        return values
+
+    convert.__name__ = f"list of {item.__name__}"
+    return convert

@@ -1,4 +1,5 @@
-"""Shared test settings: float32 CPU math, the `../shared` fixtures, GPU skipping."""
+"""Shared test settings: float32 CPU math, the fixture paths (`../shared`, else the copies
+bundled in demo/), GPU skipping."""
 
 from __future__ import annotations
 
@@ -16,14 +17,24 @@ jax.config.update("jax_default_matmul_precision", "highest")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jax\.experimental\.pallas")
 
 SHARED = Path(os.environ.get("POLAR_JAX_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+# The fixtures the repository ships in demo/, byte-identical to their ../shared copies. Not
+# bundled: fixtures/tiny-llama.
+BUNDLED = {("fixtures", "tiny-opt"): DEMO / "tiny-opt",
+           ("data", "wikitext2_test.txt"): DEMO / "data" / "wikitext2_test.txt",
+           ("data", "wikitext2_valid.txt"): DEMO / "data" / "wikitext2_valid.txt"}
 
 
-def shared_path(*parts: str) -> Path:
-    """A file under `../shared`, or a skip when the checkout has no `../shared` beside it."""
+def fixture_path(*parts: str) -> Path:
+    """A fixture under `../shared` (or `$POLAR_JAX_SHARED`), else its copy bundled in demo/,
+    else a skip saying where it would be."""
     path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared fixtures live in ../shared beside the checkout")
-    return path
+    if path.exists():
+        return path
+    if parts in BUNDLED:
+        return BUNDLED[parts]
+    pytest.skip(f"{path} is absent and demo/ does not bundle it: it lives in ../shared beside "
+                "the checkout (or set POLAR_JAX_SHARED)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,8 +56,8 @@ def trained_routers(tmp_path_factory):
 
     def train(name: str):
         if name not in cache:
-            model = shared_path("fixtures", name)
-            text = shared_path("data", "wikitext2_valid.txt")
+            model = fixture_path("fixtures", name)
+            text = fixture_path("data", "wikitext2_valid.txt")
             out = tmp_path_factory.mktemp(name) / "routers"
             buffer = io.StringIO()
             with contextlib.redirect_stdout(buffer):

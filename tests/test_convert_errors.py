@@ -24,13 +24,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
+from conftest import fixture_path  # noqa: E402
 from convert import convert_checkpoint  # noqa: E402
 from polar_jax.cli import main  # noqa: E402
 from polar_jax.errors import PolarJaxError  # noqa: E402
 from polar_jax.loading import load_model  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TOKENIZER_FIXTURE = SHARED / "fixtures" / "tiny-opt"
 SUPPORTED = ("llama", "mistral", "opt", "qwen2")
 
 # A word-level tokenizer the tiny models' 128-token vocabularies can hold, so the eval error
@@ -615,8 +614,7 @@ def _reference_perplexity(model, ids: list[int], seq_len: int) -> tuple[float, i
 def bf16_converted(tmp_path_factory):
     """(HF model with its weights rounded to bfloat16, token ids of TEXT, converted dir)
     for a tiny OPT with the shared fixture's 4096-token tokenizer, converted by the CLI."""
-    if not (TOKENIZER_FIXTURE / "tokenizer.json").exists():
-        pytest.skip(f"shared tokenizer fixture not found at {TOKENIZER_FIXTURE}")
+    tokenizer_fixture = fixture_path("fixtures", "tiny-opt")
     from tokenizers import Tokenizer
 
     root = tmp_path_factory.mktemp("cli")
@@ -626,7 +624,7 @@ def bf16_converted(tmp_path_factory):
     model = transformers.OPTForCausalLM(_opt_config(vocab_size=4096, init_std=0.3)).eval()
     model.save_pretrained(src)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(TOKENIZER_FIXTURE / name, src / name)
+        shutil.copyfile(tokenizer_fixture / name, src / name)
     dst = root / "converted"
     assert main(["convert", str(src), str(dst), "--dtype", "bfloat16"]) == 0
     rounded = copy.deepcopy(model).to(torch.bfloat16).to(torch.float32).eval()

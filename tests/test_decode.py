@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import polar_jax.decode as decode
-from conftest import shared_path
+from conftest import fixture_path
 from polar_jax.cli import main
 from polar_jax.decode import Decoder, bucket_shape
 from polar_jax.errors import PolarJaxError
@@ -78,10 +78,10 @@ def test_greedy_equals_hf_on_ragged_batch(random_model):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_fixture_greedy_equals_hf(name):
-    src = shared_path("fixtures", name)
+    src = fixture_path("fixtures", name)
     decoder = Decoder.load(str(src), jnp.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    text = shared_path("data", "wikitext2_test.txt").read_text().split()
+    text = fixture_path("data", "wikitext2_test.txt").read_text().split()
     rng = np.random.default_rng()
     prompts = []
     for n in PROMPT_LENGTHS:  # real text, cut to about n tokens
@@ -94,7 +94,7 @@ def test_fixture_greedy_equals_hf(name):
 
 def test_cli_generate_matches_hf_per_prompt(tmp_path, capsys):
     """Acceptance: `polar-jax generate --prompts-file P --json` gives HF's greedy ids."""
-    src = shared_path("fixtures", "tiny-llama")
+    src = fixture_path("fixtures", "tiny-llama")
     prompts = ["The history of", "In 1999 the band released their second album , which",
                "Hello", "= Robert Boulter = Robert Boulter is an English film , television "
                "and theatre actor . He had a guest @-@ starring role on the television series"]
@@ -222,7 +222,7 @@ def test_prompt_longer_than_the_model_is_refused(tiny_decoder):
 
 
 def test_cli_generate_errors(tmp_path, capsys):
-    src = shared_path("fixtures", "tiny-opt")
+    src = fixture_path("fixtures", "tiny-opt")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     cases = [
@@ -244,7 +244,7 @@ def test_package_level_generate(tmp_path):
     """`polar_jax.generate` is the documented Python entry point."""
     import polar_jax
 
-    src = shared_path("fixtures", "tiny-opt")
+    src = fixture_path("fixtures", "tiny-opt")
     out = polar_jax.generate(str(src), ["The history of", [5, 6, 7]], max_new_tokens=6,
                              dtype=jnp.float32)
     greedy = Decoder.load(str(src), jnp.float32).generate(["The history of", [5, 6, 7]], 6)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from conftest import fixture_path
 from polar_jax.cli import main
 from polar_jax.evaluate import make_windows
 
@@ -30,8 +30,8 @@ def test_windows_keep_a_last_window_of_at_least_two_tokens():
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_fixture_perplexity_matches_hf(name, tmp_path, capsys):
     """Acceptance: convert, then `eval perplexity --max-tokens 65536` within 0.05% of HF."""
-    src = shared_path("fixtures", name)
-    text = shared_path("data", "wikitext2_test.txt")
+    src = fixture_path("fixtures", name)
+    text = fixture_path("data", "wikitext2_test.txt")
     dst = tmp_path / name
     assert main(["convert", str(src), str(dst)]) == 0
     capsys.readouterr()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import shared_path
+from conftest import fixture_path
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import load_model
 from routers.collect import Collected, collect
@@ -148,7 +148,7 @@ def test_tiny_opt_attention_and_mlp(opt_routers):
 def test_save_load_and_model_check(opt_routers, llama_routers):
     _, opt_dir = opt_routers
     _, llama_dir = llama_routers
-    opt_config, _ = load_model(str(shared_path("fixtures", "tiny-opt")))
+    opt_config, _ = load_model(str(fixture_path("fixtures", "tiny-opt")))
     routers, metadata = load_routers(opt_dir, opt_config)
     assert metadata["attn_topk"] == 0.5 and routers.has_mlp
     u = jnp.asarray(np.random.default_rng().normal(size=(6, 3, 256)), jnp.float32)

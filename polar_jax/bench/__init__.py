@@ -1,14 +1,21 @@
-"""GPU benchmarks: `python -m polar_jax.bench SUBCOMMAND ...` (or `polar-jax bench ...`).
+"""GPU benchmarks: `polar-jax bench SUBCOMMAND ...` (or `python -m polar_jax.bench ...`).
 
 Subcommands:
   kernels   the Pallas kernels (selective MLP, group-sparse decode attention) against dense
             baselines, with the copy bandwidth measured in the same run.
   generate  end-to-end batched generation of a real model: tokens/s and time per decode step.
+  decode    decode steps at real model shapes: dense, sparse and the memory roofline.
+
+Every subcommand's parser comes from `parser`, and its numeric arguments are checked by the
+argparse types below (`polar_jax.validate`), so a bad value is refused before anything runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+from polar_jax.validate import cli_type, integer, number
 
 _SUBCOMMANDS = {
     "kernels": ("polar_jax.bench.kernels", "the Pallas kernels against dense baselines"),
@@ -16,23 +23,44 @@ _SUBCOMMANDS = {
     "decode": ("polar_jax.bench.decode", "decode steps at real model shapes: dense, sparse, roofline"),
 }
 
+COUNT = cli_type(integer, int, low=1)  # steps, repeats, batch sizes, lengths, layers, dimensions
+FRACTION = cli_type(number, float, low=0, high=1, low_open=True)  # of KV groups, of MLP neurons
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; an option's help ends with its default, where it has one."""
+
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False
+        if unset or action.default == argparse.SUPPRESS or not action.option_strings:
+            return action.help
+        return f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+
+
+def parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of `polar-jax bench NAME`."""
+    return argparse.ArgumentParser(prog=f"polar-jax bench {name}", description=description,
+                                   formatter_class=HelpFormatter)
+
 
 def _usage() -> str:
-    lines = ["usage: python -m polar_jax.bench SUBCOMMAND [options]", "", "subcommands:"]
+    lines = ["usage: polar-jax bench SUBCOMMAND [options]", "", "subcommands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in _SUBCOMMANDS.items()]
-    lines += ["", "`SUBCOMMAND --help` lists a subcommand's options."]
+    lines += ["", "`polar-jax bench SUBCOMMAND --help` lists a subcommand's options."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch `argv` (default: `sys.argv[1:]`) to a benchmark subcommand; returns an exit code."""
+    """Dispatch `argv` (default: `sys.argv[1:]`) to a benchmark subcommand; returns an exit code
+    (a subcommand's bad argument exits 2 through argparse)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in _SUBCOMMANDS:
-        print(f"unknown benchmark {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"polar-jax bench: error: unknown subcommand {name!r}; choose from "
+              f"{', '.join(_SUBCOMMANDS)}", file=sys.stderr)
         return 2
     import importlib
 

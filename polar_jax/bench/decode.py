@@ -17,7 +17,6 @@ PyTorch (static KV cache, SDPA; `--torch-compile` to compile it) as the peer col
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -31,6 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from polar_jax import bench
+from polar_jax.validate import cli_list
 
 _OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048,
             activation_function="relu", do_layer_norm_before=True)
@@ -68,11 +70,11 @@ ARCHS = {
 def arch_hf_config(name: str, max_len: int, layers: int | None = None) -> dict:
     """The Hugging Face config of a built-in architecture, positions stretched to cover
     `max_len` (the benchmark times steps, it does not need the model to be trained there) and
-    `layers` of them if given."""
+    its first `layers` layers if given (1 to the architecture's layers)."""
     hf = dict(ARCHS[name])
     hf["max_position_embeddings"] = max(hf["max_position_embeddings"], max_len)
-    if layers:
-        hf["num_hidden_layers"] = min(layers, hf["num_hidden_layers"])
+    if layers is not None:
+        hf["num_hidden_layers"] = layers
     return hf
 
 
@@ -493,35 +495,30 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="polar-jax bench decode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench.parser("decode", __doc__)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--arch", choices=sorted(ARCHS),
                       help="a built-in shape, random weights and random routers")
     what.add_argument("--model", help="a real checkpoint: converted or Hugging Face directory")
     parser.add_argument("--routers", help="with --model: its trained routers (MLP k from their "
                                           "calibration per batch size); default random routers")
-    parser.add_argument("--batch-sizes", type=_ints, default=None,
-                        help="default 1,16,64,128,256 (tiny: 1,4)")
-    parser.add_argument("--context-lens", type=_ints, default=None,
-                        help="default 1024,2048,4096 (tiny: 64,256)")
-    parser.add_argument("--attn-topk", type=_floats, default=[0.5, 0.3])
-    parser.add_argument("--mlp-density", type=float, default=None,
+    parser.add_argument("--batch-sizes", type=cli_list(bench.COUNT), default=None,
+                        help="comma-separated (default 1,16,64,128,256; tiny: 1,4)")
+    parser.add_argument("--context-lens", type=cli_list(bench.COUNT), default=None,
+                        help="comma-separated tokens already in the KV cache (default "
+                             "1024,2048,4096; tiny: 64,256)")
+    parser.add_argument("--attn-topk", type=cli_list(bench.FRACTION), default="0.5,0.3",
+                        help="comma-separated fractions of KV groups a sparse step reads")
+    parser.add_argument("--mlp-density", type=bench.FRACTION, default=None,
                         help="fraction of MLP neurons kept (non-gated MLPs); default: the "
                              "routers' calibrated k, or a dense MLP with random routers")
-    parser.add_argument("--steps", type=int, default=16, help="N: steps per timed loop")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    parser.add_argument("--layers", type=int, default=None,
+    parser.add_argument("--steps", type=bench.COUNT, default=16, help="N: steps per timed loop")
+    parser.add_argument("--repeats", type=bench.COUNT, default=5,
+                        help="timed loops; the median is reported")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                        help="weights, activations and KV cache")
+    parser.add_argument("--layers", type=bench.COUNT, default=None,
                         help="time this many layers and scale to the whole model (large models): "
                              "the step outside the layers (embeddings, head; estimated as its "
                              "bytes at the copy bandwidth) counts once, the rest per layer")
@@ -544,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         raise PolarJaxError("--routers needs --model (built-in --arch shapes use random routers)")
     if args.model is not None and args.layers is not None:
         raise PolarJaxError("--layers applies to built-in --arch shapes only, not to --model")
-    if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
-        raise PolarJaxError(f"--mlp-density must be in (0, 1], got {args.mlp_density}")
+    if args.layers is not None and args.layers > (most := ARCHS[args.arch]["num_hidden_layers"]):
+        parser.error(f"argument --layers: must be an integer in [1, {most}] (the layers of "
+                     f"--arch {args.arch}), got {args.layers}")
     dtype = parse_dtype(args.dtype)
     tiny = args.arch == "tiny"
     args.batch_sizes = args.batch_sizes or ([1, 4] if tiny else [1, 16, 64, 128, 256])

@@ -1,4 +1,4 @@
-"""`python -m polar_jax.bench generate`: end-to-end batched generation speed of a real model.
+"""`polar-jax bench generate`: end-to-end batched generation speed of a real model.
 
 The whole generation (prefill and every decode step) is one jitted program, so a host timer
 around it measures the device. The time per decode step is the difference between runs with
@@ -10,7 +10,6 @@ decoded sparsely at each fraction of groups, and the greedy tokens compared with
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -18,6 +17,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from polar_jax import bench
+from polar_jax.validate import cli_list, cli_type, integer
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "demo" / "data" / "wikitext2_test.txt"
 
@@ -50,13 +52,18 @@ def run(model: str, routers: str | None, attn_topks: list[float], batch_size: in
         new_tokens: int, prompt_len: int, dtype, repeats: int, text: Path) -> list[dict]:
     """Dense, then sparse at each fraction of groups (with `routers`), on the same prompts."""
     from polar_jax.decode import Decoder
+    from polar_jax.errors import PolarJaxError
+    from polar_jax.evaluate import read_text
     from polar_jax.loading import load_model, load_tokenizer
     from polar_jax.sparsity import SparsityPlan
     from routers.model import load_routers
 
-    config, params = load_model(model, dtype)
     tokenizer = load_tokenizer(model)
-    ids = np.asarray(tokenizer(text.read_text()[:2_000_000], add_special_tokens=False)["input_ids"])
+    ids = np.asarray(tokenizer(read_text(text)[:2_000_000], add_special_tokens=False)["input_ids"])
+    if len(ids) <= prompt_len:
+        raise PolarJaxError(f"--prompt-len {prompt_len} needs a --text of more tokens; {text} has "
+                            f"{len(ids)}")
+    config, params = load_model(model, dtype)
     starts = np.random.default_rng(0).integers(0, len(ids) - prompt_len, size=batch_size)
     prompts = [ids[s:s + prompt_len].tolist() for s in starts]
     base = {"model": model, "model_type": config.model_type, "device": jax.devices()[0].device_kind,
@@ -90,18 +97,26 @@ def _bucket(batch: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m polar_jax.bench generate", description=__doc__)
+    parser = bench.parser("generate", __doc__)
     parser.add_argument("--model", action="append", required=True, help="model directory (repeatable)")
-    parser.add_argument("--routers", action="append", default=[],
+    parser.add_argument("--routers", action="append",
                         help="routers directory of the --model at the same position (repeatable; "
                              "'-' for none): adds sparse rows")
-    parser.add_argument("--attn-topk", default="0.5", help="comma-separated fractions of groups")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="where prompts come from")
+    parser.add_argument("--attn-topk", type=cli_list(bench.FRACTION), default="0.5",
+                        help="comma-separated fractions of KV groups a sparse step reads")
+    parser.add_argument("--batch-size", type=bench.COUNT, default=64,
+                        help="prompts decoded together")
+    parser.add_argument("--new-tokens", type=cli_type(integer, int, low=3), default=128,
+                        help="N, at least 3: a step's time is that of N less that of N/2 + 1 "
+                             "tokens, over the steps between them")
+    parser.add_argument("--prompt-len", type=bench.COUNT, default=64, help="tokens per prompt")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--repeats", type=bench.COUNT, default=5,
+                        help="timed runs of each length; the median is reported")
+    parser.add_argument("--text", type=Path, default=None,
+                        help="where prompts come from (default: the repository's "
+                             "demo/data/wikitext2_test.txt)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.routers and len(args.routers) != len(args.model):
@@ -109,12 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     from polar_jax.dtypes import default_compute_dtype, parse_dtype
 
     dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
-    fractions = [float(f) for f in args.attn_topk.split(",")]
-    routers = [None if r == "-" else r for r in args.routers] or [None] * len(args.model)
+    routers = [None if r == "-" else r for r in args.routers or ["-"] * len(args.model)]
     rows = []
     for model, router in zip(args.model, routers):
-        rows += run(model, router, fractions, args.batch_size, args.new_tokens, args.prompt_len,
-                    dtype, args.repeats, args.text)
+        rows += run(model, router, args.attn_topk, args.batch_size, args.new_tokens,
+                    args.prompt_len, dtype, args.repeats, args.text or DEFAULT_TEXT)
     print(f"{'model':<14} {'mode':<13} {'dtype':<9} {'batch':>5} {'new':>4} {'tok/s':>10} "
           f"{'step ms':>8} {'decode tok/s':>12} {'vs dense':>8} {'same tokens':>11} {'1st call s':>10}")
     for r in rows:

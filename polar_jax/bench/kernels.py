@@ -1,4 +1,4 @@
-"""`python -m polar_jax.bench kernels`: the Pallas kernels against dense baselines.
+"""`polar-jax bench kernels`: the Pallas kernels against dense baselines.
 
 In one run: the device-to-device copy bandwidth; a correctness check of the compiled kernels
 against the pure-`jnp` references on the device; then, timed,
@@ -33,7 +33,9 @@ import subprocess
 import sys
 import time
 
+from polar_jax import bench
 from polar_jax.bench.trace import busy_ns, kernel_events
+from polar_jax.validate import cli_list, cli_type, number
 
 ATTN_SHAPES = [(16, 32, 32, 4096), (64, 32, 32, 2048), (16, 32, 8, 4096), (64, 32, 8, 4096),
                (256, 32, 8, 2048), (1, 32, 8, 32768)]
@@ -872,16 +874,25 @@ def environment():
     return env
 
 
+def _attn_shape(text: str) -> tuple[int, int, int, int]:
+    """An argparse type: "B,Hq,Hkv,S", four integers >= 1 with Hq a multiple of Hkv."""
+    shape = cli_list(bench.COUNT)(text)
+    if len(shape) != 4 or shape[1] % shape[2]:
+        raise argparse.ArgumentTypeError(
+            f"must be B,Hq,Hkv,S: four integers >= 1, Hq a multiple of Hkv; got {text!r}")
+    return tuple(shape)
+
+
 def main(argv: list[str] | None = None) -> int:
     # torch runs in a subprocess beside us: do not let XLA take 75% of the GPU up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m polar_jax.bench kernels",
-                                description=__doc__.split("\n\n")[0])
+    p = bench.parser("kernels", __doc__.split("\n\n")[0])
     p.add_argument("--json", help="write every measurement (and the environment) to this file")
-    p.add_argument("--only", choices=["all", "attn", "mlp", "none"], default="all")
-    p.add_argument("--reps", type=int, default=5, help="timed repeats (median is reported)")
-    p.add_argument("--target-ms", type=float, default=4.0,
+    p.add_argument("--only", choices=["all", "attn", "mlp", "none"], default="all",
+                   help="which kernels to time")
+    p.add_argument("--reps", type=bench.COUNT, default=5, help="timed repeats; the median is reported")
+    p.add_argument("--target-ms", type=cli_type(number, float, low=0, low_open=True), default=4.0,
                    help="aim for this much GPU time per timed repeat (sets calls per jit)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     p.add_argument("--no-check", action="store_true", help="skip the on-device correctness check")
@@ -889,8 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time tiling variants (tuning)")
     p.add_argument("--sweep-only", action="store_true", help="only the tuning sweep")
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test, CPU ok)")
-    p.add_argument("--d", type=int, nargs="*", help="MLP d values (default 4096 8192)")
-    p.add_argument("--attn-shapes", nargs="*",
+    p.add_argument("--d", type=bench.COUNT, nargs="+", help="MLP d values (default 4096 8192)")
+    p.add_argument("--attn-shapes", type=_attn_shape, nargs="+",
                    help="attention shapes as B,Hq,Hkv,S (default: the issue's six)")
     args = p.parse_args(argv)
 
@@ -901,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     env = environment()
-    result = dict(env=env, command="python -m polar_jax.bench kernels " + " ".join(argv),
+    result = dict(env=env, command="polar-jax bench kernels " + " ".join(argv),
                   rotation_bytes=ROTATION_BYTES)
     print(f"# {env['device']} | jax {env['jax']} | {env['date']} | backend {env['backend']}",
           flush=True)
@@ -914,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         attn_shapes = ATTN_SHAPES
         mlp_d, mlp_b, mlp_f = MLP_DIMS, MLP_BATCHES, MLP_FRACTIONS
     if args.attn_shapes:
-        attn_shapes = [tuple(int(v) for v in s.split(",")) for s in args.attn_shapes]
+        attn_shapes = args.attn_shapes
     if args.d:
         mlp_d = args.d
     do_attn = args.only in ("all", "attn") and not (args.check_only or args.sweep_only)
