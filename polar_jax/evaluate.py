@@ -79,7 +79,7 @@ def _check_memory(config, model, batch_size: int, seq_len: int) -> None:
     scores = batch_size * config.num_heads * seq_len**2 * 4
     mlp = tokens * config.mlp_dim * (2 if config.gated_mlp else 1) * 4
     logits = 2 * tokens * config.vocab_size * 4
-    check_fits(f"--seq-len {seq_len} at --batch-size {batch_size}",
+    check_fits(f"--seq-len {seq_len} at a batch of {batch_size} windows",
                {"attention scores": scores, "MLP activations": mlp, "logits": logits},
                jax.tree.leaves(nnx.state(model))[0].devices().pop(), "--batch-size or --seq-len")
 

@@ -237,5 +237,5 @@ def test_perplexity_memory_refusal(loaded, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 10)
     text = random_text(np.random.default_rng(), 200)
     _error(lambda: evaluate.perplexity(*loaded, text, seq_len=32, batch_size=4),
-           "--seq-len 32 at --batch-size 4 needs", "attention scores", "logits", "GiB",
+           "--seq-len 32 at a batch of 4 windows needs", "attention scores", "logits", "GiB",
            "lower --batch-size or --seq-len")

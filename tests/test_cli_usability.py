@@ -197,7 +197,7 @@ def test_eval_memory_refusal(capsys, monkeypatch, model_dir, text_file):
     _assert_one_line_error(
         capsys, ["eval", "perplexity", "--model", model_dir, "--text", text_file, "--seq-len",
                  "64", "--batch-size", "16"],
-        "--seq-len 64 at --batch-size", "attention scores", "0.00 GiB free",
+        "--seq-len 64 at a batch of", "attention scores", "0.00 GiB free",
         "lower --batch-size or --seq-len")
 
 
