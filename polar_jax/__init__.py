@@ -1,7 +1,8 @@
 """polar-jax: Polar Sparsity (batched decoding with contextual sparsity) in JAX and Pallas.
 
 `polar_jax.generate(model, prompts, ...)` is the Python entry point for batched generation
-(`polar_jax.decode.generate`); the command line is `polar-jax` (`polar_jax.cli`).
+(`polar_jax.decode.generate`); the command line is `polar-jax` (`polar_jax.cli`). Both take
+their defaults from, and check their arguments with, `polar_jax.settings`.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,9 @@
-"""The `polar-jax` command line."""
+"""The `polar-jax` command line.
+
+Options are checked by the Python API's own checks (`polar_jax.settings`, `polar_jax.validate`)
+and their defaults are the API's. An option that is given but does not apply is an error;
+such options default to None here, so that "given" shows, and take their real default after.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +13,71 @@ import sys
 import time
 from pathlib import Path
 
+from polar_jax import __version__, settings, validate
 from polar_jax.errors import PolarJaxError
+from polar_jax.settings import EvalSettings, GenerationSettings, SparsitySettings
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+_positive = validate.cli_type(validate.integer, int, low=1)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, a flag's False)
+    or where the help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Help pages with defaults; a usage error is one line, as every other error is."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": _HelpFormatter, **kwargs})
+
+    def error(self, message: str):
+        self.exit(2, f"polar-jax: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _default(value) -> str:
+    """ "(default: VALUE)" for the help of an option that defaults to None until checked."""
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value)) or "none"
+    return f"(default: {value})"
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model and --dtype, as every command that runs a model takes them."""
+    """--model, --dtype and --quiet, as every command that runs a model takes them."""
     parser.add_argument("--model", required=True, help="converted or Hugging Face model directory")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+    parser.add_argument("--dtype", choices=DTYPE_NAMES,
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    _add_quiet(parser)
 
 
-def _compute_dtype(args):
-    from polar_jax.dtypes import default_compute_dtype, parse_dtype
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
-    return parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+
+def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str) -> None:
+    parser.add_argument("--attn-topk", type=settings.cli_type("attn_topk", float),
+                        help=f"{needs}: fraction of KV groups each token reads "
+                             f"{_default(SparsitySettings.attn_topk)}")
+    parser.add_argument("--dense-layers", type=settings.cli_type("dense_layers", settings.parse_layers),
+                        help=f"{needs}: comma-separated layers whose attention stays dense "
+                             f"{_default(SparsitySettings.dense_layers)}")
+
+
+def _sparsity(args, **extra) -> SparsitySettings:
+    return SparsitySettings(**settings.given(attn_topk=args.attn_topk,
+                                             dense_layers=args.dense_layers, **extra))
+
+
+def _refuse(args, dests: tuple[str, ...], needs: str) -> None:
+    """Refuses those options among `dests` that were given although they apply only `needs`."""
+    settings.refuse_unused({f"--{dest.replace('_', '-')}": getattr(args, dest) for dest in dests},
+                           needs)
 
 
 def _cmd_convert(args) -> int:
@@ -39,26 +85,9 @@ def _cmd_convert(args) -> int:
 
     start = time.perf_counter()
     dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                             force=args.force, progress=sys.stderr.isatty())
+                             force=args.force, progress=not args.quiet)
     print(f"converted {args.src} -> {dst} in {time.perf_counter() - start:.1f} s")
     return 0
-
-
-def _dense_layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
 
 
 def _cmd_eval_perplexity(args) -> int:
@@ -71,10 +100,16 @@ def _cmd_eval_perplexity(args) -> int:
     from polar_jax.sparsity import MaskedOps, SparsityPlan
     from routers.model import load_routers
 
-    text = read_text(args.text)
-    dtype = _compute_dtype(args)
-    if args.mode == "sparse" and not args.routers:
+    if args.mode == "dense":
+        _refuse(args, ("routers", "attn_topk", "dense_layers", "mlp_batch_size", "with_dense"),
+                "with --mode sparse or oracle")
+    elif args.mode == "sparse" and not args.routers:
         raise PolarJaxError("--mode sparse needs --routers DIR (trained by `polar-jax train-routers`)")
+    if not args.routers:
+        _refuse(args, ("mlp_batch_size",), "with --routers (it picks their calibrated MLP k)")
+    sparsity = _sparsity(args, mlp_batch_size=args.mlp_batch_size)
+    text = read_text(args.text)
+    dtype = settings.compute_dtype(args.dtype)
     start = time.perf_counter()
     config, model = load_model(args.model, dtype)
     tokenizer = load_tokenizer(args.model)
@@ -83,17 +118,17 @@ def _cmd_eval_perplexity(args) -> int:
         routers, metadata = load_routers(args.routers, config)
     run = functools.partial(perplexity, model, config, tokenizer, text, seq_len=args.seq_len,
                             max_tokens=args.max_tokens, batch_size=args.batch_size,
-                            progress=sys.stderr.isatty() and not args.json)
+                            progress=not args.quiet)
     if args.mode == "dense":
         result = run()
     else:
-        plan = SparsityPlan.build(config, metadata, args.attn_topk, args.dense_layers,
-                                  args.mlp_batch_size)
+        plan = SparsityPlan.build(config, metadata, sparsity.attn_topk, sparsity.dense_layers,
+                                  sparsity.mlp_batch_size)
         make_ops = lambda attend, routers: MaskedOps(attend, args.mode, plan, config.num_kv_heads,
                                                      routers)
         result = run(make_ops=make_ops, routers=routers)
-        result.update(attn_topk=args.attn_topk, dense_layers=list(args.dense_layers),
-                      mlp_batch_size=args.mlp_batch_size,
+        result.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers),
+                      mlp_batch_size=sparsity.mlp_batch_size,
                       mlp_neurons_per_layer=list(plan.mlp_neurons))
         if args.with_dense:
             result["dense_perplexity"] = run()["perplexity"]
@@ -102,7 +137,7 @@ def _cmd_eval_perplexity(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        extra = "" if args.mode == "dense" else f" ({args.mode}, {args.attn_topk:g} of KV groups)"
+        extra = "" if args.mode == "dense" else f" ({args.mode}, {sparsity.attn_topk:g} of KV groups)"
         print(f"perplexity {result['perplexity']:.4f}{extra} over {result['tokens']} tokens "
               f"({result['windows']} windows of {args.seq_len}, {result['dtype']}, "
               f"{result['seconds']:.1f} s)")
@@ -116,37 +151,46 @@ def _read_prompts(args) -> list[str]:
         return args.prompt
     from polar_jax.evaluate import read_text
 
-    prompts = [line for line in read_text(args.prompts_file).splitlines() if line.strip()]
-    if not prompts:
-        raise PolarJaxError(f"{args.prompts_file} holds no prompts (one per line)")
-    return prompts
+    return [line for line in read_text(args.prompts_file).splitlines() if line.strip()]
 
 
 def _cmd_generate(args) -> int:
     from polar_jax.decode import Decoder
     from polar_jax.sampling import SamplingParams
 
+    if not args.routers:
+        _refuse(args, ("attn_topk", "dense_layers"), "with --routers (sparse decoding)")
+    sparsity = _sparsity(args)
     prompts = _read_prompts(args)
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p).validated()
-    dtype = _compute_dtype(args)
-    decoder = Decoder.load(args.model, dtype, routers=args.routers, attn_topk=args.attn_topk,
-                           dense_layers=args.dense_layers)
-    result = decoder.generate(prompts, args.max_new_tokens, sampling, args.seed, args.batch_size)
+    decoder = Decoder.load(args.model, args.dtype, routers=args.routers,
+                           attn_topk=args.attn_topk, dense_layers=args.dense_layers)
+    result = decoder.generate(prompts, args.max_new_tokens,
+                              SamplingParams(args.temperature, args.top_k, args.top_p), args.seed,
+                              args.batch_size, progress=not args.quiet)
     summary = {"mode": "sparse" if decoder.sparse else "dense",
                "tokens_per_second": round(result.tokens_per_second, 2),
                "batch_size": result.batch_size, "new_tokens": result.new_tokens,
                "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3)}
-    for c in result.completions:
-        if args.json:
-            print(json.dumps({"prompt": c.prompt, "completion": c.text, "tokens": c.tokens}))
-        else:
-            print(f"{c.prompt}\033[1m{c.text}\033[0m\n" if sys.stdout.isatty() else f"{c.prompt}{c.text}\n")
+    if decoder.sparse:
+        summary.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers))
     if args.json:
+        for c in result.completions:
+            print(json.dumps({"prompt": c.prompt, "completion": c.text, "tokens": c.tokens}))
         print(json.dumps(summary))
-    else:
-        print(f"{summary['new_tokens']} new tokens at batch size {summary['batch_size']}: "
-              f"{summary['tokens_per_second']:.1f} tokens/s ({summary['seconds']:.2f} s, plus "
-              f"{summary['compile_seconds']:.1f} s compiling)")
+        return 0
+    # Plain text: "=== " header lines delimit each prompt and completion, so piped output parses.
+    bold = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    count = len(result.completions)
+    for i, c in enumerate(result.completions, 1):
+        print(f"=== prompt {i} of {count}\n{c.prompt}")
+        print(f"=== completion {i} of {count} ({len(c.tokens)} tokens)\n{bold[0]}{c.text}{bold[1]}")
+    mode = summary["mode"]
+    if decoder.sparse:
+        mode += (f" (attn-topk {sparsity.attn_topk:g}, dense layers "
+                 f"{','.join(map(str, sparsity.dense_layers)) or 'none'})")
+    print(f"=== summary: {mode}, {summary['new_tokens']} new tokens at batch size "
+          f"{summary['batch_size']}: {summary['tokens_per_second']:.1f} tokens/s "
+          f"({summary['seconds']:.2f} s, plus {summary['compile_seconds']:.1f} s compiling)")
     return 0
 
 
@@ -162,23 +206,25 @@ def _cmd_train_routers(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise PolarJaxError(f"{out} already exists; pass --force to replace it")
-    settings = TrainSettings(attn_topk=args.attn_topk, mlp_rank=args.mlp_rank, epochs=args.epochs,
-                             batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
-    dtype = _compute_dtype(args)
+    train_settings = TrainSettings(attn_topk=args.attn_topk, mlp_rank=args.mlp_rank,
+                                   epochs=args.epochs, batch_size=args.batch_size,
+                                   learning_rate=args.lr, seed=args.seed)
+    dtype = settings.compute_dtype(args.dtype)
     config, model = load_model(args.model, dtype)
     tokenizer = load_tokenizer(args.model)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
-    summary = train_routers(model, config, ids, out, settings, seq_len=args.seq_len,
-                            progress=sys.stderr.isatty() and not args.json)
+    summary = train_routers(model, config, ids, out, train_settings, seq_len=args.seq_len,
+                            progress=not args.quiet)
     if args.json:
         keys = ("attn_recall_mean", "attn_recall_per_layer", "mlp_recall_mean",
                 "mlp_recall_per_layer", "mlp_topk", "tokens_train", "tokens_heldout", "attn_topk",
                 "attn_groups_kept", "seconds")
         print(json.dumps({k: summary[k] for k in keys} | {"out": str(out)}))
         return 0
+    timings = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary["seconds"].items())
     print(f"routers for {config.model_type} ({config.num_layers} layers) -> {out}")
     print(f"tokens: {summary['tokens_train']} train, {summary['tokens_heldout']} held out; "
-          f"time: {summary['seconds']}")
+          f"time: {timings}")
     mlp_k = summary["mlp_topk"]
     print(f"{'layer':>5} {'attn recall':>11} {'mlp recall':>10} " + ("mlp k @ batch 1/16/64/256" if mlp_k else ""))
     for layer, attn in enumerate(summary["attn_recall_per_layer"]):
@@ -194,16 +240,10 @@ def _cmd_train_routers(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    from polar_jax.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="polar-jax",
-        description="Polar Sparsity for batched LLM decoding in JAX and Pallas.")
+    parser = _Parser(prog="polar-jax",
+                     description="Polar Sparsity for batched LLM decoding in JAX and Pallas.")
+    parser.add_argument("--version", action="version", version=f"polar-jax {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     convert = commands.add_parser(
@@ -212,14 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "--allow-pickle) into a polar-jax directory of orbax params.")
     convert.add_argument("src", help="Hugging Face checkpoint directory (or hub id, when online)")
     convert.add_argument("dst", help="output directory (must not exist unless --force)")
-    convert.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+    convert.add_argument("--dtype", choices=DTYPE_NAMES,
                          help="parameter dtype (default: the checkpoint's own)")
     convert.add_argument("--allow-pickle", action="store_true",
                          help="read pytorch_model.bin files (torch.load with weights_only=True)")
     convert.add_argument("--force", action="store_true", help="replace an existing DST")
+    _add_quiet(convert)
     convert.set_defaults(run=_cmd_convert)
 
-    evaluate = commands.add_parser("eval", help="evaluate a model")
+    evaluate = commands.add_parser("eval", help="evaluate a model",
+                                   description="Evaluate a model.")
     evals = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     ppl = evals.add_parser(
         "perplexity", help="perplexity over a text file",
@@ -228,20 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "token after the first of a window is scored.")
     _add_model_args(ppl)
     ppl.add_argument("--text", required=True, help="UTF-8 text file")
-    ppl.add_argument("--seq-len", type=_positive_int, default=512)
-    ppl.add_argument("--max-tokens", type=_positive_int, default=None)
-    ppl.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step")
-    ppl.add_argument("--routers", help="routers directory (for --mode sparse; its calibrated MLP k)")
+    ppl.add_argument("--seq-len", type=settings.cli_type("seq_len"), default=EvalSettings.seq_len,
+                     help="tokens per window (at most the model's max_position_embeddings)")
+    ppl.add_argument("--max-tokens", type=settings.cli_type("max_tokens"),
+                     help="score the first N tokens of the text (default: all)")
+    ppl.add_argument("--batch-size", type=settings.cli_type("batch_size"),
+                     default=EvalSettings.batch_size, help="windows per step")
     ppl.add_argument("--mode", choices=["dense", "sparse", "oracle"], default="dense",
                      help="sparse: the routers' groups and neurons; oracle: the true top-k groups "
                           "by output norm and the truly active neurons")
-    ppl.add_argument("--attn-topk", type=_fraction, default=0.5, help="fraction of KV groups kept")
-    ppl.add_argument("--dense-layers", type=_dense_layers, default=(0,),
-                     help="comma-separated layers whose attention stays dense (default: 0)")
-    ppl.add_argument("--mlp-batch-size", type=_positive_int, default=1,
-                     help="use the MLP k calibrated for this decode batch size")
+    ppl.add_argument("--routers", help="with --mode sparse (needed) or oracle: routers directory "
+                                       "(its calibrated MLP k)")
+    _add_sparsity_args(ppl, "with --mode sparse or oracle")
+    ppl.add_argument("--mlp-batch-size", type=settings.cli_type("mlp_batch_size"),
+                     help="with --routers: use the MLP k calibrated for this decode batch size "
+                          f"{_default(SparsitySettings.mlp_batch_size)}")
     ppl.add_argument("--with-dense", action="store_true",
-                     help="also report the dense perplexity, for comparison")
+                     help="with --mode sparse or oracle: also report the dense perplexity")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(run=_cmd_eval_perplexity)
 
@@ -253,18 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     source.add_argument("--prompts-file", help="a text file with one prompt per line")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch-size", type=_positive_int, default=None,
+    gen.add_argument("--max-new-tokens", type=settings.cli_type("max_new_tokens"),
+                     default=GenerationSettings.max_new_tokens,
+                     help="new tokens per prompt, at most")
+    gen.add_argument("--temperature", type=settings.cli_type("temperature", float),
+                     default=GenerationSettings.temperature, help="0: greedy")
+    gen.add_argument("--top-k", type=settings.cli_type("top_k"), default=GenerationSettings.top_k,
+                     help="keep the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=settings.cli_type("top_p", float),
+                     default=GenerationSettings.top_p, help="nucleus sampling mass (1: all)")
+    gen.add_argument("--seed", type=settings.cli_type("seed"), default=GenerationSettings.seed,
+                     help="sampling seed (batch i draws with seed + its first prompt's index)")
+    gen.add_argument("--batch-size", type=settings.cli_type("batch_size"),
                      help="prompts decoded together (default: all)")
     gen.add_argument("--routers", help="routers directory: decode with Polar Sparsity")
-    gen.add_argument("--attn-topk", type=_fraction, default=0.5,
-                     help="with --routers: fraction of KV groups each sequence reads")
-    gen.add_argument("--dense-layers", type=_dense_layers, default=(0,),
-                     help="with --routers: comma-separated layers whose attention stays dense")
+    _add_sparsity_args(gen, "with --routers")
     gen.add_argument("--json", action="store_true",
                      help="one JSON object per prompt, then a summary object")
     gen.set_defaults(run=_cmd_generate)
@@ -277,30 +325,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(tr)
     tr.add_argument("--text", required=True, help="UTF-8 training text (e.g. WikiText-2 valid)")
     tr.add_argument("--out", required=True, help="routers directory to write")
-    tr.add_argument("--max-tokens", type=_positive_int, default=None, help="use the first N tokens")
-    tr.add_argument("--attn-topk", type=_fraction, default=0.5,
+    tr.add_argument("--max-tokens", type=settings.cli_type("max_tokens"),
+                    help="use the first N tokens (default: all)")
+    # The defaults of TrainSettings and train_routers (not imported here: --help stays fast).
+    tr.add_argument("--attn-topk", type=settings.cli_type("attn_topk", float), default=0.5,
                     help="fraction of KV groups kept per token (labels and metrics)")
-    tr.add_argument("--mlp-rank", type=_positive_int, default=1024, help="MLP router rank (capped at d)")
-    tr.add_argument("--epochs", type=_positive_int, default=10, help="at most; early stopping")
-    tr.add_argument("--batch-size", type=_positive_int, default=64, help="tokens per step")
-    tr.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    tr.add_argument("--seq-len", type=_positive_int, default=512, help="collection window")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--mlp-rank", type=_positive, default=1024, help="MLP router rank (capped at d)")
+    tr.add_argument("--epochs", type=_positive, default=10, help="at most; early stopping")
+    tr.add_argument("--batch-size", type=_positive, default=64, help="tokens per step")
+    tr.add_argument("--lr", type=validate.cli_type(validate.number, float, low=0, low_open=True),
+                    default=1e-4, help="AdamW learning rate")
+    tr.add_argument("--seq-len", type=settings.cli_type("seq_len"), default=512,
+                    help="collection window")
+    tr.add_argument("--seed", type=settings.cli_type("seed"), default=0,
+                    help="router initialisation and shuffling seed")
     tr.add_argument("--force", action="store_true", help="replace an existing --out")
     tr.add_argument("--json", action="store_true", help="print one JSON object of metrics")
     tr.set_defaults(run=_cmd_train_routers)
 
-    bench = commands.add_parser("bench", help="GPU benchmarks (see `polar-jax bench --help`)",
-                                add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=_cmd_bench)
+    # Listed for the help page only: main() hands everything after `bench` to its own parsers.
+    commands.add_parser("bench", help="GPU benchmarks (see `polar-jax bench --help`)",
+                        add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs the command line `argv` (default: `sys.argv[1:]`); returns the exit status: 0, 2
+    for bad input (one line on stderr), 130 when interrupted."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["bench"]:  # its own parsers take all the rest, --help included
+            from polar_jax.bench import main as bench_main
+
+            return bench_main(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.run(args)
+    except SystemExit as stop:  # --help, --version, or a usage error already printed
+        return stop.code
     except PolarJaxError as err:
         print(f"polar-jax: error: {err}", file=sys.stderr)
         return 2

@@ -14,17 +14,21 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from models import ModelConfig
 from models.layers import DenseOps, cached_attention, full_attention, init_kv_cache
+from polar_jax import settings
 from polar_jax.errors import PolarJaxError
+from polar_jax.memory import check_fits
 from polar_jax.sampling import SamplingParams, next_token
+from polar_jax.settings import GenerationSettings, SparsitySettings
 from polar_jax.sparsity import SparseDecodeOps, SparsityPlan
 from routers.model import Routers, load_routers
 
@@ -75,16 +79,6 @@ class GenerationOutput:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _available_bytes(device) -> int | None:
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 class Decoder:
     """A model split once into graph and state, with compiled generate programs per bucket."""
 
@@ -108,18 +102,28 @@ class Decoder:
                                donate_argnames=("kv_cache",))
 
     @classmethod
-    def load(cls, path: str, dtype=None, routers: str | None = None, attn_topk: float = 0.5,
-             dense_layers: Sequence[int] = (0,)) -> "Decoder":
-        """The model at `path` (converted or Hugging Face), with the routers directory
-        `routers` for sparse decoding."""
+    def load(cls, path: str | os.PathLike, dtype=None, routers: str | os.PathLike | None = None,
+             attn_topk: float | None = None, dense_layers: Sequence[int] | None = None
+             ) -> "Decoder":
+        """The model at `path` (converted or Hugging Face) computing in `dtype` (a name or a jnp
+        dtype; default: float32 on CPU, bfloat16 on an accelerator); with the routers directory
+        `routers`, sparse decoding at `attn_topk` and `dense_layers` (`SparsitySettings`)."""
         from polar_jax.loading import load_eos_ids, load_model, load_tokenizer
 
+        path, dtype = settings.path("model", path), settings.compute_dtype(dtype)
+        if routers is None:
+            settings.refuse_unused({"attn_topk": attn_topk, "dense_layers": dense_layers},
+                                   "with routers (sparse decoding)")
+        else:
+            routers = settings.path("routers", routers)
+            sparsity = SparsitySettings(**settings.given(attn_topk=attn_topk,
+                                                         dense_layers=dense_layers))
         config, model = load_model(path, dtype)
         router_module = plan_for_batch = None
         if routers is not None:
             router_module, metadata = load_routers(routers, config)
-            build = functools.partial(SparsityPlan.build, config, metadata, attn_topk,
-                                      tuple(dense_layers))
+            build = functools.partial(SparsityPlan.build, config, metadata, sparsity.attn_topk,
+                                      sparsity.dense_layers)
             build(1)  # reject bad settings now, not at the first trace
             plan_for_batch = lambda batch: build(mlp_batch_size=batch)
         return cls(config, model, load_tokenizer(path), load_eos_ids(path), router_module,
@@ -184,24 +188,28 @@ class Decoder:
         itemsize = jnp.dtype(self.dtype).itemsize
         kv_bytes = 2 * c.num_layers * shape.batch * c.num_kv_heads * shape.cache_len * c.head_dim * itemsize
         prefill_bytes = shape.batch * c.num_heads * shape.prompt_len**2 * 4  # attention scores
-        needed = kv_bytes + prefill_bytes
-        device = jax.tree.leaves(self.state)[0].devices().pop()
-        available = _available_bytes(device)
-        if available is not None and needed > available:
-            raise PolarJaxError(
-                f"batch size {shape.batch} with prompts up to {shape.prompt_len} tokens and a "
-                f"cache of {shape.cache_len} positions needs {needed / 2**30:.2f} GiB "
-                f"(KV cache {kv_bytes / 2**30:.2f} GiB, prefill {prefill_bytes / 2**30:.2f} GiB) "
-                f"but {device.platform} has {available / 2**30:.2f} GiB free; lower --batch-size "
-                f"or --max-new-tokens"
-            )
+        check_fits(f"batch size {shape.batch} with prompts up to {shape.prompt_len} tokens and a "
+                   f"cache of {shape.cache_len} positions",
+                   {"KV cache": kv_bytes, "prefill": prefill_bytes},
+                   jax.tree.leaves(self.state)[0].devices().pop(),
+                   "--batch-size or --max-new-tokens")
 
-    def _program(self, shape: DecodeShape, args) -> jax.stages.Compiled:
+    def _shape(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> DecodeShape:
+        """The bucketed shape of one batch, after checking its lengths and its memory."""
+        self.check_lengths(prompt_lengths, max_new_tokens)
+        shape = bucket_shape(len(prompt_lengths), max(prompt_lengths), max_new_tokens)
         if shape not in self._compiled:
             self._check_memory(shape)
+        return shape
+
+    def _program(self, shape: DecodeShape, args, status: Callable[[str], Any]) -> jax.stages.Compiled:
+        if shape not in self._compiled:
+            status(f"compiling (batch {shape.batch}, prompts {shape.prompt_len}, "
+                   f"new tokens {shape.max_new})")
             self._kv_cache[shape] = init_kv_cache(self.config, shape.batch, shape.cache_len, self.dtype)
             self._compiled[shape] = self._jitted.lower(
                 self.state, self.router_state, self._kv_cache[shape], *args, shape=shape).compile()
+            status("decoding")
         return self._compiled[shape]
 
     def check_lengths(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
@@ -218,14 +226,14 @@ class Decoder:
                     f"{limit} learned positions; lower --max-new-tokens")
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     sampling: SamplingParams = SamplingParams(), seed: int = 0
+                     sampling: SamplingParams = SamplingParams(), seed: int = 0,
+                     status: Callable[[str], Any] = lambda message: None
                      ) -> tuple[list[list[int]], float, float]:
-        """Generated ids per prompt (one batch), seconds running, seconds compiling."""
-        if max_new_tokens < 1:
-            raise PolarJaxError(f"max new tokens must be at least 1, got {max_new_tokens}")
+        """Generated ids per prompt of one batch, seconds running, seconds compiling. The ids
+        are taken as valid (`generate` checks them); `status` hears when compiling starts."""
+        max_new_tokens = settings.check("max_new_tokens", max_new_tokens)
         lengths = [len(p) for p in prompts]
-        self.check_lengths(lengths, max_new_tokens)
-        shape = bucket_shape(len(prompts), max(lengths), max_new_tokens)
+        shape = self._shape(lengths, max_new_tokens)
         tokens = np.zeros((shape.batch, shape.prompt_len), np.int32)
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = prompt
@@ -235,7 +243,7 @@ class Decoder:
         args = (tokens, prompt_lengths, active, np.int32(max_new_tokens), self.eos_ids,
                 sampling.validated(), jax.random.key(seed))
         start = time.perf_counter()
-        program = self._program(shape, args)
+        program = self._program(shape, args, status)
         compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
         out, count, self._kv_cache[shape] = program(self.state, self.router_state,
@@ -244,41 +252,72 @@ class Decoder:
         seconds = time.perf_counter() - start
         return [out[i, :count[i]].tolist() for i in range(len(prompts))], seconds, compile_seconds
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 32,
-                 sampling: SamplingParams = SamplingParams(), seed: int = 0,
-                 batch_size: int | None = None) -> GenerationOutput:
-        """Completions for `prompts` (strings, tokenized with the model's tokenizer, or ids),
-        in input order, decoded `batch_size` at a time (default: all at once)."""
-        if not prompts:
-            raise PolarJaxError("no prompts given")
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 max_new_tokens: int = GenerationSettings.max_new_tokens,
+                 sampling: SamplingParams = SamplingParams(),
+                 seed: int = GenerationSettings.seed, batch_size: int | None = None,
+                 progress: bool = False) -> GenerationOutput:
+        """Completions for `prompts` (one string, strings tokenized with the model's tokenizer,
+        or lists of token ids; `settings.prompts`), in input order, decoded `batch_size` at a
+        time (default: all at once). Every batch's lengths and memory are checked before the
+        first runs. `progress`: a bar on stderr, per batch, saying when it compiles."""
+        if not isinstance(sampling, SamplingParams):
+            raise PolarJaxError(f"sampling must be a polar_jax.sampling.SamplingParams, got "
+                                f"{type(sampling).__name__}")
+        run = GenerationSettings(max_new_tokens, sampling.temperature, sampling.top_k,
+                                 sampling.top_p, seed, batch_size)
+        prompts = settings.prompts(prompts, self.config.vocab_size)
         texts = [p if isinstance(p, str) else None for p in prompts]
-        if any(t is not None for t in texts) and self.tokenizer is None:
+        if texts[0] is not None and self.tokenizer is None:
             raise PolarJaxError("text prompts need a tokenizer; pass token ids instead")
-        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
-        batch_size = batch_size or len(ids)
-        completions, seconds, compile_seconds, new_tokens = [], 0.0, 0.0, 0
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start:start + batch_size]
-            out, run_s, compile_s = self.generate_ids(chunk, max_new_tokens, sampling, seed + start)
-            seconds, compile_seconds = seconds + run_s, compile_seconds + compile_s
-            for offset, tokens in enumerate(out):
-                new_tokens += len(tokens)
-                text = None
-                if self.tokenizer is not None:
-                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                completions.append(Completion(texts[start + offset], chunk[offset], tokens, text))
-        return GenerationOutput(completions, min(batch_size, len(ids)), new_tokens, seconds,
-                                compile_seconds)
+        ids = [self.tokenizer(p)["input_ids"] for p in prompts] if texts[0] is not None else prompts
+        batch_size = min(run.batch_size or len(ids), len(ids))
+        starts = range(0, len(ids), batch_size)
+        for start in starts:
+            self._shape([len(p) for p in ids[start:start + batch_size]], run.max_new_tokens)
+        completions, seconds, compile_seconds = [], 0.0, 0.0
+        with tqdm(total=len(ids), desc="generating", unit="prompt", disable=not progress) as bar:
+            for start in starts:
+                chunk = ids[start:start + batch_size]
+                out, run_s, compile_s = self.generate_ids(chunk, run.max_new_tokens, sampling,
+                                                          run.seed + start, bar.set_postfix_str)
+                seconds, compile_seconds = seconds + run_s, compile_seconds + compile_s
+                for offset, tokens in enumerate(out):
+                    text = None
+                    if self.tokenizer is not None:
+                        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    completions.append(Completion(texts[start + offset], chunk[offset], tokens, text))
+                bar.update(len(chunk))
+        return GenerationOutput(completions, batch_size, sum(len(c.tokens) for c in completions),
+                                seconds, compile_seconds)
 
 
-def generate(model: str | Decoder, prompts: Sequence[str | Sequence[int]], *,
-             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int | None = None,
-             dtype=None, routers: str | None = None, attn_topk: float = 0.5) -> GenerationOutput:
-    """Generates completions for `prompts` with the model at `model` (a converted or Hugging
-    Face directory) or an existing `Decoder`. Greedy unless `temperature > 0`; sparse with a
-    `routers` directory."""
-    decoder = (model if isinstance(model, Decoder)
-               else Decoder.load(model, dtype, routers=routers, attn_topk=attn_topk))
-    return decoder.generate(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p),
-                            seed, batch_size)
+def generate(model: str | os.PathLike | Decoder,
+             prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
+             max_new_tokens: int = GenerationSettings.max_new_tokens,
+             temperature: float = GenerationSettings.temperature,
+             top_k: int = GenerationSettings.top_k, top_p: float = GenerationSettings.top_p,
+             seed: int = GenerationSettings.seed, batch_size: int | None = None, dtype=None,
+             routers: str | os.PathLike | None = None, attn_topk: float | None = None,
+             dense_layers: Sequence[int] | None = None, progress: bool = False
+             ) -> GenerationOutput:
+    """Completions for `prompts` (a string, a list of strings or a list of token-id lists) by
+    the model at `model` (a converted or Hugging Face directory) or an existing `Decoder`.
+    Greedy unless `temperature > 0`; sparse with a `routers` directory (`Decoder.load` takes
+    `dtype`, `routers`, `attn_topk` and `dense_layers`, so a `Decoder` refuses them). Every
+    value is checked (`polar_jax.settings`) before the model loads."""
+    run = GenerationSettings(max_new_tokens, temperature, top_k, top_p, seed, batch_size)
+    settings.prompts(prompts)
+    if isinstance(model, Decoder):
+        settings.refuse_unused({"dtype": dtype, "routers": routers, "attn_topk": attn_topk,
+                                "dense_layers": dense_layers},
+                               "when model is a path (a Decoder is loaded already)")
+        decoder = model
+    elif isinstance(model, (str, os.PathLike)):
+        decoder = Decoder.load(model, dtype, routers, attn_topk, dense_layers)
+    else:
+        raise PolarJaxError(f"model must be a directory path (a str or os.PathLike) or a "
+                            f"polar_jax.decode.Decoder, got {settings.describe(model)}")
+    return decoder.generate(prompts, run.max_new_tokens,
+                            SamplingParams(run.temperature, run.top_k, run.top_p), run.seed,
+                            run.batch_size, progress)

@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from models.layers import DenseOps, full_attention, positions_from_mask
 from polar_jax.errors import PolarJaxError
+from polar_jax.memory import check_fits
+from polar_jax.settings import EvalSettings
 
 
 def read_text(path: str) -> str:
@@ -70,29 +72,39 @@ def _nll_fn(model, make_ops=None, routers=None):
     return lambda tokens, mask: nll(state, routers, tokens, mask)
 
 
-def perplexity(model, config, tokenizer, text: str, seq_len: int = 512, max_tokens: int | None = None,
-               batch_size: int = 8, progress: bool = False, make_ops=None, routers=None) -> dict:
+def _check_memory(config, model, batch_size: int, seq_len: int) -> None:
+    """The largest buffers of one evaluation step: one layer's attention scores, the MLP
+    activations and the logits with their log-softmax (all float32)."""
+    tokens = batch_size * seq_len
+    scores = batch_size * config.num_heads * seq_len**2 * 4
+    mlp = tokens * config.mlp_dim * (2 if config.gated_mlp else 1) * 4
+    logits = 2 * tokens * config.vocab_size * 4
+    check_fits(f"--seq-len {seq_len} at a batch of {batch_size} windows",
+               {"attention scores": scores, "MLP activations": mlp, "logits": logits},
+               jax.tree.leaves(nnx.state(model))[0].devices().pop(), "--batch-size or --seq-len")
+
+
+def perplexity(model, config, tokenizer, text: str, seq_len: int = EvalSettings.seq_len,
+               max_tokens: int | None = None, batch_size: int = EvalSettings.batch_size,
+               progress: bool = False, make_ops=None, routers=None) -> dict:
     """{"perplexity", "nll" (mean), "tokens" (scored count), "windows"} for `text`; the blocks
-    run through `make_ops(attend, routers)` when given (sparse and oracle evaluation)."""
-    if seq_len < 2:
-        raise PolarJaxError(f"--seq-len must be at least 2, got {seq_len}")
-    if config.model_type == "opt" and seq_len > config.max_position_embeddings:
+    run through `make_ops(attend, routers)` when given (sparse and oracle evaluation). Positions
+    and memory are checked before anything is compiled."""
+    run = EvalSettings(seq_len, max_tokens, batch_size)
+    if run.seq_len > config.max_position_embeddings:
         raise PolarJaxError(
-            f"--seq-len {seq_len} exceeds the model's {config.max_position_embeddings} learned positions"
-        )
-    if batch_size < 1:
-        raise PolarJaxError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < 2:
-        raise PolarJaxError(f"--max-tokens must be at least 2, got {max_tokens}")
+            f"--seq-len {run.seq_len} exceeds the model's {config.max_position_embeddings} "
+            f"positions (max_position_embeddings); lower --seq-len")
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-    ids = ids[:max_tokens]
+    ids = ids[:run.max_tokens]
     if len(ids) < 2:
         raise PolarJaxError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
-    tokens, mask = make_windows(ids, seq_len)
-    batch_size = min(batch_size, len(tokens))
+    tokens, mask = make_windows(ids, run.seq_len)
+    batch_size = min(run.batch_size, len(tokens))
+    _check_memory(config, model, batch_size, run.seq_len)
     pad = -len(tokens) % batch_size  # whole batches only: one compiled shape
-    tokens = np.concatenate([tokens, np.zeros((pad, seq_len), np.int32)])
-    mask = np.concatenate([mask, np.zeros((pad, seq_len), np.int32)])
+    tokens = np.concatenate([tokens, np.zeros((pad, run.seq_len), np.int32)])
+    mask = np.concatenate([mask, np.zeros((pad, run.seq_len), np.int32)])
     nll = _nll_fn(model, make_ops, routers)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(tokens), batch_size), desc="windows", unit="batch",

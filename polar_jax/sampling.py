@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polar_jax.errors import PolarJaxError
+from polar_jax.settings import GenerationSettings, check
 
 
 @jax.tree_util.register_dataclass
@@ -16,20 +16,15 @@ from polar_jax.errors import PolarJaxError
 class SamplingParams:
     """temperature 0 = greedy; top_k 0 = no top-k cut; top_p 1 = no nucleus cut."""
 
-    temperature: jax.Array | float = 0.0
-    top_k: jax.Array | int = 0
-    top_p: jax.Array | float = 1.0
+    temperature: jax.Array | float = GenerationSettings.temperature
+    top_k: jax.Array | int = GenerationSettings.top_k
+    top_p: jax.Array | float = GenerationSettings.top_p
 
     def validated(self) -> "SamplingParams":
-        """The same settings as arrays, after checking their ranges."""
-        if not self.temperature >= 0:
-            raise PolarJaxError(f"temperature must be >= 0, got {self.temperature}")
-        if not self.top_k >= 0:
-            raise PolarJaxError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise PolarJaxError(f"top-p must be in (0, 1], got {self.top_p}")
-        return SamplingParams(np.float32(self.temperature), np.int32(self.top_k),
-                              np.float32(self.top_p))
+        """The same settings as arrays, after checking them (`polar_jax.settings.check`)."""
+        temperature, top_k, top_p = (check(field.name, getattr(self, field.name))
+                                     for field in dataclasses.fields(self))
+        return SamplingParams(np.float32(temperature), np.int32(top_k), np.float32(top_p))
 
 
 def _filtered_logits(logits, params: SamplingParams):
