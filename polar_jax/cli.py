@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from polar_jax import __version__, settings, validate
 from polar_jax.errors import PolarJaxError
@@ -202,10 +201,11 @@ def _cmd_train_routers(args) -> int:
     from routers.pipeline import train_routers
     from routers.train import TrainSettings
 
+    from polar_jax.files import check_destination
+
+    inputs = {"the model": args.model, "the text file": args.text}
+    check_destination(args.out, force=args.force, inputs=inputs)  # before anything is read
     text = read_text(args.text)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise PolarJaxError(f"{out} already exists; pass --force to replace it")
     train_settings = TrainSettings(attn_topk=args.attn_topk, mlp_rank=args.mlp_rank,
                                    epochs=args.epochs, batch_size=args.batch_size,
                                    learning_rate=args.lr, seed=args.seed)
@@ -213,16 +213,16 @@ def _cmd_train_routers(args) -> int:
     config, model = load_model(args.model, dtype)
     tokenizer = load_tokenizer(args.model)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
-    summary = train_routers(model, config, ids, out, train_settings, seq_len=args.seq_len,
-                            progress=not args.quiet)
+    summary = train_routers(model, config, ids, args.out, train_settings, seq_len=args.seq_len,
+                            progress=not args.quiet, force=args.force, inputs=inputs)
     if args.json:
         keys = ("attn_recall_mean", "attn_recall_per_layer", "mlp_recall_mean",
                 "mlp_recall_per_layer", "mlp_topk", "tokens_train", "tokens_heldout", "attn_topk",
                 "attn_groups_kept", "seconds")
-        print(json.dumps({k: summary[k] for k in keys} | {"out": str(out)}))
+        print(json.dumps({k: summary[k] for k in keys} | {"out": args.out}))
         return 0
     timings = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary["seconds"].items())
-    print(f"routers for {config.model_type} ({config.num_layers} layers) -> {out}")
+    print(f"routers for {config.model_type} ({config.num_layers} layers) -> {args.out}")
     print(f"tokens: {summary['tokens_train']} train, {summary['tokens_heldout']} held out; "
           f"time: {timings}")
     mlp_k = summary["mlp_topk"]
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a Hugging Face checkpoint into a polar-jax directory",
         description="Convert a Hugging Face checkpoint (safetensors, or pickled .bin with "
                     "--allow-pickle) into a polar-jax directory of orbax params.")
-    convert.add_argument("src", help="Hugging Face checkpoint directory (or hub id, when online)")
+    convert.add_argument("src", help="local Hugging Face checkpoint directory")
     convert.add_argument("dst", help="output directory (must not exist unless --force)")
     convert.add_argument("--dtype", choices=DTYPE_NAMES,
                          help="parameter dtype (default: the checkpoint's own)")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models import ModelConfig
 from models.layers import DenseOps, cached_attention, full_attention, init_kv_cache
-from polar_jax import settings
+from polar_jax import settings, validate
 from polar_jax.errors import PolarJaxError
 from polar_jax.memory import check_fits
 from polar_jax.sampling import SamplingParams, next_token
@@ -317,7 +317,7 @@ def generate(model: str | os.PathLike | Decoder,
         decoder = Decoder.load(model, dtype, routers, attn_topk, dense_layers)
     else:
         raise PolarJaxError(f"model must be a directory path (a str or os.PathLike) or a "
-                            f"polar_jax.decode.Decoder, got {settings.describe(model)}")
+                            f"polar_jax.decode.Decoder, got {validate.describe(model)}")
     return decoder.generate(prompts, run.max_new_tokens,
                             SamplingParams(run.temperature, run.top_k, run.top_p), run.seed,
                             run.batch_size, progress)

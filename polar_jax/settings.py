@@ -20,11 +20,6 @@ from polar_jax.errors import PolarJaxError
 INT32_MAX = 2**31 - 1  # token counts and top-k travel as int32
 
 
-def describe(value: Any) -> str:
-    """The value as `validate` shows it, on one line (numpy arrays print on several)."""
-    return " ".join(validate._describe(value).split())
-
-
 def layers(name: str, value: Any) -> tuple[int, ...]:
     """`value` as a tuple of layer numbers >= 0 (the model's own range is checked on load)."""
     return tuple(validate.integer(f"{name}[{i}]", layer, low=0)
@@ -127,7 +122,7 @@ def path(name: str, value: Any) -> str:
     """`value` as a path string: a str or an os.PathLike (a directory or a hub id)."""
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise PolarJaxError(f"{name} must be a directory path (a str or os.PathLike), got "
-                            f"{describe(value)}")
+                            f"{validate.describe(value)}")
     return os.fspath(value)
 
 
@@ -160,11 +155,11 @@ def prompts(value: Any, vocab_size: int | None = None) -> list[str] | list[list[
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value:
-        raise PolarJaxError(f"prompts must be {allowed} (at least one), got {describe(value)}")
+        raise PolarJaxError(f"prompts must be {allowed} (at least one), got {validate.describe(value)}")
     for i, prompt in enumerate(value):
         if not (isinstance(prompt, str) or _is_token_ids(prompt)):
             raise PolarJaxError(f"prompt {i} must be a string or a list of token ids, got "
-                                f"{describe(prompt)}")
+                                f"{validate.describe(prompt)}")
         if len(prompt) == 0:
             raise PolarJaxError(f"prompt {i} is empty")
     kinds = [isinstance(prompt, str) for prompt in value]

@@ -16,8 +16,9 @@ from typing import Any, Callable, Mapping
 from polar_jax.errors import PolarJaxError
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
+def describe(value: Any) -> str:
+    """`value` for a message: its repr on one line, cut to 60 characters."""
+    text = " ".join(repr(value).split())
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -36,7 +37,7 @@ def integer(name: str, value: Any, low: int | None = None, high: int | None = No
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         allowed = " ".join(filter(None, ("an integer", _range(low, high))))
-        raise PolarJaxError(f"{name} must be {allowed}, got {_describe(value)}")
+        raise PolarJaxError(f"{name} must be {allowed}, got {describe(value)}")
     return int(value)
 
 
@@ -51,26 +52,26 @@ def number(name: str, value: Any, low: float | None = None, high: float | None =
                   or (high is not None and value > high))
     if not ok:
         allowed = " ".join(filter(None, ("a finite number", _range(low, high, low_open))))
-        raise PolarJaxError(f"{name} must be {allowed}, got {_describe(value)}")
+        raise PolarJaxError(f"{name} must be {allowed}, got {describe(value)}")
     return value
 
 
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise PolarJaxError(f"{name} must be true or false, got {_describe(value)}")
+        raise PolarJaxError(f"{name} must be true or false, got {describe(value)}")
     return value
 
 
 def string(name: str, value: Any, choices: tuple[str, ...] | None = None) -> str:
     if not isinstance(value, str) or (choices is not None and value not in choices):
         allowed = f"one of {', '.join(choices)}" if choices else "a string"
-        raise PolarJaxError(f"{name} must be {allowed}, got {_describe(value)}")
+        raise PolarJaxError(f"{name} must be {allowed}, got {describe(value)}")
     return value
 
 
 def mapping(name: str, value: Any) -> Mapping:
     if not isinstance(value, Mapping):
-        raise PolarJaxError(f"{name} must be a JSON object (a mapping), got {_describe(value)}")
+        raise PolarJaxError(f"{name} must be a JSON object (a mapping), got {describe(value)}")
     return value
 
 
@@ -78,7 +79,7 @@ def listing(name: str, value: Any, length: int | None = None) -> list:
     """`value` as a list (a JSON array; tuples too), of `length` items when given."""
     if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
         allowed = "a list" + (f" of {length} items" if length is not None else "")
-        raise PolarJaxError(f"{name} must be {allowed}, got {_describe(value)}")
+        raise PolarJaxError(f"{name} must be {allowed}, got {describe(value)}")
     return list(value)
 
 
@@ -90,7 +91,8 @@ def cli_type(check: Callable[..., Any], parse: Callable[[str], Any], **limits) -
         try:
             value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"cannot read {text!r}") from None
+            kind = {int: "an integer", float: "a number"}.get(parse, parse.__name__)
+            raise argparse.ArgumentTypeError(f"cannot read {text!r} as {kind}") from None
         try:
             return check("the value", value, **limits)
         except PolarJaxError as err:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-import polar_jax.decode as decode
+import polar_jax.memory as memory
 from conftest import fixture_path
 from polar_jax.cli import main
 from polar_jax.decode import Decoder, bucket_shape
@@ -209,7 +209,7 @@ def test_bucketing():
 
 
 def test_memory_estimate_refuses_oversized_batch(tiny_decoder, monkeypatch):
-    monkeypatch.setattr(decode, "_available_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
     prompts = [[1] * 300] * 64
     with pytest.raises(PolarJaxError, match=r"batch size 64 .*GiB.* free"):
         Decoder(tiny_decoder.config, nnx_merge(tiny_decoder)).generate(prompts, 100)
@@ -228,8 +228,8 @@ def test_cli_generate_errors(tmp_path, capsys):
     cases = [
         (["--prompts-file", str(empty)], "is empty"),
         (["--prompts-file", str(tmp_path / "missing.txt")], "does not exist"),
-        (["--prompt", "hi", "--top-p", "0"], "top-p must be in (0, 1]"),
-        (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "hi", "--top-p", "0"], "argument --top-p: must be a finite number in (0, 1]"),
+        (["--prompt", "hi", "--temperature", "-1"], "argument --temperature: must be a finite number >= 0"),
         (["--prompt", "hi " * 1100], "maximum is 1024 positions"),
         (["--prompt", "hi " * 480, "--max-new-tokens", "100"], "learned positions"),
     ]
@@ -245,9 +245,11 @@ def test_package_level_generate(tmp_path):
     import polar_jax
 
     src = fixture_path("fixtures", "tiny-opt")
-    out = polar_jax.generate(str(src), ["The history of", [5, 6, 7]], max_new_tokens=6,
-                             dtype=jnp.float32)
-    greedy = Decoder.load(str(src), jnp.float32).generate(["The history of", [5, 6, 7]], 6)
-    assert [c.tokens for c in out.completions] == [c.tokens for c in greedy.completions]
-    assert out.completions[0].prompt == "The history of" and out.completions[1].prompt is None
-    assert out.new_tokens == sum(len(c.tokens) for c in out.completions)
+    decoder = Decoder.load(str(src), jnp.float32)
+    for prompts in (["The history of", "Once upon"], [[5, 6, 7], [9, 8]]):
+        out = polar_jax.generate(str(src), prompts, max_new_tokens=6, dtype=jnp.float32)
+        greedy = decoder.generate(prompts, 6)
+        assert [c.tokens for c in out.completions] == [c.tokens for c in greedy.completions]
+        assert [c.prompt for c in out.completions] == [p if isinstance(p, str) else None
+                                                      for p in prompts]
+        assert out.new_tokens == sum(len(c.tokens) for c in out.completions)

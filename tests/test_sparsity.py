@@ -102,9 +102,9 @@ def _eval(name: str, routers_dir, mode: str, topk: float = 0.5) -> dict:
     buffer = io.StringIO()
     argv = ["eval", "perplexity", "--model", str(fixture_path("fixtures", name)), "--text",
             str(fixture_path("data", "wikitext2_test.txt")), "--max-tokens", "65536",
-            "--dtype", "float32", "--mode", mode, "--attn-topk", str(topk), "--json"]
-    if routers_dir is not None:
-        argv += ["--routers", str(routers_dir)]
+            "--dtype", "float32", "--mode", mode, "--json"]
+    if mode != "dense":
+        argv += ["--attn-topk", str(topk), "--routers", str(routers_dir)]
     with contextlib.redirect_stdout(buffer):
         assert main(argv) == 0
     return json.loads(buffer.getvalue().strip().splitlines()[-1])

@@ -1,5 +1,5 @@
 import sys
 
-from polar_jax.bench import main
+from polar_jax.cli import main
 
-sys.exit(main())
+sys.exit(main(["bench", *sys.argv[1:]]))
