@@ -206,7 +206,7 @@ def save_routers(routers: Routers, metadata: dict, out: str | Path) -> Path:
     return out
 
 
-def _checked_metadata(metadata, meta_file: Path) -> dict:
+def _checked_metadata(metadata: object, meta_file: Path) -> dict:
     """`metadata` (routers.json) with every key that loading and decoding read checked, each
     refusal naming the file and the key: format, model fingerprint, mlp_rank, attn_topk and
     the mlp_topk table (batch-size strings -> per layer, a k in [1, N])."""
@@ -253,10 +253,29 @@ def read_metadata(path: str | Path) -> dict:
     return _checked_metadata(metadata, meta_file)
 
 
-def load_routers(path: str | Path, config: ModelConfig) -> tuple[Routers, dict]:
-    """(routers, metadata) from `path`, refusing routers trained for another model."""
+def _restore(directory: Path, target: dict) -> dict:
+    """The arrays of the orbax checkpoint `directory`, as `target` (name -> ShapeDtypeStruct)
+    describes them. Stored names and shapes are checked first: orbax reads a smaller array
+    out of a larger stored one, and returns a larger one as stored, both silently."""
     import orbax.checkpoint as ocp
 
+    expected = {name: tuple(array.shape) for name, array in target.items()}
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(directory.absolute())
+            stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)  # orbax >= 0.11
+            shapes = {name: tuple(array.shape) for name, array in stored.items()}
+            if shapes == expected:
+                return checkpointer.restore(directory.absolute(), target)
+    except Exception as err:
+        reason = " ".join(str(err).split())  # orbax's messages span lines
+        raise PolarJaxError(f"cannot read the router params in {directory}: {reason}") from None
+    raise PolarJaxError(f"the router params in {directory} do not match {METADATA_FILE}: stored "
+                        f"{shapes}, expected {expected}")
+
+
+def load_routers(path: str | Path, config: ModelConfig) -> tuple[Routers, dict]:
+    """(routers, metadata) from `path`, refusing routers trained for another model."""
     metadata = read_metadata(path)
     expected, found = model_fingerprint(config), metadata["model"]
     if found != expected:
@@ -267,11 +286,5 @@ def load_routers(path: str | Path, config: ModelConfig) -> tuple[Routers, dict]:
     abstract = nnx.eval_shape(lambda: Routers.for_model(config, metadata["mlp_rank"]))
     graphdef, state = nnx.split(abstract)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore((Path(path) / PARAMS_DIR).absolute(), target)
-    except Exception as err:
-        reason = " ".join(str(err).split())  # orbax's messages span lines
-        raise PolarJaxError(f"cannot read the router params in {path}: {reason}") from None
-    nnx.replace_by_pure_dict(state, params)
+    nnx.replace_by_pure_dict(state, _restore(Path(path) / PARAMS_DIR, target))
     return nnx.merge(graphdef, state), metadata
