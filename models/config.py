@@ -1,7 +1,8 @@
 """Frozen model configurations, parsed from a Hugging Face `config.json` dict.
 
 One parser serves the converter (reading the source checkpoint) and the loader (reading the
-`config.json` a converted directory keeps), so both agree on every field.
+`config.json` a converted directory keeps), so both agree on every field, and both refuse a
+field of the wrong type or range in one line that names it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from polar_jax.errors import PolarJaxError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "opt", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Qwen2's `layer_types`
 ACTIVATION_NAMES = tuple(sorted(ACTIVATIONS))
 
 
@@ -81,8 +83,7 @@ class OPTConfig(ModelConfig):
         return 2
 
 
-_REQUIRED = object()
-LAYER_TYPES = ("full_attention", "sliding_attention")
+_REQUIRED = object()  # a `_Fields` default: the field must be present
 
 
 class _Fields:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -259,11 +260,15 @@ def _restore(directory: Path, target: dict) -> dict:
     out of a larger stored one, and returns a larger one as stored, both silently."""
     import orbax.checkpoint as ocp
 
+    if not directory.is_dir():
+        raise PolarJaxError(f"the routers directory has no {directory.name}/ ({directory} is missing)")
     expected = {name: tuple(array.shape) for name, array in target.items()}
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(directory.absolute())
             stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)  # orbax >= 0.11
+            if not isinstance(stored, Mapping):
+                raise ValueError("no array metadata: the checkpoint is incomplete")
             shapes = {name: tuple(array.shape) for name, array in stored.items()}
             if shapes == expected:
                 return checkpointer.restore(directory.absolute(), target)

@@ -128,6 +128,18 @@ def test_damaged_metadata_is_refused_in_one_line(tiny, tmp_path, case):
     assert {p: p.read_bytes() for p in routers.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda params: shutil.rmtree(params), "the routers directory has no params/"),
+    (lambda params: (params / "_METADATA").unlink(), "cannot read the router params"),
+])
+def test_damaged_params_are_refused_in_one_line(tiny, tmp_path, damage, needle):
+    routers = _damaged(tiny, tmp_path, lambda metadata: None)
+    damage(routers / "params")
+    with pytest.raises(PolarJaxError) as info:
+        load_routers(routers, tiny[1])
+    assert "\n" not in str(info.value) and needle in str(info.value) and str(routers) in str(info.value)
+
+
 def test_undamaged_routers_load(tiny):
     model_dir, config, routers_dir = tiny
     routers, metadata = load_routers(routers_dir, config)
