@@ -195,10 +195,13 @@ class Decoder:
                    "--batch-size or --max-new-tokens")
 
     def _shape(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> DecodeShape:
-        """The bucketed shape of one batch, after checking its lengths and its memory."""
+        """The bucketed shape of one batch, after checking its lengths, its sparsity plan (the
+        routers' calibration must cover the batch) and its memory."""
         self.check_lengths(prompt_lengths, max_new_tokens)
         shape = bucket_shape(len(prompt_lengths), max(prompt_lengths), max_new_tokens)
         if shape not in self._compiled:
+            if self.sparse:
+                self.plan_for_batch(shape.batch)
             self._check_memory(shape)
         return shape
 

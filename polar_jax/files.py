@@ -307,6 +307,49 @@ def _publish(tmp: Path, entry: Path, dst, force: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading arrays saved with orbax (converted models, routers).
+
+
+def _shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{"a/b/c": shape} of the leaves (anything with a `.shape`) of a nested mapping."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_shapes(value, name + "/"))
+        else:
+            out[name] = tuple(value.shape)
+    return out
+
+
+def restore_arrays(src: Path, name: str, target: Mapping) -> dict:
+    """The orbax checkpoint `src / name` restored as `target` (a nested mapping of
+    `jax.ShapeDtypeStruct`s). Every file below it is checked first (`check_tree`), then the
+    stored names and shapes against `target`'s: orbax silently reads a smaller array out of a
+    larger stored one, and returns a larger one at its stored size. Any failure is one line."""
+    import orbax.checkpoint as ocp
+
+    directory = check_tree(src, name)
+    expected = _shapes(target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(directory)
+            stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)  # orbax >= 0.11
+            if not isinstance(stored, Mapping):
+                raise ValueError("no array metadata: the checkpoint is incomplete")
+            shapes = _shapes(stored)
+            if shapes == expected:
+                return checkpointer.restore(directory, target)
+    except Exception as err:
+        reason = " ".join(str(err).split())  # orbax's messages span lines
+        raise PolarJaxError(f"cannot read the arrays in {src / name}: {reason}") from None
+    differ = sorted(set(shapes.items()) ^ set(expected.items()))[0][0]
+    raise PolarJaxError(
+        f"the arrays in {src / name} do not match the shapes {src} describes: {differ!r} is stored "
+        f"as {shapes.get(differ, 'absent')} but expected {expected.get(differ, 'absent')}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Weights: finite, and finite after narrowing.
 
 

@@ -20,7 +20,7 @@ from models import ModelConfig, build_model, config_from_hf
 from polar_jax import validate
 from polar_jax.dtypes import DTYPES
 from polar_jax.errors import PolarJaxError
-from polar_jax.files import check_tree, checkpoint_file, first_non_finite
+from polar_jax.files import check_tree, checkpoint_file, first_non_finite, restore_arrays
 
 
 def is_converted(path: Path) -> bool:
@@ -60,16 +60,9 @@ def load_model(path: str, dtype=None, sharding: jax.sharding.Sharding | None = N
 
 
 def _restore(src: Path, config: ModelConfig, dtype, sharding):
-    import orbax.checkpoint as ocp
-
-    directory = check_tree(src, PARAMS_DIR)
     abstract = nnx.to_pure_dict(nnx.split(build_model(config, dtype))[1])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding), abstract)
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(directory, target)
-    except Exception as err:
-        raise PolarJaxError(f"cannot read the params in {src / PARAMS_DIR}: {err}") from None
+    return restore_arrays(src, PARAMS_DIR, target)
 
 
 @jax.jit

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from models import ModelConfig
 from models.layers import F32, MLP, DenseOps, write_token
 from pallas_kernels import neuron_scores, selective_mlp, sparse_decode_attention, topk_indices
+from polar_jax import validate
 from polar_jax.errors import PolarJaxError
 from routers.model import TIE_BREAK, LayerRouters, Routers, batch_neuron_scores, topk_mask
 from routers.train import groups_to_keep
@@ -39,10 +40,13 @@ class SparsityPlan:
     @classmethod
     def build(cls, config: ModelConfig, metadata: dict | None, attn_topk: float,
               dense_layers=(0,), mlp_batch_size: int | None = 1) -> "SparsityPlan":
-        """From a routers directory's metadata: k groups per layer from `attn_topk`, and the MLP
-        k calibrated for `mlp_batch_size` (the nearest calibrated size at or above it)."""
+        """From a routers directory's metadata (as `read_metadata` checked it): k groups per
+        layer from `attn_topk`, and the MLP k calibrated for `mlp_batch_size` (the nearest
+        calibrated size at or above it; a size beyond the largest calibrated one is refused)."""
         if not 0 < attn_topk <= 1:
             raise PolarJaxError(f"--attn-topk must be in (0, 1], got {attn_topk}")
+        if mlp_batch_size is not None:
+            validate.integer("the MLP batch size", mlp_batch_size, low=1)
         bad = [i for i in dense_layers if not 0 <= i < config.num_layers]
         if bad:
             raise PolarJaxError(f"dense layers {bad} out of range: the model has {config.num_layers} layers")
@@ -53,8 +57,11 @@ class SparsityPlan:
         table = (metadata or {}).get("mlp_topk")
         if table and mlp_batch_size is not None and not config.gated_mlp:
             sizes = sorted(int(b) for b in table)
-            size = next((b for b in sizes if b >= mlp_batch_size), sizes[-1])
-            mlp = tuple(None if n >= DENSE_MLP_FRACTION * config.mlp_dim else int(n)
+            if mlp_batch_size > sizes[-1]:
+                raise PolarJaxError(f"the routers' MLP k is calibrated for batch sizes up to "
+                                    f"{sizes[-1]}; got {mlp_batch_size}")
+            size = next(b for b in sizes if b >= mlp_batch_size)
+            mlp = tuple(None if n >= DENSE_MLP_FRACTION * config.mlp_dim else n
                         for n in table[str(size)])
         return cls(attn, mlp)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,9 @@ import numpy as np
 from flax import nnx
 
 from models import ModelConfig, build_model
+from polar_jax import validate
 from polar_jax.errors import PolarJaxError
-from polar_jax.files import atomic_output
+from polar_jax.files import atomic_output, checkpoint_file, restore_arrays
 
 F32 = jnp.float32
 FORMAT_VERSION = 1
@@ -198,22 +200,58 @@ def save_routers(routers: Routers, metadata: dict, out: str | Path, *, force: bo
     return Path(out)
 
 
+def _checked_metadata(metadata: object, meta_file: Path) -> dict:
+    """`metadata` (routers.json) with every key that loading and decoding read checked, each
+    refusal naming the file and the key: format, model fingerprint, mlp_rank, attn_topk and
+    the mlp_topk table (batch-size strings -> per layer, a k in [1, N])."""
+    validate.mapping(str(meta_file), metadata)
+    if metadata.get("format") != FORMAT_VERSION:
+        raise PolarJaxError(
+            f"{meta_file} holds routers format {metadata.get('format')!r}; this version reads "
+            f"format {FORMAT_VERSION}: train the routers again")
+
+    def field(key: str) -> tuple[str, object]:
+        """(the key named for messages, its value)."""
+        if key not in metadata:
+            raise PolarJaxError(f"{meta_file} has no {key!r}: train the routers again")
+        return f"{meta_file}: {key!r}", metadata[key]
+
+    name, model = field("model")
+    validate.mapping(name, model)
+    num_layers, mlp_dim = (validate.integer(f"{name}[{key!r}]", model.get(key), low=1)
+                           for key in ("num_layers", "mlp_dim"))
+    validate.integer(*field("mlp_rank"), low=1)
+    validate.number(*field("attn_topk"), low=0, high=1, low_open=True)
+    name, table = field("mlp_topk")
+    if table is not None:
+        if not validate.mapping(name, table):
+            raise PolarJaxError(f"{name} must be null or map at least one batch size, got {{}}")
+        for size, ks in table.items():
+            if not (size.isdecimal() and size == str(int(size)) and int(size) >= 1):
+                raise PolarJaxError(f"{name} has batch size {size!r}; batch sizes must be positive "
+                                    "integers written in decimal")
+            for layer, k in enumerate(validate.listing(f"{name}[{size!r}]", ks, num_layers)):
+                validate.integer(f"{name}[{size!r}][{layer}]", k, low=1, high=mlp_dim)
+    return metadata
+
+
 def read_metadata(path: str | Path) -> dict:
+    """The checked `routers.json` of the routers directory `path`."""
     meta_file = Path(path) / METADATA_FILE
-    if not meta_file.exists():
+    if not os.path.lexists(meta_file):
         raise PolarJaxError(f"{path} is not a routers directory (no {METADATA_FILE})")
+    checkpoint_file(Path(path), METADATA_FILE)
     try:
-        return json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        metadata = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PolarJaxError(f"{meta_file} is not readable JSON: {err}") from None
+    return _checked_metadata(metadata, meta_file)
 
 
 def load_routers(path: str | Path, config: ModelConfig) -> tuple[Routers, dict]:
     """(routers, metadata) from `path`, refusing routers trained for another model."""
-    import orbax.checkpoint as ocp
-
     metadata = read_metadata(path)
-    expected, found = model_fingerprint(config), metadata.get("model", {})
+    expected, found = model_fingerprint(config), metadata["model"]
     if found != expected:
         raise PolarJaxError(
             f"the routers in {path} belong to another model: they were trained for {found}, "
@@ -222,10 +260,5 @@ def load_routers(path: str | Path, config: ModelConfig) -> tuple[Routers, dict]:
     abstract = nnx.eval_shape(lambda: Routers.for_model(config, metadata["mlp_rank"]))
     graphdef, state = nnx.split(abstract)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore((Path(path) / PARAMS_DIR).absolute(), target)
-    except Exception as err:
-        raise PolarJaxError(f"cannot read the router params in {path}: {err}") from None
-    nnx.replace_by_pure_dict(state, params)
+    nnx.replace_by_pure_dict(state, restore_arrays(Path(path), PARAMS_DIR, target))
     return nnx.merge(graphdef, state), metadata

@@ -19,6 +19,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from models import ModelConfig
+from polar_jax import validate
+from polar_jax.errors import PolarJaxError
 from routers.collect import Collected
 from routers.model import Routers, batch_neuron_scores, topk_mask
 
@@ -30,6 +32,8 @@ MLP_NEG_WEIGHT_OFFSET = 0.005
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
+    """Router training settings, checked on construction."""
+
     attn_topk: float = 0.5
     mlp_rank: int = 1024
     epochs: int = 10
@@ -39,6 +43,14 @@ class TrainSettings:
     patience: int = 2
     seed: int = 0
     device_budget_bytes: int = 1 << 30  # training data held on the device at once
+
+    def __post_init__(self):
+        validate.number("attn_topk", self.attn_topk, low=0, high=1, low_open=True)
+        validate.number("learning_rate", self.learning_rate, low=0, low_open=True)
+        validate.number("weight_decay", self.weight_decay, low=0)
+        for name in ("mlp_rank", "epochs", "batch_size", "patience", "device_budget_bytes"):
+            validate.integer(name, getattr(self, name), low=1)
+        validate.integer("seed", self.seed, low=0)
 
 
 def groups_to_keep(fraction: float, num_groups: int) -> int:
@@ -149,17 +161,28 @@ def train(config: ModelConfig, train_data: Collected, calib_data: Collected,
           settings: TrainSettings, progress: bool = False) -> tuple[Routers, list[dict]]:
     """Trains all layers' routers together; keeps the parameters of the epoch with the lowest
     loss on the calibration split, stopping after `patience` epochs without improvement."""
+    if train_data.num_tokens < settings.batch_size or calib_data.num_tokens < 1:
+        raise PolarJaxError(
+            f"router training needs at least batch_size ({settings.batch_size}) training tokens "
+            f"and one held-out token, got {train_data.num_tokens} and {calib_data.num_tokens}")
     routers = Routers.for_model(config, settings.mlp_rank, settings.seed)
     neg = None
     if routers.has_mlp:
         neg = mlp_positive_rate(train_data, config.mlp_dim) + MLP_NEG_WEIGHT_OFFSET
     trainer = _Trainer(routers, config, settings, neg)
     rng = np.random.default_rng(settings.seed)
-    history, best, best_params, waited = [], math.inf, trainer.params, 0
+    # The first step donates the initial parameters: what is kept is a copy of a better epoch's.
+    initial = best = trainer.heldout_loss(calib_data)
+    history, best_params, waited = [], None, 0
     bar = tqdm(range(settings.epochs), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         train_loss = trainer.epoch(train_data, settings, rng)
         heldout = trainer.heldout_loss(calib_data)
+        if not (math.isfinite(train_loss) and math.isfinite(heldout)):
+            raise PolarJaxError(
+                f"router training diverged at epoch {epoch + 1} (training loss {train_loss:.4g}, "
+                f"held-out loss {heldout:.4g}); lower the learning rate "
+                f"(now {settings.learning_rate:g})")
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "heldout_loss": heldout})
         bar.set_postfix(train=f"{train_loss:.4f}", heldout=f"{heldout:.4f}")
         if heldout < best:
@@ -168,6 +191,11 @@ def train(config: ModelConfig, train_data: Collected, calib_data: Collected,
             waited += 1
             if waited >= settings.patience:
                 break
+    if best_params is None:
+        raise PolarJaxError(
+            f"no epoch improved the held-out loss of the untrained routers ({initial:.4g}; the "
+            f"best epoch reached {min(h['heldout_loss'] for h in history):.4g}); try another "
+            f"learning rate (now {settings.learning_rate:g})")
     return nnx.merge(trainer.graphdef, best_params), history
 
 
