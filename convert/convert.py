@@ -27,6 +27,7 @@ from convert.checkpoint import (
 )
 from convert.mapping import canonical_name, param_specs
 from models.config import ModelConfig, config_from_hf
+from polar_jax import validate
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import atomic_output, cast_checked, checkpoint_file
 
@@ -38,8 +39,9 @@ _NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32
 
 def source_dtype(hf_config: dict) -> str:
     """The dtype the checkpoint was saved in, per its config (float32 when unstated)."""
-    name = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
-    return name if name in _NUMPY_DTYPES else "float32"
+    key = "dtype" if hf_config.get("dtype") is not None else "torch_dtype"
+    name = hf_config.get(key) or "float32"
+    return validate.string(f"config.json: {key!r}", name, tuple(_NUMPY_DTYPES))
 
 
 def read_hf_params(src: Path, config: ModelConfig, dtype: str, allow_pickle: bool = False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command line `argv` (default: `sys.argv[1:]`); returns the exit status: 0, 2
     for bad input (one line on stderr), 130 when interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's warnings are not the user's
     try:
         if argv[:1] == ["bench"]:  # its own parsers take all the rest, --help included
             from polar_jax.bench import main as bench_main

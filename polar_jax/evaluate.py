@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +19,15 @@ from tqdm import tqdm
 
 from models.layers import DenseOps, full_attention, positions_from_mask
 from polar_jax.errors import PolarJaxError
+from polar_jax.files import input_file
 from polar_jax.memory import check_fits
 from polar_jax.settings import EvalSettings
 
 
 def read_text(path: str) -> str:
+    """The UTF-8 text of the regular file `path`, which must hold more than whitespace."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PolarJaxError(f"text file {path} does not exist") from None
+        text = input_file(path, "text file").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise PolarJaxError(f"cannot read text file {path} as UTF-8: {err}") from None
     if not text.strip():

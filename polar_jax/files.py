@@ -89,6 +89,20 @@ def checkpoint_file(src: Path, name: str, *, named_by: str | None = None,
     return real
 
 
+def input_file(path: str | os.PathLike, what: str) -> Path:
+    """`path`, a file the user named (`what`: e.g. "text file"), after checking with stat,
+    before anything opens it, that it exists and is a regular file (a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise PolarJaxError(f"{what} {path} does not exist") from None
+    except OSError as err:
+        raise PolarJaxError(f"{what} {path} cannot be read: {err}") from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(f"{what} {path}", mode)
+    return Path(path)
+
+
 def check_tree(src: Path, name: str | None = None) -> Path:
     """The real path of the directory `src / name` (default `src`), after checking every entry
     below it as `checkpoint_file` checks a file (directories allowed): for readers that open

@@ -47,13 +47,12 @@ def number(name: str, value: Any, low: float | None = None, high: float | None =
     accepted, bools and strings refused."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
-        value = float(value)
         ok = not ((low is not None and (value <= low if low_open else value < low))
                   or (high is not None and value > high))
     if not ok:
         allowed = " ".join(filter(None, ("a finite number", _range(low, high, low_open))))
         raise PolarJaxError(f"{name} must be {allowed}, got {describe(value)}")
-    return value
+    return float(value)
 
 
 def boolean(name: str, value: Any) -> bool:

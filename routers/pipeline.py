@@ -44,8 +44,6 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
     exist (unless `force`) nor overlap `inputs` ({role: path}, e.g. the model directory and the
     text file); the collected data lives in its scratch space, beside `out`.
     """
-    if not 0 < settings.attn_topk <= 1:
-        raise PolarJaxError(f"--attn-topk must be in (0, 1], got {settings.attn_topk}")
     parts = split_tokens(ids)
     minimum = max(2 * seq_len, 10 * settings.batch_size)
     if len(parts[0]) < settings.batch_size or min(len(p) for p in parts[1:]) < 2 or len(ids) < minimum:
