@@ -21,26 +21,6 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _positive = validate.cli_type(validate.integer, int, low=1)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none to show (None, a flag's False)
-    or where the help already says it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Help pages with defaults; a usage error is one line, as every other error is."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{"formatter_class": _HelpFormatter, **kwargs})
-
-    def error(self, message: str):
-        self.exit(2, f"polar-jax: error: {message} (see `{self.prog} --help`)\n")
-
-
 def _default(value) -> str:
     """ "(default: VALUE)" for the help of an option that defaults to None until checked."""
     if isinstance(value, tuple):
@@ -242,7 +222,7 @@ def _cmd_train_routers(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="polar-jax",
+    parser = validate.ArgumentParser(prog="polar-jax",
                      description="Polar Sparsity for batched LLM decoding in JAX and Pallas.")
     parser.add_argument("--version", action="version", version=f"polar-jax {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

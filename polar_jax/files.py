@@ -103,6 +103,16 @@ def input_file(path: str | os.PathLike, what: str) -> Path:
     return Path(path)
 
 
+def output_file(name: str, value: str | os.PathLike) -> Path:
+    """`value` as the path of a file to write (a benchmark's JSON or plot), checked before any
+    work: its directory must exist and it must not be a directory (in the shape of the
+    `polar_jax.validate` checks, for `validate.cli_type`)."""
+    path = Path(value)
+    if path.is_dir() or not path.absolute().parent.is_dir():
+        raise PolarJaxError(f"{name} must name a file in an existing directory, got {str(value)!r}")
+    return path
+
+
 def check_tree(src: Path, name: str | None = None) -> Path:
     """The real path of the directory `src / name` (default `src`), after checking every entry
     below it as `checkpoint_file` checks a file (directories allowed): for readers that open

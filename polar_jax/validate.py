@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import textwrap
 from typing import Any, Callable, Mapping
 
 from polar_jax.errors import PolarJaxError
@@ -122,3 +123,36 @@ def cli_list(item: Callable[[str], Any]) -> Callable[[str], list]:
 
     convert.__name__ = f"list of {item.__name__}"
     return convert
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help pages of every command: a description's paragraphs filled (a paragraph with
+    indented lines, a list or a command, kept as written), and each option's default shown
+    where it has one (not None, not a flag's False) and its help does not already say it."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = textwrap.dedent(text).strip().split("\n\n")
+        return "\n\n".join(
+            textwrap.indent(p, indent) if any(line[:1].isspace() for line in p.splitlines())
+            else textwrap.fill(" ".join(p.split()), width, initial_indent=indent,
+                               subsequent_indent=indent)
+            for p in paragraphs)
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        unset = action.default is None or action.default is False  # not 0, which == False
+        if unset or action.default == argparse.SUPPRESS or not action.option_strings \
+                or "default" in help_:
+            return action.help
+        return f"{help_} (default: %(default)s)".lstrip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line, as every other error is:
+    `polar-jax: error: MESSAGE (see `PROG --help`)`, exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": HelpFormatter, **kwargs})
+
+    def error(self, message: str):
+        self.exit(2, f"polar-jax: error: {message} (see `{self.prog} --help`)\n")

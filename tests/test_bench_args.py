@@ -55,7 +55,8 @@ def test_bad_argument_is_refused_in_one_line(sub, argv, tmp_path, capsys):
     assert info.value.code == 2
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith(f"polar-jax bench {sub}: error: "), captured.err
+    assert len(errors) == 1 and errors[0].startswith("polar-jax: error: "), captured.err
+    assert errors[0].endswith(f"(see `polar-jax bench {sub} --help`)"), captured.err
     name = next(a for a in argv if a.startswith("--"))
     assert name in errors[0], errors[0]
     assert "Traceback" not in captured.err and captured.out == ""

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from polar_jax.validate import cli_type, integer, number
+from polar_jax.files import output_file
+from polar_jax.validate import ArgumentParser, cli_type, integer, number
 
 _SUBCOMMANDS = {
     "kernels": ("polar_jax.bench.kernels", "the Pallas kernels against dense baselines"),
@@ -25,22 +26,12 @@ _SUBCOMMANDS = {
 
 COUNT = cli_type(integer, int, low=1)  # steps, repeats, batch sizes, lengths, layers, dimensions
 FRACTION = cli_type(number, float, low=0, high=1, low_open=True)  # of KV groups, of MLP neurons
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written; an option's help ends with its default, where it has one."""
-
-    def _get_help_string(self, action):
-        unset = action.default is None or action.default is False
-        if unset or action.default == argparse.SUPPRESS or not action.option_strings:
-            return action.help
-        return f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+OUTPUT_FILE = cli_type(output_file, str)  # --json, --plot: checked before the run, not after it
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
     """The argument parser of `polar-jax bench NAME`."""
-    return argparse.ArgumentParser(prog=f"polar-jax bench {name}", description=description,
-                                   formatter_class=HelpFormatter)
+    return ArgumentParser(prog=f"polar-jax bench {name}", description=description)
 
 
 def _usage() -> str:

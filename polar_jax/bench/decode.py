@@ -531,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the same shapes when torch imports")
     parser.add_argument("--torch-compile", action="store_true",
                         help="torch.compile the peer's forward (reduce-overhead)")
-    parser.add_argument("--json", type=Path, help="write the rows here")
-    parser.add_argument("--plot", type=Path, help="write a PNG here (needs matplotlib)")
+    parser.add_argument("--json", type=bench.OUTPUT_FILE, help="write the rows here")
+    parser.add_argument("--plot", type=bench.OUTPUT_FILE, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
     from polar_jax.dtypes import parse_dtype
     from polar_jax.errors import PolarJaxError

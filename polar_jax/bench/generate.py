@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", type=Path, default=None,
                         help="where prompts come from (default: the repository's "
                              "demo/data/wikitext2_test.txt)")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=bench.OUTPUT_FILE, help="write the results here")
     args = parser.parse_args(argv)
     if args.routers and len(args.routers) != len(args.model):
         parser.error("give one --routers (or '-') per --model")

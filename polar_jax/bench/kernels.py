@@ -888,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     p = bench.parser("kernels", __doc__.split("\n\n")[0])
-    p.add_argument("--json", help="write every measurement (and the environment) to this file")
+    p.add_argument("--json", type=bench.OUTPUT_FILE, help="write every measurement (and the environment) to this file")
     p.add_argument("--only", choices=["all", "attn", "mlp", "none"], default="all",
                    help="which kernels to time")
     p.add_argument("--reps", type=bench.COUNT, default=5, help="timed repeats; the median is reported")
