@@ -155,6 +155,8 @@ def _rope_config(fields: _Fields, max_positions: int) -> RopeConfig:
         raise PolarJaxError(
             f"config.json: llama3 rope 'high_freq_factor' must exceed 'low_freq_factor', got "
             f"{factors['high_freq_factor']} and {factors['low_freq_factor']}")
+    if fields.has("rope_theta"):  # checked even where rope_parameters' value wins
+        fields.float("rope_theta")
     theta = source("rope_theta") if source("rope_theta").has("rope_theta") else fields
     original = "original_max_position_embeddings"
     return RopeConfig(

@@ -51,6 +51,8 @@ BAD = {
                             "'rope_parameters.rope_theta'", "finite number > 0"),
     "rope theta nan": (LLAMA, dict(rope_parameters=None, rope_theta=float("nan")), "'rope_theta'", "finite"),
     "rope theta zero": (LLAMA, dict(rope_parameters={"rope_theta": 0}), "rope_theta'", "> 0"),
+    "top-level rope theta a string beside rope_parameters": (LLAMA, dict(rope_theta="abc"),
+                                                             "'rope_theta'", "got 'abc'"),
     "rope parameters a list": (LLAMA, dict(rope_parameters=[10000.0]), "'rope_parameters'", "mapping"),
     "rope scaling a string": (LLAMA, dict(rope_parameters=None, rope_scaling="linear"),
                               "'rope_scaling'", "mapping"),
