@@ -28,20 +28,20 @@ from convert.checkpoint import (
 from convert.mapping import canonical_name, param_specs
 from models.config import ModelConfig, config_from_hf
 from polar_jax import validate
+from polar_jax.dtypes import DTYPES, parse_dtype
 from polar_jax.errors import PolarJaxError
-from polar_jax.files import atomic_output, cast_checked, checkpoint_file
+from polar_jax.files import atomic_output, cast_checked, checkpoint_file, save_arrays
 
 FORMAT_VERSION = 2  # 2: q/k/v as one `w_qkv`, gate and up as one `w_gate_up`
 METADATA_FILE = "polar_jax.json"
 PARAMS_DIR = "params"
-_NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
 
 def source_dtype(hf_config: dict) -> str:
     """The dtype the checkpoint was saved in, per its config (float32 when unstated)."""
     key = "dtype" if hf_config.get("dtype") is not None else "torch_dtype"
     name = hf_config.get(key) or "float32"
-    return validate.string(f"config.json: {key!r}", name, tuple(_NUMPY_DTYPES))
+    return validate.string(f"config.json: {key!r}", name, tuple(DTYPES))
 
 
 def read_hf_params(src: Path, config: ModelConfig, dtype: str, allow_pickle: bool = False,
@@ -52,9 +52,7 @@ def read_hf_params(src: Path, config: ModelConfig, dtype: str, allow_pickle: boo
     misshapen or non-float tensor, a NaN or Inf, or a value beyond `dtype`'s range is an error
     naming it.
     """
-    if dtype not in _NUMPY_DTYPES:
-        raise PolarJaxError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_NUMPY_DTYPES)}")
-    target = _NUMPY_DTYPES[dtype]
+    target = parse_dtype(dtype)
     specs = param_specs(config)
     kind, files = weight_files(src, allow_pickle)
     params: dict = {}
@@ -100,15 +98,6 @@ def read_hf_params(src: Path, config: ModelConfig, dtype: str, allow_pickle: boo
     return params
 
 
-def save_params(params: dict, directory: Path) -> None:
-    """Writes the nested param dict with orbax-checkpoint."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory.absolute(), params)
-        checkpointer.wait_until_finished()
-
-
 def convert_checkpoint(src: str, dst: str, dtype: str | None = None, allow_pickle: bool = False,
                        force: bool = False, progress: bool = False) -> Path:
     """Converts the HF checkpoint `src` into `dst`; returns `dst`.
@@ -125,7 +114,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str | None = None, allow_pickl
         copied = {name: checkpoint_file(src_path, name, optional=True)
                   for name in ("config.json",) + SIDE_FILES}
         params = read_hf_params(src_path, config, dtype, allow_pickle, progress)
-        save_params(params, staging.path / PARAMS_DIR)
+        save_arrays(staging.path / PARAMS_DIR, params)
         for name, path in copied.items():
             if path is not None:
                 shutil.copyfile(path, staging.path / name)

@@ -14,10 +14,10 @@ import sys
 import time
 
 from polar_jax import __version__, settings, validate
+from polar_jax.dtypes import DTYPES
 from polar_jax.errors import PolarJaxError
 from polar_jax.settings import EvalSettings, GenerationSettings, SparsitySettings
 
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _positive = validate.cli_type(validate.integer, int, low=1)
 
 
@@ -31,7 +31,7 @@ def _default(value) -> str:
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --dtype and --quiet, as every command that runs a model takes them."""
     parser.add_argument("--model", required=True, help="converted or Hugging Face model directory")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES,
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     _add_quiet(parser)
 
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--allow-pickle) into a polar-jax directory of orbax params.")
     convert.add_argument("src", help="local Hugging Face checkpoint directory")
     convert.add_argument("dst", help="output directory (must not exist unless --force)")
-    convert.add_argument("--dtype", choices=DTYPE_NAMES,
+    convert.add_argument("--dtype", choices=tuple(DTYPES),
                          help="parameter dtype (default: the checkpoint's own)")
     convert.add_argument("--allow-pickle", action="store_true",
                          help="read pytorch_model.bin files (torch.load with weights_only=True)")

@@ -331,7 +331,7 @@ def _publish(tmp: Path, entry: Path, dst, force: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading arrays saved with orbax (converted models, routers).
+# Arrays saved with orbax (converted models, routers).
 
 
 def _shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -344,6 +344,16 @@ def _shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
         else:
             out[name] = tuple(value.shape)
     return out
+
+
+def save_arrays(directory: Path, tree: Mapping) -> None:
+    """Writes the nested mapping of arrays `tree` as the orbax checkpoint `directory` (inside an
+    `atomic_output` staging directory: it is published whole or not at all)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory.absolute(), tree)
+        checkpointer.wait_until_finished()
 
 
 def restore_arrays(src: Path, name: str, target: Mapping) -> dict:

@@ -23,7 +23,7 @@ from flax import nnx
 from models import ModelConfig, build_model
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
-from polar_jax.files import atomic_output, checkpoint_file, restore_arrays
+from polar_jax.files import atomic_output, checkpoint_file, restore_arrays, save_arrays
 
 F32 = jnp.float32
 FORMAT_VERSION = 1
@@ -182,12 +182,7 @@ def model_fingerprint(config: ModelConfig) -> dict:
 
 def write_routers(routers: Routers, metadata: dict, directory: Path) -> None:
     """Writes params (orbax, in `params/`) and `routers.json` into the existing `directory`."""
-    import orbax.checkpoint as ocp
-
-    state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(routers)))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((directory / PARAMS_DIR).absolute(), state)
-        checkpointer.wait_until_finished()
+    save_arrays(directory / PARAMS_DIR, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(routers))))
     (directory / METADATA_FILE).write_text(json.dumps(dict(metadata, format=FORMAT_VERSION), indent=2) + "\n")
 
 

@@ -293,12 +293,12 @@ def test_write_failure_leaves_nothing_behind(opt_src, tmp_path, capsys, monkeypa
     go too. (Moved from test_convert_errors: the OSError now reaches the user as one line.)"""
     import convert.convert as convert_module
 
-    def failing_save(params, directory):
+    def failing_save(directory, params):
         directory.mkdir()
         (directory / "partial").write_bytes(b"\0" * 100)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert_module, "save_params", failing_save)
+    monkeypatch.setattr(convert_module, "save_arrays", failing_save)
     dst = tmp_path / "out" if existing else tmp_path / "new" / "dirs" / "out"
     if existing:
         dst.mkdir()
@@ -328,14 +328,14 @@ def test_destination_appearing_meanwhile(opt_hf, tmp_path, monkeypatch, renameat
         pytest.skip("renameat2 is unavailable here")
     src, hf_model = opt_hf
     dst = tmp_path / "out"
-    save = convert_module.save_params
+    save = convert_module.save_arrays
 
-    def racing_save(params, directory):
+    def racing_save(directory, params):
         dst.mkdir()
         (dst / "theirs.txt").write_text("theirs")
-        save(params, directory)
+        save(directory, params)
 
-    monkeypatch.setattr(convert_module, "save_params", racing_save)
+    monkeypatch.setattr(convert_module, "save_arrays", racing_save)
     if force:
         convert_checkpoint(str(src), str(dst), force=True)
         assert not (dst / "theirs.txt").exists()
