@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels._common import NEG_INF
 from pallas_kernels.activations import get_activation
 from pallas_kernels.kv_write import write_kv_token, write_kv_token_reference
 from pallas_kernels.sparse_attention import sparse_decode_attention
 
 F32 = jnp.float32
-_MASKED = -1e30
 
 
 def _param(shape, dtype, fill: float = 0.0):
@@ -164,7 +164,7 @@ def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float
     if window is not None:
         visible = visible & (i - j < window)
     visible = visible[None] & key_valid[:, None, :].astype(bool)
-    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=F32)
     return o.reshape(b, t, hq, d).astype(q.dtype)
@@ -193,7 +193,7 @@ def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
     visible = pos < lengths[:, None]
     if window is not None:
         visible = visible & (pos >= lengths[:, None] - window)
-    scores = jnp.where(visible[:, None, None, :], scores, _MASKED)
+    scores = jnp.where(visible[:, None, None, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     o = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_cache.dtype), v_cache,
                    preferred_element_type=F32)

@@ -19,6 +19,8 @@ with warnings.catch_warnings():
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 LOG2E = 1.4426950408889634
 NEG_INF = -1e30  # finite "minus infinity" for running maxima (keeps exp2(m - m') finite)
+FALLBACK_SM_COUNT = 132  # an H100/H200 SXM: assumed when the device reports no core count
+PROGRAMS_PER_SM = 2  # the split heuristics add splits until a launch has this many per SM
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -38,7 +40,7 @@ def cdiv(a: int, b: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def sm_count() -> int:
-    """Streaming multiprocessors of the default GPU (132 on an H100/H200 SXM)."""
+    """Streaming multiprocessors of the default GPU (`FALLBACK_SM_COUNT` if it reports none)."""
     try:
         dev = jax.devices()[0]
         n = getattr(dev, "core_count", None)
@@ -46,7 +48,7 @@ def sm_count() -> int:
             return int(n)
     except Exception:  # pragma: no cover - no device
         pass
-    return 132
+    return FALLBACK_SM_COUNT
 
 
 def compiler_params(num_warps: int, num_stages: int):
@@ -105,7 +107,8 @@ def gelu_erf_kernel(x):
 
 
 __all__ = [
-    "FLOAT_DTYPES", "LOG2E", "NEG_INF", "resolve_interpret", "next_pow2", "cdiv", "sm_count",
+    "FLOAT_DTYPES", "LOG2E", "NEG_INF", "PROGRAMS_PER_SM", "resolve_interpret", "next_pow2",
+    "cdiv", "sm_count",
     "compiler_params", "masked_load", "masked_store", "barrier", "atomic_add", "gelu_erf_kernel",
     "pl", "plgpu",
 ]

@@ -10,8 +10,9 @@ neuron block over the batch in registers, writing only the `[N]` scores:
   program streams one contiguous slab;
 - one program per block of `block_n` neurons: the float32 tensor-core dot of the whole batch
   `h [B, r]` with the block's `[block_n, r]` rows, in chunks of `block_k` columns;
-- the epilogue applies relu + tie_break * sigmoid, zeroes inactive rows, sums over the batch
-  and rounds to bfloat16 (the dtype `topk_indices` searches fastest).
+- the epilogue applies the selection rule's `neuron_score` (relu + tie_break * sigmoid),
+  zeroes inactive rows, sums over the batch and rounds to bfloat16 (the dtype `topk_indices`
+  searches fastest).
 """
 
 from __future__ import annotations
@@ -26,12 +27,9 @@ from pallas_kernels._common import (
     FLOAT_DTYPES, cdiv, compiler_params, masked_load, masked_store, next_pow2, pl,
     resolve_interpret,
 )
+from pallas_kernels.selection import neuron_score
 
 __all__ = ["neuron_scores", "neuron_scores_reference"]
-
-
-def _score(logits, tie_break: float):
-    return jnp.maximum(logits, 0.0) + tie_break * (1.0 / (1.0 + jnp.exp(-logits)))
 
 
 def neuron_scores_reference(h, w_up, active, *, tie_break: float):
@@ -39,7 +37,7 @@ def neuron_scores_reference(h, w_up, active, *, tie_break: float):
     float32 logits `l = h @ w_up.T`, rounded to bfloat16."""
     logits = jnp.dot(h.astype(jnp.float32), w_up.astype(jnp.float32).T,
                      precision=lax.Precision.HIGHEST)
-    per_row = jnp.where(active[:, None], _score(logits, tie_break), 0.0)
+    per_row = jnp.where(active[:, None], neuron_score(logits, tie_break), 0.0)
     return jnp.sum(per_row, axis=0).astype(jnp.bfloat16)
 
 
@@ -64,7 +62,7 @@ def _kernel(h_ref, w_ref, act_ref, o_ref, *, B, Bp, r, N, BN, BK, tie_break, int
                                      preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, cdiv(r, BK), body, jnp.zeros((Bp, BN), jnp.float32))
-    per_row = jnp.where((row_ok & live)[:, None], _score(acc, tie_break), 0.0)
+    per_row = jnp.where((row_ok & live)[:, None], neuron_score(acc, tie_break), 0.0)
     masked_store(o_ref, (cols,), jnp.sum(per_row, axis=0).astype(o_ref.dtype), col_ok)
 
 

@@ -4,15 +4,16 @@ Polar Sparsity keeps one set of MLP neurons for the whole batch (the union the r
 for all rows), so the MLP becomes two gathered GEMMs over the selected rows of the weights:
 
     h = act(x @ w_in[idx].T + b_in[idx])                   [B, k]   ("up" kernel)
-    (gated: h = act(x @ w_gate[idx].T + b_gate[idx]) * (x @ w_in[idx].T + b_in[idx]))
     y = h @ w_out[idx] + b_out                              [B, d]   ("down" kernel)
+
+Gated MLPs (Llama) stay dense: their routers predict no neurons, so there is no gated form.
 
 Both weight matrices are neuron-major `[N, d]`, so a selected neuron is one contiguous row and
 both kernels stream whole row segments (at small batch the work is pure memory bandwidth:
 `2 * k * d` weight elements).
 
 - up: one program per (batch tile, block of `block_n` selected neurons, d-split); it gathers the
-  neuron ids once, then streams `[block_n, block_d]` row tiles of w_in (and w_gate) along d with
+  neuron ids once, then streams `[block_n, block_d]` row tiles of w_in along d with
   a float32 tensor-core dot against the x tile. Bias and activation are fused; h is written in
   `x.dtype`. With several d-splits the last split to finish a tile (atomic counter) sums the
   float32 partials and applies bias and activation.
@@ -32,8 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._common import (
-    FLOAT_DTYPES, atomic_add, barrier, cdiv, compiler_params, gelu_erf_kernel, masked_load,
-    masked_store, next_pow2, pl, resolve_interpret, sm_count,
+    FLOAT_DTYPES, PROGRAMS_PER_SM, atomic_add, barrier, cdiv, compiler_params, gelu_erf_kernel,
+    masked_load, masked_store, next_pow2, pl, resolve_interpret, sm_count,
 )
 from pallas_kernels.activations import ACTIVATIONS, get_activation
 
@@ -52,23 +53,14 @@ def _kernel_activation(name: str):
 # Reference
 # --------------------------------------------------------------------------------------------
 
-def selective_mlp_reference(x, w_in, b_in, w_out, b_out, neuron_idx, *, activation="relu",
-                            w_gate=None, b_gate=None):
+def selective_mlp_reference(x, w_in, b_in, w_out, b_out, neuron_idx, *, activation="relu"):
     """Pure-`jnp` reference: float32 accumulation, h rounded to `x.dtype` between the GEMMs."""
     act = get_activation(activation)
     hp = lax.Precision.HIGHEST
-    xf = x.astype(jnp.float32)
-    pre = jnp.dot(xf, w_in[neuron_idx].astype(jnp.float32).T, precision=hp)
+    pre = jnp.dot(x.astype(jnp.float32), w_in[neuron_idx].astype(jnp.float32).T, precision=hp)
     if b_in is not None:
         pre = pre + b_in[neuron_idx].astype(jnp.float32)
-    if w_gate is not None:
-        gate = jnp.dot(xf, w_gate[neuron_idx].astype(jnp.float32).T, precision=hp)
-        if b_gate is not None:
-            gate = gate + b_gate[neuron_idx].astype(jnp.float32)
-        h = act(gate) * pre
-    else:
-        h = act(pre)
-    h = h.astype(x.dtype).astype(jnp.float32)
+    h = act(pre).astype(x.dtype).astype(jnp.float32)
     y = jnp.dot(h, w_out[neuron_idx].astype(jnp.float32), precision=hp)
     if b_out is not None:
         y = y + b_out.astype(jnp.float32)
@@ -86,8 +78,7 @@ def _pow2_splits(work_units: int, target: int, length: int, min_len: int, cap: i
     return s
 
 
-def mlp_config(batch, d, k, *, interpret=False, gated=False, up=None, down=None,
-               target_programs=None):
+def mlp_config(batch, d, k, *, interpret=False, up=None, down=None):
     """Tiles and split counts for the two kernels (dicts; any key may be overridden)."""
     up = dict(up or {})
     down = dict(down or {})
@@ -98,7 +89,7 @@ def mlp_config(batch, d, k, *, interpret=False, gated=False, up=None, down=None,
         dn = dict(block_m=min(bm_small, 32), block_k=16, block_d=32, splits=1, num_warps=4,
                   num_stages=1, prefetch=False)
     else:
-        target = target_programs or 2 * sm_count()
+        target = PROGRAMS_PER_SM * sm_count()
         if batch <= 64:
             # 32-64 rows: three up stages, the id prefetch and 64 output columns per down
             # program (H200, d 4096, k/N 0.62, B 64: 0.074 -> 0.061 -> 0.057 ms); at B <= 16
@@ -121,8 +112,6 @@ def mlp_config(batch, d, k, *, interpret=False, gated=False, up=None, down=None,
             dn = dict(block_m=64, block_k=64, block_d=128, num_warps=4, num_stages=4,
                       prefetch=True)  # large batch: the prefetch keeps the loop pipelined
             down_target = target // 2
-        if gated:
-            u["num_stages"] = min(u["num_stages"], 3)
         u.update({kk: vv for kk, vv in up.items() if kk != "splits"})
         dn.update({kk: vv for kk, vv in down.items() if kk != "splits"})
         n_bt = cdiv(batch, min(u["block_m"], max(16, next_pow2(batch))))
@@ -146,16 +135,12 @@ def mlp_config(batch, d, k, *, interpret=False, gated=False, up=None, down=None,
 # Kernels
 # --------------------------------------------------------------------------------------------
 
-def _up_kernel(*refs, B, d, k, BM, BN, BD, NS, n_bt, has_b_in, gated, has_b_gate, act,
-               interpret):
+def _up_kernel(*refs, B, d, k, BM, BN, BD, NS, n_bt, has_b_in, act, interpret):
     refs = list(refs)
     x_ref, idx_ref, w_ref = refs.pop(0), refs.pop(0), refs.pop(0)
     b_ref = refs.pop(0) if has_b_in else None
-    wg_ref = refs.pop(0) if gated else None
-    bg_ref = refs.pop(0) if has_b_gate else None
     if NS > 1:
-        _, h_ref, cnt_ref, p_ref, *rest = refs
-        pg_ref = rest[0] if gated else None
+        _, h_ref, cnt_ref, p_ref = refs
     else:
         (h_ref,) = refs
 
@@ -179,7 +164,7 @@ def _up_kernel(*refs, B, d, k, BM, BN, BD, NS, n_bt, has_b_in, gated, has_b_gate
     ar_d = jnp.arange(BD, dtype=jnp.int32)
     need_dmask = d % BD != 0
 
-    def body(c, carry):
+    def body(c, acc):
         cols = d0 + c * BD + ar_d
         xm = b_ok[:, None]
         wm = n_ok[:, None]
@@ -188,45 +173,26 @@ def _up_kernel(*refs, B, d, k, BM, BN, BD, NS, n_bt, has_b_in, gated, has_b_gate
             wm = wm & (cols < d)[None, :]
         xt = masked_load(x_ref, (rb[:, None], cols[None, :]), xm, 0.0, interpret=interpret)
         wt = masked_load(w_ref, (nid[:, None], cols[None, :]), wm, 0.0, interpret=interpret)
-        dims = (((1,), (1,)), ((), ()))
-        acc = carry[0] + lax.dot_general(xt, wt, dims, precision=prec,
-                                         preferred_element_type=jnp.float32)
-        if not gated:
-            return (acc,)
-        wg = masked_load(wg_ref, (nid[:, None], cols[None, :]), wm, 0.0, interpret=interpret)
-        accg = carry[1] + lax.dot_general(xt, wg, dims, precision=prec,
-                                          preferred_element_type=jnp.float32)
-        return acc, accg
+        return acc + lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), precision=prec,
+                                     preferred_element_type=jnp.float32)
 
-    zero = jnp.zeros((BM, BN), jnp.float32)
-    accs = lax.fori_loop(0, n_chunks, body, (zero, zero) if gated else (zero,))
+    acc = lax.fori_loop(0, n_chunks, body, jnp.zeros((BM, BN), jnp.float32))
 
-    def finish(acc, accg):
-        pre = acc
+    def finish(pre):
         if has_b_in:
             pre = pre + masked_load(b_ref, (nid,), n_ok, 0.0,
                                     interpret=interpret).astype(jnp.float32)[None, :]
-        if gated:
-            gate = accg
-            if has_b_gate:
-                gate = gate + masked_load(bg_ref, (nid,), n_ok, 0.0,
-                                          interpret=interpret).astype(jnp.float32)[None, :]
-            h = act(gate) * pre
-        else:
-            h = act(pre)
-        masked_store(h_ref, (rb[:, None], rn[None, :]), h.astype(h_ref.dtype),
+        masked_store(h_ref, (rb[:, None], rn[None, :]), act(pre).astype(h_ref.dtype),
                      b_ok[:, None] & n_ok[None, :])
 
     if NS == 1:
-        finish(accs[0], accs[1] if gated else None)
+        finish(acc)
         return
 
     tile = nb * n_bt + bt
     pr = bt * BM + jnp.arange(BM, dtype=jnp.int32)  # partial buffers are padded: no masks
     pc = nb * BN + jnp.arange(BN, dtype=jnp.int32)
-    p_ref[s, pr[:, None], pc[None, :]] = accs[0]
-    if gated:
-        pg_ref[s, pr[:, None], pc[None, :]] = accs[1]
+    p_ref[s, pr[:, None], pc[None, :]] = acc
     barrier(interpret)
     arrived = atomic_add(cnt_ref, (tile,), jnp.int32(1))
 
@@ -234,9 +200,7 @@ def _up_kernel(*refs, B, d, k, BM, BN, BD, NS, n_bt, has_b_in, gated, has_b_gate
     def _():
         # Loads after the acquire-release atomic see the other splits' partials; all splits
         # are loaded at once (in chunks that fit in registers) so their latencies overlap.
-        a = _sum_partials(p_ref, NS, pr, pc, interpret)
-        g = _sum_partials(pg_ref, NS, pr, pc, interpret) if gated else None
-        finish(a, g)
+        finish(_sum_partials(p_ref, NS, pr, pc, interpret))
 
 
 def _sum_partials(p_ref, NS, pr, pc, interpret, max_elems=8192):
@@ -333,19 +297,17 @@ def _down_kernel(*refs, B, d, k, BM, BK, BD, NS, n_bt, n_db, has_b_out, prefetch
         finish(_sum_partials(p_ref, NS, rb, cols, interpret))
 
 
-def _run_up(x, w_in, b_in, neuron_idx, w_gate, b_gate, *, activation, interpret, u):
-    """h = act(x @ w_in[idx].T + b_in[idx]) (or the gated form), [B, k] in x.dtype."""
+def _run_up(x, w_in, b_in, neuron_idx, *, activation, interpret, u):
+    """h = act(x @ w_in[idx].T + b_in[idx]), [B, k] in x.dtype."""
     B, d = x.shape
     k = neuron_idx.shape[0]
-    gated = w_gate is not None
     full = pl.BlockSpec()
     BM, BN, BD, NS = u["block_m"], u["block_n"], u["block_d"], u["splits"]
     n_bt, n_nb = cdiv(B, BM), cdiv(k, BN)
     kernel = functools.partial(
         _up_kernel, B=B, d=d, k=k, BM=BM, BN=BN, BD=BD, NS=NS, n_bt=n_bt,
-        has_b_in=b_in is not None, gated=gated, has_b_gate=b_gate is not None,
-        act=_kernel_activation(activation), interpret=interpret)
-    args = [x, neuron_idx, w_in] + [a for a in (b_in, w_gate, b_gate) if a is not None]
+        has_b_in=b_in is not None, act=_kernel_activation(activation), interpret=interpret)
+    args = [x, neuron_idx, w_in] + ([b_in] if b_in is not None else [])
     h_sds = jax.ShapeDtypeStruct((B, k), x.dtype)
     params = compiler_params(u["num_warps"], u["num_stages"])
     grid = (n_bt * n_nb * NS,)
@@ -356,9 +318,8 @@ def _run_up(x, w_in, b_in, neuron_idx, w_gate, b_gate, *, activation, interpret,
     n_in = len(args)
     p_sds = jax.ShapeDtypeStruct((NS, n_bt * BM, n_nb * BN), jnp.float32)
     outs = pl.pallas_call(
-        kernel, grid=grid, in_specs=[full] * (n_in + 1), out_specs=[full] * (3 + gated),
-        out_shape=[h_sds, jax.ShapeDtypeStruct((n_bt * n_nb,), jnp.int32), p_sds]
-        + ([p_sds] if gated else []),
+        kernel, grid=grid, in_specs=[full] * (n_in + 1), out_specs=[full] * 3,
+        out_shape=[h_sds, jax.ShapeDtypeStruct((n_bt * n_nb,), jnp.int32), p_sds],
         input_output_aliases={n_in: 1}, compiler_params=params, interpret=interpret,
         name="selective_mlp_up_splitd")(*args, jnp.zeros((n_bt * n_nb,), jnp.int32))
     return outs[0]
@@ -394,10 +355,10 @@ def _run_down(h, w_out, b_out, neuron_idx, *, interpret, dn):
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "interpret", "ucfg", "dcfg"))
-def _selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, w_gate, b_gate, *, activation,
-                   interpret, ucfg, dcfg):
-    h = _run_up(x, w_in, b_in, neuron_idx, w_gate, b_gate, activation=activation,
-                interpret=interpret, u=dict(ucfg))
+def _selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, *, activation, interpret, ucfg,
+                   dcfg):
+    h = _run_up(x, w_in, b_in, neuron_idx, activation=activation, interpret=interpret,
+                u=dict(ucfg))
     return _run_down(h, w_out, b_out, neuron_idx, interpret=interpret, dn=dict(dcfg))
 
 
@@ -405,7 +366,7 @@ def _selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, w_gate, b_gate, *, a
 # Public wrapper
 # --------------------------------------------------------------------------------------------
 
-def _check_args(x, w_in, b_in, w_out, b_out, neuron_idx, activation, w_gate, b_gate):
+def _check_args(x, w_in, b_in, w_out, b_out, neuron_idx, activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {activation!r}; supported: "
                          f"{', '.join(sorted(ACTIVATIONS))}")
@@ -419,26 +380,21 @@ def _check_args(x, w_in, b_in, w_out, b_out, neuron_idx, activation, w_gate, b_g
     if getattr(w_in, "ndim", None) != 2 or w_in.shape[1] != d:
         raise ValueError(f"w_in must be [N, d={d}], got shape {getattr(w_in, 'shape', None)}")
     N = w_in.shape[0]
-    for name, w in (("w_out", w_out), ("w_gate", w_gate)):
-        if w is None:
-            if name == "w_out":
-                raise ValueError("w_out is required")
-            continue
-        if getattr(w, "shape", None) != (N, d):
-            raise ValueError(f"{name} must be [N={N}, d={d}] (neuron-major), got shape "
-                             f"{getattr(w, 'shape', None)}")
-    for name, w in (("w_in", w_in), ("w_out", w_out), ("w_gate", w_gate)):
-        if w is not None and w.dtype != x.dtype:
+    if w_out is None:
+        raise ValueError("w_out is required")
+    if getattr(w_out, "shape", None) != (N, d):
+        raise ValueError(f"w_out must be [N={N}, d={d}] (neuron-major), got shape "
+                         f"{getattr(w_out, 'shape', None)}")
+    for name, w in (("w_in", w_in), ("w_out", w_out)):
+        if w.dtype != x.dtype:
             raise TypeError(f"{name} dtype {w.dtype} differs from x dtype {x.dtype}")
-    for name, bvec, n in (("b_in", b_in, N), ("b_gate", b_gate, N), ("b_out", b_out, d)):
+    for name, bvec, n in (("b_in", b_in, N), ("b_out", b_out, d)):
         if bvec is None:
             continue
         if getattr(bvec, "shape", None) != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {getattr(bvec, 'shape', None)}")
         if jnp.dtype(bvec.dtype) not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float array, got {bvec.dtype}")
-    if b_gate is not None and w_gate is None:
-        raise ValueError("b_gate given without w_gate")
     if getattr(neuron_idx, "ndim", None) != 1:
         raise ValueError(f"neuron_idx must be a 1-D int32 array [k], got shape "
                          f"{getattr(neuron_idx, 'shape', None)}")
@@ -449,8 +405,8 @@ def _check_args(x, w_in, b_in, w_out, b_out, neuron_idx, activation, w_gate, b_g
         raise ValueError(f"neuron_idx selects k={k} neurons; need 1 <= k <= N={N}")
 
 
-def selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, *, activation="relu", w_gate=None,
-                  b_gate=None, interpret=None, up_config=None, down_config=None):
+def selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, *, activation="relu", interpret=None,
+                  up_config=None, down_config=None):
     """`act(x @ w_in[idx].T + b_in[idx]) @ w_out[idx] + b_out` over the selected neurons only.
 
     Args:
@@ -462,18 +418,16 @@ def selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, *, activation="relu",
       neuron_idx: int32 `[k]`, distinct neurons in `[0, N)` (one set for the whole batch), any
         order, 1 <= k <= N. Values are not range-checked (that would need a host sync).
       activation: "relu", "gelu", "gelu_new", "silu" (or another name of `ACTIVATIONS`).
-      w_gate, b_gate: for gated MLPs: `act(x @ w_gate[idx].T + b_gate[idx]) * (x @ w_in[idx].T
-        + b_in[idx])` replaces `act(...)`.
       interpret: run the Pallas interpreter (None: when the default backend is the CPU).
       up_config, down_config: optional dicts overriding the tiles / splits (tuning).
 
     Returns:
       `[B, d]` in `x.dtype`, accumulated in float32.
     """
-    _check_args(x, w_in, b_in, w_out, b_out, neuron_idx, activation, w_gate, b_gate)
+    _check_args(x, w_in, b_in, w_out, b_out, neuron_idx, activation)
     interpret = resolve_interpret(interpret)
     u, dn = mlp_config(x.shape[0], x.shape[1], neuron_idx.shape[0], interpret=interpret,
-                       gated=w_gate is not None, up=up_config, down=down_config)
-    return _selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, w_gate, b_gate,
-                          activation=activation, interpret=interpret,
+                       up=up_config, down=down_config)
+    return _selective_mlp(x, w_in, b_in, w_out, b_out, neuron_idx, activation=activation,
+                          interpret=interpret,
                           ucfg=tuple(sorted(u.items())), dcfg=tuple(sorted(dn.items())))

@@ -31,11 +31,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._common import (
-    FLOAT_DTYPES, LOG2E, NEG_INF, atomic_add, barrier, compiler_params, masked_load,
-    masked_store, next_pow2, pl, resolve_interpret, sm_count,
+    FLOAT_DTYPES, LOG2E, NEG_INF, PROGRAMS_PER_SM, atomic_add, barrier, compiler_params,
+    masked_load, masked_store, next_pow2, pl, resolve_interpret, sm_count,
 )
 
 __all__ = ["sparse_decode_attention", "sparse_decode_attention_reference", "attention_config"]
+
+MIN_SPLIT_TOKENS = 256  # a split of the sequence reads at least this many cached tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,8 +83,7 @@ def sparse_decode_attention_reference(q, k_cache, v_cache, lengths, group_idx=No
 
 def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, interpret=False,
                      block_k=None, num_splits=None, num_warps=None, num_stages=None,
-                     combine=None, evict_first=None, target_programs=None,
-                     min_split_tokens=None):
+                     combine=None, evict_first=None):
     """Tiling for one call: block_k, num_splits (a power of 2), warps, stages, combine."""
     if block_k is None:
         block_k = 16 if interpret else 64
@@ -91,15 +92,14 @@ def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, inte
         if interpret:
             num_splits = 1
         else:
-            target = target_programs or 2 * sm_count()
-            min_tok = min_split_tokens or 256
+            target = PROGRAMS_PER_SM * sm_count()
             num_splits = 1
             base = batch * num_selected
             # The last split combines up to num_splits partials per head: more than 32 only
             # pays when even 32 splits would leave most SMs idle (measured, see the notes).
             max_splits = 64 if base * 32 < sm_count() else 32
             while (base * num_splits < target and num_splits < max_splits
-                   and seq_len // (2 * num_splits) >= max(min_tok, block_k)):
+                   and seq_len // (2 * num_splits) >= max(MIN_SPLIT_TOKENS, block_k)):
                 num_splits *= 2
     num_splits = next_pow2(max(1, int(num_splits)))
     if num_warps is None:

@@ -28,6 +28,7 @@ from jax import lax
 from pallas_kernels._common import (
     FLOAT_DTYPES, compiler_params, masked_load, masked_store, next_pow2, pl, resolve_interpret,
 )
+from pallas_kernels.selection import order_key
 
 __all__ = ["topk_indices", "topk_indices_reference"]
 
@@ -39,19 +40,13 @@ def topk_indices_reference(scores, k: int):
     return jnp.sort(lax.top_k(scores.astype(jnp.float32), k)[1], axis=-1).astype(jnp.int32)
 
 
-def _order_key(x):
-    """float32 -> int32 with the same order (-0.0 just below +0.0)."""
-    bits = lax.bitcast_convert_type(x, jnp.int32)
-    return bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))
-
-
 def _topk_kernel(s_ref, *refs, N, Np, K, key_bits, interpret):
     o_ref = refs[-1]
     row = pl.program_id(0)
     idx = jnp.arange(Np, dtype=jnp.int32)
     valid = idx < N
     x = masked_load(s_ref, (row, idx), valid, 0.0, interpret=interpret).astype(jnp.float32)
-    key = _order_key(x)
+    key = order_key(x)
     if key_bits == 16:  # bfloat16 scores: the low half of the float32 bits is zero
         key = key >> 16
     key = jnp.where(valid, key, jnp.int32(INT32_MIN))

@@ -1,8 +1,8 @@
 """Perplexity with a fixed protocol, so numbers compare across models, dtypes and modes.
 
 Protocol: tokenize the whole text once with no special tokens; keep the first `max_tokens`;
-cut into non-overlapping windows of `seq_len` tokens (a shorter last window is kept if it
-has at least 2 tokens); score every token after the first of each window;
+cut into non-overlapping windows of `seq_len` tokens (`polar_jax.windows`: a shorter last
+window is kept if it has at least 2 tokens); score every token after the first of each window;
 perplexity = exp(mean negative log-likelihood).
 """
 
@@ -22,6 +22,7 @@ from polar_jax.errors import PolarJaxError
 from polar_jax.files import input_file
 from polar_jax.memory import check_fits
 from polar_jax.settings import EvalSettings
+from polar_jax.windows import make_windows
 
 
 def read_text(path: str) -> str:
@@ -33,18 +34,6 @@ def read_text(path: str) -> str:
     if not text.strip():
         raise PolarJaxError(f"text file {path} is empty")
     return text
-
-
-def make_windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """tokens, mask `[num_windows, seq_len]`; the last window is right-padded (mask 0)."""
-    starts = [s for s in range(0, len(ids), seq_len) if len(ids) - s >= 2]
-    tokens = np.zeros((len(starts), seq_len), np.int32)
-    mask = np.zeros((len(starts), seq_len), np.int32)
-    for row, start in enumerate(starts):
-        chunk = ids[start:start + seq_len]
-        tokens[row, :len(chunk)] = chunk
-        mask[row, :len(chunk)] = 1
-    return tokens, mask
 
 
 def _nll_fn(model, make_ops=None, routers=None):

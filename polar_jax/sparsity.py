@@ -21,12 +21,16 @@ import jax.numpy as jnp
 from models import ModelConfig
 from models.layers import F32, MLP, DenseOps, write_token
 from pallas_kernels import neuron_scores, selective_mlp, sparse_decode_attention, topk_indices
+from pallas_kernels.selection import (
+    DENSE_MLP_FRACTION,
+    TIE_BREAK,
+    batch_neuron_scores,
+    groups_to_keep,
+    topk_mask,
+)
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
-from routers.model import TIE_BREAK, LayerRouters, Routers, batch_neuron_scores, topk_mask
-from routers.train import groups_to_keep
-
-DENSE_MLP_FRACTION = 0.8  # at k >= 0.8 N the dense MLP is as fast; use it
+from routers.model import LayerRouters, Routers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models import ModelConfig
 from models.layers import F32, DenseOps, full_attention
-from polar_jax.evaluate import make_windows
+from polar_jax.windows import make_windows
 
 
 class RecordingOps(DenseOps):

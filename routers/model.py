@@ -122,52 +122,6 @@ class LayerRouters:
                                   preferred_element_type=F32)
 
 
-TIE_BREAK = 1e-3
-
-
-def _order_bits(x):
-    """float32 -> uint32 with the same order (for exact bisection on values)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(F32), jnp.uint32)
-    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
-
-
-def topk_mask(scores, k: int):
-    """Boolean mask of exactly the k largest entries along the last axis, ties at the k-th
-    value to the lowest indices (the set `lax.top_k` and `topk_indices` choose). The k-th value
-    is found by bisection on the values' bit patterns: 32 counting passes, far cheaper than
-    `lax.top_k`'s sort for wide rows on a CPU."""
-    key = _order_bits(scores)
-
-    def halve(_, bounds):  # invariant: count(key >= lo) >= k > count(key > hi)
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
-        enough = jnp.sum(key >= mid, axis=-1, keepdims=True) >= k
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
-
-    shape = key.shape[:-1] + (1,)
-    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros(shape, jnp.uint32),
-                                             jnp.full(shape, 0xFFFFFFFF, jnp.uint32)))
-    above = key > lo
-    tie = key == lo
-    need = k - jnp.sum(above, axis=-1, keepdims=True)
-    return above | (tie & (jnp.cumsum(tie, axis=-1) <= need))
-
-
-
-def batch_neuron_scores(logits, axis: int = -2, where=None):
-    """How much a batch needs each neuron: the sum over the batch (`axis`) of relu(logits), the
-    original's rule, plus `TIE_BREAK` x the summed sigmoid. Without the second term every neuron
-    that no token scores positive ties at zero and a top-k reaching into them picks arbitrarily;
-    with it they are ranked by probability (for one token the order is that of the logits).
-    `where` (broadcastable to logits) leaves rows out of the sum, e.g. finished sequences.
-    Rounded to bfloat16: three significant digits rank neurons as well as seven, and the top-k
-    kernel then searches 16-bit keys, half the passes (exact ties go to the lowest index)."""
-    per_row = jax.nn.relu(logits) + TIE_BREAK * jax.nn.sigmoid(logits)
-    if where is not None:
-        per_row = jnp.where(where, per_row, 0.0)
-    return jnp.sum(per_row, axis=axis).astype(jnp.bfloat16)
-
-
 def model_fingerprint(config: ModelConfig) -> dict:
     """What a routers directory records about its model: type, sizes, and a hash of the shapes
     of every parameter (so routers never load onto a model they were not trained for)."""

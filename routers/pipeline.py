@@ -10,18 +10,12 @@ from typing import Mapping
 import numpy as np
 
 from models import ModelConfig
+from pallas_kernels.selection import groups_to_keep, mlp_topk_step
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import atomic_output
 from routers.collect import collect
 from routers.model import model_fingerprint, write_routers
-from routers.train import (
-    TrainSettings,
-    calibrate_mlp_topk,
-    evaluate,
-    groups_to_keep,
-    mlp_topk_step,
-    train,
-)
+from routers.train import TrainSettings, calibrate_mlp_topk, evaluate, train
 
 HELDOUT_FRACTION = 0.2
 

@@ -19,14 +19,20 @@ from flax import nnx
 from tqdm import tqdm
 
 from models import ModelConfig
+from pallas_kernels.selection import (
+    CALIBRATION_BATCH_SIZES,
+    COVERAGE_TARGET,
+    batch_neuron_scores,
+    groups_to_keep,
+    mlp_topk_step,
+    topk_mask,
+)
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
 from routers.collect import Collected
-from routers.model import Routers, batch_neuron_scores, topk_mask
+from routers.model import Routers
 
 F32 = jnp.float32
-CALIBRATION_BATCH_SIZES = tuple(2**i for i in range(10))  # 1 ... 512
-COVERAGE_TARGET = 0.99
 MLP_NEG_WEIGHT_OFFSET = 0.005
 
 
@@ -51,16 +57,6 @@ class TrainSettings:
         for name in ("mlp_rank", "epochs", "batch_size", "patience", "device_budget_bytes"):
             validate.integer(name, getattr(self, name), low=1)
         validate.integer("seed", self.seed, low=0)
-
-
-def groups_to_keep(fraction: float, num_groups: int) -> int:
-    """k = round(fraction x Hkv), at least 1."""
-    return max(1, min(num_groups, round(fraction * num_groups)))
-
-
-def mlp_topk_step(num_neurons: int) -> int:
-    """The granularity of calibrated MLP k: 128, or 8 for MLPs under 2048 neurons."""
-    return 8 if num_neurons < 2048 else 128
 
 
 def _load(data: Collected, idx: np.ndarray) -> dict:

@@ -39,15 +39,11 @@ def rng():
     return np.random.default_rng(seed)
 
 
-def mlp_f64(x, w_in, b_in, w_out, b_out, idx, act, w_gate=None, b_gate=None):
+def mlp_f64(x, w_in, b_in, w_out, b_out, idx, act):
     f = lambda a: None if a is None else np.asarray(a, np.float64)
-    x, w_in, b_in, w_out, b_out, w_gate, b_gate = map(f, (x, w_in, b_in, w_out, b_out, w_gate, b_gate))
+    x, w_in, b_in, w_out, b_out = map(f, (x, w_in, b_in, w_out, b_out))
     idx = np.asarray(idx)
-    pre = x @ w_in[idx].T + (0.0 if b_in is None else b_in[idx])
-    if w_gate is not None:
-        h = ACT_F64[act](x @ w_gate[idx].T + (0.0 if b_gate is None else b_gate[idx])) * pre
-    else:
-        h = ACT_F64[act](pre)
+    h = ACT_F64[act](x @ w_in[idx].T + (0.0 if b_in is None else b_in[idx]))
     return h @ w_out[idx] + (0.0 if b_out is None else b_out)
 
 
@@ -57,60 +53,51 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def make(rng, B, d, N, k, dtype, gated, bias):
+def make(rng, B, d, N, k, dtype, bias):
     arr = lambda shape, s=1.0: jnp.asarray(rng.standard_normal(shape) * s, dtype)
     x = arr((B, d))
     w_in = arr((N, d), 1 / math.sqrt(d))
     w_out = arr((N, d), 1 / math.sqrt(k))
-    w_gate = arr((N, d), 1 / math.sqrt(d)) if gated else None
     b_in = arr((N,)) if bias else None
     b_out = arr((d,)) if bias else None
-    b_gate = arr((N,)) if (bias and gated) else None
     idx = jnp.asarray(rng.permutation(N)[:k], jnp.int32)  # distinct, unsorted
-    return x, w_in, b_in, w_out, b_out, idx, w_gate, b_gate
+    return x, w_in, b_in, w_out, b_out, idx
 
 
-# B, d, N, k, dtype, activation, gated, bias, up_config, down_config
+# B, d, N, k, dtype, activation, bias, up_config, down_config
 CASES = [
     # odd sizes (d, N, k not multiples of the tiles), k=1
-    (3, 70, 50, 1, jnp.float32, "relu", False, True, None, None),
+    (3, 70, 50, 1, jnp.float32, "relu", True, None, None),
     # k = N, d-split and k-split partials combined by the last program (atomics)
-    (5, 70, 40, 40, jnp.float32, "gelu", False, True, dict(splits=2), dict(splits=4)),
-    (17, 48, 33, 20, jnp.float32, "gelu_new", False, False, dict(splits=4), None),
-    (2, 64, 64, 37, jnp.float32, "silu", False, True, None, dict(splits=2, prefetch=True)),
-    # gated forms
-    (4, 40, 30, 17, jnp.float32, "silu", True, True, dict(splits=2), dict(splits=2)),
-    (1, 96, 64, 64, jnp.float32, "gelu", True, False, None, None),
-    (6, 33, 20, 9, jnp.float32, "relu", True, True, None, dict(splits=2)),
-    (3, 50, 25, 12, jnp.float32, "gelu_new", True, False, dict(splits=2), None),
+    (5, 70, 40, 40, jnp.float32, "gelu", True, dict(splits=2), dict(splits=4)),
+    (17, 48, 33, 20, jnp.float32, "gelu_new", False, dict(splits=4), None),
+    (2, 64, 64, 37, jnp.float32, "silu", True, None, dict(splits=2, prefetch=True)),
     # half precision
-    (8, 128, 96, 48, jnp.bfloat16, "relu", False, True, dict(splits=2), dict(splits=2)),
-    (9, 80, 70, 35, jnp.float16, "gelu", False, True, None, None),
-    (2, 64, 48, 30, jnp.float16, "silu", True, True, dict(splits=2), None),
-    (33, 40, 30, 30, jnp.bfloat16, "gelu_new", False, True, dict(block_m=16), dict(block_m=16)),
+    (8, 128, 96, 48, jnp.bfloat16, "relu", True, dict(splits=2), dict(splits=2)),
+    (9, 80, 70, 35, jnp.float16, "gelu", True, None, None),
+    (33, 40, 30, 30, jnp.bfloat16, "gelu_new", True, dict(block_m=16), dict(block_m=16)),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-d{c[1]}-N{c[2]}-k{c[3]}-{jnp.dtype(c[4]).name}"
-                         f"-{c[5]}{'-gated' if c[6] else ''}{'-bias' if c[7] else ''}"
-                         f"-up{(c[8] or {}).get('splits', 1)}-down{(c[9] or {}).get('splits', 1)}")
+                         f"-{c[5]}{'-bias' if c[6] else ''}"
+                         f"-up{(c[7] or {}).get('splits', 1)}-down{(c[8] or {}).get('splits', 1)}")
 def test_matches_reference_and_float64(rng, case):
-    B, d, N, k, dtype, act, gated, bias, up, down = case
-    x, w_in, b_in, w_out, b_out, idx, w_gate, b_gate = make(rng, B, d, N, k, dtype, gated, bias)
-    out = selective_mlp(x, w_in, b_in, w_out, b_out, idx, activation=act, w_gate=w_gate,
-                        b_gate=b_gate, up_config=up, down_config=down)
+    B, d, N, k, dtype, act, bias, up, down = case
+    x, w_in, b_in, w_out, b_out, idx = make(rng, B, d, N, k, dtype, bias)
+    out = selective_mlp(x, w_in, b_in, w_out, b_out, idx, activation=act, up_config=up,
+                        down_config=down)
     assert out.shape == (B, d) and out.dtype == x.dtype
     assert np.all(np.isfinite(np.asarray(out, np.float64))), "an output element was not written"
-    ref = selective_mlp_reference(x, w_in, b_in, w_out, b_out, idx, activation=act,
-                                  w_gate=w_gate, b_gate=b_gate)
-    exact = mlp_f64(x, w_in, b_in, w_out, b_out, idx, act, w_gate, b_gate)
+    ref = selective_mlp_reference(x, w_in, b_in, w_out, b_out, idx, activation=act)
+    exact = mlp_f64(x, w_in, b_in, w_out, b_out, idx, act)
     assert rel_err(out, exact) < TOL[dtype]
     assert rel_err(ref, exact) < TOL[dtype]
     assert rel_err(out, ref) < 2 * TOL[dtype]
 
 
 def test_order_of_indices_does_not_matter_and_jit(rng):
-    x, w_in, b_in, w_out, b_out, idx, _, _ = make(rng, 4, 48, 40, 24, jnp.float32, False, True)
+    x, w_in, b_in, w_out, b_out, idx = make(rng, 4, 48, 40, 24, jnp.float32, True)
     f = jax.jit(lambda i: selective_mlp(x, w_in, b_in, w_out, b_out, i))
     a = f(idx)
     b = f(idx[::-1])
@@ -169,8 +156,6 @@ def _with(i, v):
     (_with(5, jnp.zeros((0,), jnp.int32)), {}, ValueError, "1 <= k <= N"),
     (_with(5, jnp.zeros((9,), jnp.int32)), {}, ValueError, "1 <= k <= N"),
     (_args(), dict(activation="tanh"), ValueError, "unsupported activation"),
-    (_args(), dict(w_gate=jnp.zeros((8, 15))), ValueError, "w_gate must be"),
-    (_args(), dict(b_gate=jnp.zeros((8,))), ValueError, "b_gate given without w_gate"),
 ])
 def test_argument_errors(args, kw, exc, match):
     with pytest.raises(exc, match=match):

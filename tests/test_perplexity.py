@@ -9,7 +9,7 @@ import pytest
 
 from conftest import fixture_path
 from polar_jax.cli import main
-from polar_jax.evaluate import make_windows
+from polar_jax.windows import make_windows
 
 # Reference perplexities from ../shared/fixtures/README.md: HF transformers, float32, CPU.
 REFERENCE = {"tiny-llama": 59.474, "tiny-opt": 61.074}

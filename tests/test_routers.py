@@ -13,10 +13,11 @@ import torch
 import transformers
 
 from conftest import fixture_path
+from pallas_kernels.selection import batch_neuron_scores
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import load_model
 from routers.collect import Collected, collect
-from routers.model import Routers, batch_neuron_scores, load_routers
+from routers.model import Routers, load_routers
 from routers.train import calibrate_mlp_topk
 
 
