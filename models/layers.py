@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import scopes
 from pallas_kernels._common import NEG_INF
 from pallas_kernels.activations import get_activation
 from pallas_kernels.kv_write import write_kv_token, write_kv_token_reference
@@ -36,7 +37,7 @@ class RMSNorm(nnx.Module):
         self.weight = _param((dim,), dtype, 1.0)
         self.eps = eps
 
-    @jax.named_scope("norm")
+    @jax.named_scope(scopes.NORM)
     def __call__(self, x):
         x32 = x.astype(F32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -49,7 +50,7 @@ class LayerNorm(nnx.Module):
         self.bias = _maybe(affine, (dim,), dtype)
         self.eps = eps
 
-    @jax.named_scope("norm")
+    @jax.named_scope(scopes.NORM)
     def __call__(self, x):
         x32 = x.astype(F32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -69,7 +70,7 @@ class Embedding(nnx.Module):
     def __call__(self, ids):
         return jnp.take(self.embedding[...], ids, axis=0)
 
-    @jax.named_scope("logits")
+    @jax.named_scope(scopes.LOGITS)
     def attend(self, x):
         return jnp.einsum("...d,vd->...v", x, self.embedding[...], preferred_element_type=F32)
 
@@ -90,7 +91,7 @@ class Attention(nnx.Module):
         self.w_o = _param((num_heads, head_dim, d), dtype)
         self.b_o = _maybe(out_bias, (d,), dtype)
 
-    @jax.named_scope("qkv_proj")
+    @jax.named_scope(scopes.QKV_PROJ)
     def project_qkv(self, x):
         """x `[..., d]` -> q `[..., Hq, D]`, k and v `[..., Hkv, D]`."""
         y = jnp.einsum("...d,dhk->...hk", x, self.w_qkv[...], preferred_element_type=F32)
@@ -100,7 +101,7 @@ class Attention(nnx.Module):
         hq, hkv = self.num_heads, self.num_kv_heads
         return y[..., :hq, :], y[..., hq:hq + hkv, :], y[..., hq + hkv:, :]
 
-    @jax.named_scope("out_proj")
+    @jax.named_scope(scopes.OUT_PROJ)
     def project_out(self, o):
         """o `[..., Hq, D]` -> `[..., d]`."""
         y = jnp.einsum("...hk,hkd->...d", o, self.w_o[...], preferred_element_type=F32)
@@ -141,7 +142,7 @@ class MLP(nnx.Module):
             y = y + self.b_out[...].astype(F32)
         return y.astype(dtype)
 
-    @jax.named_scope("mlp")
+    @jax.named_scope(scopes.MLP)
     def __call__(self, x):
         return self.project_out(self.hidden(x), x.dtype)
 
@@ -213,7 +214,7 @@ def full_attention(q, k, v, kv, window, *, key_valid):
     return causal_attention(q, k, v, key_valid, window), kv
 
 
-@jax.named_scope("kv_write")
+@jax.named_scope(scopes.KV_WRITE)
 def write_token(kv, k, v, positions):
     """The cache pair `kv` with each row's new k, v `[B, 1, Hkv, D]` written at `positions [B]`
     (every group: later tokens may select any): one Pallas kernel on a GPU, XLA's scatter
@@ -246,14 +247,14 @@ class DenseOps:
     routers read. Routing, recording and sparse execution are subclasses: one block
     definition serves evaluation, prefill, decode, router data collection and sparsity.
     The parts of a step run under `jax.named_scope`s (`norm`, `qkv_proj`, `attention`,
-    `kv_write`, `out_proj`, `mlp`, ...; see `polar_jax.bench.trace.SCOPES`) so that a profile
+    `kv_write`, `out_proj`, `mlp`, ...; see `models.scopes`) so that a profile
     attributes each kernel to its part.
     """
 
     def __init__(self, attend):
         self.attend = attend
 
-    @jax.named_scope("attention")
+    @jax.named_scope(scopes.ATTENTION)
     def attention(self, layer: int, u, q, k, v, kv, window):
         return self.attend(q, k, v, kv, window)
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import scopes
 from models.config import RopeConfig
 
 
@@ -51,7 +52,7 @@ def rope_cos_sin(positions, rope: RopeConfig, head_dim: int, max_position_embedd
     return jnp.cos(emb), jnp.sin(emb)
 
 
-@jax.named_scope("rope")
+@jax.named_scope(scopes.ROPE)
 def apply_rope(x, cos, sin):
     """Rotates x `[B, T, H, D]` by the angles in cos, sin `[B, T, D]`."""
     half = x.shape[-1] // 2

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from models import ModelConfig
+from models import ModelConfig, scopes
 from models.layers import F32, MLP, DenseOps, write_token
 from pallas_kernels import neuron_scores, selective_mlp, sparse_decode_attention, topk_indices
 from pallas_kernels.selection import (
@@ -86,14 +86,14 @@ class SparseDecodeOps(DenseOps):
         """(group logits `[B, Hkv]`, the MLP router's hidden state `[B, r]` or None) of layer
         `layer`, computed once (both routers read the attention input u `[B, d]`)."""
         if layer not in self._outputs:
-            with jax.named_scope("routers"):
+            with jax.named_scope(scopes.ROUTERS):
                 # The barrier keeps XLA from merging the router matmul with the QKV projection
                 # (same input): that concatenates both weights every step (measured on an H200,
                 # opt-6.7b: 62 us per layer), as the concatenation is not hoisted out of the loop.
                 self._outputs[layer] = self.routers[layer].project(jax.lax.optimization_barrier(u))
         return self._outputs[layer]
 
-    @jax.named_scope("attention")
+    @jax.named_scope(scopes.ATTENTION)
     def attention(self, layer, u, q, k, v, kv, window):
         kv = write_token(kv, k, v, self.positions)
         group_idx = None
@@ -103,12 +103,12 @@ class SparseDecodeOps(DenseOps):
                                     sliding_window=window)
         return o[:, None], kv
 
-    @jax.named_scope("attn_router")
+    @jax.named_scope(scopes.ATTN_ROUTER)
     def select_groups(self, layer: int, u, keep: int):
         """int32 `[B, keep]`: each row's top-`keep` KV groups by its router scores."""
         return topk_indices(self.router_outputs(layer, u)[0], keep)
 
-    @jax.named_scope("mlp_router")
+    @jax.named_scope(scopes.MLP_ROUTER)
     def select_neurons(self, layer: int, u, keep: int):
         """int32 `[keep]`: the batch's top-`keep` neurons by their `batch_neuron_scores`
         (computed by the `neuron_scores` kernel, without materialising the logits), ascending."""
@@ -117,7 +117,7 @@ class SparseDecodeOps(DenseOps):
                                self.active, tie_break=TIE_BREAK)
         return topk_indices(scores, keep)
 
-    @jax.named_scope("mlp")
+    @jax.named_scope(scopes.MLP)
     def mlp(self, layer, u, x, mlp: MLP):
         keep = self.plan.mlp_neurons[layer]
         if keep is None:

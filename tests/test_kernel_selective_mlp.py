@@ -3,7 +3,8 @@
 Fresh random inputs each run (seed from os.urandom, printed on failure); the kernel is checked
 against the pure-jnp reference and against an independent float64 numpy computation. Outputs
 the kernels do not write stay NaN in interpret mode (uninitialised buffers are NaN-filled), so
-`isfinite` on the whole output checks that every element was written.
+`isfinite` on the whole output checks that every element was written. On a GPU the same tests
+run the compiled kernels, and the `gpu`-marked cases add real sizes.
 """
 
 from __future__ import annotations
@@ -79,7 +80,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-d{c[1]}-N{c[2]}-k{c[3]}-{jnp.dtype(c[4]).name}"
+# The compiled kernels at real sizes (GPU only): B up to 256, d up to 4096, k = 1 to N.
+GPU_CASES = [pytest.param(case, marks=pytest.mark.gpu) for case in [
+    (1, 1000, 3000, 300, jnp.float16, "relu", True, None, None),
+    (5, 4096, 16384, 1638, jnp.float16, "relu", True, None, None),
+    (16, 1000, 3000, 3000, jnp.bfloat16, "gelu", True, None, None),
+    (64, 512, 2000, 1, jnp.float16, "gelu_new", True, None, None),
+    (256, 1024, 4096, 2048, jnp.float16, "relu", True, None, None),
+]]
+
+
+@pytest.mark.parametrize("case", CASES + GPU_CASES, ids=lambda c: f"B{c[0]}-d{c[1]}-N{c[2]}-k{c[3]}-{jnp.dtype(c[4]).name}"
                          f"-{c[5]}{'-bias' if c[6] else ''}"
                          f"-up{(c[7] or {}).get('splits', 1)}-down{(c[8] or {}).get('splits', 1)}")
 def test_matches_reference_and_float64(rng, case):

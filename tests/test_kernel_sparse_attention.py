@@ -2,6 +2,7 @@
 
 Every test draws fresh random inputs (seed from os.urandom, printed on failure) and checks the
 kernel against the pure-jnp reference and against an independent float64 numpy computation.
+On a GPU the same tests run the compiled kernel, and the `gpu`-marked cases add real sizes.
 """
 
 from __future__ import annotations
@@ -100,7 +101,20 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-{c[1]}/{c[2]}-S{c[3]}-D{c[4]}-k{c[5]}-"
+# The compiled kernel at real sizes (GPU only): long caches, every dtype, splits, windows.
+GPU_CASES = [pytest.param(case, marks=pytest.mark.gpu) for case in [
+    (3, 8, 2, 1000, 128, 2, jnp.float16, [0, 517, 1000], None, {}),
+    (3, 8, 2, 1000, 128, 1, jnp.float16, [0, 999, 1000], 300, dict(num_splits=4)),
+    (3, 8, 2, 1000, 128, 2, jnp.float16, [0, 64, 1000], None, dict(num_splits=8, combine="xla")),
+    (4, 32, 4, 777, 128, 3, jnp.bfloat16, [0, 1, 400, 777], 100, dict(num_splits=2, block_k=128)),
+    (2, 4, 4, 513, 64, 2, jnp.float32, [513, 513], None, dict(num_splits=4)),
+    (2, 16, 2, 300, 80, 1, jnp.float16, [300, 300], 50, dict(num_warps=8)),
+    (5, 16, 16, 2048, 128, 8, jnp.float16, [0, 1, 1000, 1500, 2048], None, {}),
+    (1, 32, 8, 8192, 128, 8, jnp.float16, [8192], None, {}),
+]]
+
+
+@pytest.mark.parametrize("case", CASES + GPU_CASES, ids=lambda c: f"B{c[0]}-{c[1]}/{c[2]}-S{c[3]}-D{c[4]}-k{c[5]}-"
                          f"{jnp.dtype(c[6]).name}-W{c[8]}-{'-'.join(f'{a}{b}' for a, b in c[9].items())}")
 def test_matches_reference_and_float64(rng, case):
     B, Hq, Hkv, S, D, k, dtype, lengths, window, over = case

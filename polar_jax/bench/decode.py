@@ -17,12 +17,12 @@ PyTorch (static KV cache, SDPA; `--torch-compile` to compile it) as the peer col
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import functools
 import importlib.util
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -32,7 +32,14 @@ import numpy as np
 from flax import nnx
 
 from polar_jax import bench
+from polar_jax.bench import torch_peer
+from polar_jax.bench.timing import copy_bandwidth, per_step_ms
+from polar_jax.dtypes import parse_dtype
+from polar_jax.errors import PolarJaxError
+from polar_jax.memory import available_bytes
 from polar_jax.validate import cli_list
+
+RANDOM_ROUTER_RANK = 1024  # of the random routers timed where no trained ones are given
 
 _OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048,
             activation_function="relu", do_layer_norm_before=True)
@@ -122,14 +129,14 @@ class Subject:
 
 
 def arch_subject(arch: str, max_len: int, layers: int | None, dtype) -> Subject:
-    """A built-in architecture with random weights and random rank-1024 routers."""
+    """A built-in architecture with random weights and random routers."""
     from models import config_from_hf
     from routers.model import Routers
 
     hf = arch_hf_config(arch, max_len, layers)
     config = config_from_hf(hf)
     graphdef, state = random_state(config, dtype)
-    router_state = Routers.for_model(config, 1024, seed=1).unstack(dtype)
+    router_state = Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1).unstack(dtype)
     return Subject(arch, config, graphdef, state, router_state, None,
                    ARCHS[arch]["num_hidden_layers"], hf)
 
@@ -227,7 +234,7 @@ def _step_inputs(rng, batch: int, context: int):
 
 def time_steps(run, state, router_state, kv_cache, batch: int, context: int, steps: int,
                repeats: int):
-    """(ms per step, kv_cache): median over repeats of (t(2 steps) - t(steps)) / steps."""
+    """(ms per step, kv_cache): `timing.per_step_ms` of the decode loop `run`."""
     rng = np.random.default_rng(0)
 
     def once(n):
@@ -238,9 +245,7 @@ def time_steps(run, state, router_state, kv_cache, batch: int, context: int, ste
         out.block_until_ready()
         return time.perf_counter() - start
 
-    once(steps)  # compile and warm up
-    per_step = [(once(2 * steps) - once(steps)) / steps for _ in range(repeats)]
-    return statistics.median(per_step) * 1e3, kv_cache
+    return per_step_ms(once, steps, repeats), kv_cache
 
 
 def profile_steps(run, state, router_state, kv_cache, batch: int, context: int, steps: int,
@@ -256,118 +261,6 @@ def profile_steps(run, state, router_state, kv_cache, batch: int, context: int, 
         out, kv_cache = run(state, router_state, kv_cache, tokens, lengths, n)
         out.block_until_ready()
     return scope_breakdown(events(), hlo, steps * num_layers), kv_cache
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second): the faster of a JAX
-    elementwise copy timed from a profiler trace and, where torch imports, a torch copy in a
-    CUDA graph (both as in `bench kernels`); measured before the model is allocated."""
-    from polar_jax.bench.kernels import _torch_available, copy_bandwidth_jax, run_torch
-
-    gpu = jax.default_backend() == "gpu"
-    torch_tbps = 0.0
-    if gpu and _torch_available():
-        rows = run_torch([dict(kind="copy", bytes=1 << 30, n_calls=10)], 5).get("cases", [])
-        torch_tbps = next((c.get("tbps") or 0.0 for c in rows if c.get("kind") == "copy"), 0.0)
-    jax_copy, _ = copy_bandwidth_jax(5 if gpu else 1, (1 << 30) if gpu else (1 << 22))
-    return max(jax_copy["tbps"], torch_tbps) * 1e12
-
-
-# The PyTorch peer: Hugging Face transformers with a static KV cache and SDPA, in a subprocess
-# run before JAX touches the GPU (so the two never share its memory). Random weights; the cache
-# is filled by a real prefill; N greedy steps timed on the host clock between device syncs (an
-# eager decode step is host-bound, so the host loop is part of its cost; median of repeats),
-# after `torch.compile` of the forward where it works, else eager.
-_TORCH_PEER = r"""
-import json, statistics, sys, time
-import torch
-import transformers
-
-cfg = json.load(sys.stdin)
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = getattr(torch, cfg["dtype"])
-config = transformers.AutoConfig.for_model(**cfg["hf"])
-config._attn_implementation = "sdpa"
-torch.manual_seed(0)
-with torch.device(dev):
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-forward = model.forward
-compiled = "eager"
-if dev == "cuda" and cfg["compile"]:
-    try:
-        forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
-        compiled = "torch.compile"
-    except Exception as err:
-        compiled = f"eager (compile failed: {type(err).__name__})"
-rows = []
-steps = cfg["steps"]
-sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-for batch in cfg["batch_sizes"]:
-    for context in cfg["context_lens"]:
-        try:
-            # One slot per token of a run: a static cache writes where its own counter points
-            # (newer transformers ignore cache_position), so every repeat starts from a reset
-            # cache and a fresh prefill, then decodes N tokens from the context length.
-            cache = transformers.StaticCache(config=config, max_cache_len=context + steps + 1)
-            ids = torch.randint(0, config.vocab_size, (batch, context), device=dev)
-            times = []
-            with torch.no_grad():
-                for repeat in range(cfg["repeats"] + 1):  # the first warms up (and compiles)
-                    cache.reset()
-                    out = model(ids, past_key_values=cache, use_cache=True,
-                                cache_position=torch.arange(context, device=dev))
-                    token = out.logits[:, -1].argmax(-1, keepdim=True)
-                    del out
-                    sync()
-                    t0 = time.perf_counter()
-                    for i in range(steps):
-                        pos = torch.tensor([context + i], device=dev)
-                        logits = forward(token, past_key_values=cache, cache_position=pos,
-                                         use_cache=True).logits
-                        token = logits[:, -1].argmax(-1, keepdim=True)
-                    sync()
-                    if repeat:
-                        times.append((time.perf_counter() - t0) / steps)
-            ms = statistics.median(times) * 1e3
-            rows.append(dict(batch=batch, context=context, torch_ms=round(ms, 4),
-                             torch_tokens_per_s=round(batch / ms * 1e3, 1)))
-        except torch.OutOfMemoryError:
-            rows.append(dict(batch=batch, context=context, torch_skipped="out of memory"))
-        finally:
-            cache = None
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-print("@@PEER@@" + json.dumps({"rows": rows, "mode": compiled, "torch": torch.__version__,
-                               "transformers": transformers.__version__}))
-"""
-
-
-def torch_peer(hf: dict, batch_sizes, context_lens, steps: int, repeats: int, dtype: str,
-               compile_model: bool = True, timeout: int = 1800) -> dict:
-    """{"rows": [...], "mode", "torch", ...} from the PyTorch peer on a model of Hugging Face
-    config `hf` (random weights), or {"error": ...}."""
-    import subprocess
-    import sys
-
-    payload = json.dumps(dict(hf=hf, batch_sizes=batch_sizes, context_lens=context_lens,
-                              steps=steps, repeats=repeats, dtype=dtype, compile=compile_model))
-    try:
-        done = subprocess.run([sys.executable, "-c", _TORCH_PEER], input=payload, text=True,
-                              capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    for line in done.stdout.splitlines():
-        if line.startswith("@@PEER@@"):
-            return json.loads(line[len("@@PEER@@"):])
-    # The Python traceback, not the repeated device-side assertion lines before it.
-    lines = [ln for ln in (done.stderr or done.stdout).splitlines() if "Assertion `" not in ln]
-    return {"error": "\n".join(lines)[-1500:]}
-
-
-
-def _free_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else None
 
 
 def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
@@ -387,7 +280,7 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
     cache_len = -(-(max(context_lens) + 2 * steps + 1) // 128) * 128
     for batch in batch_sizes:
         need = 2 * config.num_layers * batch * config.num_kv_heads * cache_len * config.head_dim * itemsize
-        free = _free_bytes()
+        free = available_bytes(jax.devices()[0])
         if free is not None and need > 0.9 * free:
             for context in context_lens:
                 why = f"KV cache {need / 2**30:.1f} GiB > free {free / 2**30:.1f} GiB"
@@ -495,7 +388,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The checked arguments, with the defaults of the architecture filled in."""
     parser = bench.parser("decode", __doc__)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--arch", choices=sorted(ARCHS),
@@ -534,9 +428,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=bench.OUTPUT_FILE, help="write the rows here")
     parser.add_argument("--plot", type=bench.OUTPUT_FILE, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
-    from polar_jax.dtypes import parse_dtype
-    from polar_jax.errors import PolarJaxError
-
     if args.model is None and args.routers is not None:
         raise PolarJaxError("--routers needs --model (built-in --arch shapes use random routers)")
     if args.model is not None and args.layers is not None:
@@ -544,11 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers is not None and args.layers > (most := ARCHS[args.arch]["num_hidden_layers"]):
         parser.error(f"argument --layers: must be an integer in [1, {most}] (the layers of "
                      f"--arch {args.arch}), got {args.layers}")
-    dtype = parse_dtype(args.dtype)
     tiny = args.arch == "tiny"
     args.batch_sizes = args.batch_sizes or ([1, 4] if tiny else [1, 16, 64, 128, 256])
     args.context_lens = args.context_lens or ([64, 256] if tiny else [1024, 2048, 4096])
-    log = lambda line: print(line, flush=True)
+    return args
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    """{"meta": ..., "rows": [...]}, as `--json` writes it: the rows of `run_subject`, each with
+    the PyTorch peer's time of its shape where the peer ran."""
+    dtype = parse_dtype(args.dtype)
     max_len = max(args.context_lens) + 2 * args.steps + 1
     hf = (arch_hf_config(args.arch, max_len, args.layers) if args.model is None
           else model_hf_config(args.model, max_len))
@@ -556,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer == "auto" and importlib.util.find_spec("torch") is not None:
         # Before JAX initialises the GPU, so that the two never share its memory.
         start = time.perf_counter()
-        peer = torch_peer(hf, args.batch_sizes, args.context_lens, args.steps, args.repeats,
-                          args.dtype, args.torch_compile)
+        peer = torch_peer.run("decode", torch_peer.DECODE_TIMEOUT_S, hf=hf,
+                              batch_sizes=args.batch_sizes, context_lens=args.context_lens,
+                              steps=args.steps, repeats=args.repeats, dtype=args.dtype,
+                              compile_model=args.torch_compile)
         log(f"PyTorch peer ({peer.get('mode', 'failed')}, {time.perf_counter() - start:.0f} s)"
             + (f": {peer['error'][-300:]}" if "error" in peer else ""))
     bandwidth = copy_bandwidth()
@@ -588,11 +486,22 @@ def main(argv: list[str] | None = None) -> int:
                 date=str(datetime.date.today()), copy_tbps=round(bandwidth / 1e12, 3),
                 dtype=args.dtype, steps=args.steps, repeats=args.repeats, mlp_density=args.mlp_density,
                 peer={k: v for k, v in peer.items() if k != "rows"})
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    if args.plot:
+    return {"meta": meta, "rows": rows}
+
+
+def report(result: dict, json_path: Path | None, plot_path: Path | None, log=print) -> None:
+    """Writes the result to `json_path` and its plot to `plot_path` (each where given)."""
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    if plot_path:
         try:
-            plot(rows, args.plot)
+            plot(result["rows"], plot_path)
         except ImportError:
             log("matplotlib is not installed: no plot (rerun `plot` from the JSON elsewhere)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = lambda line: print(line, flush=True)
+    report(run(args, log), args.json, args.plot, log)
     return 0

@@ -10,8 +10,8 @@ decoded sparsely at each fraction of groups, and the greedy tokens compared with
 
 from __future__ import annotations
 
+import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from polar_jax import bench
+from polar_jax.bench import timing
 from polar_jax.validate import cli_list, cli_type, integer
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "demo" / "data" / "wikitext2_test.txt"
@@ -28,12 +29,7 @@ def _measure(decoder, prompts, new_tokens: int, repeats: int) -> dict:
     """Times of the whole program at N and N/2 + 1 new tokens (one compiled program)."""
 
     def median_seconds(count: int) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            decoder.generate_ids(prompts, count)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return timing.median_seconds(lambda: decoder.generate_ids(prompts, count), repeats)
 
     start = time.perf_counter()
     tokens, _, _ = decoder.generate_ids(prompts, new_tokens)  # compiles, and warms up
@@ -96,7 +92,7 @@ def _bucket(batch: int) -> int:
     return bucket_shape(batch, 1, 1).batch
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = bench.parser("generate", __doc__)
     parser.add_argument("--model", action="append", required=True, help="model directory (repeatable)")
     parser.add_argument("--routers", action="append",
@@ -121,14 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.routers and len(args.routers) != len(args.model):
         parser.error("give one --routers (or '-') per --model")
-    from polar_jax.dtypes import default_compute_dtype, parse_dtype
+    return args
 
-    dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
-    routers = [None if r == "-" else r for r in args.routers or ["-"] * len(args.model)]
-    rows = []
-    for model, router in zip(args.model, routers):
-        rows += run(model, router, args.attn_topk, args.batch_size, args.new_tokens,
-                    args.prompt_len, dtype, args.repeats, args.text or DEFAULT_TEXT)
+
+def report(rows: list[dict]) -> None:
+    """The rows as a table on stdout."""
     print(f"{'model':<14} {'mode':<13} {'dtype':<9} {'batch':>5} {'new':>4} {'tok/s':>10} "
           f"{'step ms':>8} {'decode tok/s':>12} {'vs dense':>8} {'same tokens':>11} {'1st call s':>10}")
     for r in rows:
@@ -137,6 +130,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['new_tokens']:>4} {r['tokens_per_second']:>10.1f} {r['decode_step_ms']:>8.3f} "
               f"{r['decode_tokens_per_second']:>12.1f} {r.get('speedup_vs_dense', 1.0):>8.2f} "
               f"{r.get('sequences_equal_to_dense', '-'):>11} {r['first_call_s']:>10.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from polar_jax.dtypes import default_compute_dtype, parse_dtype
+
+    args = parse_args(argv)
+    dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+    routers = [None if r == "-" else r for r in args.routers or ["-"] * len(args.model)]
+    rows = []
+    for model, router in zip(args.model, routers):
+        rows += run(model, router, args.attn_topk, args.batch_size, args.new_tokens,
+                    args.prompt_len, dtype, args.repeats, args.text or DEFAULT_TEXT)
+    report(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -20,12 +20,20 @@ import tempfile
 
 import jax
 
-# The parts of a decode step, as named by `jax.named_scope` in models/ and polar_jax/sparsity.py
-# (innermost first wins). Kernels outside all of them (embedding, residual adds, sampling, loop
-# control) count as "other"; cuBLAS GEMMs, which XLA runs without an HLO name, as
-# "library_gemm" (the projections or MLP matmuls XLA gave to cuBLAS rather than Triton).
-SCOPES = ("kv_write", "routers", "attn_router", "mlp_router", "norm", "rope", "qkv_proj",
-          "attention", "out_proj", "mlp", "logits")
+from models import scopes
+
+# Kernels outside all of `scopes.ALL` (embedding, residual adds, sampling, loop control) count
+# as "other"; cuBLAS GEMMs, which XLA runs without an HLO name, as "library_gemm" (the
+# projections or MLP matmuls XLA gave to cuBLAS rather than Triton).
+OTHER = "other"
+LIBRARY_GEMM = "library_gemm"
+ROUTER_TOPK = "router_topk"  # the top-k kernel of either router, where its HLO name is lost
+# Kernels whose names are not HLO names, by the prefix of their own names: the Pallas kernels,
+# and library GEMMs (cuBLAS, run inside XLA's CUDA graphs, carry no HLO name at all).
+KERNEL_PREFIXES = (("sparse_decode_attention", scopes.ATTENTION), ("selective_mlp", scopes.MLP),
+                   ("neuron_scores", scopes.MLP_ROUTER), ("topk_indices", ROUTER_TOPK),
+                   ("write_kv_token", scopes.KV_WRITE), ("nvjet", LIBRARY_GEMM),
+                   ("sm90_xmma", LIBRARY_GEMM), ("cutlass", LIBRARY_GEMM))
 
 _CONTROL_FLOW = re.compile(r"^(while|conditional|call)(\.\d+)?$")
 _OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
@@ -99,7 +107,7 @@ def busy_ns(events) -> float:
 
 def hlo_scopes(hlo_text: str) -> dict[str, str]:
     """Instruction name (also in its kernel-name spelling, `.` and `-` as `_`) -> the innermost
-    of `SCOPES` in its `op_name`, for every instruction of a compiled HLO module's text."""
+    of `scopes.ALL` in its `op_name`, for every instruction of a compiled HLO module's text."""
     out = {}
     for line in hlo_text.splitlines():
         m = _OP_NAME.match(line)
@@ -107,35 +115,27 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
             continue
         name, op_name = m.groups()
         parts = op_name.split("/")
-        scope = next((p for p in reversed(parts) if p in SCOPES), "other")
+        scope = next((p for p in reversed(parts) if p in scopes.ALL), OTHER)
         out[name] = scope
         out[re.sub(r"[.\-]", "_", name)] = scope
     return out
 
 
-def _scope_of(name: str, hlo_op: str, scopes: dict[str, str]) -> str:
+def _scope_of(name: str, hlo_op: str, by_instruction: dict[str, str]) -> str:
     for key in (hlo_op, name, re.sub(r"[.\-]", "_", name)):
-        if key and key in scopes:
-            return scopes[key]
-    # Kernels whose names are not HLO names: Pallas kernels by their own names; library GEMMs
-    # (cuBLAS, run inside XLA's CUDA graphs, carry no HLO name at all) as "library_gemm".
-    for prefix, scope in (("sparse_decode_attention", "attention"), ("selective_mlp", "mlp"),
-                          ("neuron_scores", "mlp_router"), ("topk_indices", "router_topk"),
-                          ("write_kv_token", "kv_write"), ("nvjet", "library_gemm"),
-                          ("sm90_xmma", "library_gemm"), ("cutlass", "library_gemm")):
-        if name.startswith(prefix):
-            return scope
-    return "other"
+        if key and key in by_instruction:
+            return by_instruction[key]
+    return next((scope for prefix, scope in KERNEL_PREFIXES if name.startswith(prefix)), OTHER)
 
 
 def scope_breakdown(events, hlo_text: str, per: float) -> dict:
     """Device time of `events` by scope, in microseconds divided by `per` (e.g. steps x
     layers), plus "gaps" (the span not covered by any event) and the ten costliest kernels."""
-    scopes = hlo_scopes(hlo_text)
+    by_instruction = hlo_scopes(hlo_text)
     by_scope: dict[str, float] = collections.Counter()
     by_kernel: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for s, e, name, hlo_op in events:
-        scope = _scope_of(name, hlo_op, scopes)
+        scope = _scope_of(name, hlo_op, by_instruction)
         by_scope[scope] += e - s
         entry = by_kernel[(scope, name[:60])]
         entry[0] += e - s
