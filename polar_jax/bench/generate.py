@@ -54,16 +54,17 @@ def run(model: str, routers: str | None, attn_topks: list[float], batch_size: in
     from polar_jax.decode import Decoder
     from polar_jax.errors import PolarJaxError
     from polar_jax.evaluate import read_text
-    from polar_jax.loading import load_model, load_tokenizer
+    from polar_jax.loading import ModelDir
     from polar_jax.sparsity import SparsityPlan
     from routers.model import load_routers
 
-    tokenizer = load_tokenizer(model)
+    model_dir = ModelDir.open(model)
+    config, tokenizer = model_dir.config, model_dir.tokenizer
     ids = np.asarray(tokenizer(read_text(text)[:2_000_000], add_special_tokens=False)["input_ids"])
     if len(ids) <= prompt_len:
         raise PolarJaxError(f"--prompt-len {prompt_len} needs a --text of more tokens; {text} has "
                             f"{len(ids)}")
-    config, params = load_model(model, dtype)
+    params = model_dir.load(dtype)
     starts = np.random.default_rng(0).integers(0, len(ids) - prompt_len, size=batch_size)
     prompts = [ids[s:s + prompt_len].tolist() for s in starts]
     base = {"model": model, "model_type": config.model_type, "device": jax.devices()[0].device_kind,
