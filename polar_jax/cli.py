@@ -76,7 +76,7 @@ def _cmd_eval_perplexity(args) -> int:
     import jax.numpy as jnp
 
     from polar_jax.evaluate import perplexity, read_text
-    from polar_jax.loading import load_model, load_tokenizer
+    from polar_jax.loading import ModelDir
     from polar_jax.sparsity import MaskedOps, SparsityPlan
     from routers.model import load_routers
 
@@ -91,8 +91,8 @@ def _cmd_eval_perplexity(args) -> int:
     text = read_text(args.text)
     dtype = settings.compute_dtype(args.dtype)
     start = time.perf_counter()
-    config, model = load_model(args.model, dtype)
-    tokenizer = load_tokenizer(args.model)
+    model_dir = ModelDir.open(args.model)
+    config, model, tokenizer = model_dir.config, model_dir.load(dtype), model_dir.tokenizer
     routers = metadata = None
     if args.routers:
         routers, metadata = load_routers(args.routers, config)
@@ -178,7 +178,7 @@ def _cmd_train_routers(args) -> int:
     import numpy as np
 
     from polar_jax.evaluate import read_text
-    from polar_jax.loading import load_model, load_tokenizer
+    from polar_jax.loading import ModelDir
     from routers.pipeline import train_routers
     from routers.train import TrainSettings
 
@@ -191,8 +191,8 @@ def _cmd_train_routers(args) -> int:
                                    epochs=args.epochs, batch_size=args.batch_size,
                                    learning_rate=args.lr, seed=args.seed)
     dtype = settings.compute_dtype(args.dtype)
-    config, model = load_model(args.model, dtype)
-    tokenizer = load_tokenizer(args.model)
+    model_dir = ModelDir.open(args.model)
+    config, model, tokenizer = model_dir.config, model_dir.load(dtype), model_dir.tokenizer
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
     summary = train_routers(model, config, ids, args.out, train_settings, seq_len=args.seq_len,
                             progress=not args.quiet, force=args.force, inputs=inputs)

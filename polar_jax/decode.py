@@ -26,6 +26,7 @@ from models import ModelConfig
 from models.layers import DenseOps, cached_attention, full_attention, init_kv_cache
 from polar_jax import settings, validate
 from polar_jax.errors import PolarJaxError
+from polar_jax.loading import ModelDir
 from polar_jax.memory import check_fits
 from polar_jax.sampling import SamplingParams, next_token
 from polar_jax.settings import GenerationSettings, SparsitySettings
@@ -102,15 +103,16 @@ class Decoder:
                                donate_argnames=("kv_cache",))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, dtype=None, routers: str | os.PathLike | None = None,
-             attn_topk: float | None = None, dense_layers: Sequence[int] | None = None
-             ) -> "Decoder":
-        """The model at `path` (converted or Hugging Face) computing in `dtype` (a name or a jnp
-        dtype; default: float32 on CPU, bfloat16 on an accelerator); with the routers directory
-        `routers`, sparse decoding at `attn_topk` and `dense_layers` (`SparsitySettings`)."""
-        from polar_jax.loading import load_eos_ids, load_model, load_tokenizer
-
-        path, dtype = settings.path("model", path), settings.compute_dtype(dtype)
+    def load(cls, directory: str | os.PathLike | ModelDir, dtype=None,
+             routers: str | os.PathLike | None = None, attn_topk: float | None = None,
+             dense_layers: Sequence[int] | None = None) -> "Decoder":
+        """The model of `directory` (converted or Hugging Face, a path or opened already)
+        computing in `dtype` (a name or a jnp dtype; default: float32 on CPU, bfloat16 on an
+        accelerator); with the routers directory `routers`, sparse decoding at `attn_topk` and
+        `dense_layers` (`SparsitySettings`). Every value is checked before the model loads."""
+        if not isinstance(directory, ModelDir):
+            directory = settings.path("model", directory)
+        dtype = settings.compute_dtype(dtype)
         if routers is None:
             settings.refuse_unused({"attn_topk": attn_topk, "dense_layers": dense_layers},
                                    "with routers (sparse decoding)")
@@ -118,7 +120,8 @@ class Decoder:
             routers = settings.path("routers", routers)
             sparsity = SparsitySettings(**settings.given(attn_topk=attn_topk,
                                                          dense_layers=dense_layers))
-        config, model = load_model(path, dtype)
+        model_dir = directory if isinstance(directory, ModelDir) else ModelDir.open(directory)
+        config, model = model_dir.config, model_dir.load(dtype)
         router_module = plan_for_batch = None
         if routers is not None:
             router_module, metadata = load_routers(routers, config)
@@ -126,7 +129,7 @@ class Decoder:
                                       sparsity.dense_layers)
             build(1)  # reject bad settings now, not at the first trace
             plan_for_batch = lambda batch: build(mlp_batch_size=batch)
-        return cls(config, model, load_tokenizer(path), load_eos_ids(path), router_module,
+        return cls(config, model, model_dir.tokenizer, model_dir.eos_ids, router_module,
                    plan_for_batch)
 
     @property

@@ -1,4 +1,4 @@
-"""Loading a model from a converted directory or straight from a Hugging Face directory.
+"""A model directory, converted or straight from Hugging Face, resolved and read once.
 
 Every file is read through `polar_jax.files` (inside the directory, regular files only), and
 the loaded parameters are checked to be finite in the dtype they are loaded in.
@@ -6,6 +6,8 @@ the loaded parameters are checked to be finite in the dtype they are loaded in.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -22,47 +24,113 @@ from polar_jax.dtypes import DTYPES
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import check_tree, checkpoint_file, first_non_finite, restore_arrays
 
-
-def is_converted(path: Path) -> bool:
-    return os.path.lexists(path / METADATA_FILE)
+GENERATION_CONFIG = "generation_config.json"
 
 
-def load_model(path: str, dtype=None, sharding: jax.sharding.Sharding | None = None):
-    """(config, model) for a converted directory or a Hugging Face checkpoint directory.
+@dataclasses.dataclass(frozen=True)
+class ModelDir:
+    """A model directory: a converted polar-jax directory (`polar_jax.json`, orbax `params/`)
+    or a Hugging Face checkpoint directory (safetensors), opened once by `ModelDir.open`.
 
-    Parameters are cast to `dtype` (default: as stored) and must be finite in it. `sharding`
-    places every parameter (default: the first device).
+    `config.json` is parsed and the format checked on opening; the tokenizer and the EOS ids
+    are read on first use and kept; `load(dtype)` builds the model.
     """
-    src = resolve_source(path)
-    hf_config = read_config(src)
-    config = config_from_hf(hf_config)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if is_converted(src):
-        metadata = validate.mapping(str(src / METADATA_FILE), read_json(src, METADATA_FILE))
-        if metadata.get("format") != FORMAT_VERSION:
+
+    path: Path  # as given (messages name it so); every file in it is read through the checks
+    hf_config: dict  # config.json as stored
+    config: ModelConfig
+    converted: bool  # a polar-jax directory, else a Hugging Face checkpoint
+    stored_dtype: np.dtype  # of the parameters on disk
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ModelDir:
+        """The directory `path`, its config.json parsed and, when converted, its format and
+        stored dtype checked."""
+        src = resolve_source(path)
+        hf_config = read_config(src)
+        config = config_from_hf(hf_config)
+        converted = os.path.lexists(src / METADATA_FILE)
+        if converted:
+            metadata = validate.mapping(str(src / METADATA_FILE), read_json(src, METADATA_FILE))
+            if metadata.get("format") != FORMAT_VERSION:
+                raise PolarJaxError(
+                    f"{src} holds polar-jax format {metadata.get('format')}; this version reads "
+                    f"format {FORMAT_VERSION} (fused q/k/v and gate/up weights): convert the "
+                    f"checkpoint again with `polar-jax convert SRC {src} --force`")
+            stored = validate.string(f"{src / METADATA_FILE}: 'dtype'", metadata.get("dtype"),
+                                     tuple(DTYPES))
+        else:
+            stored = source_dtype(hf_config)
+        return cls(src, hf_config, config, converted, jnp.dtype(stored))
+
+    def load(self, dtype=None, sharding: jax.sharding.Sharding | None = None) -> nnx.Module:
+        """The model, its parameters cast to `dtype` (default: as stored) and finite in it,
+        each placed by `sharding` (default: on the first device)."""
+        dtype = jnp.dtype(dtype or self.stored_dtype)
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        if self.converted:
+            abstract = nnx.to_pure_dict(nnx.split(build_model(self.config, dtype))[1])
+            target = jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding), abstract)
+            params = restore_arrays(self.path, PARAMS_DIR, target)
+        else:
+            params = jax.device_put(read_hf_params(self.path, self.config, dtype.name), sharding)
+        _check_finite(self.path, params, dtype, self.stored_dtype)
+        graphdef, state = nnx.split(build_model(self.config, dtype))
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state)
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The Hugging Face tokenizer stored beside the model (read from local files only, every
+        file of the directory, and every existing path its tokenizer_config.json names, checked
+        first: the tokenizer chooses which it opens)."""
+        from transformers import AutoTokenizer
+
+        src = self.path
+        if not any(os.path.lexists(src / name) for name in TOKENIZER_FILES):
             raise PolarJaxError(
-                f"{src} holds polar-jax format {metadata.get('format')}; this version reads format "
-                f"{FORMAT_VERSION} (fused q/k/v and gate/up weights): convert the checkpoint again "
-                f"with `polar-jax convert SRC {src} --force`")
-        stored = validate.string(f"{src / METADATA_FILE}: 'dtype'", metadata.get("dtype"),
-                                 tuple(DTYPES))
-        dtype = jnp.dtype(dtype or stored)
-        params = _restore(src, config, dtype, sharding)
-    else:
-        stored = source_dtype(hf_config)
-        dtype = jnp.dtype(dtype or stored)
-        params = jax.device_put(read_hf_params(src, config, dtype.name), sharding)
-    _check_finite(src, params, dtype, jnp.dtype(stored))
-    model = build_model(config, dtype)
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, params)
-    return config, nnx.merge(graphdef, state)
+                f"{src} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                "tokenizer files of the original checkpoint next to the model")
+        check_tree(src)
+        if os.path.lexists(src / "tokenizer_config.json"):  # older transformers open the paths it names
+            settings = validate.mapping(str(src / "tokenizer_config.json"),
+                                        read_json(src, "tokenizer_config.json"))
+            for key, value in settings.items():
+                if key.endswith("_file") and isinstance(value, str) and os.path.lexists(src / value):
+                    checkpoint_file(src, value,
+                                    named_by=f"{src / 'tokenizer_config.json'} {key!r} names")
+        try:
+            return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+        except Exception as err:
+            raise PolarJaxError(f"cannot load a tokenizer from {src}: {err}") from None
+
+    @functools.cached_property
+    def eos_ids(self) -> tuple[int, ...]:
+        """End-of-sequence ids from `generation_config.json`, else `config.json` (none: ())."""
+        generation = {}
+        if os.path.lexists(self.path / GENERATION_CONFIG):
+            generation = validate.mapping(str(self.path / GENERATION_CONFIG),
+                                          read_json(self.path, GENERATION_CONFIG))
+        for name, settings in ((GENERATION_CONFIG, generation), ("config.json", self.hf_config)):
+            eos = settings.get("eos_token_id")
+            if eos is not None:
+                label = f"{self.path / name}: 'eos_token_id'"
+                ids = validate.listing(label, eos) if isinstance(eos, (list, tuple)) else [eos]
+                return tuple(validate.integer(label, i, low=0) for i in ids)
+        return ()
 
 
-def _restore(src: Path, config: ModelConfig, dtype, sharding):
-    abstract = nnx.to_pure_dict(nnx.split(build_model(config, dtype))[1])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding), abstract)
-    return restore_arrays(src, PARAMS_DIR, target)
+def load_model(path: str | os.PathLike, dtype=None, sharding: jax.sharding.Sharding | None = None
+               ) -> tuple[ModelConfig, nnx.Module]:
+    """(config, model) of the directory `path`: `ModelDir.open(path)` and its `load`."""
+    model_dir = ModelDir.open(path)
+    return model_dir.config, model_dir.load(dtype, sharding)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of the directory `path` (`ModelDir.tokenizer`)."""
+    return ModelDir.open(path).tokenizer
 
 
 @jax.jit
@@ -89,41 +157,3 @@ def _check_finite(src: Path, params: dict, dtype: np.dtype, stored: np.dtype) ->
         hint = "weights must be finite"
     raise PolarJaxError(f"{src}: parameter {name!r} holds {kind} at index {index} as {dtype.name}; "
                         f"{hint}")
-
-
-def load_tokenizer(path: str):
-    """The Hugging Face tokenizer stored beside the model (read from local files only, every
-    file of the directory, and every existing path its tokenizer_config.json names, checked
-    first: the tokenizer chooses which it opens)."""
-    from transformers import AutoTokenizer
-
-    src = resolve_source(path)
-    if not any(os.path.lexists(src / name) for name in TOKENIZER_FILES):
-        raise PolarJaxError(
-            f"{src} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
-            "files of the original checkpoint next to the model"
-        )
-    check_tree(src)
-    if os.path.lexists(src / "tokenizer_config.json"):  # older transformers open the paths it names
-        settings = validate.mapping(str(src / "tokenizer_config.json"),
-                                    read_json(src, "tokenizer_config.json"))
-        for key, value in settings.items():
-            if key.endswith("_file") and isinstance(value, str) and os.path.lexists(src / value):
-                checkpoint_file(src, value, named_by=f"{src / 'tokenizer_config.json'} {key!r} names")
-    try:
-        return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-    except Exception as err:
-        raise PolarJaxError(f"cannot load a tokenizer from {src}: {err}") from None
-
-
-def load_eos_ids(path: str) -> list[int]:
-    """End-of-sequence ids from `generation_config.json`, else `config.json`."""
-    src = resolve_source(path)
-    for name in ("generation_config.json", "config.json"):
-        if os.path.lexists(src / name):
-            eos = validate.mapping(str(src / name), read_json(src, name)).get("eos_token_id")
-            if eos is not None:
-                label = f"{src / name}: 'eos_token_id'"
-                ids = validate.listing(label, eos) if isinstance(eos, (list, tuple)) else [eos]
-                return [validate.integer(label, i, low=0) for i in ids]
-    return []

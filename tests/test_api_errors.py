@@ -183,7 +183,7 @@ def test_model_of_the_wrong_type(model):
 def test_refused_before_the_model_loads(model_dir, monkeypatch, load_settings, needles):
     import polar_jax.loading as loading
 
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(loading.ModelDir, "load", lambda *a, **k: pytest.fail("the model loaded"))
     _error(lambda: polar_jax.generate(model_dir, "the man", **load_settings), *needles)
 
 

@@ -55,7 +55,7 @@ def _assert_one_line_error(capsys, argv, *needles: str) -> str:
 
 
 def _no_loading(monkeypatch):
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(loading.ModelDir, "load", lambda *a, **k: pytest.fail("the model loaded"))
     monkeypatch.setattr(evaluate, "_nll_fn", lambda *a, **k: pytest.fail("compiled"))
 
 

@@ -34,8 +34,9 @@ from flax import nnx
 from polar_jax import bench
 from polar_jax.bench import torch_peer
 from polar_jax.bench.timing import copy_bandwidth, per_step_ms
-from polar_jax.dtypes import parse_dtype
+from polar_jax.dtypes import DTYPES, parse_dtype
 from polar_jax.errors import PolarJaxError
+from polar_jax.loading import ModelDir
 from polar_jax.memory import available_bytes
 from polar_jax.validate import cli_list
 
@@ -85,18 +86,13 @@ def arch_hf_config(name: str, max_len: int, layers: int | None = None) -> dict:
     return hf
 
 
-def model_hf_config(path: str, max_len: int) -> dict:
+def model_hf_config(model_dir: ModelDir, max_len: int) -> dict:
     """A checkpoint's Hugging Face config, refusing contexts beyond its positions."""
-    from convert.checkpoint import read_config, resolve_source
-    from models import config_from_hf
-    from polar_jax.errors import PolarJaxError
-
-    hf = read_config(resolve_source(path))
-    positions = config_from_hf(hf).max_position_embeddings
+    positions = model_dir.config.max_position_embeddings
     if max_len > positions:
         raise PolarJaxError(f"--context-lens up to {max_len - 1} (the longest context plus 2 x "
-                            f"--steps) need {max_len} positions; {path} has {positions}")
-    return hf
+                            f"--steps) need {max_len} positions; {model_dir.path} has {positions}")
+    return model_dir.hf_config
 
 
 def random_state(config, dtype, seed: int = 0):
@@ -141,21 +137,20 @@ def arch_subject(arch: str, max_len: int, layers: int | None, dtype) -> Subject:
                    ARCHS[arch]["num_hidden_layers"], hf)
 
 
-def model_subject(path: str, routers: str | None, hf: dict, dtype) -> Subject:
-    """A real checkpoint (converted or Hugging Face directory, config `hf`) and, if given, its
+def model_subject(model_dir: ModelDir, routers: str | None, dtype) -> Subject:
+    """A real checkpoint (converted or Hugging Face directory) and, if given, its
     trained routers (else random ones)."""
-    from polar_jax.loading import load_model
     from routers.model import Routers, load_routers
 
-    config, model = load_model(path, dtype)
-    graphdef, state = nnx.split(model)
+    config = model_dir.config
+    graphdef, state = nnx.split(model_dir.load(dtype))
     if routers is None:
-        trained, mlp_topk = Routers.for_model(config, 1024, seed=1), None
+        trained, mlp_topk = Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1), None
     else:
         trained, metadata = load_routers(routers, config)
         mlp_topk = metadata.get("mlp_topk")
-    return Subject(Path(path).name, config, graphdef, state, trained.unstack(dtype), mlp_topk,
-                   config.num_layers, hf)
+    return Subject(model_dir.path.name, config, graphdef, state, trained.unstack(dtype), mlp_topk,
+                   config.num_layers, model_dir.hf_config)
 
 
 def _bytes(tree) -> int:
@@ -410,7 +405,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=bench.COUNT, default=16, help="N: steps per timed loop")
     parser.add_argument("--repeats", type=bench.COUNT, default=5,
                         help="timed loops; the median is reported")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
                         help="weights, activations and KV cache")
     parser.add_argument("--layers", type=bench.COUNT, default=None,
                         help="time this many layers and scale to the whole model (large models): "
@@ -446,8 +441,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
     the PyTorch peer's time of its shape where the peer ran."""
     dtype = parse_dtype(args.dtype)
     max_len = max(args.context_lens) + 2 * args.steps + 1
-    hf = (arch_hf_config(args.arch, max_len, args.layers) if args.model is None
-          else model_hf_config(args.model, max_len))
+    model_dir = None if args.model is None else ModelDir.open(args.model)
+    hf = (arch_hf_config(args.arch, max_len, args.layers) if model_dir is None
+          else model_hf_config(model_dir, max_len))
     peer = {}
     if args.peer == "auto" and importlib.util.find_spec("torch") is not None:
         # Before JAX initialises the GPU, so that the two never share its memory.
@@ -462,8 +458,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
         f"{datetime.date.today()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     log(HEADER)
-    subject = (arch_subject(args.arch, max_len, args.layers, dtype) if args.model is None
-               else model_subject(args.model, args.routers, hf, dtype))
+    subject = (arch_subject(args.arch, max_len, args.layers, dtype) if model_dir is None
+               else model_subject(model_dir, args.routers, dtype))
     rows = run_subject(subject, args.batch_sizes, args.context_lens, args.attn_topk,
                        args.mlp_density, args.steps, args.repeats, dtype, bandwidth, log,
                        args.breakdown)

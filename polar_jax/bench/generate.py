@@ -20,6 +20,7 @@ import numpy as np
 
 from polar_jax import bench
 from polar_jax.bench import timing
+from polar_jax.dtypes import DTYPES, default_compute_dtype, parse_dtype
 from polar_jax.validate import cli_list, cli_type, integer
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "demo" / "data" / "wikitext2_test.txt"
@@ -50,16 +51,17 @@ def run(model: str, routers: str | None, attn_topks: list[float], batch_size: in
     from polar_jax.decode import Decoder
     from polar_jax.errors import PolarJaxError
     from polar_jax.evaluate import read_text
-    from polar_jax.loading import load_model, load_tokenizer
+    from polar_jax.loading import ModelDir
     from polar_jax.sparsity import SparsityPlan
     from routers.model import load_routers
 
-    tokenizer = load_tokenizer(model)
+    model_dir = ModelDir.open(model)
+    config, tokenizer = model_dir.config, model_dir.tokenizer
     ids = np.asarray(tokenizer(read_text(text)[:2_000_000], add_special_tokens=False)["input_ids"])
     if len(ids) <= prompt_len:
         raise PolarJaxError(f"--prompt-len {prompt_len} needs a --text of more tokens; {text} has "
                             f"{len(ids)}")
-    config, params = load_model(model, dtype)
+    params = model_dir.load(dtype)
     starts = np.random.default_rng(0).integers(0, len(ids) - prompt_len, size=batch_size)
     prompts = [ids[s:s + prompt_len].tolist() for s in starts]
     base = {"model": model, "model_type": config.model_type, "device": jax.devices()[0].device_kind,
@@ -106,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="N, at least 3: a step's time is that of N less that of N/2 + 1 "
                              "tokens, over the steps between them")
     parser.add_argument("--prompt-len", type=bench.COUNT, default=64, help="tokens per prompt")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--repeats", type=bench.COUNT, default=5,
                         help="timed runs of each length; the median is reported")
@@ -133,8 +135,6 @@ def report(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from polar_jax.dtypes import default_compute_dtype, parse_dtype
-
     args = parse_args(argv)
     dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
     routers = [None if r == "-" else r for r in args.routers or ["-"] * len(args.model)]
