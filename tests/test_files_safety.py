@@ -353,8 +353,13 @@ def test_two_concurrent_converts_to_one_destination(opt_hf, tmp_path):
     src, hf_model = opt_hf
     dst = tmp_path / "out"
     processes = [_convert_process(src, dst) for _ in range(2)]
-    results = [(p.returncode, out, err) for p in processes
-               for out, err in [p.communicate(timeout=300)]]
+    try:
+        results = [(p.returncode, out, err) for p in processes
+                   for out, err in [p.communicate(timeout=300)]]
+    finally:  # bounded: a hung convert is killed, not left behind
+        for p in processes:
+            p.kill()
+            p.wait()
     codes = sorted(rc for rc, _, _ in results)
     assert codes == [0, 2], results
     _, _, err = next(r for r in results if r[0] == 2)
@@ -374,11 +379,13 @@ def test_killed_convert_is_cleaned_up_by_the_next_run(opt_hf, tmp_path):
     dst = tmp_path / "out"
     process = _convert_process(src, dst)
     deadline = time.monotonic() + 300
-    while not _debris(tmp_path):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no temporary directory appeared"
-        time.sleep(0.01)
-    process.kill()
+    try:
+        while not _debris(tmp_path):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no temporary directory appeared"
+            time.sleep(0.01)
+    finally:
+        process.kill()
     assert process.wait() == -signal.SIGKILL
     process.communicate()
     left = _debris(tmp_path)

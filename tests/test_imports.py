@@ -110,7 +110,7 @@ print(json.dumps({{"importers": importers,
                   "training": [m for m in {TRAINING_MODULES!r} if m in sys.modules]}}))
 """
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                         check=True)
+                         check=True, timeout=300)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["training"] == []
     assert all(name.split(".")[0] not in RANK for name in report["importers"]), report
