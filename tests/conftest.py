@@ -67,3 +67,13 @@ def trained_routers(tmp_path_factory):
         return cache[name]
 
     return train
+
+
+def run_cli(capsys, argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `polar-jax ARGV` run in-process (arguments str()-ed)."""
+    from polar_jax.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err

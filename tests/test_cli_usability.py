@@ -20,7 +20,8 @@ import polar_jax
 import polar_jax.evaluate as evaluate
 import polar_jax.loading as loading
 import polar_jax.memory as memory
-from polar_jax.cli import build_parser, main
+from conftest import run_cli
+from polar_jax.cli import build_parser
 from test_api_errors import MAX_POSITIONS, random_text, tiny_llama
 
 
@@ -36,15 +37,8 @@ def text_file(tmp_path_factory):
     return path
 
 
-def _cli(capsys, argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def _assert_one_line_error(capsys, argv, *needles: str) -> str:
-    rc, out, err = _cli(capsys, argv)
+    rc, out, err = run_cli(capsys, argv)
     assert rc == 2, (rc, out, err)
     assert out == "" and "Traceback" not in err
     lines = err.splitlines()
@@ -69,14 +63,14 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 def test_version(capsys):
-    rc, out, err = _cli(capsys, ["--version"])
+    rc, out, err = run_cli(capsys, ["--version"])
     assert (rc, out, err) == (0, f"polar-jax {polar_jax.__version__}\n", "")
 
 
 @pytest.mark.parametrize("command", [[], ["convert"], ["eval"], ["eval", "perplexity"],
                                      ["generate"], ["train-routers"]])
 def test_every_help_page_shows_defaults(capsys, command):
-    rc, out, err = _cli(capsys, [*command, "--help"])
+    rc, out, err = run_cli(capsys, [*command, "--help"])
     assert rc == 0 and err == "" and out.startswith("usage: polar-jax")
     text = " ".join(out.split())
     parser = build_parser()
@@ -93,9 +87,9 @@ def test_every_help_page_shows_defaults(capsys, command):
 
 
 def test_bench_help_is_bench_s(capsys):
-    rc, out, _ = _cli(capsys, ["bench", "--help"])
+    rc, out, _ = run_cli(capsys, ["bench", "--help"])
     assert rc == 0 and "kernels" in out and "decode" in out
-    rc, out, _ = _cli(capsys, ["bench", "generate", "--help"])
+    rc, out, _ = run_cli(capsys, ["bench", "generate", "--help"])
     assert rc == 0 and "usage:" in out and "--model" in out
 
 
@@ -221,12 +215,12 @@ def test_generate_piped_output_and_progress(capsys, model_dir):
     base = ["generate", "--model", model_dir, "--max-new-tokens", "5"]
     for prompt in prompts:
         base += ["--prompt", prompt]
-    rc, out, err = _cli(capsys, [*base, "--json"])
+    rc, out, err = run_cli(capsys, [*base, "--json"])
     assert rc == 0 and "generating" in err and "compiling" in err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["prompt"] for line in lines[:-1]] == prompts and lines[-1]["mode"] == "dense"
 
-    rc, out, err = _cli(capsys, [*base, "--quiet"])
+    rc, out, err = run_cli(capsys, [*base, "--quiet"])
     assert rc == 0 and err == ""
     got_prompts, completions, summary = _parse_plain(out)
     assert got_prompts == prompts
@@ -237,9 +231,9 @@ def test_generate_piped_output_and_progress(capsys, model_dir):
 def test_eval_progress_with_json_not_with_quiet(capsys, model_dir, text_file):
     argv = ["eval", "perplexity", "--model", model_dir, "--text", text_file, "--seq-len", "32",
             "--json"]
-    rc, out, err = _cli(capsys, argv)
+    rc, out, err = run_cli(capsys, argv)
     assert rc == 0 and "windows" in err
-    rc, quiet_out, err = _cli(capsys, [*argv, "--quiet"])
+    rc, quiet_out, err = run_cli(capsys, [*argv, "--quiet"])
     assert rc == 0 and err == ""
     loud, quiet = json.loads(out), json.loads(quiet_out)
     assert loud["perplexity"] == quiet["perplexity"] and loud["windows"] == quiet["windows"] > 1
@@ -247,12 +241,12 @@ def test_eval_progress_with_json_not_with_quiet(capsys, model_dir, text_file):
 
 def test_train_routers_timings_and_sparse_generate_summary(capsys, model_dir, text_file, tmp_path):
     out_dir = tmp_path / "routers"
-    rc, out, err = _cli(capsys, ["train-routers", "--model", model_dir, "--text", text_file,
+    rc, out, err = run_cli(capsys, ["train-routers", "--model", model_dir, "--text", text_file,
                                  "--out", out_dir, "--seq-len", "32", "--batch-size", "16",
                                  "--epochs", "1", "--mlp-rank", "8"])
     assert rc == 0 and err, err  # progress bars on stderr
     assert re.search(r"time: collect \d+\.\d s, train \d+\.\d s, calibrate \d+\.\d s$", out, re.M), out
-    rc, out, err = _cli(capsys, ["generate", "--model", model_dir, "--prompt", "the man said",
+    rc, out, err = run_cli(capsys, ["generate", "--model", model_dir, "--prompt", "the man said",
                                  "--max-new-tokens", "5", "--routers", out_dir, "--attn-topk",
                                  "0.5", "--quiet"])
     assert rc == 0 and err == ""

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from conftest import fixture_path  # noqa: E402
+from conftest import fixture_path, run_cli  # noqa: E402
 from convert import convert_checkpoint  # noqa: E402
 from polar_jax.cli import main  # noqa: E402
 from polar_jax.errors import PolarJaxError  # noqa: E402
@@ -146,15 +146,8 @@ def _convert_error(src, dst: Path, **kwargs) -> str:
     return str(info.value)
 
 
-def _cli(capsys, argv: list[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def _assert_cli_error(capsys, argv, *needles: str) -> str:
-    rc, out, err = _cli(capsys, argv)
+    rc, out, err = run_cli(capsys, argv)
     assert rc == 2, (rc, out, err)
     assert "Traceback" not in err
     error_lines = [line for line in err.splitlines() if line.startswith("polar-jax: error: ")]
@@ -449,7 +442,7 @@ def test_pickle_index_needs_allow_pickle(opt_pickle, tmp_path):
 
 def test_pickle_with_allow_pickle_matches_hf(opt_pickle, opt_hf, tmp_path, capsys):
     dst = tmp_path / "out"
-    rc, out, err = _cli(capsys, ["convert", opt_pickle, dst, "--allow-pickle"])
+    rc, out, err = run_cli(capsys, ["convert", opt_pickle, dst, "--allow-pickle"])
     assert rc == 0, err
     assert json.loads((dst / "polar_jax.json").read_text())["dtype"] == "float32"
     _assert_logits_match(dst, opt_hf[1])
@@ -544,7 +537,7 @@ def test_existing_dst_needs_force(opt_hf, tmp_path, capsys):
     assert _snapshot(dst) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
-    rc, out, err = _cli(capsys, ["convert", src, dst, "--force"])
+    rc, out, err = run_cli(capsys, ["convert", src, dst, "--force"])
     assert rc == 0, err
     assert not (dst / "keep.txt").exists() and not (dst / "sub").exists()
     assert (dst / "polar_jax.json").exists() and (dst / "params").is_dir()
@@ -633,7 +626,7 @@ def bf16_converted(tmp_path_factory):
 
 
 def _eval_json(capsys, argv) -> dict:
-    rc, out, err = _cli(capsys, argv)
+    rc, out, err = run_cli(capsys, argv)
     assert rc == 0, err
     lines = [line for line in out.splitlines() if line.startswith("{")]
     assert len(lines) == 1, out

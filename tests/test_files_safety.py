@@ -28,7 +28,6 @@ pytest.importorskip("transformers")
 from test_convert_errors import (  # noqa: E402, F401  (the tiny HF checkpoints, CLI helpers)
     _assert_cli_error,
     _assert_logits_match,
-    _cli,
     _copy_source,
     _edit_tensors,
     _snapshot,

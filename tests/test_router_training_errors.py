@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polar_jax.cli import main
+from conftest import run_cli
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import load_model
 from polar_jax.sparsity import SparsityPlan
@@ -150,9 +150,7 @@ def test_undamaged_routers_load(tiny):
 
 def _cli(capsys, argv) -> tuple[int, str]:
     """(exit code, stderr), checking that stderr holds one error line and no traceback."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
+    rc, _, err = run_cli(capsys, argv)
     assert "Traceback" not in err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
     return rc, err
