@@ -3,15 +3,13 @@ gated SiLU MLP; Qwen2's q/k/v biases and Mistral's sliding window come from the 
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 from flax import nnx
 
+from models.causal_lm import CausalLM
 from models.config import LlamaConfig
-from models.layers import (
-    MLP, Attention, DenseOps, Embedding, RMSNorm, full_attention, positions_from_mask,
-)
+from models.layers import MLP, Attention, Embedding, RMSNorm
+from models.ops import Ops
 from models.rope import apply_rope, rope_cos_sin
 
 
@@ -26,16 +24,20 @@ class LlamaBlock(nnx.Module):
         self.mlp = MLP(c.hidden_size, c.mlp_dim, dtype, c.activation, gated=True, bias=c.mlp_bias)
         self.sliding_window = c.sliding_windows[layer]
 
-    def __call__(self, x, cos, sin, ops: DenseOps, kv):
+    def __call__(self, x, rope, ops: Ops, kv):
+        """x `[B, T, d]`, rope the (cos, sin) tables of the tokens' positions."""
         u = self.attn_norm(x)
+        route = ops.route(layer=self.layer, u=u)
         q, k, v = self.attn.project_qkv(u)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o, kv = ops.attention(self.layer, u, q, k, v, kv, self.sliding_window)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o, kv, attn_record = ops.attention(layer=self.layer, route=route, q=q, k=k, v=v, kv=kv,
+                                           window=self.sliding_window)
         x = x + self.attn.project_out(o)
-        return x + ops.mlp(self.layer, u, self.mlp_norm(x), self.mlp), kv
+        y, mlp_record = ops.mlp(layer=self.layer, route=route, x=self.mlp_norm(x), mlp=self.mlp)
+        return x + y, kv, attn_record | mlp_record
 
 
-class LlamaModel(nnx.Module):
+class LlamaModel(CausalLM):
     def __init__(self, config: LlamaConfig, dtype=jnp.float32):
         c = config
         self.config = config
@@ -44,22 +46,10 @@ class LlamaModel(nnx.Module):
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.lm_head = None if c.tie_word_embeddings else Embedding(c.vocab_size, c.hidden_size, dtype)
 
-    def hidden(self, tokens, positions, ops: DenseOps, kv_cache=None):
-        """Final hidden states `[B, T, d]` and the updated cache; `ops` runs each sublayer."""
+    def embed_inputs(self, tokens, positions):
         c = self.config
-        cos, sin = rope_cos_sin(positions, c.rope, c.head_dim, c.max_position_embeddings)
-        x = self.embed(tokens)
-        new_cache = []
-        for i, block in enumerate(self.layers):
-            x, kv = block(x, cos, sin, ops, None if kv_cache is None else kv_cache[i])
-            new_cache.append(kv)
-        return self.final_norm(x), (None if kv_cache is None else new_cache)
+        return self.embed(tokens), rope_cos_sin(positions, c.rope, c.head_dim,
+                                                c.max_position_embeddings)
 
-    def logits(self, x):
-        """Final hidden states `[..., d]` -> float32 logits `[..., V]`."""
-        return (self.lm_head or self.embed).attend(x)
-
-    def __call__(self, tokens, attention_mask):
-        """tokens, attention_mask `[B, T]` -> float32 logits `[B, T, V]`."""
-        ops = DenseOps(functools.partial(full_attention, key_valid=attention_mask))
-        return self.logits(self.hidden(tokens, positions_from_mask(attention_mask), ops)[0])
+    def final(self, x):
+        return self.final_norm(x)

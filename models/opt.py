@@ -4,15 +4,13 @@ biases, the activation named by `activation_function`, tied (or untied) `lm_head
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 from flax import nnx
 
+from models.causal_lm import CausalLM
 from models.config import OPTConfig
-from models.layers import (
-    MLP, Attention, DenseOps, Embedding, LayerNorm, _param, full_attention, positions_from_mask,
-)
+from models.layers import F32, MLP, Attention, Embedding, LayerNorm, _param
+from models.ops import Ops
 
 
 class OPTBlock(nnx.Module):
@@ -27,19 +25,28 @@ class OPTBlock(nnx.Module):
         self.mlp = MLP(c.hidden_size, c.mlp_dim, dtype, c.activation, gated=False, bias=c.enable_bias)
         self.pre_ln = c.do_layer_norm_before
 
-    def __call__(self, x, ops: DenseOps, kv):
+    def __call__(self, x, shared, ops: Ops, kv):
+        """x `[B, T, d]`; OPT's blocks share nothing beyond it (`shared` is None)."""
         u = self.attn_norm(x) if self.pre_ln else x
+        route = ops.route(layer=self.layer, u=u)
         q, k, v = self.attn.project_qkv(u)
-        o, kv = ops.attention(self.layer, u, q, k, v, kv, None)
+        o, kv, attn_record = ops.attention(layer=self.layer, route=route, q=q, k=k, v=v, kv=kv,
+                                           window=None)
         x = x + self.attn.project_out(o)
         if not self.pre_ln:
             x = self.attn_norm(x)
-        h = self.mlp_norm(x) if self.pre_ln else x
-        x = x + ops.mlp(self.layer, u, h, self.mlp)
-        return (x if self.pre_ln else self.mlp_norm(x)), kv
+        y, mlp_record = ops.mlp(layer=self.layer, route=route,
+                                x=self.mlp_norm(x) if self.pre_ln else x, mlp=self.mlp)
+        x = x + y
+        return (x if self.pre_ln else self.mlp_norm(x)), kv, attn_record | mlp_record
 
 
-class OPTModel(nnx.Module):
+def _project(x, w):
+    """x `[..., a]` @ w `[a, b]`, accumulated in float32, in x's dtype."""
+    return jnp.einsum("...a,ab->...b", x, w[...], preferred_element_type=F32).astype(x.dtype)
+
+
+class OPTModel(CausalLM):
     def __init__(self, config: OPTConfig, dtype=jnp.float32):
         c = config
         self.config = config
@@ -53,27 +60,14 @@ class OPTModel(nnx.Module):
         self.final_norm = LayerNorm(c.hidden_size, dtype, affine) if c.final_layer_norm else None
         self.lm_head = None if c.tie_word_embeddings else Embedding(c.vocab_size, c.word_embed_proj_dim, dtype)
 
-    def hidden(self, tokens, positions, ops: DenseOps, kv_cache=None):
-        """Final hidden states `[B, T, word_embed_proj_dim]` and the updated cache."""
+    def embed_inputs(self, tokens, positions):
         x = self.embed(tokens)
         if self.project_in is not None:
-            x = jnp.einsum("...e,ed->...d", x, self.project_in[...], preferred_element_type=jnp.float32).astype(x.dtype)
-        x = x + self.pos_embed(positions + self.config.position_offset)
-        new_cache = []
-        for i, block in enumerate(self.layers):
-            x, kv = block(x, ops, None if kv_cache is None else kv_cache[i])
-            new_cache.append(kv)
+            x = _project(x, self.project_in)
+        return x + self.pos_embed(positions + self.config.position_offset), None
+
+    def final(self, x):
+        """`[B, T, d]` -> the final hidden states `[B, T, word_embed_proj_dim]`."""
         if self.final_norm is not None:
             x = self.final_norm(x)
-        if self.project_out is not None:
-            x = jnp.einsum("...d,de->...e", x, self.project_out[...], preferred_element_type=jnp.float32).astype(x.dtype)
-        return x, (None if kv_cache is None else new_cache)
-
-    def logits(self, x):
-        """Final hidden states `[..., e]` -> float32 logits `[..., V]`."""
-        return (self.lm_head or self.embed).attend(x)
-
-    def __call__(self, tokens, attention_mask):
-        """tokens, attention_mask `[B, T]` -> float32 logits `[B, T, V]`."""
-        ops = DenseOps(functools.partial(full_attention, key_valid=attention_mask))
-        return self.logits(self.hidden(tokens, positions_from_mask(attention_mask), ops)[0])
+        return x if self.project_out is None else _project(x, self.project_out)

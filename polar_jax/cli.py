@@ -104,8 +104,8 @@ def _cmd_eval_perplexity(args) -> int:
     else:
         plan = SparsityPlan.build(config, metadata, sparsity.attn_topk, sparsity.dense_layers,
                                   sparsity.mlp_batch_size)
-        make_ops = lambda attend, routers: MaskedOps(attend, args.mode, plan, config.num_kv_heads,
-                                                     routers)
+        make_ops = lambda key_valid, routers: MaskedOps(key_valid, args.mode, plan,
+                                                        config.num_kv_heads, routers)
         result = run(make_ops=make_ops, routers=routers)
         result.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers),
                       mlp_batch_size=sparsity.mlp_batch_size,

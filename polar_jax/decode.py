@@ -23,14 +23,15 @@ from flax import nnx
 from tqdm import tqdm
 
 from models import ModelConfig
-from models.layers import DenseOps, cached_attention, full_attention, init_kv_cache
+from models.kv_cache import KVCache
 from polar_jax import settings, validate
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import ModelDir
 from polar_jax.memory import check_fits
 from polar_jax.sampling import SamplingParams, next_token
 from polar_jax.settings import GenerationSettings, SparsitySettings
-from polar_jax.sparsity import SparseDecodeOps, SparsityPlan
+from polar_jax.sparsity import SparsityPlan
+from polar_jax.step import DecodeState, decode_step, prefill
 from routers.model import Routers, load_routers
 
 PAD_ID = -1  # in output buffers, after a sequence has finished
@@ -46,17 +47,46 @@ class DecodeShape:
     cache_len: int
 
 
+# Shape buckets: a new batch of a similar size reuses a compiled program.
+MIN_PROMPT_BUCKET = 16  # prompts: powers of two from 16 ...
+PROMPT_BUCKET_STEP = 512  # ... up to 512, then multiples of 512
+MIN_NEW_TOKENS_BUCKET = 16  # new tokens: powers of two from 16
+CACHE_LEN_STEP = 128  # the cache: whole blocks of 128 positions (of the attention kernel's tiles)
+
+
 def _pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def cache_length(positions: int) -> int:
+    """The KV cache length that holds `positions`: whole steps of `CACHE_LEN_STEP`."""
+    return _round_up(positions, CACHE_LEN_STEP)
+
+
 def bucket_shape(batch: int, prompt_len: int, max_new: int) -> DecodeShape:
-    """Batch to a power of two; prompt length to a power of two (>= 16) up to 512, then to a
-    multiple of 512; new tokens to a power of two (>= 16); cache length to a multiple of 128."""
-    prompt_bucket = _pow2(prompt_len, 16) if prompt_len <= 512 else -(-prompt_len // 512) * 512
-    new_bucket = _pow2(max_new, 16)
-    cache_len = -(-(prompt_bucket + new_bucket) // 128) * 128
-    return DecodeShape(_pow2(batch), prompt_bucket, new_bucket, cache_len)
+    """The bucketed shape: batch to a power of two, the prompt and new-token lengths and the
+    cache length as the constants above say."""
+    prompt_bucket = (_pow2(prompt_len, MIN_PROMPT_BUCKET) if prompt_len <= PROMPT_BUCKET_STEP
+                     else _round_up(prompt_len, PROMPT_BUCKET_STEP))
+    new_bucket = _pow2(max_new, MIN_NEW_TOKENS_BUCKET)
+    return DecodeShape(_pow2(batch), prompt_bucket, new_bucket,
+                       cache_length(prompt_bucket + new_bucket))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GenerateLoop:
+    """The generate loop's carry: the next output column `step`, the slots' `DecodeState`
+    (active: not finished), the generated ids `out [B, max_new]` and their counts `[B]`."""
+
+    step: jax.Array
+    decode: DecodeState
+    out: jax.Array
+    count: jax.Array
 
 
 @dataclasses.dataclass
@@ -98,7 +128,7 @@ class Decoder:
         self.plan_for_batch = plan_for_batch
         self.router_state = None if routers is None else routers.unstack(self.dtype)
         self._compiled: dict[DecodeShape, jax.stages.Compiled] = {}
-        self._kv_cache: dict[DecodeShape, list] = {}
+        self._kv_cache: dict[DecodeShape, KVCache] = {}
         self._jitted = jax.jit(self._generate, static_argnames=("shape",),
                                donate_argnames=("kv_cache",))
 
@@ -147,50 +177,36 @@ class Decoder:
         """
         model = nnx.merge(self.graphdef, state)
         plan = self.plan_for_batch(shape.batch) if router_state is not None else None
-        batch, prompt_len = prompt_tokens.shape
-        rows = jnp.arange(batch)
-        slots = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-        ops = DenseOps(functools.partial(full_attention, key_valid=slots < prompt_lengths[:, None]))
-        x, kv_cache = model.hidden(prompt_tokens, slots, ops, kv_cache)
-        logits = model.logits(x[rows, jnp.maximum(prompt_lengths - 1, 0)])
+        logits, kv_cache = prefill(model, prompt_tokens, prompt_lengths, kv_cache)
         token = next_token(logits, sampling, jax.random.fold_in(key, 0))
+        out = jnp.full((shape.batch, shape.max_new), PAD_ID, jnp.int32)
+        loop = GenerateLoop(
+            step=jnp.int32(1),
+            decode=DecodeState(token, prompt_lengths, active & ~jnp.isin(token, eos_ids), kv_cache),
+            out=out.at[:, 0].set(jnp.where(active, token, PAD_ID)),
+            count=active.astype(jnp.int32))
 
-        finished = ~active
-        out = jnp.full((batch, shape.max_new), PAD_ID, jnp.int32)
-        out = out.at[:, 0].set(jnp.where(finished, PAD_ID, token))
-        count = (~finished).astype(jnp.int32)
-        finished = finished | jnp.isin(token, eos_ids)
+        def cond(loop: GenerateLoop):
+            return (loop.step < max_new) & jnp.any(loop.decode.active)
 
-        def cond(carry):
-            step, _, _, finished, *_ = carry
-            return (step < max_new) & ~jnp.all(finished)
+        def body(loop: GenerateLoop) -> GenerateLoop:
+            sample = lambda logits: next_token(logits, sampling, jax.random.fold_in(key, loop.step))
+            running = loop.decode.active
+            new, _, decode = decode_step(model, loop.decode, sample, router_state, plan)
+            return GenerateLoop(
+                step=loop.step + 1,
+                decode=decode.replace(active=running & ~jnp.isin(new, eos_ids)),
+                out=loop.out.at[:, loop.step].set(jnp.where(running, new, PAD_ID)),
+                count=loop.count + running)
 
-        def body(carry):
-            step, token, lengths, finished, out, count, kv_cache = carry
-            if router_state is None:
-                ops = DenseOps(functools.partial(cached_attention, positions=lengths))
-            else:
-                ops = SparseDecodeOps(router_state, plan, lengths, ~finished)
-            x, kv_cache = model.hidden(token[:, None], lengths[:, None], ops, kv_cache)
-            new = next_token(model.logits(x[:, 0]), sampling, jax.random.fold_in(key, step))
-            out = out.at[:, step].set(jnp.where(finished, PAD_ID, new))
-            count = count + ~finished
-            lengths = lengths + ~finished
-            token = jnp.where(finished, token, new)
-            finished = finished | jnp.isin(new, eos_ids)
-            return step + 1, token, lengths, finished, out, count, kv_cache
-
-        carry = (jnp.int32(1), token, prompt_lengths, finished, out, count, kv_cache)
-        _, _, _, _, out, count, kv_cache = jax.lax.while_loop(cond, body, carry)
-        return out, count, kv_cache
+        loop = jax.lax.while_loop(cond, body, loop)
+        return loop.out, loop.count, loop.decode.kv_cache
 
     # -- host side ---------------------------------------------------------------------------
 
     def _check_memory(self, shape: DecodeShape) -> None:
-        c = self.config
-        itemsize = jnp.dtype(self.dtype).itemsize
-        kv_bytes = 2 * c.num_layers * shape.batch * c.num_kv_heads * shape.cache_len * c.head_dim * itemsize
-        prefill_bytes = shape.batch * c.num_heads * shape.prompt_len**2 * 4  # attention scores
+        kv_bytes = KVCache.abstract(self.config, shape.batch, shape.cache_len, self.dtype).bytes()
+        prefill_bytes = shape.batch * self.config.num_heads * shape.prompt_len**2 * 4  # scores
         check_fits(f"batch size {shape.batch} with prompts up to {shape.prompt_len} tokens and a "
                    f"cache of {shape.cache_len} positions",
                    {"KV cache": kv_bytes, "prefill": prefill_bytes},
@@ -212,7 +228,8 @@ class Decoder:
         if shape not in self._compiled:
             status(f"compiling (batch {shape.batch}, prompts {shape.prompt_len}, "
                    f"new tokens {shape.max_new})")
-            self._kv_cache[shape] = init_kv_cache(self.config, shape.batch, shape.cache_len, self.dtype)
+            self._kv_cache[shape] = KVCache.zeros(self.config, shape.batch, shape.cache_len,
+                                                  self.dtype)
             self._compiled[shape] = self._jitted.lower(
                 self.state, self.router_state, self._kv_cache[shape], *args, shape=shape).compile()
             status("decoding")

@@ -8,7 +8,6 @@ perplexity = exp(mean negative log-likelihood).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -17,7 +16,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from models.layers import DenseOps, full_attention, positions_from_mask
+from models.layers import positions_from_mask
+from models.ops import DenseOps
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import input_file
 from polar_jax.memory import check_fits
@@ -39,18 +39,17 @@ def read_text(path: str) -> str:
 def _nll_fn(model, make_ops=None, routers=None):
     """A jitted `(tokens, mask) -> (sum of NLL, scored count)` over the model's state.
 
-    `make_ops(attend, routers)` builds the blocks' ops (default: dense); `routers` is passed
-    to the jitted function as an argument, not baked in as a constant.
+    `make_ops(key_valid, routers)` builds the blocks' ops (default: `DenseOps`); `routers` is
+    passed to the jitted function as an argument, not baked in as a constant.
     """
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def nll(state, routers, tokens, mask):
         model = nnx.merge(graphdef, state)
-        attend = functools.partial(full_attention, key_valid=mask)
-        ops = DenseOps(attend) if make_ops is None else make_ops(attend, routers)
-        x, _ = model.hidden(tokens, positions_from_mask(mask), ops)
-        logits = model.logits(x[:, :-1])
+        ops = DenseOps(mask) if make_ops is None else make_ops(mask, routers)
+        hidden_states = model.forward(tokens, positions_from_mask(mask), ops).hidden_states
+        logits = model.logits(hidden_states[:, :-1])
         targets = tokens[:, 1:]
         scored = mask[:, 1:].astype(bool)
         logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -76,7 +75,7 @@ def perplexity(model, config, tokenizer, text: str, seq_len: int = EvalSettings.
                max_tokens: int | None = None, batch_size: int = EvalSettings.batch_size,
                progress: bool = False, make_ops=None, routers=None) -> dict:
     """{"perplexity", "nll" (mean), "tokens" (scored count), "windows"} for `text`; the blocks
-    run through `make_ops(attend, routers)` when given (sparse and oracle evaluation). Positions
+    run through `make_ops(key_valid, routers)` when given (sparse and oracle evaluation). Positions
     and memory are checked before anything is compiled."""
     run = EvalSettings(seq_len, max_tokens, batch_size)
     if run.seq_len > config.max_position_embeddings:

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from models import ModelConfig, scopes
-from models.layers import F32, MLP, DenseOps, write_token
-from pallas_kernels import neuron_scores, selective_mlp, sparse_decode_attention, topk_indices
+from models.layers import F32
+from models.ops import NO_RECORD, DenseDecodeOps, DenseOps, group_outputs
+from pallas_kernels import neuron_scores, selective_mlp, topk_indices
 from pallas_kernels.selection import (
     DENSE_MLP_FRACTION,
     TIE_BREAK,
@@ -70,104 +72,109 @@ class SparsityPlan:
         return cls(attn, mlp)
 
 
-class SparseDecodeOps(DenseOps):
+class DecodeRoute(NamedTuple):
+    """A decode step's router outputs for one layer (each None where the plan does not need
+    it): group logits `[B, Hkv]` (float32), the MLP router's low-rank projection `[B, r]`."""
+
+    group_logits: jax.Array | None
+    mlp_latent: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseDecodeOps(DenseDecodeOps):
     """One decode step (T = 1) with the sparse kernels. Every group's K/V is written to the
-    cache (later tokens may select any group); each row then reads only its selected groups.
-    `routers`: every layer's `LayerRouters` (from `Routers.unstack`). Make one per step: it
-    keeps each layer's router outputs between the attention and the MLP."""
+    cache (later tokens may select any group); each row then reads only its selected groups
+    and the batch's MLP only its selected neurons. `routers`: every layer's `LayerRouters`
+    (`Routers.unstack`); `active [B]`: the rows whose scores count in the MLP selection."""
 
-    def __init__(self, routers: Sequence[LayerRouters], plan: SparsityPlan, positions, active):
-        super().__init__(None)
-        self.routers, self.plan = routers, plan
-        self.positions, self.active = positions, active
-        self._outputs: dict[int, tuple] = {}
+    routers: Sequence[LayerRouters]
+    plan: SparsityPlan
+    active: jax.Array
 
-    def router_outputs(self, layer: int, u):
-        """(group logits `[B, Hkv]`, the MLP router's hidden state `[B, r]` or None) of layer
-        `layer`, computed once (both routers read the attention input u `[B, d]`)."""
-        if layer not in self._outputs:
-            with jax.named_scope(scopes.ROUTERS):
-                # The barrier keeps XLA from merging the router matmul with the QKV projection
-                # (same input): that concatenates both weights every step (measured on an H200,
-                # opt-6.7b: 62 us per layer), as the concatenation is not hoisted out of the loop.
-                self._outputs[layer] = self.routers[layer].project(jax.lax.optimization_barrier(u))
-        return self._outputs[layer]
+    def route(self, *, layer, u):
+        if self.plan.attn_groups[layer] is None and self.plan.mlp_neurons[layer] is None:
+            return DecodeRoute(None, None)
+        with jax.named_scope(scopes.ROUTERS):
+            # The barrier keeps XLA from merging the router matmul with the QKV projection
+            # (same input): that concatenates both weights every step (measured on an H200,
+            # opt-6.7b: 62 us per layer), as the concatenation is not hoisted out of the loop.
+            return DecodeRoute(*self.routers[layer].project(jax.lax.optimization_barrier(u[:, 0])))
 
     @jax.named_scope(scopes.ATTENTION)
-    def attention(self, layer, u, q, k, v, kv, window):
-        kv = write_token(kv, k, v, self.positions)
+    def attention(self, *, layer, route, q, k, v, kv, window):
         group_idx = None
         if self.plan.attn_groups[layer] is not None:
-            group_idx = self.select_groups(layer, u[:, 0], self.plan.attn_groups[layer])
-        o = sparse_decode_attention(q[:, 0], kv[0], kv[1], self.positions + 1, group_idx,
-                                    sliding_window=window)
-        return o[:, None], kv
-
-    @jax.named_scope(scopes.ATTN_ROUTER)
-    def select_groups(self, layer: int, u, keep: int):
-        """int32 `[B, keep]`: each row's top-`keep` KV groups by its router scores."""
-        return topk_indices(self.router_outputs(layer, u)[0], keep)
+            with jax.named_scope(scopes.ATTN_ROUTER):
+                group_idx = topk_indices(route.group_logits, self.plan.attn_groups[layer])
+        return self.attend(q, k, v, kv, window, group_idx, kernel=True) + (NO_RECORD,)
 
     @jax.named_scope(scopes.MLP_ROUTER)
-    def select_neurons(self, layer: int, u, keep: int):
+    def select_neurons(self, layer: int, mlp_latent, keep: int):
         """int32 `[keep]`: the batch's top-`keep` neurons by their `batch_neuron_scores`
         (computed by the `neuron_scores` kernel, without materialising the logits), ascending."""
-        hidden = self.router_outputs(layer, u)[1]
-        scores = neuron_scores(hidden, self.routers[layer].mlp_up.astype(hidden.dtype),
+        scores = neuron_scores(mlp_latent, self.routers[layer].mlp_up.astype(mlp_latent.dtype),
                                self.active, tie_break=TIE_BREAK)
         return topk_indices(scores, keep)
 
     @jax.named_scope(scopes.MLP)
-    def mlp(self, layer, u, x, mlp: MLP):
+    def mlp(self, *, layer, route, x, mlp):
         keep = self.plan.mlp_neurons[layer]
         if keep is None:
-            return mlp(x)
-        neuron_idx = self.select_neurons(layer, u[:, 0], keep)
+            return mlp(x), NO_RECORD
+        neuron_idx = self.select_neurons(layer, route.mlp_latent, keep)
         param = lambda p: None if p is None else p[...]
         y = selective_mlp(x[:, 0], param(mlp.w_in), param(mlp.b_in), param(mlp.w_out),
                           param(mlp.b_out), neuron_idx, activation=mlp.activation)
-        return y[:, None]
+        return y[:, None], NO_RECORD
 
 
+@dataclasses.dataclass(frozen=True)
 class MaskedOps(DenseOps):
     """Full-sequence evaluation that zeroes what the sparse decode path would not compute.
 
     mode "sparse": each position keeps its router's top-k groups and (non-gated MLPs) the top-k
     neurons of its own router scores, k calibrated for the plan's batch size. mode "oracle":
-    the top-k groups by true attention-output norm and the truly active neurons.
+    the top-k groups by true attention-output norm and the truly active neurons. The route is
+    the routers' (group logits `[B, T, Hkv]`, neuron logits `[B, T, N]` or None), or None for
+    the oracle.
     """
 
-    def __init__(self, attend, mode: str, plan: SparsityPlan, num_kv_heads: int,
-                 routers: Routers | None = None):
-        super().__init__(attend)
-        if mode not in ("sparse", "oracle"):
-            raise PolarJaxError(f"unknown sparsity mode {mode!r}; choose dense, sparse or oracle")
-        if mode == "sparse" and routers is None:
-            raise PolarJaxError("--mode sparse needs --routers")
-        self.mode, self.plan, self.routers, self.num_kv_heads = mode, plan, routers, num_kv_heads
+    mode: str
+    plan: SparsityPlan
+    num_kv_heads: int
+    routers: Routers | None = None
 
-    def attention(self, layer, u, q, k, v, kv, window):
-        o, kv = self.attend(q, k, v, kv, window)
+    def __post_init__(self):
+        if self.mode not in ("sparse", "oracle"):
+            raise PolarJaxError(f"unknown sparsity mode {self.mode!r}; choose dense, sparse or oracle")
+        if self.mode == "sparse" and self.routers is None:
+            raise PolarJaxError("--mode sparse needs --routers")
+
+    def route(self, *, layer, u):
+        if self.mode == "oracle":
+            return None
+        return self.routers.layer(layer).scores(u)
+
+    def attention(self, *, layer, route, q, k, v, kv, window):
+        o, kv, _ = super().attention(layer=layer, route=route, q=q, k=k, v=v, kv=kv, window=window)
         keep = self.plan.attn_groups[layer]
         if keep is None:
-            return o, kv
-        b, t, hq, d = o.shape
-        grouped = o.reshape(b, t, self.num_kv_heads, (hq // self.num_kv_heads) * d)
+            return o, kv, NO_RECORD
+        grouped = group_outputs(o, self.num_kv_heads)
         if self.mode == "sparse":
-            scores = self.routers.attn_scores(u, layer)
+            scores = route[0]
         else:
             scores = jnp.sum(jnp.square(grouped.astype(F32)), axis=-1)
         selected = topk_mask(scores, keep)  # [B, T, Hkv]
-        o = jnp.where(selected[..., None], grouped, 0).reshape(b, t, hq, d)
-        return o, kv
+        return jnp.where(selected[..., None], grouped, 0).reshape(o.shape), kv, NO_RECORD
 
-    def mlp(self, layer, u, x, mlp: MLP):
+    def mlp(self, *, layer, route, x, mlp):
         keep = self.plan.mlp_neurons[layer]
         if keep is None:
-            return mlp(x)
+            return mlp(x), NO_RECORD
+        h = mlp.activations(x)
         if self.mode == "oracle":
-            h = mlp.hidden(x)
-            return mlp.project_out(jnp.where(h > 0, h, 0.0), x.dtype)
-        scores = batch_neuron_scores(self.routers.mlp_scores(u, layer)[..., None, :], axis=-2)
-        h = mlp.hidden(x)
-        return mlp.project_out(jnp.where(topk_mask(scores, keep), h, 0.0), x.dtype)
+            kept = h > 0
+        else:
+            kept = topk_mask(batch_neuron_scores(route[1][..., None, :], axis=-2), keep)
+        return mlp.project_out(jnp.where(kept, h, 0.0), x.dtype), NO_RECORD

@@ -13,7 +13,6 @@ so host memory stays bounded by one batch whatever the text length.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import jax
@@ -23,31 +22,32 @@ from flax import nnx
 from tqdm import tqdm
 
 from models import ModelConfig
-from models.layers import F32, DenseOps, full_attention
+from models.layers import F32, positions_from_mask
+from models.ops import NO_RECORD, DenseOps, group_outputs
 from polar_jax.windows import make_windows
 
 
+@dataclasses.dataclass(frozen=True)
 class RecordingOps(DenseOps):
-    """Dense execution that also keeps each layer's router input and labels."""
+    """Dense execution whose records are each layer's router input and labels: `u`, the
+    `group_norm` of each KV group's attention outputs and (`record_mlp`) the `active` neurons,
+    packed 8 per byte. The route is u itself, handed to the attention to record."""
 
-    def __init__(self, attend, num_kv_heads: int, record_mlp: bool):
-        super().__init__(attend)
-        self.num_kv_heads = num_kv_heads
-        self.record_mlp = record_mlp
-        self.records: dict[int, dict[str, jax.Array]] = {}
+    num_kv_heads: int
+    record_mlp: bool
 
-    def attention(self, layer, u, q, k, v, kv, window):
-        o, kv = self.attend(q, k, v, kv, window)
-        b, t, hq, d = o.shape
-        grouped = o.astype(F32).reshape(b, t, self.num_kv_heads, (hq // self.num_kv_heads) * d)
-        self.records[layer] = {"u": u, "group_norm": jnp.sqrt(jnp.sum(grouped**2, axis=-1))}
-        return o, kv
+    def route(self, *, layer, u):
+        return u
 
-    def mlp(self, layer, u, x, mlp):
-        h = mlp.hidden(x)
-        if self.record_mlp:
-            self.records[layer]["active"] = jnp.packbits(h > 0, axis=-1)
-        return mlp.project_out(h, x.dtype)
+    def attention(self, *, layer, route, q, k, v, kv, window):
+        o, kv, _ = super().attention(layer=layer, route=route, q=q, k=k, v=v, kv=kv, window=window)
+        grouped = group_outputs(o.astype(F32), self.num_kv_heads)
+        return o, kv, {"u": route, "group_norm": jnp.sqrt(jnp.sum(grouped**2, axis=-1))}
+
+    def mlp(self, *, layer, route, x, mlp):
+        h = mlp.activations(x)
+        record = {"active": jnp.packbits(h > 0, axis=-1)} if self.record_mlp else NO_RECORD
+        return mlp.project_out(h, x.dtype), record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +77,9 @@ def _record_fn(model, config: ModelConfig, record_mlp: bool):
     @jax.jit
     def record(state, tokens, mask):
         model = nnx.merge(graphdef, state)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        ops = RecordingOps(functools.partial(full_attention, key_valid=mask), config.num_kv_heads,
-                           record_mlp)
-        model.hidden(tokens, positions, ops)
-        stack = lambda key: jnp.stack([ops.records[i][key] for i in range(config.num_layers)])
+        ops = RecordingOps(mask, config.num_kv_heads, record_mlp)
+        records = model.forward(tokens, positions_from_mask(mask), ops).records
+        stack = lambda key: jnp.stack([record[key] for record in records])
         out = {"u": jax.lax.bitcast_convert_type(stack("u").astype(jnp.bfloat16), jnp.uint16),
                "group_norm": stack("group_norm")}
         if record_mlp:

@@ -4,7 +4,6 @@ decode against the masked evaluation, and perplexity bounds on the fixtures."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 
@@ -15,10 +14,11 @@ import pytest
 from flax import nnx
 
 from conftest import DEMO, fixture_path
-from models.layers import DenseOps, cached_attention, full_attention, init_kv_cache
+from models.kv_cache import KVCache
 from polar_jax.cli import main
 from polar_jax.decode import Decoder
-from polar_jax.sparsity import MaskedOps, SparseDecodeOps, SparsityPlan
+from polar_jax.sparsity import MaskedOps, SparsityPlan
+from polar_jax.step import DecodeState, decode_step
 from routers.model import Routers
 from test_model_parity import VARIANTS, random_hf_model
 
@@ -34,22 +34,25 @@ def random_model(request, tmp_path_factory):
     return _random_model(request.param, tmp_path_factory)
 
 
-def _teacher_forced(model, config, tokens, make_ops):
+def _teacher_forced(model, config, tokens, routers=None, plan=None):
     """Log-probabilities `[T, V]` of a batch-1 sequence decoded one token at a time from an
-    empty cache, every step through `make_ops(positions, active)`."""
+    empty cache by `decode_step` (sparse with `plan`), the true next token fed at each step."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def step(state, token, position, kv_cache):
-        m = nnx.merge(graphdef, state)
-        ops = make_ops(position[None], jnp.ones((1,), bool))
-        x, kv_cache = m.hidden(token[None, None], position[None, None], ops, kv_cache)
-        return jax.nn.log_softmax(m.logits(x[0, 0])), kv_cache
+    def step(state, router_state, decode):
+        greedy = lambda logits: jnp.argmax(logits, axis=-1)
+        _, logits, decode = decode_step(nnx.merge(graphdef, state), decode, greedy, router_state,
+                                        plan)
+        return jax.nn.log_softmax(logits[0]), decode.kv_cache
 
-    kv_cache = init_kv_cache(config, 1, 128, jnp.float32)
+    kv_cache = KVCache.zeros(config, 1, 128, jnp.float32)
+    router_state = None if routers is None else routers.unstack()
     out = []
     for position, token in enumerate(tokens):
-        logp, kv_cache = step(state, jnp.int32(token), jnp.int32(position), kv_cache)
+        decode = DecodeState(jnp.full(1, token, jnp.int32), jnp.full(1, position, jnp.int32),
+                             jnp.ones(1, bool), kv_cache)
+        logp, kv_cache = step(state, router_state, decode)
         out.append(np.asarray(logp))
     return np.stack(out)
 
@@ -63,10 +66,8 @@ def _full_plan(config):
 def test_sparse_path_with_everything_kept_equals_dense(random_model):
     config, model, routers = random_model
     tokens = np.random.default_rng().integers(0, config.vocab_size, size=40)
-    dense = _teacher_forced(model, config, tokens,
-                            lambda pos, active: DenseOps(functools.partial(cached_attention, positions=pos)))
-    sparse = _teacher_forced(model, config, tokens,
-                             lambda pos, active: SparseDecodeOps(routers.unstack(), _full_plan(config), pos, active))
+    dense = _teacher_forced(model, config, tokens)
+    sparse = _teacher_forced(model, config, tokens, routers, _full_plan(config))
     # float32: within 1e-5 of the largest logit (the kernels sum in another order than XLA)
     np.testing.assert_allclose(sparse, dense, atol=1e-5 * np.abs(dense).max(), rtol=0)
     # The same through the whole generation loop: identical tokens.
@@ -86,13 +87,11 @@ def test_teacher_forced_decode_equals_sparse_evaluation(random_model):
     assert any(k is not None for k in plan.attn_groups)
     assert config.gated_mlp or all(k == config.mlp_dim // 4 for k in plan.mlp_neurons)
     tokens = np.random.default_rng().integers(0, config.vocab_size, size=48)
-    decoded = _teacher_forced(model, config, tokens,
-                              lambda pos, active: SparseDecodeOps(routers.unstack(), plan, pos, active))
+    decoded = _teacher_forced(model, config, tokens, routers, plan)
     mask = jnp.ones((1, len(tokens)), jnp.int32)
-    ops = MaskedOps(functools.partial(full_attention, key_valid=mask), "sparse", plan,
-                    config.num_kv_heads, routers)
-    x, _ = model.hidden(jnp.asarray(tokens)[None], jnp.arange(len(tokens))[None], ops)
-    evaluated = np.asarray(jax.nn.log_softmax(model.logits(x[0])))
+    ops = MaskedOps(mask, "sparse", plan, config.num_kv_heads, routers)
+    out = model.forward(jnp.asarray(tokens)[None], jnp.arange(len(tokens))[None], ops)
+    evaluated = np.asarray(jax.nn.log_softmax(model.logits(out.hidden_states[0])))
     np.testing.assert_allclose(decoded, evaluated, atol=1e-4, rtol=0)
     dense = np.asarray(jax.nn.log_softmax(model(jnp.asarray(tokens)[None], mask)[0]))
     assert np.abs(dense - evaluated).max() > 1e-2  # the sparsity did change something
@@ -197,7 +196,7 @@ def test_step_bytes_count_what_a_step_reads(tied):
     batch, context, kv_layer = 3, 50, 2 * 3 * 2 * 50 * 8 * 2  # K and V, B, Hkv, S, D, bf16
     routers = Routers.for_model(config, 16).unstack(jnp.bfloat16)
     plan = SparsityPlan.build(config, None, 0.5, (0,), batch)  # layer 1 reads 1 of 2 groups
-    got = step_bytes(config, state, routers, plan, batch, context, 2)
+    got = step_bytes(config, state, routers, plan, batch, context, jnp.bfloat16)
     router_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(routers))
     assert got.dense == weights + 2 * kv_layer
     assert got.sparse == weights + router_bytes + kv_layer + kv_layer // 2

@@ -31,13 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.kv_cache import KVCache
+
 from polar_jax import bench
 from polar_jax.bench import torch_peer
 from polar_jax.bench.timing import copy_bandwidth, per_step_ms
+from polar_jax.decode import cache_length
 from polar_jax.dtypes import DTYPES, parse_dtype
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import ModelDir
-from polar_jax.memory import available_bytes
+from polar_jax.memory import check_fits
 from polar_jax.validate import cli_list
 
 RANDOM_ROUTER_RANK = 1024  # of the random routers timed where no trained ones are given
@@ -164,7 +167,7 @@ class StepBytes:
     fixed: int  # of both: the weights outside the layers (embeddings, final norm, head)
 
 
-def step_bytes(config, state, router_state, plan, batch: int, context: int, itemsize: int) -> StepBytes:
+def step_bytes(config, state, router_state, plan, batch: int, context: int, dtype) -> StepBytes:
     """Bytes one decode step must read, dense and sparse."""
     params = nnx.to_pure_dict(state)
     weights = _bytes(params)
@@ -173,7 +176,7 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, item
     for table in ("pos_embed",) + (("embed",) if params.get("lm_head") else ()):
         if table in params:
             weights -= _bytes(params[table])
-    kv_layer = 2 * batch * config.num_kv_heads * context * config.head_dim * itemsize
+    kv_layer = KVCache.abstract(config, batch, context, dtype).bytes() / config.num_layers
     dense = weights + config.num_layers * kv_layer
     sparse = weights + (0 if router_state is None else _bytes(router_state))
     for layer in range(config.num_layers):
@@ -196,28 +199,19 @@ def whole_model(ms: float, fixed_ms: float, scale: float) -> float:
 
 def make_decode_loop(graphdef, plan):
     """Jitted `(state, router_state, kv_cache, tokens, lengths, n) -> (tokens, kv_cache)`: n
-    greedy decode steps (dense when `plan` is None) in one `fori_loop`, the cache donated;
+    greedy `decode_step`s (dense when `plan` is None) in one `fori_loop`, the cache donated;
     `router_state` is `Routers.unstack()`."""
-    from models.layers import DenseOps, cached_attention
-    from polar_jax.sparsity import SparseDecodeOps
+    from polar_jax.step import DecodeState, decode_step
+
+    greedy = functools.partial(jnp.argmax, axis=-1)
 
     @functools.partial(jax.jit, donate_argnums=(2,))
     def run(state, router_state, kv_cache, tokens, lengths, n):
         model = nnx.merge(graphdef, state)
-        active = jnp.ones(tokens.shape, bool)
-
-        def step(_, carry):
-            tokens, lengths, kv_cache = carry
-            if plan is None:
-                ops = DenseOps(functools.partial(cached_attention, positions=lengths))
-            else:
-                ops = SparseDecodeOps(router_state, plan, lengths, active)
-            x, kv_cache = model.hidden(tokens[:, None], lengths[:, None], ops, kv_cache)
-            tokens = jnp.argmax(model.logits(x[:, 0]), axis=-1).astype(jnp.int32)
-            return tokens, lengths + 1, kv_cache
-
-        tokens, _, kv_cache = jax.lax.fori_loop(0, n, step, (tokens, lengths, kv_cache))
-        return tokens, kv_cache
+        step = lambda _, decode: decode_step(model, decode, greedy, router_state, plan).state
+        decode = DecodeState(tokens, lengths, jnp.ones(tokens.shape, bool), kv_cache)
+        decode = jax.lax.fori_loop(0, n, step, decode)
+        return decode.tokens, decode.kv_cache
 
     return run
 
@@ -266,25 +260,24 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
     config, graphdef, state = subject.config, subject.graphdef, subject.state
     router_state, name = subject.router_state, subject.name
     scale = subject.num_layers / config.num_layers
-    itemsize = jnp.dtype(dtype).itemsize
     rows = []
     dense_run = make_decode_loop(graphdef, None)
     sparse_runs = {}  # (fraction, batch) -> (plan, jitted loop)
     # One cache per batch size, long enough for the longest context: the attention kernels
     # stop at each row's length, so a context is a traced value and never recompiles.
-    cache_len = -(-(max(context_lens) + 2 * steps + 1) // 128) * 128
+    cache_len = cache_length(max(context_lens) + 2 * steps + 1)
     for batch in batch_sizes:
-        need = 2 * config.num_layers * batch * config.num_kv_heads * cache_len * config.head_dim * itemsize
-        free = available_bytes(jax.devices()[0])
-        if free is not None and need > 0.9 * free:
+        cache = KVCache.abstract(config, batch, cache_len, dtype)
+        try:
+            check_fits(f"batch size {batch}", {"KV cache": cache.bytes()}, jax.devices()[0],
+                       "--batch-sizes")
+        except PolarJaxError as err:
             for context in context_lens:
-                why = f"KV cache {need / 2**30:.1f} GiB > free {free / 2**30:.1f} GiB"
-                rows.append(dict(arch=name, batch=batch, context=context, skipped=why))
+                rows.append(dict(arch=name, batch=batch, context=context, skipped=str(err)))
                 log(_format(rows[-1]))
             continue
-        key = jax.random.key(batch)
-        kv_cache = [tuple(jax.random.normal(k, (batch, config.num_kv_heads, cache_len, config.head_dim), dtype)
-                          for k in jax.random.split(kk)) for kk in jax.random.split(key, config.num_layers)]
+        keys = iter(jax.random.split(jax.random.key(batch), 2 * config.num_layers))
+        kv_cache = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape, s.dtype), cache)
         for context in context_lens:
             base = dict(arch=name, batch=batch, context=context, layers_timed=config.num_layers,
                         layers=subject.num_layers)
@@ -304,7 +297,7 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                 kept = [k for k in plan.mlp_neurons if k is not None]
                 sparse_ms, kv_cache = time_steps(run, state, router_state, kv_cache, batch, context,
                                                  steps, repeats)
-                nbytes = step_bytes(config, state, router_state, plan, batch, context, itemsize)
+                nbytes = step_bytes(config, state, router_state, plan, batch, context, dtype)
                 fixed_ms = nbytes.fixed / bandwidth * 1e3
                 dense_w, sparse_w = (whole_model(t, fixed_ms, scale) for t in (dense_ms, sparse_ms))
                 dense_roof, sparse_roof = (whole_model(b / bandwidth * 1e3, fixed_ms, scale)

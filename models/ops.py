@@ -1,0 +1,176 @@
+"""How a block executes its attention and MLP: the ops protocol and its dense implementations.
+
+A block computes its attention input u `[B, T, d]` (the output of its first norm, what the
+routers read) and calls, by keyword,
+
+    route = ops.route(layer=i, u=u)
+    o, kv, attn_record = ops.attention(layer=i, route=route, q=q, k=k, v=v, kv=kv, window=w)
+    y, mlp_record = ops.mlp(layer=i, route=route, x=x, mlp=mlp)
+
+`route` is what the implementation decides from u (router scores; None for dense ops),
+computed once per block and handed to both sublayers. Records are dicts of arrays, empty
+except where an implementation records (router data collection); the model returns them per
+layer. Implementations are frozen dataclasses of traced inputs and static choices, built
+afresh for each call of the model, so nothing carries over between layers or steps. Which
+kernel or backend runs is chosen here, never in the model:
+
+- `DenseOps`: full sequences (evaluation, prefill): causal attention among the given tokens,
+  their K/V written to the first T cache positions when a cache is given;
+- `DenseDecodeOps`: one token per sequence, written at its position; attention over the
+  cache by the Pallas kernel on a GPU, by XLA elsewhere;
+- elsewhere, on the same protocol: `polar_jax.sparsity.SparseDecodeOps` and `MaskedOps`,
+  `routers.collect.RecordingOps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from models import scopes
+from models.kv_cache import LayerKV
+from models.layers import F32, MLP
+from pallas_kernels._common import NEG_INF
+from pallas_kernels.kv_write import write_kv_token, write_kv_token_reference
+from pallas_kernels.sparse_attention import sparse_decode_attention
+
+Record = dict[str, jax.Array]
+NO_RECORD: Record = {}
+
+
+class Ops(Protocol):
+    """The protocol every block calls (see the module docstring for shapes and order)."""
+
+    def route(self, *, layer: int, u: jax.Array) -> Any:
+        """What this layer's attention and MLP select, from its attention input u `[B, T, d]`."""
+
+    def attention(self, *, layer: int, route: Any, q: jax.Array, k: jax.Array, v: jax.Array,
+                  kv: LayerKV | None, window: int | None
+                  ) -> tuple[jax.Array, LayerKV | None, Record]:
+        """q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` (rotated), the layer's cache or None ->
+        (o `[B, T, Hq, D]`, the cache with k, v written, record)."""
+
+    def mlp(self, *, layer: int, route: Any, x: jax.Array, mlp: MLP) -> tuple[jax.Array, Record]:
+        """x `[B, T, d]` (the second norm's output) -> (`[B, T, d]`, record)."""
+
+
+def on_gpu() -> bool:
+    """Whether the Pallas kernels run compiled (else XLA or the Pallas interpreter)."""
+    return jax.default_backend() == "gpu"
+
+
+def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float | None = None):
+    """Causal softmax attention over one sequence block, grouped-query aware (XLA).
+
+    q `[B, T, Hq, D]`; k, v `[B, T, Hkv, D]`; key_valid `[B, T]` (False at padding).
+    Query i sees key j when j <= i, key j is valid and, with a window W, i - j < W.
+    Returns `[B, T, Hq, D]` in q's dtype; rows with no visible key hold unspecified values.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * scale
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    visible = j <= i
+    if window is not None:
+        visible = visible & (i - j < window)
+    visible = visible[None] & key_valid[:, None, :].astype(bool)
+    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=F32)
+    return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
+                     scale: float | None = None):
+    """One query token per sequence against its KV cache (dense, XLA).
+
+    q `[B, Hq, D]`; k_cache, v_cache `[B, Hkv, S, D]`; row b attends to cache positions
+    `[max(0, lengths[b] - window), lengths[b])`. Returns `[B, Hq, D]`, zero where lengths is 0.
+    Same contract as `pallas_kernels.sparse_decode_attention` with all groups selected.
+    """
+    b, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    q = q.reshape(b, hkv, hq // hkv, d)
+    scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=F32) * scale
+    pos = jnp.arange(s)[None, :]
+    visible = pos < lengths[:, None]
+    if window is not None:
+        visible = visible & (pos >= lengths[:, None] - window)
+    scores = jnp.where(visible[:, None, None, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_cache.dtype), v_cache,
+                   preferred_element_type=F32)
+    o = jnp.where((lengths > 0)[:, None, None, None], o, 0.0)
+    return o.reshape(b, hq, d).astype(q.dtype)
+
+
+@jax.named_scope(scopes.KV_WRITE)
+def write_token(kv: LayerKV, k, v, positions) -> LayerKV:
+    """`kv` with each row's new k, v `[B, Hkv, D]` written at `positions [B]` (every group:
+    later tokens may select any): one Pallas kernel on a GPU, XLA's scatter elsewhere."""
+    write = write_kv_token if on_gpu() else write_kv_token_reference
+    return LayerKV(*write(kv.k, kv.v, k, v, positions))
+
+
+def group_outputs(o, num_kv_heads: int):
+    """o `[B, T, Hq, D]` -> `[B, T, Hkv, (Hq / Hkv) D]`: each KV group's query heads together."""
+    b, t, hq, d = o.shape
+    return o.reshape(b, t, num_kv_heads, (hq // num_kv_heads) * d)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseOps:
+    """Full sequences, dense: key_valid `[B, T]` marks real tokens (False at padding)."""
+
+    key_valid: jax.Array
+
+    def route(self, *, layer, u):
+        return None
+
+    @jax.named_scope(scopes.ATTENTION)
+    def attention(self, *, layer, route, q, k, v, kv, window):
+        if kv is not None:
+            write = lambda c, x: jax.lax.dynamic_update_slice(
+                c, x.swapaxes(1, 2).astype(c.dtype), (0, 0, 0, 0))
+            kv = LayerKV(write(kv.k, k), write(kv.v, v))
+        return causal_attention(q, k, v, self.key_valid, window), kv, NO_RECORD
+
+    def mlp(self, *, layer, route, x, mlp):
+        return mlp(x), NO_RECORD
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseDecodeOps:
+    """One new token per sequence (T = 1), written at `positions [B]`, then attending to the
+    cache up to and including it."""
+
+    positions: jax.Array
+
+    def route(self, *, layer, u):
+        return None
+
+    @jax.named_scope(scopes.ATTENTION)
+    def attention(self, *, layer, route, q, k, v, kv, window):
+        return self.attend(q, k, v, kv, window, group_idx=None, kernel=on_gpu()) + (NO_RECORD,)
+
+    def attend(self, q, k, v, kv: LayerKV, window, group_idx, kernel: bool):
+        """(o `[B, 1, Hq, D]` over the groups `group_idx [B, k]` of each row (None: all), the
+        cache with the token written); `kernel`: by the Pallas kernel (which reads only up to
+        each row's length), else by XLA (all groups only)."""
+        kv = write_token(kv, k[:, 0], v[:, 0], self.positions)
+        if kernel:
+            o = sparse_decode_attention(q[:, 0], kv.k, kv.v, self.positions + 1, group_idx,
+                                        sliding_window=window)
+        else:
+            o = decode_attention(q[:, 0], kv.k, kv.v, self.positions + 1, window)
+        return o[:, None], kv
+
+    def mlp(self, *, layer, route, x, mlp):
+        return mlp(x), NO_RECORD

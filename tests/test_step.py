@@ -1,0 +1,119 @@
+"""The typed decode state: the KV cache's shapes and bytes, and one `decode_step` over slots
+that each keep their own position and active flag, checked against the full-sequence forward
+pass of the same model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import config_from_hf
+from models.kv_cache import KVCache
+from polar_jax.bench.decode import random_state
+from polar_jax.sparsity import SparsityPlan
+from polar_jax.step import DecodeState, decode_step, prefill
+from routers.model import Routers
+
+CONFIG = config_from_hf(dict(
+    model_type="opt", vocab_size=128, hidden_size=64, ffn_dim=256, num_hidden_layers=2,
+    num_attention_heads=4, max_position_embeddings=64, activation_function="relu",
+    do_layer_norm_before=True))
+GQA_CONFIG = config_from_hf(dict(
+    model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, hidden_act="silu",
+    rms_norm_eps=1e-5, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kv_cache_shapes_and_bytes(dtype):
+    abstract = KVCache.abstract(GQA_CONFIG, 3, 40, dtype)
+    zeros = KVCache.zeros(GQA_CONFIG, 3, 40, dtype)
+    shape = (3, GQA_CONFIG.num_kv_heads, 40, GQA_CONFIG.head_dim)
+    assert len(zeros.layers) == GQA_CONFIG.num_layers
+    assert all(x.shape == shape and x.dtype == dtype for x in jax.tree.leaves(zeros))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == \
+        jax.tree.map(lambda a: (a.shape, a.dtype), zeros)
+    expected = 2 * GQA_CONFIG.num_layers * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+    assert abstract.bytes() == zeros.bytes() == expected == \
+        sum(x.nbytes for x in jax.tree.leaves(zeros))
+    assert (zeros.batch, zeros.length) == (3, 40)
+    assert len(KVCache.AXES) == len(shape)
+
+
+def _model(config, seed):
+    """(graphdef, state) of random weights 5x the bench's scale, so that every layer visibly
+    moves the logits."""
+    graphdef, state = random_state(config, jnp.float32, seed)
+    return graphdef, jax.tree.map(lambda a: a * 5, state)
+
+
+@pytest.mark.parametrize("config", [CONFIG, GQA_CONFIG], ids=["opt", "llama-gqa"])
+def test_prefill_and_decode_step_over_slots_equal_the_full_forward(config):
+    """Three slots with ragged prompts; the middle one inactive. Prefill's logits and the
+    active slots' next-token logits equal the full-sequence forward pass of prompt + fed
+    token; the inactive slot neither advances nor changes its token."""
+    rng = np.random.default_rng()
+    graphdef, params = _model(config, int(rng.integers(1 << 30)))
+    lengths = np.array([5, 11, 2], np.int32)
+    prompts = [rng.integers(0, config.vocab_size, n) for n in lengths]
+    tokens = np.zeros((3, 16), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = prompt
+    fed = rng.integers(0, config.vocab_size, 3).astype(np.int32)
+    active = np.array([True, False, True])
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        logits, kv_cache = prefill(model, tokens, lengths, KVCache.zeros(config, 3, 32, jnp.float32))
+        state = DecodeState(jnp.asarray(fed), jnp.asarray(lengths), jnp.asarray(active), kv_cache)
+        return logits, decode_step(model, state, lambda x: jnp.argmax(x, axis=-1))
+
+    logits, step = run(params)
+    model = nnx.merge(graphdef, params)
+    for row, prompt in enumerate(prompts):
+        full = np.asarray(model(jnp.asarray(np.append(prompt, fed[row]))[None],
+                                jnp.ones((1, len(prompt) + 1), jnp.int32))[0])
+        scale = np.abs(full).max()
+        np.testing.assert_allclose(logits[row], full[-2], atol=2e-5 * scale, rtol=0)
+        if active[row]:
+            np.testing.assert_allclose(step.logits[row], full[-1], atol=2e-5 * scale, rtol=0)
+    assert np.array_equal(step.state.positions, lengths + active)
+    assert np.array_equal(step.state.tokens, np.where(active, step.next_tokens, fed))
+    assert np.array_equal(step.next_tokens, np.argmax(step.logits, axis=-1))
+
+
+def test_inactive_slots_do_not_change_the_sparse_step_of_active_ones():
+    """Polar Sparsity's MLP selection sums scores over the batch: only active slots count, so
+    what an inactive slot holds cannot change an active slot's logits (while the same change
+    in an active slot does: the control)."""
+    rng = np.random.default_rng()
+    graphdef, params = _model(CONFIG, int(rng.integers(1 << 30)))
+    routers = Routers.for_model(CONFIG, mlp_rank=16, seed=int(rng.integers(1 << 30))).unstack()
+    plan = SparsityPlan.build(CONFIG, {"mlp_topk": {"4": [16] * CONFIG.num_layers}}, 0.5, (),
+                              mlp_batch_size=4)
+    assert plan.mlp_neurons == (16, 16) and plan.attn_groups == (2, 2)
+    keys = iter(jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 8))
+    kv_cache = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape, s.dtype),
+                            KVCache.abstract(CONFIG, 4, 32, jnp.float32))
+
+    @jax.jit
+    def run(tokens, positions, active):
+        state = DecodeState(tokens, positions, active, kv_cache)
+        return decode_step(nnx.merge(graphdef, params), state, lambda x: jnp.argmax(x, axis=-1),
+                           routers, plan).logits
+
+    some = jnp.array([True, False, True, False])
+    tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, 4), jnp.int32)
+    positions = jnp.array([7, 3, 20, 12], jnp.int32)
+    other_tokens = jnp.where(some, tokens, (tokens + 1) % CONFIG.vocab_size)
+    other_positions = jnp.where(some, positions, jnp.array([0, 25, 0, 1]))
+    base = np.asarray(run(tokens, positions, some))[np.asarray(some)]
+    other = np.asarray(run(other_tokens, other_positions, some))[np.asarray(some)]
+    np.testing.assert_array_equal(other, base)
+    every = jnp.ones(4, bool)
+    assert np.abs(np.asarray(run(other_tokens, other_positions, every))
+                  - np.asarray(run(tokens, positions, every)))[np.asarray(some)].max() > 1e-4
