@@ -32,7 +32,7 @@ from polar_jax.dtypes import DTYPES, parse_dtype
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import atomic_output, cast_checked, checkpoint_file, save_arrays
 
-FORMAT_VERSION = 2  # 2: q/k/v as one `w_qkv`, gate and up as one `w_gate_up`
+FORMAT_VERSION = 3  # 2: q/k/v as one `w_qkv`, gate and up as one `w_gate_up`; 3: q/k/v by KV group
 METADATA_FILE = "polar_jax.json"
 PARAMS_DIR = "params"
 

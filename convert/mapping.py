@@ -60,18 +60,27 @@ def _out_proj(path: Path, d: int, heads: int, head_dim: int) -> ParamSpec:
 
 def _attention(specs, prefix: str, path: Path, c: ModelConfig, qkv_bias: bool, out_bias: bool,
                out_name: str):
-    """q, k, v go to heads `[0, Hq)`, `[Hq, Hq + Hkv)`, `[Hq + Hkv, Hq + 2 Hkv)` of `w_qkv`."""
+    """q, k, v into `w_qkv [d, Hkv, G + 2, D]`, grouped by KV head (G = Hq / Hkv): group j holds
+    its query heads `jG ... jG + G - 1` at `[:, j, :G]`, its key at `[:, j, G]`, its value at
+    `[:, j, G + 1]`; so a shard of KV groups carries its query heads with it."""
     d, hq, hkv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    heads = hq + 2 * hkv
-    start = 0
-    for name, n in (("q", hq), ("k", hkv), ("v", hkv)):
-        at = slice(start, start + n)
-        specs[f"{prefix}.{name}_proj.weight"] = _in_proj(path + ("w_qkv",), d, n, hd).into(
-            (slice(None), at), (d, heads, hd))
-        if qkv_bias:
-            specs[f"{prefix}.{name}_proj.bias"] = _in_bias(path + ("b_qkv",), n, hd).into(
-                (at,), (heads, hd))
-        start += n
+    g = hq // hkv
+    full = (d, hkv, g + 2, hd)
+    q = _in_proj(path + ("w_qkv",), d, hq, hd)
+    specs[f"{prefix}.q_proj.weight"] = dataclasses.replace(
+        q, transform=lambda w, t=q.transform: t(w).reshape(d, hkv, g, hd)).into(
+        (slice(None), slice(None), slice(0, g)), full)
+    for name, at in (("k", g), ("v", g + 1)):
+        specs[f"{prefix}.{name}_proj.weight"] = _in_proj(path + ("w_qkv",), d, hkv, hd).into(
+            (slice(None), slice(None), at), full)
+    if qkv_bias:
+        qb = _in_bias(path + ("b_qkv",), hq, hd)
+        specs[f"{prefix}.q_proj.bias"] = dataclasses.replace(
+            qb, transform=lambda b, t=qb.transform: t(b).reshape(hkv, g, hd)).into(
+            (slice(None), slice(0, g)), full[1:])
+        for name, at in (("k", g), ("v", g + 1)):
+            specs[f"{prefix}.{name}_proj.bias"] = _in_bias(path + ("b_qkv",), hkv, hd).into(
+                (slice(None), at), full[1:])
     specs[f"{prefix}.{out_name}.weight"] = _out_proj(path + ("w_o",), d, hq, hd)
     if out_bias:
         specs[f"{prefix}.{out_name}.bias"] = _identity(path + ("b_o",), (d,))

@@ -1,7 +1,7 @@
 """Building blocks shared by every family: norms, embeddings, attention and MLP.
 
 Weights are stored in the layouts the decode kernels read and that shard per head and per
-neuron: the q/k/v projections together `[d, Hq + 2 Hkv, head_dim]`, the output projection
+neuron: the q/k/v projections together, by KV group, `[d, Hkv, Hq / Hkv + 2, head_dim]`, the output projection
 `[heads, head_dim, d]`, MLP weights neuron-major `[N, d]` (row n holds neuron n's input, or
 output, weights; a gated MLP's gate and up rows together `[N, 2, d]`).
 Matmuls accumulate in float32; norms and softmax run in float32.
@@ -75,28 +75,31 @@ class Embedding(nnx.Module):
 class Attention(nnx.Module):
     """Q/K/V and output projections; the attention itself is the ops' (`models.ops`).
 
-    Q, K and V are one weight `w_qkv [d, Hq + 2 Hkv, D]` (heads of q, then k, then v), so the
-    three projections are one matmul, which streams the weights faster than three at decode's
-    small batch."""
+    Q, K and V are one weight `w_qkv [d, Hkv, G + 2, D]` (G = Hq / Hkv), grouped by KV head:
+    group j holds its G query heads, then its key, then its value. The three projections are
+    one matmul, which streams the weights faster than three at decode's small batch, and a
+    shard of KV groups holds everything its heads need. The output projection is
+    `w_o [Hq, D, d]`, query head h of group h // G."""
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
                  qkv_bias: bool, out_bias: bool):
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        heads = num_heads + 2 * num_kv_heads
-        self.w_qkv = _param((d, heads, head_dim), dtype)
-        self.b_qkv = _maybe(qkv_bias, (heads, head_dim), dtype)
+        self.group_size = num_heads // num_kv_heads
+        shape = (num_kv_heads, self.group_size + 2, head_dim)
+        self.w_qkv = _param((d, *shape), dtype)
+        self.b_qkv = _maybe(qkv_bias, shape, dtype)
         self.w_o = _param((num_heads, head_dim, d), dtype)
         self.b_o = _maybe(out_bias, (d,), dtype)
 
     @jax.named_scope(scopes.QKV_PROJ)
     def project_qkv(self, x):
         """x `[..., d]` -> q `[..., Hq, D]`, k and v `[..., Hkv, D]`."""
-        y = jnp.einsum("...d,dhk->...hk", x, self.w_qkv[...], preferred_element_type=F32)
+        y = jnp.einsum("...d,dkgh->...kgh", x, self.w_qkv[...], preferred_element_type=F32)
         if self.b_qkv is not None:
             y = y + self.b_qkv[...].astype(F32)
         y = y.astype(x.dtype)
-        hq, hkv = self.num_heads, self.num_kv_heads
-        return y[..., :hq, :], y[..., hq:hq + hkv, :], y[..., hq + hkv:, :]
+        g = self.group_size
+        q = y[..., :g, :].reshape(*y.shape[:-3], -1, y.shape[-1])
+        return q, y[..., g, :], y[..., g + 1, :]
 
     @jax.named_scope(scopes.OUT_PROJ)
     def project_out(self, o):

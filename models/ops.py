@@ -17,7 +17,8 @@ kernel or backend runs is chosen here, never in the model:
 - `DenseOps`: full sequences (evaluation, prefill): causal attention among the given tokens,
   their K/V written to the first T cache positions when a cache is given;
 - `DenseDecodeOps`: one token per sequence, written at its position; attention over the
-  cache by the Pallas kernel on a GPU, by XLA elsewhere;
+  cache by the Pallas kernel on a GPU, by XLA elsewhere; with a mesh, per shard
+  (`per_shard`: the kernels only ever run inside `shard_map`);
 - elsewhere, on the same protocol: `polar_jax.sparsity.SparseDecodeOps` and `MaskedOps`,
   `routers.collect.RecordingOps`.
 """
@@ -30,12 +31,17 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
 from models import scopes
 from models.kv_cache import LayerKV
 from models.layers import F32, MLP
+from models.sharding import DATA, MODEL
 from pallas_kernels._common import NEG_INF
 from pallas_kernels.kv_write import write_kv_token, write_kv_token_reference
 from pallas_kernels.sparse_attention import sparse_decode_attention
+from pallas_kernels.topk_select import topk_indices
 
 Record = dict[str, jax.Array]
 NO_RECORD: Record = {}
@@ -119,6 +125,19 @@ def write_token(kv: LayerKV, k, v, positions) -> LayerKV:
     return LayerKV(*write(kv.k, kv.v, k, v, positions))
 
 
+def per_shard(mesh: Mesh | None, fn, in_specs, out_specs):
+    """`fn` run on each device's shards of a `data` x `model` mesh (`shard_map`; what `fn`
+    returns is its shard of the result), or `fn` itself without a mesh."""
+    if mesh is None:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def psum(x, axis: str, mesh: Mesh | None):
+    """The sum of x over the mesh axis `axis` inside `per_shard` (x itself without a mesh)."""
+    return x if mesh is None else jax.lax.psum(x, axis)
+
+
 def group_outputs(o, num_kv_heads: int):
     """o `[B, T, Hq, D]` -> `[B, T, Hkv, (Hq / Hkv) D]`: each KV group's query heads together."""
     b, t, hq, d = o.shape
@@ -149,28 +168,50 @@ class DenseOps:
 @dataclasses.dataclass(frozen=True)
 class DenseDecodeOps:
     """One new token per sequence (T = 1), written at `positions [B]`, then attending to the
-    cache up to and including it."""
+    cache up to and including it. With a `mesh`, the cache write and the attention run per
+    shard: each device its batch rows (`data`) and its KV groups with their query heads
+    (`model`)."""
 
     positions: jax.Array
+    mesh: Mesh | None = dataclasses.field(default=None, kw_only=True)
 
     def route(self, *, layer, u):
         return None
 
     @jax.named_scope(scopes.ATTENTION)
     def attention(self, *, layer, route, q, k, v, kv, window):
-        return self.attend(q, k, v, kv, window, group_idx=None, kernel=on_gpu()) + (NO_RECORD,)
+        o, kv = self.attend(q, k, v, kv, window, kernel=on_gpu())
+        return o, kv, NO_RECORD
 
-    def attend(self, q, k, v, kv: LayerKV, window, group_idx, kernel: bool):
-        """(o `[B, 1, Hq, D]` over the groups `group_idx [B, k]` of each row (None: all), the
-        cache with the token written); `kernel`: by the Pallas kernel (which reads only up to
-        each row's length), else by XLA (all groups only)."""
-        kv = write_token(kv, k[:, 0], v[:, 0], self.positions)
-        if kernel:
-            o = sparse_decode_attention(q[:, 0], kv.k, kv.v, self.positions + 1, group_idx,
-                                        sliding_window=window)
-        else:
-            o = decode_attention(q[:, 0], kv.k, kv.v, self.positions + 1, window)
-        return o[:, None], kv
+    def attend(self, q, k, v, kv: LayerKV, window, kernel: bool, group_logits=None,
+               keep: int | None = None):
+        """(o `[B, 1, Hq, D]`, the cache with the token written). With `group_logits [B, Hkv]`
+        each row reads only its top-`keep` groups (per shard: its top `keep` of the shard's
+        groups). `kernel`: the Pallas kernel (which reads only up to each row's length), else
+        XLA (all groups only)."""
+
+        def shard(q, k, v, k_cache, v_cache, positions, group_logits):
+            kv = write_token(LayerKV(k_cache, v_cache), k, v, positions)
+            if group_logits is not None:
+                with jax.named_scope(scopes.ATTN_ROUTER):
+                    group_idx = topk_indices(group_logits, keep)
+                o = sparse_decode_attention(q, kv.k, kv.v, positions + 1, group_idx,
+                                            sliding_window=window)
+            elif kernel:
+                o = sparse_decode_attention(q, kv.k, kv.v, positions + 1, sliding_window=window)
+            else:
+                o = decode_attention(q, kv.k, kv.v, positions + 1, window)
+            return o, kv.k, kv.v
+
+        heads = P(DATA, MODEL, None)
+        cache = P(DATA, MODEL, None, None)
+        o, k_cache, v_cache = per_shard(
+            self.mesh, shard,
+            in_specs=(heads, heads, heads, cache, cache, P(DATA),
+                      None if group_logits is None else P(DATA, MODEL)),
+            out_specs=(heads, cache, cache),
+        )(q[:, 0], k[:, 0], v[:, 0], kv.k, kv.v, self.positions, group_logits)
+        return o[:, None], LayerKV(k_cache, v_cache)
 
     def mlp(self, *, layer, route, x, mlp):
         return mlp(x), NO_RECORD

@@ -2,6 +2,9 @@
 
 - attention: each sequence keeps its top `groups_to_keep(attn_topk, Hkv)` KV groups by its
   router's group logits;
+- under tensor parallelism over `shards` devices, each device keeps the top
+  `groups_to_keep(attn_topk, Hkv / shards)` of its own groups and the top `per_shard_k(k,
+  shards)` of its own neurons (`shard_topk_mask`), so that no shape depends on data;
 - MLP (non-gated models): the batch keeps one set of neurons, the top k by
   `batch_neuron_scores`, k calibrated per batch size (`CALIBRATION_BATCH_SIZES`) as the
   smallest multiple of `mlp_topk_step` whose top k covers `COVERAGE_TARGET` of the batch's
@@ -62,6 +65,19 @@ def topk_mask(scores, k: int):
     tie = key == lo
     need = k - jnp.sum(above, axis=-1, keepdims=True)
     return above | (tie & (jnp.cumsum(tie, axis=-1) <= need))
+
+
+def shard_topk_mask(scores, k: int, shards: int = 1):
+    """`topk_mask` within each of `shards` equal, contiguous slices of the last axis: the rule
+    of tensor-parallel decode, where each device keeps the top k of its own groups or neurons
+    (so every device reads the same bytes). `shards=1` is `topk_mask`."""
+    sliced = scores.reshape(*scores.shape[:-1], shards, scores.shape[-1] // shards)
+    return topk_mask(sliced, k).reshape(scores.shape)
+
+
+def per_shard_k(k: int, shards: int) -> int:
+    """A global k split over `shards` devices: ceil(k / shards) each."""
+    return -(-k // shards)
 
 
 def neuron_score(logits, tie_break: float = TIE_BREAK):

@@ -20,10 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from models import ModelConfig
 from models.kv_cache import KVCache
+from models.sharding import (
+    batch_sharding, check_split, dp_size, global_array, kv_cache_shardings, param_shardings,
+    replicated, router_shardings, to_host, tp_size,
+)
 from polar_jax import settings, validate
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import ModelDir
@@ -67,13 +72,13 @@ def cache_length(positions: int) -> int:
     return _round_up(positions, CACHE_LEN_STEP)
 
 
-def bucket_shape(batch: int, prompt_len: int, max_new: int) -> DecodeShape:
-    """The bucketed shape: batch to a power of two, the prompt and new-token lengths and the
-    cache length as the constants above say."""
+def bucket_shape(batch: int, prompt_len: int, max_new: int, data: int = 1) -> DecodeShape:
+    """The bucketed shape: batch to a power of two (and a multiple of the `data` shards), the
+    prompt and new-token lengths and the cache length as the constants above say."""
     prompt_bucket = (_pow2(prompt_len, MIN_PROMPT_BUCKET) if prompt_len <= PROMPT_BUCKET_STEP
                      else _round_up(prompt_len, PROMPT_BUCKET_STEP))
     new_bucket = _pow2(max_new, MIN_NEW_TOKENS_BUCKET)
-    return DecodeShape(_pow2(batch), prompt_bucket, new_bucket,
+    return DecodeShape(_round_up(_pow2(batch), data), prompt_bucket, new_bucket,
                        cache_length(prompt_bucket + new_bucket))
 
 
@@ -115,31 +120,41 @@ class Decoder:
 
     def __init__(self, config: ModelConfig, model, tokenizer=None, eos_ids: Sequence[int] = (),
                  routers: Routers | None = None,
-                 plan_for_batch: Callable[[int], SparsityPlan] | None = None):
+                 plan_for_batch: Callable[[int], SparsityPlan] | None = None,
+                 mesh: Mesh | None = None):
         """With `routers`, decoding is sparse: `plan_for_batch(batch_bucket)` gives each layer's
-        groups kept per sequence and MLP neurons kept for the batch. Prefill stays dense."""
+        groups kept per sequence and MLP neurons kept for the batch (per shard, with a mesh).
+        Prefill stays dense. With a `mesh` (`models.sharding.make_mesh`), the model, routers
+        and KV cache are split over it: batch over `data`, groups and neurons over `model`."""
         if (routers is None) != (plan_for_batch is None):
             raise ValueError("sparse decoding needs both routers and plan_for_batch")
+        if mesh is not None:
+            check_split(config, mesh)
         self.config = config
+        self.mesh = mesh
         self.tokenizer = tokenizer
         self.eos_ids = np.asarray(sorted(set(eos_ids)) or [PAD_ID], np.int32)
         self.graphdef, self.state = nnx.split(model)
         self.dtype = jax.tree.leaves(self.state)[0].dtype
         self.plan_for_batch = plan_for_batch
         self.router_state = None if routers is None else routers.unstack(self.dtype)
+        if mesh is not None:
+            self.state = jax.device_put(self.state, param_shardings(self.state, mesh))
+            if self.router_state is not None:
+                self.router_state = jax.device_put(self.router_state,
+                                                   router_shardings(self.router_state, mesh))
         self._compiled: dict[DecodeShape, jax.stages.Compiled] = {}
         self._kv_cache: dict[DecodeShape, KVCache] = {}
-        self._jitted = jax.jit(self._generate, static_argnames=("shape",),
-                               donate_argnames=("kv_cache",))
 
     @classmethod
     def load(cls, directory: str | os.PathLike | ModelDir, dtype=None,
              routers: str | os.PathLike | None = None, attn_topk: float | None = None,
-             dense_layers: Sequence[int] | None = None) -> "Decoder":
+             dense_layers: Sequence[int] | None = None, mesh: Mesh | None = None) -> "Decoder":
         """The model of `directory` (converted or Hugging Face, a path or opened already)
         computing in `dtype` (a name or a jnp dtype; default: float32 on CPU, bfloat16 on an
         accelerator); with the routers directory `routers`, sparse decoding at `attn_topk` and
-        `dense_layers` (`SparsitySettings`). Every value is checked before the model loads."""
+        `dense_layers` (`SparsitySettings`); split over `mesh` if given, each parameter loaded
+        straight into its shards. Every value is checked before the model loads."""
         if not isinstance(directory, ModelDir):
             directory = settings.path("model", directory)
         dtype = settings.compute_dtype(dtype)
@@ -151,16 +166,16 @@ class Decoder:
             sparsity = SparsitySettings(**settings.given(attn_topk=attn_topk,
                                                          dense_layers=dense_layers))
         model_dir = directory if isinstance(directory, ModelDir) else ModelDir.open(directory)
-        config, model = model_dir.config, model_dir.load(dtype)
+        config, model = model_dir.config, model_dir.load(dtype, mesh)
         router_module = plan_for_batch = None
         if routers is not None:
             router_module, metadata = load_routers(routers, config)
             build = functools.partial(SparsityPlan.build, config, metadata, sparsity.attn_topk,
-                                      sparsity.dense_layers)
+                                      sparsity.dense_layers, shards=tp_size(mesh))
             build(1)  # reject bad settings now, not at the first trace
             plan_for_batch = lambda batch: build(mlp_batch_size=batch)
         return cls(config, model, model_dir.tokenizer, model_dir.eos_ids, router_module,
-                   plan_for_batch)
+                   plan_for_batch, mesh)
 
     @property
     def sparse(self) -> bool:
@@ -169,7 +184,7 @@ class Decoder:
     # -- the jitted program ------------------------------------------------------------------
 
     def _generate(self, state, router_state, kv_cache, prompt_tokens, prompt_lengths, active,
-                  max_new, eos_ids, sampling: SamplingParams, key, *, shape: DecodeShape):
+                  max_new, eos_ids, sampling: SamplingParams, seed, *, shape: DecodeShape):
         """Prefill, then decode until every active row hit EOS or `max_new` tokens.
 
         Returns generated ids `[B, shape.max_new]` (PAD_ID after the end), their counts `[B]`
@@ -177,6 +192,7 @@ class Decoder:
         """
         model = nnx.merge(self.graphdef, state)
         plan = self.plan_for_batch(shape.batch) if router_state is not None else None
+        key = jax.random.key(seed)
         logits, kv_cache = prefill(model, prompt_tokens, prompt_lengths, kv_cache)
         token = next_token(logits, sampling, jax.random.fold_in(key, 0))
         out = jnp.full((shape.batch, shape.max_new), PAD_ID, jnp.int32)
@@ -192,7 +208,7 @@ class Decoder:
         def body(loop: GenerateLoop) -> GenerateLoop:
             sample = lambda logits: next_token(logits, sampling, jax.random.fold_in(key, loop.step))
             running = loop.decode.active
-            new, _, decode = decode_step(model, loop.decode, sample, router_state, plan)
+            new, _, decode = decode_step(model, loop.decode, sample, router_state, plan, self.mesh)
             return GenerateLoop(
                 step=loop.step + 1,
                 decode=decode.replace(active=running & ~jnp.isin(new, eos_ids)),
@@ -205,8 +221,11 @@ class Decoder:
     # -- host side ---------------------------------------------------------------------------
 
     def _check_memory(self, shape: DecodeShape) -> None:
-        kv_bytes = KVCache.abstract(self.config, shape.batch, shape.cache_len, self.dtype).bytes()
-        prefill_bytes = shape.batch * self.config.num_heads * shape.prompt_len**2 * 4  # scores
+        """Per device: its shard of the KV cache and of prefill's attention scores."""
+        kv_cache = KVCache.abstract(self.config, shape.batch, shape.cache_len, self.dtype)
+        kv_bytes = kv_cache.bytes() // (dp_size(self.mesh) * tp_size(self.mesh))
+        prefill_bytes = (shape.batch // dp_size(self.mesh) * self.config.num_heads
+                         // tp_size(self.mesh) * shape.prompt_len**2 * 4)
         check_fits(f"batch size {shape.batch} with prompts up to {shape.prompt_len} tokens and a "
                    f"cache of {shape.cache_len} positions",
                    {"KV cache": kv_bytes, "prefill": prefill_bytes},
@@ -217,20 +236,43 @@ class Decoder:
         """The bucketed shape of one batch, after checking its lengths, its sparsity plan (the
         routers' calibration must cover the batch) and its memory."""
         self.check_lengths(prompt_lengths, max_new_tokens)
-        shape = bucket_shape(len(prompt_lengths), max(prompt_lengths), max_new_tokens)
+        shape = bucket_shape(len(prompt_lengths), max(prompt_lengths), max_new_tokens,
+                             dp_size(self.mesh))
         if shape not in self._compiled:
             if self.sparse:
                 self.plan_for_batch(shape.batch)
             self._check_memory(shape)
         return shape
 
+    def _place(self, args):
+        """The program's inputs on the mesh: per-row arrays split over `data`, the rest
+        replicated (host values, the same on every process)."""
+        if self.mesh is None:
+            return args
+        rows = batch_sharding(self.mesh)
+        everywhere = replicated(self.mesh)
+        return tuple(jax.tree.map(lambda x: global_array(x, rows if i < 3 else everywhere), a)
+                     for i, a in enumerate(args))
+
     def _program(self, shape: DecodeShape, args, status: Callable[[str], Any]) -> jax.stages.Compiled:
         if shape not in self._compiled:
             status(f"compiling (batch {shape.batch}, prompts {shape.prompt_len}, "
                    f"new tokens {shape.max_new})")
-            self._kv_cache[shape] = KVCache.zeros(self.config, shape.batch, shape.cache_len,
-                                                  self.dtype)
-            self._compiled[shape] = self._jitted.lower(
+            abstract = KVCache.abstract(self.config, shape.batch, shape.cache_len, self.dtype)
+            if self.mesh is None:
+                jitted = jax.jit(self._generate, static_argnames=("shape",),
+                                 donate_argnames=("kv_cache",))
+                self._kv_cache[shape] = KVCache.zeros(self.config, shape.batch, shape.cache_len,
+                                                      self.dtype)
+            else:
+                cache = kv_cache_shardings(abstract, self.mesh)
+                everywhere = replicated(self.mesh)
+                jitted = jax.jit(self._generate, static_argnames=("shape",),
+                                 donate_argnames=("kv_cache",),
+                                 out_shardings=(everywhere, everywhere, cache))
+                zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+                self._kv_cache[shape] = jax.jit(zeros, out_shardings=cache)()
+            self._compiled[shape] = jitted.lower(
                 self.state, self.router_state, self._kv_cache[shape], *args, shape=shape).compile()
             status("decoding")
         return self._compiled[shape]
@@ -263,15 +305,15 @@ class Decoder:
         prompt_lengths = np.ones(shape.batch, np.int32)
         prompt_lengths[:len(prompts)] = lengths
         active = np.arange(shape.batch) < len(prompts)
-        args = (tokens, prompt_lengths, active, np.int32(max_new_tokens), self.eos_ids,
-                sampling.validated(), jax.random.key(seed))
+        args = self._place((tokens, prompt_lengths, active, np.int32(max_new_tokens),
+                            self.eos_ids, sampling.validated(), np.uint32(seed % 2**32)))
         start = time.perf_counter()
         program = self._program(shape, args, status)
         compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
         out, count, self._kv_cache[shape] = program(self.state, self.router_state,
                                                     self._kv_cache[shape], *args)
-        out, count = np.asarray(out), np.asarray(count)
+        out, count = to_host(out), to_host(count)
         seconds = time.perf_counter() - start
         return [out[i, :count[i]].tolist() for i in range(len(prompts))], seconds, compile_seconds
 

@@ -15,14 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from convert.checkpoint import TOKENIZER_FILES, read_config, read_json, resolve_source
 from convert.convert import FORMAT_VERSION, METADATA_FILE, PARAMS_DIR, read_hf_params, source_dtype
 from models import ModelConfig, build_model, config_from_hf
+from models.sharding import check_split, global_array, param_shardings, to_host
 from polar_jax import validate
 from polar_jax.dtypes import DTYPES
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import check_tree, checkpoint_file, first_non_finite, restore_arrays
+from polar_jax.memory import check_fits
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -55,7 +58,7 @@ class ModelDir:
             if metadata.get("format") != FORMAT_VERSION:
                 raise PolarJaxError(
                     f"{src} holds polar-jax format {metadata.get('format')}; this version reads "
-                    f"format {FORMAT_VERSION} (fused q/k/v and gate/up weights): convert the "
+                    f"format {FORMAT_VERSION} (q/k/v grouped by KV head, gate/up fused): convert the "
                     f"checkpoint again with `polar-jax convert SRC {src} --force`")
             stored = validate.string(f"{src / METADATA_FILE}: 'dtype'", metadata.get("dtype"),
                                      tuple(DTYPES))
@@ -63,18 +66,34 @@ class ModelDir:
             stored = source_dtype(hf_config)
         return cls(src, hf_config, config, converted, jnp.dtype(stored))
 
-    def load(self, dtype=None, sharding: jax.sharding.Sharding | None = None) -> nnx.Module:
-        """The model, its parameters cast to `dtype` (default: as stored) and finite in it,
-        each placed by `sharding` (default: on the first device)."""
+    def load(self, dtype=None, mesh: Mesh | None = None) -> nnx.Module:
+        """The model, its parameters cast to `dtype` (default: as stored) and finite in it, on
+        the first device, or with a `mesh` each parameter split by the sharding rules
+        (`models.sharding`) and restored straight into its shards (a converted directory:
+        each device receives only its shard). Refused in one line before anything is read
+        when a device's share of the weights does not fit it."""
         dtype = jnp.dtype(dtype or self.stored_dtype)
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = nnx.to_pure_dict(nnx.split(build_model(self.config, dtype))[1])
+        if mesh is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: one, abstract)
+        else:
+            check_split(self.config, mesh)
+            shardings = param_shardings(abstract, mesh)
+        target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding),
+                              abstract, shardings)
+        per_device = sum(int(np.prod(t.sharding.shard_shape(t.shape))) * dtype.itemsize
+                         for t in jax.tree.leaves(target))
+        devices = 1 if mesh is None else mesh.size
+        check_fits(f"the weights of {self.path} in {dtype.name}"
+                   + (f" split over {devices} devices" if mesh is not None else ""),
+                   {"weights per device": per_device}, jax.devices()[0],
+                   "--dtype, or spread the model over more devices (--tp)")
         if self.converted:
-            abstract = nnx.to_pure_dict(nnx.split(build_model(self.config, dtype))[1])
-            target = jax.tree.map(
-                lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding), abstract)
             params = restore_arrays(self.path, PARAMS_DIR, target)
         else:
-            params = jax.device_put(read_hf_params(self.path, self.config, dtype.name), sharding)
+            host = read_hf_params(self.path, self.config, dtype.name)
+            params = jax.tree.map(lambda x, t: global_array(x, t.sharding), host, target)
         _check_finite(self.path, params, dtype, self.stored_dtype)
         graphdef, state = nnx.split(build_model(self.config, dtype))
         nnx.replace_by_pure_dict(state, params)
@@ -121,11 +140,11 @@ class ModelDir:
         return ()
 
 
-def load_model(path: str | os.PathLike, dtype=None, sharding: jax.sharding.Sharding | None = None
+def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None
                ) -> tuple[ModelConfig, nnx.Module]:
     """(config, model) of the directory `path`: `ModelDir.open(path)` and its `load`."""
     model_dir = ModelDir.open(path)
-    return model_dir.config, model_dir.load(dtype, sharding)
+    return model_dir.config, model_dir.load(dtype, mesh)
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -143,13 +162,13 @@ def _check_finite(src: Path, params: dict, dtype: np.dtype, stored: np.dtype) ->
     """Refuses a NaN or Inf in the loaded params (one host sync), naming the first parameter
     with one, its index and, when loaded narrower than stored, the range it overflowed."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    finite = jax.device_get(_all_finite([leaf for _, leaf in flat]))
+    finite = [to_host(ok) for ok in _all_finite([leaf for _, leaf in flat])]
     bad = next((i for i, ok in enumerate(finite) if not ok), None)
     if bad is None:
         return
     keys, leaf = flat[bad]
     name = "/".join(str(getattr(key, "key", key)) for key in keys)
-    index, kind = first_non_finite(np.asarray(jax.device_get(leaf)))
+    index, kind = first_non_finite(to_host(leaf))
     if kind != "NaN" and not np.can_cast(stored, dtype, "safe"):
         hint = (f"its stored {stored.name} value lies beyond the range of {dtype.name}; "
                 "load it in a wider dtype")

@@ -21,14 +21,18 @@ import jax.numpy as jnp
 
 from models import ModelConfig, scopes
 from models.layers import F32
-from models.ops import NO_RECORD, DenseDecodeOps, DenseOps, group_outputs
+from jax.sharding import PartitionSpec as P
+
+from models.ops import NO_RECORD, DenseDecodeOps, DenseOps, group_outputs, per_shard, psum
+from models.sharding import DATA, MODEL
 from pallas_kernels import neuron_scores, selective_mlp, topk_indices
 from pallas_kernels.selection import (
     DENSE_MLP_FRACTION,
     TIE_BREAK,
     batch_neuron_scores,
     groups_to_keep,
-    topk_mask,
+    per_shard_k,
+    shard_topk_mask,
 )
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
@@ -37,18 +41,21 @@ from routers.model import LayerRouters, Routers
 
 @dataclasses.dataclass(frozen=True)
 class SparsityPlan:
-    """Static per-layer choices: groups kept per sequence (None: all) and MLP neurons kept
-    (None: dense MLP)."""
+    """Static per-layer choices, per shard of a tensor-parallel split over `shards` devices
+    (1: no split): groups kept per sequence (None: all) and MLP neurons kept (None: dense
+    MLP), each out of the shard's own."""
 
     attn_groups: tuple[int | None, ...]
     mlp_neurons: tuple[int | None, ...]
+    shards: int = 1
 
     @classmethod
     def build(cls, config: ModelConfig, metadata: dict | None, attn_topk: float,
-              dense_layers=(0,), mlp_batch_size: int | None = 1) -> "SparsityPlan":
+              dense_layers=(0,), mlp_batch_size: int | None = 1, shards: int = 1) -> "SparsityPlan":
         """From a routers directory's metadata (as `read_metadata` checked it): k groups per
         layer from `attn_topk`, and the MLP k calibrated for `mlp_batch_size` (the nearest
-        calibrated size at or above it; a size beyond the largest calibrated one is refused)."""
+        calibrated size at or above it; a size beyond the largest calibrated one is refused),
+        each split over `shards` (`selection.per_shard_k`; `shards` divides the groups)."""
         if not 0 < attn_topk <= 1:
             raise PolarJaxError(f"--attn-topk must be in (0, 1], got {attn_topk}")
         if mlp_batch_size is not None:
@@ -56,8 +63,9 @@ class SparsityPlan:
         bad = [i for i in dense_layers if not 0 <= i < config.num_layers]
         if bad:
             raise PolarJaxError(f"dense layers {bad} out of range: the model has {config.num_layers} layers")
-        k = groups_to_keep(attn_topk, config.num_kv_heads)
-        attn = tuple(None if i in dense_layers or k == config.num_kv_heads else k
+        groups = config.num_kv_heads // shards
+        k = groups_to_keep(attn_topk, groups)
+        attn = tuple(None if i in dense_layers or k == groups else k
                      for i in range(config.num_layers))
         mlp: tuple[int | None, ...] = (None,) * config.num_layers
         table = (metadata or {}).get("mlp_topk")
@@ -67,9 +75,9 @@ class SparsityPlan:
                 raise PolarJaxError(f"the routers' MLP k is calibrated for batch sizes up to "
                                     f"{sizes[-1]}; got {mlp_batch_size}")
             size = next(b for b in sizes if b >= mlp_batch_size)
-            mlp = tuple(None if n >= DENSE_MLP_FRACTION * config.mlp_dim else n
+            mlp = tuple(None if n >= DENSE_MLP_FRACTION * config.mlp_dim else per_shard_k(n, shards)
                         for n in table[str(size)])
-        return cls(attn, mlp)
+        return cls(attn, mlp, shards)
 
 
 class DecodeRoute(NamedTuple):
@@ -85,7 +93,10 @@ class SparseDecodeOps(DenseDecodeOps):
     """One decode step (T = 1) with the sparse kernels. Every group's K/V is written to the
     cache (later tokens may select any group); each row then reads only its selected groups
     and the batch's MLP only its selected neurons. `routers`: every layer's `LayerRouters`
-    (`Routers.unstack`); `active [B]`: the rows whose scores count in the MLP selection."""
+    (`Routers.unstack`); `active [B]`: the rows whose scores count in the MLP selection.
+    With a `mesh`, the plan's k are per shard (`SparsityPlan.shards` = the mesh's `model`
+    size): each device selects among its own groups and neurons, the neuron scores summed
+    over the batch's shards first."""
 
     routers: Sequence[LayerRouters]
     plan: SparsityPlan
@@ -102,29 +113,40 @@ class SparseDecodeOps(DenseDecodeOps):
 
     @jax.named_scope(scopes.ATTENTION)
     def attention(self, *, layer, route, q, k, v, kv, window):
-        group_idx = None
-        if self.plan.attn_groups[layer] is not None:
-            with jax.named_scope(scopes.ATTN_ROUTER):
-                group_idx = topk_indices(route.group_logits, self.plan.attn_groups[layer])
-        return self.attend(q, k, v, kv, window, group_idx, kernel=True) + (NO_RECORD,)
-
-    @jax.named_scope(scopes.MLP_ROUTER)
-    def select_neurons(self, layer: int, mlp_latent, keep: int):
-        """int32 `[keep]`: the batch's top-`keep` neurons by their `batch_neuron_scores`
-        (computed by the `neuron_scores` kernel, without materialising the logits), ascending."""
-        scores = neuron_scores(mlp_latent, self.routers[layer].mlp_up.astype(mlp_latent.dtype),
-                               self.active, tie_break=TIE_BREAK)
-        return topk_indices(scores, keep)
+        keep = self.plan.attn_groups[layer]
+        o, kv = self.attend(q, k, v, kv, window, kernel=True,
+                            group_logits=None if keep is None else route.group_logits, keep=keep)
+        return o, kv, NO_RECORD
 
     @jax.named_scope(scopes.MLP)
     def mlp(self, *, layer, route, x, mlp):
         keep = self.plan.mlp_neurons[layer]
         if keep is None:
             return mlp(x), NO_RECORD
-        neuron_idx = self.select_neurons(layer, route.mlp_latent, keep)
-        param = lambda p: None if p is None else p[...]
-        y = selective_mlp(x[:, 0], param(mlp.w_in), param(mlp.b_in), param(mlp.w_out),
-                          param(mlp.b_out), neuron_idx, activation=mlp.activation)
+        mesh, param = self.mesh, (lambda p: None if p is None else p[...])
+        b_out = param(mlp.b_out)
+
+        def shard(x, mlp_latent, mlp_up, active, w_in, b_in, w_out):
+            """The batch's top-`keep` neurons of this shard's, by their `batch_neuron_scores`
+            (summed over the batch's shards; the `neuron_scores` kernel never materialises
+            the logits), then the selective MLP over them (summed over the neuron shards)."""
+            with jax.named_scope(scopes.MLP_ROUTER):
+                scores = neuron_scores(mlp_latent, mlp_up.astype(mlp_latent.dtype), active,
+                                       tie_break=TIE_BREAK)
+                neuron_idx = topk_indices(psum(scores, DATA, mesh), keep)
+            y = selective_mlp(x, w_in, b_in, w_out, b_out if mesh is None else None, neuron_idx,
+                              activation=mlp.activation)
+            return psum(y, MODEL, mesh)
+
+        rows = P(MODEL, None)
+        y = per_shard(mesh, shard,
+                      in_specs=(P(DATA, None), P(DATA, None), rows, P(DATA), rows,
+                                None if mlp.b_in is None else P(MODEL), rows),
+                      out_specs=P(DATA, None),
+                      )(x[:, 0], route.mlp_latent, self.routers[layer].mlp_up, self.active,
+                        param(mlp.w_in), param(mlp.b_in), param(mlp.w_out))
+        if mesh is not None and b_out is not None:
+            y = (y.astype(F32) + b_out.astype(F32)).astype(y.dtype)
         return y[:, None], NO_RECORD
 
 
@@ -134,7 +156,9 @@ class MaskedOps(DenseOps):
 
     mode "sparse": each position keeps its router's top-k groups and (non-gated MLPs) the top-k
     neurons of its own router scores, k calibrated for the plan's batch size. mode "oracle":
-    the top-k groups by true attention-output norm and the truly active neurons. The route is
+    the top-k groups by true attention-output norm and the truly active neurons. With a plan
+    split over shards, each shard's top k of its own (`shard_topk_mask`), as tensor-parallel
+    decode selects. The route is
     the routers' (group logits `[B, T, Hkv]`, neuron logits `[B, T, N]` or None), or None for
     the oracle.
     """
@@ -165,7 +189,7 @@ class MaskedOps(DenseOps):
             scores = route[0]
         else:
             scores = jnp.sum(jnp.square(grouped.astype(F32)), axis=-1)
-        selected = topk_mask(scores, keep)  # [B, T, Hkv]
+        selected = shard_topk_mask(scores, keep, self.plan.shards)  # [B, T, Hkv]
         return jnp.where(selected[..., None], grouped, 0).reshape(o.shape), kv, NO_RECORD
 
     def mlp(self, *, layer, route, x, mlp):
@@ -176,5 +200,6 @@ class MaskedOps(DenseOps):
         if self.mode == "oracle":
             kept = h > 0
         else:
-            kept = topk_mask(batch_neuron_scores(route[1][..., None, :], axis=-2), keep)
+            scores = batch_neuron_scores(route[1][..., None, :], axis=-2)
+            kept = shard_topk_mask(scores, keep, self.plan.shards)
         return mlp.project_out(jnp.where(kept, h, 0.0), x.dtype), NO_RECORD

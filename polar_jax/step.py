@@ -16,10 +16,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from models.causal_lm import CausalLM
 from models.kv_cache import KVCache
 from models.ops import DenseDecodeOps, DenseOps
+from models.sharding import tp_size
 from polar_jax.sparsity import SparseDecodeOps, SparsityPlan
 from routers.model import LayerRouters
 
@@ -61,16 +63,20 @@ class Step(NamedTuple):
 
 
 def decode_step(model: CausalLM, state: DecodeState, sample: Callable[[jax.Array], jax.Array],
-                routers: Sequence[LayerRouters] | None = None, plan: SparsityPlan | None = None
-                ) -> Step:
+                routers: Sequence[LayerRouters] | None = None, plan: SparsityPlan | None = None,
+                mesh: Mesh | None = None) -> Step:
     """Feeds every slot's token at its position and samples the next by `sample(logits)`; in
     the state after it the cache holds the fed tokens and active slots hold the new token one
     position further. Dense without `plan`; with it, Polar Sparsity through the kernels,
-    `routers` being `Routers.unstack()`."""
+    `routers` being `Routers.unstack()`. With a `mesh` (the model, routers and cache placed by
+    `models.sharding`), the kernels run per shard."""
+    if plan is not None and plan.shards != tp_size(mesh):
+        raise ValueError(f"the plan selects per shard of {plan.shards}; the mesh splits the "
+                         f"model over {tp_size(mesh)}")
     if plan is None:
-        ops = DenseDecodeOps(state.positions)
+        ops = DenseDecodeOps(state.positions, mesh=mesh)
     else:
-        ops = SparseDecodeOps(state.positions, routers, plan, state.active)
+        ops = SparseDecodeOps(state.positions, routers, plan, state.active, mesh=mesh)
     out = model.forward(state.tokens[:, None], state.positions[:, None], ops, state.kv_cache)
     logits = model.logits(out.hidden_states[:, 0])
     next_tokens = sample(logits).astype(jnp.int32)
