@@ -49,6 +49,46 @@ def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str) -> None:
                              f"{_default(SparsitySettings.dense_layers)}")
 
 
+def _add_device_args(parser: argparse.ArgumentParser, data_only: bool = False) -> None:
+    """--tp/--dp (the mesh) and the multi-process options, as every command that runs a model
+    on several devices takes them."""
+    group = parser.add_argument_group("devices (default: one)")
+    if not data_only:
+        group.add_argument("--tp", type=_positive, default=1,
+                           help="tensor parallel: split the model over N devices (KV groups with "
+                                "their query heads, MLP neurons, vocabulary)")
+    group.add_argument("--dp", type=_positive, default=1,
+                       help="data parallel: split the batch over N (groups of) devices")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="several processes: process 0's address, the same for every process "
+                            "(or JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=_positive,
+                       help="with --coordinator: how many processes (or JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=validate.cli_type(validate.integer, int, low=0),
+                       help="with --coordinator: this process's index from 0 (or JAX_PROCESS_ID)")
+
+
+def _mesh(args):
+    """The `data` x `model` mesh of --dp x --tp devices over every process (after joining the
+    others, if several), or None for one device in one process. Processes other than 0 print
+    nothing on stdout."""
+    import os
+
+    import jax
+
+    from polar_jax import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if distributed.several_processes() and jax.process_index() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+    tp = getattr(args, "tp", 1)
+    if tp * args.dp == 1 and not distributed.several_processes():
+        return None
+    from models.sharding import make_mesh
+
+    return make_mesh(tp, args.dp)
+
+
 def _sparsity(args, **extra) -> SparsitySettings:
     return SparsitySettings(**settings.given(attn_topk=args.attn_topk,
                                              dense_layers=args.dense_layers, **extra))
@@ -91,19 +131,20 @@ def _cmd_eval_perplexity(args) -> int:
     text = read_text(args.text)
     dtype = settings.compute_dtype(args.dtype)
     start = time.perf_counter()
+    mesh = _mesh(args)
     model_dir = ModelDir.open(args.model)
-    config, model, tokenizer = model_dir.config, model_dir.load(dtype), model_dir.tokenizer
+    config, model, tokenizer = model_dir.config, model_dir.load(dtype, mesh), model_dir.tokenizer
     routers = metadata = None
     if args.routers:
         routers, metadata = load_routers(args.routers, config)
     run = functools.partial(perplexity, model, config, tokenizer, text, seq_len=args.seq_len,
                             max_tokens=args.max_tokens, batch_size=args.batch_size,
-                            progress=not args.quiet)
+                            progress=not args.quiet, mesh=mesh)
     if args.mode == "dense":
         result = run()
     else:
         plan = SparsityPlan.build(config, metadata, sparsity.attn_topk, sparsity.dense_layers,
-                                  sparsity.mlp_batch_size)
+                                  sparsity.mlp_batch_size, shards=args.tp)
         make_ops = lambda key_valid, routers: MaskedOps(key_valid, args.mode, plan,
                                                         config.num_kv_heads, routers)
         result = run(make_ops=make_ops, routers=routers)
@@ -113,7 +154,8 @@ def _cmd_eval_perplexity(args) -> int:
         if args.with_dense:
             result["dense_perplexity"] = run()["perplexity"]
     result.update(mode=args.mode, model=args.model, dtype=jnp.dtype(dtype).name,
-                  seq_len=args.seq_len, seconds=round(time.perf_counter() - start, 3))
+                  seq_len=args.seq_len, tp=args.tp, dp=args.dp,
+                  seconds=round(time.perf_counter() - start, 3))
     if args.json:
         print(json.dumps(result))
     else:
@@ -143,14 +185,16 @@ def _cmd_generate(args) -> int:
     sparsity = _sparsity(args)
     prompts = _read_prompts(args)
     decoder = Decoder.load(args.model, args.dtype, routers=args.routers,
-                           attn_topk=args.attn_topk, dense_layers=args.dense_layers)
+                           attn_topk=args.attn_topk, dense_layers=args.dense_layers,
+                           mesh=_mesh(args))
     result = decoder.generate(prompts, args.max_new_tokens,
                               SamplingParams(args.temperature, args.top_k, args.top_p), args.seed,
                               args.batch_size, progress=not args.quiet)
     summary = {"mode": "sparse" if decoder.sparse else "dense",
                "tokens_per_second": round(result.tokens_per_second, 2),
                "batch_size": result.batch_size, "new_tokens": result.new_tokens,
-               "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3)}
+               "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3),
+               "tp": args.tp, "dp": args.dp}
     if decoder.sparse:
         summary.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers))
     if args.json:
@@ -191,11 +235,12 @@ def _cmd_train_routers(args) -> int:
                                    epochs=args.epochs, batch_size=args.batch_size,
                                    learning_rate=args.lr, seed=args.seed)
     dtype = settings.compute_dtype(args.dtype)
+    mesh = _mesh(args)
     model_dir = ModelDir.open(args.model)
-    config, model, tokenizer = model_dir.config, model_dir.load(dtype), model_dir.tokenizer
+    config, model, tokenizer = model_dir.config, model_dir.load(dtype, mesh), model_dir.tokenizer
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
     summary = train_routers(model, config, ids, args.out, train_settings, seq_len=args.seq_len,
-                            progress=not args.quiet, force=args.force, inputs=inputs)
+                            progress=not args.quiet, force=args.force, inputs=inputs, mesh=mesh)
     if args.json:
         keys = ("attn_recall_mean", "attn_recall_per_layer", "mlp_recall_mean",
                 "mlp_recall_per_layer", "mlp_topk", "tokens_train", "tokens_heldout", "attn_topk",
@@ -269,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--with-dense", action="store_true",
                      help="with --mode sparse or oracle: also report the dense perplexity")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_device_args(ppl)
     ppl.set_defaults(run=_cmd_eval_perplexity)
 
     gen = commands.add_parser(
@@ -296,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sparsity_args(gen, "with --routers")
     gen.add_argument("--json", action="store_true",
                      help="one JSON object per prompt, then a summary object")
+    _add_device_args(gen)
     gen.set_defaults(run=_cmd_generate)
 
     tr = commands.add_parser(
@@ -322,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="router initialisation and shuffling seed")
     tr.add_argument("--force", action="store_true", help="replace an existing --out")
     tr.add_argument("--json", action="store_true", help="print one JSON object of metrics")
+    _add_device_args(tr)
     tr.set_defaults(run=_cmd_train_routers)
 
     # Listed for the help page only: main() hands everything after `bench` to its own parsers.

@@ -8,6 +8,7 @@ perplexity = exp(mean negative log-likelihood).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from models.layers import positions_from_mask
+from models.sharding import batch_sharding, dp_size, global_array, replicated, to_host
 from models.ops import DenseOps
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import input_file
@@ -36,15 +38,23 @@ def read_text(path: str) -> str:
     return text
 
 
-def _nll_fn(model, make_ops=None, routers=None):
+def _nll_fn(model, make_ops=None, routers=None, mesh=None):
     """A jitted `(tokens, mask) -> (sum of NLL, scored count)` over the model's state.
 
     `make_ops(key_valid, routers)` builds the blocks' ops (default: `DenseOps`); `routers` is
-    passed to the jitted function as an argument, not baked in as a constant.
+    passed to the jitted function as an argument, not baked in as a constant. With a `mesh`,
+    the windows are split over `data` (the model is split already) and the sums replicated.
     """
     graphdef, state = nnx.split(model)
+    place = lambda x: x
+    out_shardings = None
+    if mesh is not None:
+        rows, out_shardings = batch_sharding(mesh, 2), (replicated(mesh),) * 2
+        place = lambda x: global_array(x, rows)
+        if routers is not None:
+            routers = jax.device_put(routers, replicated(mesh))
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=out_shardings)
     def nll(state, routers, tokens, mask):
         model = nnx.merge(graphdef, state)
         ops = DenseOps(mask) if make_ops is None else make_ops(mask, routers)
@@ -56,7 +66,7 @@ def _nll_fn(model, make_ops=None, routers=None):
         token_nll = jax.nn.logsumexp(logits, axis=-1) - logp
         return jnp.sum(jnp.where(scored, token_nll, 0.0)), jnp.sum(scored)
 
-    return lambda tokens, mask: nll(state, routers, tokens, mask)
+    return lambda tokens, mask: nll(state, routers, place(tokens), place(mask))
 
 
 def _check_memory(config, model, batch_size: int, seq_len: int) -> None:
@@ -73,10 +83,11 @@ def _check_memory(config, model, batch_size: int, seq_len: int) -> None:
 
 def perplexity(model, config, tokenizer, text: str, seq_len: int = EvalSettings.seq_len,
                max_tokens: int | None = None, batch_size: int = EvalSettings.batch_size,
-               progress: bool = False, make_ops=None, routers=None) -> dict:
+               progress: bool = False, make_ops=None, routers=None, mesh=None) -> dict:
     """{"perplexity", "nll" (mean), "tokens" (scored count), "windows"} for `text`; the blocks
     run through `make_ops(key_valid, routers)` when given (sparse and oracle evaluation). Positions
-    and memory are checked before anything is compiled."""
+    and memory are checked before anything is compiled. With a `mesh` (the model loaded onto
+    it), the windows of a batch are split over its `data` axis."""
     run = EvalSettings(seq_len, max_tokens, batch_size)
     if run.seq_len > config.max_position_embeddings:
         raise PolarJaxError(
@@ -87,17 +98,18 @@ def perplexity(model, config, tokenizer, text: str, seq_len: int = EvalSettings.
     if len(ids) < 2:
         raise PolarJaxError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
     tokens, mask = make_windows(ids, run.seq_len)
-    batch_size = min(run.batch_size, len(tokens))
-    _check_memory(config, model, batch_size, run.seq_len)
+    data = dp_size(mesh)
+    batch_size = -(-min(run.batch_size, len(tokens)) // data) * data
+    _check_memory(config, model, batch_size // data, run.seq_len)
     pad = -len(tokens) % batch_size  # whole batches only: one compiled shape
     tokens = np.concatenate([tokens, np.zeros((pad, run.seq_len), np.int32)])
     mask = np.concatenate([mask, np.zeros((pad, run.seq_len), np.int32)])
-    nll = _nll_fn(model, make_ops, routers)
+    nll = _nll_fn(model, make_ops, routers, mesh)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(tokens), batch_size), desc="windows", unit="batch",
                       disable=not progress):
         batch_nll, batch_count = nll(tokens[start:start + batch_size], mask[start:start + batch_size])
-        total += float(batch_nll)
-        count += int(batch_count)
+        total += float(to_host(batch_nll))
+        count += int(to_host(batch_count))
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
             "windows": len(tokens) - pad}

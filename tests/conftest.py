@@ -1,5 +1,5 @@
-"""Shared test settings: float32 CPU math, the fixture paths (`../shared`, else the copies
-bundled in demo/), GPU skipping."""
+"""Shared test settings: eight CPU devices, float32 CPU math, the fixture paths (`../shared`,
+else the copies bundled in demo/), GPU skipping."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import os
 import warnings
 from pathlib import Path
 
-import jax
-import pytest
+# Eight CPU devices for the multi-device tests (set before JAX starts its backend); every
+# single-device test runs on the first, as without the flag.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jax\.experimental\.pallas")
