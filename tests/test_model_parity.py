@@ -7,17 +7,24 @@ strongly input- and position-dependent; it is saved with `save_pretrained`, conv
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from convert import convert_checkpoint
-from polar_jax.loading import load_model
+from models.sharding import make_mesh
+from polar_jax.errors import PolarJaxError
+from polar_jax.loading import ModelDir, load_model
 
 TOL = 1e-4  # max |ours - HF| relative to the largest HF logit
 
@@ -159,3 +166,55 @@ def test_legacy_rope_scaling_spelling(variant, tmp_path):
     tokens = jnp.asarray(np.random.default_rng().integers(0, 512, size=(1, 300)))
     mask = jnp.ones_like(tokens)
     np.testing.assert_array_equal(np.asarray(model(tokens, mask)), np.asarray(legacy_model(tokens, mask)))
+
+
+MESHES = {"tp2": (2, 1), "tp4": (4, 1), "dp2xtp2": (2, 2)}  # name: (tp, dp)
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_sharded_model_equals_one_device(variant, mesh_name):
+    """Loaded straight into the shards of a tensor- (and data-) parallel mesh: every parameter
+    placed by the sharding rules, leaf by leaf, and the logits of a padded batch those of one
+    device (float32, within 1e-5 of the largest logit). A split that does not divide the KV
+    groups is refused in one line."""
+    name, hf, model, src = variant
+    tp, dp = MESHES[mesh_name]
+    mesh = make_mesh(tp, dp)
+    model_dir = ModelDir.open(src.parent / "converted")
+    config = model_dir.config
+    if config.num_kv_heads % tp:
+        with pytest.raises(PolarJaxError) as err:
+            model_dir.load(jnp.float32, mesh)
+        message = str(err.value)
+        assert f"--tp {tp} must divide the model's {config.num_kv_heads} KV groups" in message
+        assert "\n" not in message
+        return
+    sharded = model_dir.load(jnp.float32, mesh)
+    state = nnx.to_pure_dict(nnx.state(sharded))
+    layer = state["layers"][0]
+    expect = {("layers", 0, "attn", "w_qkv"): P(None, "model", None, None),
+              ("layers", 0, "attn", "w_o"): P("model", None, None),
+              ("layers", 0, "mlp", "w_out"): P("model", None),
+              ("layers", 0, "mlp", "w_gate_up" if "w_gate_up" in layer["mlp"] else "w_in"):
+                  P("model", None, None) if "w_gate_up" in layer["mlp"] else P("model", None),
+              ("embed", "embedding"): P("model", None),
+              ("layers", 0, "attn_norm", "weight"): P()}
+    for path, spec in expect.items():
+        leaf = functools.reduce(lambda node, key: node[key], path, state)
+        assert leaf.sharding.spec == spec or leaf.sharding.is_equivalent_to(
+            NamedSharding(mesh, spec), leaf.ndim), (path, leaf.sharding.spec)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        assert leaf.sharding.mesh == mesh, path
+        # No device holds more than its shard: the pieces on the devices add up to the array.
+        pieces = sum(int(np.prod(shard.data.shape)) for shard in leaf.addressable_shards)
+        replicas = mesh.size // int(np.prod([mesh.shape[a] for a in leaf.sharding.spec if a]))
+        assert pieces == leaf.size * replicas, path
+    rng = np.random.default_rng()
+    tokens = jnp.asarray(rng.integers(0, hf.config.vocab_size, size=(4, 40)))
+    mask = np.ones(tokens.shape, np.int32)
+    mask[1, :9], mask[2, 30:] = 0, 0
+    one = np.asarray(model(tokens, jnp.asarray(mask)))
+    many = np.asarray(jax.jit(lambda m, t, k: m(t, k))(sharded, tokens, jnp.asarray(mask)))
+    valid = mask.astype(bool)
+    scale = np.abs(one[valid]).max()
+    assert np.abs(many - one)[valid].max() <= 1e-5 * scale

@@ -15,6 +15,7 @@ from flax import nnx
 
 from conftest import DEMO, fixture_path
 from models.kv_cache import KVCache
+from models.sharding import kv_cache_shardings, make_mesh, param_shardings, router_shardings
 from polar_jax.cli import main
 from polar_jax.decode import Decoder
 from polar_jax.sparsity import MaskedOps, SparsityPlan
@@ -34,20 +35,26 @@ def random_model(request, tmp_path_factory):
     return _random_model(request.param, tmp_path_factory)
 
 
-def _teacher_forced(model, config, tokens, routers=None, plan=None):
+def _teacher_forced(model, config, tokens, routers=None, plan=None, mesh=None):
     """Log-probabilities `[T, V]` of a batch-1 sequence decoded one token at a time from an
-    empty cache by `decode_step` (sparse with `plan`), the true next token fed at each step."""
+    empty cache by `decode_step` (sparse with `plan`; over `mesh` if given), the true next
+    token fed at each step."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def step(state, router_state, decode):
         greedy = lambda logits: jnp.argmax(logits, axis=-1)
         _, logits, decode = decode_step(nnx.merge(graphdef, state), decode, greedy, router_state,
-                                        plan)
+                                        plan, mesh)
         return jax.nn.log_softmax(logits[0]), decode.kv_cache
 
     kv_cache = KVCache.zeros(config, 1, 128, jnp.float32)
     router_state = None if routers is None else routers.unstack()
+    if mesh is not None:
+        state = jax.device_put(state, param_shardings(state, mesh))
+        kv_cache = jax.device_put(kv_cache, kv_cache_shardings(kv_cache, mesh))
+        if router_state is not None:
+            router_state = jax.device_put(router_state, router_shardings(router_state, mesh))
     out = []
     for position, token in enumerate(tokens):
         decode = DecodeState(jnp.full(1, token, jnp.int32), jnp.full(1, position, jnp.int32),
@@ -78,23 +85,29 @@ def test_sparse_path_with_everything_kept_equals_dense(random_model):
     assert [c.tokens for c in kernels.completions] == [c.tokens for c in plain.completions]
 
 
-def test_teacher_forced_decode_equals_sparse_evaluation(random_model):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_teacher_forced_decode_equals_sparse_evaluation(random_model, tp):
     """The decode path (Pallas kernels, interpret mode on CPU) and the masked evaluation give
-    the same next-token log-probabilities at every position."""
+    the same next-token log-probabilities at every position; at tp 2 the decode runs split over
+    two devices, each selecting among its own groups and neurons, and the evaluation applies
+    the same per-shard rule on one device."""
     config, model, routers = random_model
     plan = SparsityPlan.build(config, {"mlp_topk": {"1": [config.mlp_dim // 4] * config.num_layers}},
-                              attn_topk=0.5, dense_layers=(0,), mlp_batch_size=1)
-    assert any(k is not None for k in plan.attn_groups)
-    assert config.gated_mlp or all(k == config.mlp_dim // 4 for k in plan.mlp_neurons)
+                              attn_topk=0.5, dense_layers=(0,), mlp_batch_size=1, shards=tp)
+    # (Mistral's 2 groups at tp 2: one per device, nothing to select: the sharded kernels run dense.)
+    assert any(k is not None for k in plan.attn_groups) == (config.num_kv_heads // tp > 1)
+    assert config.gated_mlp or all(k == config.mlp_dim // 4 // tp for k in plan.mlp_neurons)
     tokens = np.random.default_rng().integers(0, config.vocab_size, size=48)
-    decoded = _teacher_forced(model, config, tokens, routers, plan)
+    decoded = _teacher_forced(model, config, tokens, routers, plan,
+                              make_mesh(tp) if tp > 1 else None)
     mask = jnp.ones((1, len(tokens)), jnp.int32)
     ops = MaskedOps(mask, "sparse", plan, config.num_kv_heads, routers)
     out = model.forward(jnp.asarray(tokens)[None], jnp.arange(len(tokens))[None], ops)
     evaluated = np.asarray(jax.nn.log_softmax(model.logits(out.hidden_states[0])))
     np.testing.assert_allclose(decoded, evaluated, atol=1e-4, rtol=0)
     dense = np.asarray(jax.nn.log_softmax(model(jnp.asarray(tokens)[None], mask)[0]))
-    assert np.abs(dense - evaluated).max() > 1e-2  # the sparsity did change something
+    if any(k is not None for k in plan.attn_groups + plan.mlp_neurons):
+        assert np.abs(dense - evaluated).max() > 1e-2  # the sparsity did change something
 
 
 def _eval(name: str, routers_dir, mode: str, topk: float = 0.5) -> dict:
