@@ -107,7 +107,7 @@ def count_tensors(kind: str, files: list[Path]) -> int | None:
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     from safetensors import safe_open
 
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
     try:
         with jax.default_device(cpu), safe_open(path, framework="flax") as st:
             for name in st.keys():

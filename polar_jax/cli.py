@@ -70,8 +70,8 @@ def _add_device_args(parser: argparse.ArgumentParser, data_only: bool = False) -
 
 def _mesh(args):
     """The `data` x `model` mesh of --dp x --tp devices over every process (after joining the
-    others, if several), or None for one device in one process. Processes other than 0 print
-    nothing on stdout."""
+    others, if several), or None for one device in one process. With several processes only
+    process 0 prints on stdout; native output (the collectives' logs) goes to stderr."""
     import os
 
     import jax
@@ -79,10 +79,14 @@ def _mesh(args):
     from polar_jax import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    if distributed.several_processes() and jax.process_index() != 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+    several = distributed.several_processes()
+    if several:
+        sys.stdout.flush()
+        keep = jax.process_index() == 0
+        sys.stdout = os.fdopen(os.dup(1), "w") if keep else open(os.devnull, "w")  # noqa: SIM115
+        os.dup2(2, 1)
     tp = getattr(args, "tp", 1)
-    if tp * args.dp == 1 and not distributed.several_processes():
+    if tp * args.dp == 1 and not several:
         return None
     from models.sharding import make_mesh
 
@@ -129,9 +133,9 @@ def _cmd_eval_perplexity(args) -> int:
         _refuse(args, ("mlp_batch_size",), "with --routers (it picks their calibrated MLP k)")
     sparsity = _sparsity(args, mlp_batch_size=args.mlp_batch_size)
     text = read_text(args.text)
+    mesh = _mesh(args)  # joins the other processes before anything starts JAX's backend
     dtype = settings.compute_dtype(args.dtype)
     start = time.perf_counter()
-    mesh = _mesh(args)
     model_dir = ModelDir.open(args.model)
     config, model, tokenizer = model_dir.config, model_dir.load(dtype, mesh), model_dir.tokenizer
     routers = metadata = None
@@ -234,8 +238,8 @@ def _cmd_train_routers(args) -> int:
     train_settings = TrainSettings(attn_topk=args.attn_topk, mlp_rank=args.mlp_rank,
                                    epochs=args.epochs, batch_size=args.batch_size,
                                    learning_rate=args.lr, seed=args.seed)
+    mesh = _mesh(args)  # joins the other processes before anything starts JAX's backend
     dtype = settings.compute_dtype(args.dtype)
-    mesh = _mesh(args)
     model_dir = ModelDir.open(args.model)
     config, model, tokenizer = model_dir.config, model_dir.load(dtype, mesh), model_dir.tokenizer
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]

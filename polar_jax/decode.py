@@ -229,7 +229,7 @@ class Decoder:
         check_fits(f"batch size {shape.batch} with prompts up to {shape.prompt_len} tokens and a "
                    f"cache of {shape.cache_len} positions",
                    {"KV cache": kv_bytes, "prefill": prefill_bytes},
-                   jax.tree.leaves(self.state)[0].devices().pop(),
+                   jax.local_devices()[0],
                    "--batch-size or --max-new-tokens")
 
     def _shape(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> DecodeShape:

@@ -75,7 +75,7 @@ class ModelDir:
         dtype = jnp.dtype(dtype or self.stored_dtype)
         abstract = nnx.to_pure_dict(nnx.split(build_model(self.config, dtype))[1])
         if mesh is None:
-            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: one, abstract)
         else:
             check_split(self.config, mesh)
@@ -87,7 +87,7 @@ class ModelDir:
         devices = 1 if mesh is None else mesh.size
         check_fits(f"the weights of {self.path} in {dtype.name}"
                    + (f" split over {devices} devices" if mesh is not None else ""),
-                   {"weights per device": per_device}, jax.devices()[0],
+                   {"weights per device": per_device}, jax.local_devices()[0],
                    "--dtype, or spread the model over more devices (--tp)")
         if self.converted:
             params = restore_arrays(self.path, PARAMS_DIR, target)
