@@ -78,7 +78,7 @@ def _check_memory(config, model, batch_size: int, seq_len: int) -> None:
     logits = 2 * tokens * config.vocab_size * 4
     check_fits(f"--seq-len {seq_len} at a batch of {batch_size} windows",
                {"attention scores": scores, "MLP activations": mlp, "logits": logits},
-               jax.tree.leaves(nnx.state(model))[0].devices().pop(), "--batch-size or --seq-len")
+               jax.local_devices()[0], "--batch-size or --seq-len")
 
 
 def perplexity(model, config, tokenizer, text: str, seq_len: int = EvalSettings.seq_len,
