@@ -12,8 +12,11 @@ import pytest
 import torch
 import transformers
 
+from flax import nnx
+
 import polar_jax.memory as memory
 from conftest import fixture_path
+from models.sharding import make_mesh
 from polar_jax.cli import main
 from polar_jax.decode import Decoder, bucket_shape
 from polar_jax.errors import PolarJaxError
@@ -68,12 +71,16 @@ def random_model(request, tmp_path_factory):
 
 
 def test_greedy_equals_hf_on_ragged_batch(random_model):
+    """One device, and the same model split over a dp 2 x tp 2 mesh of CPU devices."""
     hf, decoder = random_model
     rng = np.random.default_rng()
     prompts = [rng.integers(3, hf.config.vocab_size, size=n).tolist() for n in PROMPT_LENGTHS]
+    expected = [_hf_greedy(hf, prompt, NEW_TOKENS) for prompt in prompts]
     out = decoder.generate(prompts, NEW_TOKENS)
-    for prompt, completion in zip(prompts, out.completions):
-        assert completion.tokens == _hf_greedy(hf, prompt, NEW_TOKENS)
+    assert [c.tokens for c in out.completions] == expected
+    sharded = Decoder(decoder.config, nnx.merge(decoder.graphdef, decoder.state),
+                      eos_ids=decoder.eos_ids.tolist(), mesh=make_mesh(tp=2, dp=2))
+    assert [c.tokens for c in sharded.generate(prompts, NEW_TOKENS).completions] == expected
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
