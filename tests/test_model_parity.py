@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from convert import convert_checkpoint
-from models.sharding import make_mesh
+from models.kv_cache import KVCache
+from models.sharding import kv_cache_shardings, make_mesh
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import ModelDir, load_model
 
@@ -169,6 +170,10 @@ def test_legacy_rope_scaling_spelling(variant, tmp_path):
 
 
 MESHES = {"tp2": (2, 1), "tp4": (4, 1), "dp2xtp2": (2, 2)}  # name: (tp, dp)
+# Which axis of each parameter (by name) splits over `model`; the rest, and learned positions,
+# replicated.
+EXPECTED_SPLIT = {"w_qkv": (1,), "b_qkv": (0,), "w_o": (0,), "w_in": (0,), "b_in": (0,),
+                  "w_gate_up": (0,), "b_gate_up": (0,), "w_out": (0,), "embedding": (0,)}
 
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
@@ -191,24 +196,19 @@ def test_sharded_model_equals_one_device(variant, mesh_name):
         return
     sharded = model_dir.load(jnp.float32, mesh)
     state = nnx.to_pure_dict(nnx.state(sharded))
-    layer = state["layers"][0]
-    expect = {("layers", 0, "attn", "w_qkv"): P(None, "model", None, None),
-              ("layers", 0, "attn", "w_o"): P("model", None, None),
-              ("layers", 0, "mlp", "w_out"): P("model", None),
-              ("layers", 0, "mlp", "w_gate_up" if "w_gate_up" in layer["mlp"] else "w_in"):
-                  P("model", None, None) if "w_gate_up" in layer["mlp"] else P("model", None),
-              ("embed", "embedding"): P("model", None),
-              ("layers", 0, "attn_norm", "weight"): P()}
-    for path, spec in expect.items():
-        leaf = functools.reduce(lambda node, key: node[key], path, state)
-        assert leaf.sharding.spec == spec or leaf.sharding.is_equivalent_to(
-            NamedSharding(mesh, spec), leaf.ndim), (path, leaf.sharding.spec)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        assert leaf.sharding.mesh == mesh, path
+        keys = [getattr(k, "key", k) for k in path]
+        split = EXPECTED_SPLIT.get(keys[-1], ())
+        if keys[0] == "pos_embed" or (keys[-1] == "embedding" and config.vocab_size % tp):
+            split = ()
+        spec = P(*("model" if axis in split else None for axis in range(leaf.ndim)))
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), (keys, spec)
         # No device holds more than its shard: the pieces on the devices add up to the array.
         pieces = sum(int(np.prod(shard.data.shape)) for shard in leaf.addressable_shards)
-        replicas = mesh.size // int(np.prod([mesh.shape[a] for a in leaf.sharding.spec if a]))
-        assert pieces == leaf.size * replicas, path
+        assert pieces == leaf.size * (mesh.size // (tp if split else 1)), keys
+    cache = kv_cache_shardings(KVCache.abstract(config, 4, 16, jnp.float32), mesh)
+    for sharding in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        assert sharding.is_equivalent_to(NamedSharding(mesh, P("data", "model", None, None)), 4)
     rng = np.random.default_rng()
     tokens = jnp.asarray(rng.integers(0, hf.config.vocab_size, size=(4, 40)))
     mask = np.ones(tokens.shape, np.int32)
