@@ -33,7 +33,8 @@ BAD = [
     ("decode", ["--attn-topk", ","]), ("decode", ["--mlp-density", "0"]),
     ("decode", ["--mlp-density", ABOVE_ONE]), ("decode", ["--mlp-density", "inf"]),
     ("decode", ["--layers", "0"]), ("decode", ["--layers", "3"]),  # tiny has 2 layers
-    ("decode", ["--dtype", "int8"]),
+    ("decode", ["--dtype", "int8"]), ("decode", ["--tp", "0"]), ("decode", ["--dp", "x"]),
+    ("decode", ["--dp", "2", "--batch-sizes", "4,3"]),  # batches split evenly over --dp
     ("generate", ["--batch-size", "0"]), ("generate", ["--new-tokens", "2"]),
     ("generate", ["--new-tokens", NEGATIVE]), ("generate", ["--prompt-len", "0"]),
     ("generate", ["--repeats", "0"]), ("generate", ["--attn-topk", "0"]),

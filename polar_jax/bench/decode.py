@@ -13,6 +13,12 @@ divided by the copy bandwidth measured in the same run: all weights and the whol
 for dense; the attention and router weights, the selected MLP rows and the selected KV groups
 for sparse. With torch importable, Hugging Face transformers decodes the same shapes in
 PyTorch (static KV cache, SDPA; `--torch-compile` to compile it) as the peer column.
+
+With `--tp N --dp M` the step runs over a mesh of M x N devices (`models.sharding`): weights,
+routers and KV cache are made in their shards, the batch splits over `data`, and the sparse
+plan selects per shard (`SparsityPlan.build(..., shards=N)`). Rooflines and the memory check
+are per device: its shard of each split array, the replicated ones whole. The peer (one
+device) runs only without a mesh.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import datetime
 import functools
 import importlib.util
 import json
+import math
 import time
 from pathlib import Path
 
@@ -32,6 +39,17 @@ import numpy as np
 from flax import nnx
 
 from models.kv_cache import KVCache
+from models.sharding import (
+    batch_sharding,
+    check_split,
+    dp_size,
+    global_array,
+    kv_cache_shardings,
+    make_mesh,
+    param_shardings,
+    router_shardings,
+    tp_size,
+)
 
 from polar_jax import bench
 from polar_jax.bench import torch_peer
@@ -98,16 +116,51 @@ def model_hf_config(model_dir: ModelDir, max_len: int) -> dict:
     return model_dir.hf_config
 
 
-def random_state(config, dtype, seed: int = 0):
-    """(graphdef, state) of the model with random-normal parameters made on the device."""
+def with_shardings(abstract, shardings):
+    """The shapes of `abstract` (a pytree of arrays or `ShapeDtypeStruct`s) placed by the
+    matching pytree `shardings`, as `ShapeDtypeStruct`s."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def random_arrays(abstract, seed: int, scale: float = 1.0):
+    """Random-normal arrays (times `scale`) of the shapes of `abstract`, in one jitted call,
+    each made directly in its shards where its `ShapeDtypeStruct` carries a sharding (else on
+    the default device). XLA's RngBitGenerator (`rbg` keys), not threefry: it compiles several
+    times faster (a step's time does not depend on the values)."""
+    leaves, treedef = jax.tree.flatten(abstract)
+
+    def make(key):
+        keys = jax.random.split(key, len(leaves))
+        return [jax.random.normal(k, x.shape, x.dtype) * scale for k, x in zip(keys, leaves)]
+
+    shardings = [getattr(x, "sharding", None) for x in leaves]
+    return treedef.unflatten(
+        jax.jit(make, out_shardings=shardings)(jax.random.key(seed, impl="rbg")))
+
+
+def random_state(config, dtype, seed: int = 0, mesh=None):
+    """(graphdef, state) of the model with random-normal parameters made on the device, or
+    with a `mesh` in their shards (`param_shardings`: no device ever holds a whole split
+    parameter)."""
     from models import build_model
 
     graphdef, abstract = nnx.split(build_model(config, dtype))
-    leaves, treedef = jax.tree.flatten(abstract)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    make = jax.jit(lambda key, shape: jax.random.normal(key, shape, dtype) * 0.02,
-                   static_argnums=1)
-    return graphdef, jax.tree.unflatten(treedef, [make(k, x.shape) for k, x in zip(keys, leaves)])
+    if mesh is not None:
+        abstract = with_shardings(abstract, param_shardings(abstract, mesh))
+    return graphdef, random_arrays(abstract, seed, 0.02)
+
+
+def place_routers(router_state, mesh):
+    """`Routers.unstack()`'s arrays placed by `router_shardings` (as they are without a mesh)."""
+    return router_state if mesh is None else jax.device_put(
+        router_state, router_shardings(router_state, mesh))
+
+
+def kv_cache_abstract(config, batch: int, length: int, dtype, mesh=None) -> KVCache:
+    """`KVCache.abstract`, with a `mesh` each array carrying its `kv_cache_shardings`."""
+    cache = KVCache.abstract(config, batch, length, dtype)
+    return cache if mesh is None else with_shardings(cache, kv_cache_shardings(cache, mesh))
 
 
 @dataclasses.dataclass
@@ -115,7 +168,7 @@ class Subject:
     """What a run times: the model (`graphdef`, `state`), its routers (`Routers.unstack()`),
     the routers' calibrated MLP k per batch size (None for random routers), the number of
     layers of the whole model (times are scaled to it from `config.num_layers`) and the Hugging
-    Face config the PyTorch peer builds."""
+    Face config the PyTorch peer builds. With a mesh, state and routers are in their shards."""
 
     name: str
     config: object
@@ -127,37 +180,45 @@ class Subject:
     hf_config: dict
 
 
-def arch_subject(arch: str, max_len: int, layers: int | None, dtype) -> Subject:
-    """A built-in architecture with random weights and random routers."""
+def arch_subject(arch: str, hf: dict, dtype, mesh=None) -> Subject:
+    """A built-in architecture (its Hugging Face config `hf`, from `arch_hf_config`) with
+    random weights and random routers."""
     from models import config_from_hf
     from routers.model import Routers
 
-    hf = arch_hf_config(arch, max_len, layers)
     config = config_from_hf(hf)
-    graphdef, state = random_state(config, dtype)
-    router_state = Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1).unstack(dtype)
+    graphdef, state = random_state(config, dtype, mesh=mesh)
+    router_state = place_routers(
+        Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1).unstack(dtype), mesh)
     return Subject(arch, config, graphdef, state, router_state, None,
                    ARCHS[arch]["num_hidden_layers"], hf)
 
 
-def model_subject(model_dir: ModelDir, routers: str | None, dtype) -> Subject:
+def model_subject(model_dir: ModelDir, routers: str | None, dtype, mesh=None) -> Subject:
     """A real checkpoint (converted or Hugging Face directory) and, if given, its
     trained routers (else random ones)."""
     from routers.model import Routers, load_routers
 
     config = model_dir.config
-    graphdef, state = nnx.split(model_dir.load(dtype))
+    graphdef, state = nnx.split(model_dir.load(dtype, mesh))
     if routers is None:
         trained, mlp_topk = Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1), None
     else:
         trained, metadata = load_routers(routers, config)
         mlp_topk = metadata.get("mlp_topk")
-    return Subject(model_dir.path.name, config, graphdef, state, trained.unstack(dtype), mlp_topk,
-                   config.num_layers, model_dir.hf_config)
+    return Subject(model_dir.path.name, config, graphdef, state,
+                   place_routers(trained.unstack(dtype), mesh), mlp_topk, config.num_layers,
+                   model_dir.hf_config)
 
 
 def _bytes(tree) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    """Bytes one device holds of `tree`'s arrays (or `ShapeDtypeStruct`s): each leaf's shard
+    where it carries a sharding, else the whole leaf."""
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        shape = x.shape if sharding is None else sharding.shard_shape(x.shape)
+        return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return sum(one(x) for x in jax.tree.leaves(tree))
 
 
 @dataclasses.dataclass
@@ -167,8 +228,11 @@ class StepBytes:
     fixed: int  # of both: the weights outside the layers (embeddings, final norm, head)
 
 
-def step_bytes(config, state, router_state, plan, batch: int, context: int, dtype) -> StepBytes:
-    """Bytes one decode step must read, dense and sparse."""
+def step_bytes(config, state, router_state, plan, batch: int, context: int, dtype,
+               mesh=None) -> StepBytes:
+    """Bytes one device must read in a decode step, dense and sparse: its shards of the
+    parameters and routers (as placed; replicated ones whole) and, with a `mesh`, its shard of
+    the KV cache. The plan's k are per shard, of the shard's groups and neurons."""
     params = nnx.to_pure_dict(state)
     weights = _bytes(params)
     # Tables a step reads only the batch's rows of: learned positions, and the token embedding
@@ -176,17 +240,18 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, dtyp
     for table in ("pos_embed",) + (("embed",) if params.get("lm_head") else ()):
         if table in params:
             weights -= _bytes(params[table])
-    kv_layer = KVCache.abstract(config, batch, context, dtype).bytes() / config.num_layers
+    kv_layer = _bytes(kv_cache_abstract(config, batch, context, dtype, mesh)) / config.num_layers
     dense = weights + config.num_layers * kv_layer
     sparse = weights + (0 if router_state is None else _bytes(router_state))
+    shards = plan.shards if plan else 1
     for layer in range(config.num_layers):
         groups = plan.attn_groups[layer] if plan else None
-        sparse += kv_layer * (1 if groups is None else groups / config.num_kv_heads)
+        sparse += kv_layer * (1 if groups is None else groups * shards / config.num_kv_heads)
         neurons = plan.mlp_neurons[layer] if plan else None
         if neurons is not None:
             mlp = params["layers"][layer]["mlp"]
             rows = _bytes([mlp.get("w_in", mlp.get("w_gate_up")), mlp["w_out"]])
-            sparse -= rows * (1 - neurons / config.mlp_dim)
+            sparse -= rows * (1 - neurons * shards / config.mlp_dim)
     return StepBytes(int(dense), int(sparse), int(weights - _bytes(params["layers"])))
 
 
@@ -197,10 +262,11 @@ def whole_model(ms: float, fixed_ms: float, scale: float) -> float:
     return fixed_ms + (ms - fixed_ms) * scale
 
 
-def make_decode_loop(graphdef, plan):
+def make_decode_loop(graphdef, plan, mesh=None):
     """Jitted `(state, router_state, kv_cache, tokens, lengths, n) -> (tokens, kv_cache)`: n
     greedy `decode_step`s (dense when `plan` is None) in one `fori_loop`, the cache donated;
-    `router_state` is `Routers.unstack()`."""
+    `router_state` is `Routers.unstack()`. With a `mesh`, over its devices, the cache kept in
+    its shards."""
     from polar_jax.step import DecodeState, decode_step
 
     greedy = functools.partial(jnp.argmax, axis=-1)
@@ -208,27 +274,35 @@ def make_decode_loop(graphdef, plan):
     @functools.partial(jax.jit, donate_argnums=(2,))
     def run(state, router_state, kv_cache, tokens, lengths, n):
         model = nnx.merge(graphdef, state)
-        step = lambda _, decode: decode_step(model, decode, greedy, router_state, plan).state
+        step = lambda _, decode: decode_step(model, decode, greedy, router_state, plan, mesh).state
         decode = DecodeState(tokens, lengths, jnp.ones(tokens.shape, bool), kv_cache)
         decode = jax.lax.fori_loop(0, n, step, decode)
-        return decode.tokens, decode.kv_cache
+        kv_cache = decode.kv_cache
+        if mesh is not None:
+            kv_cache = jax.lax.with_sharding_constraint(kv_cache,
+                                                        kv_cache_shardings(kv_cache, mesh))
+        return decode.tokens, kv_cache
 
     return run
 
 
-def _step_inputs(rng, batch: int, context: int):
-    return (jnp.asarray(rng.integers(0, 1000, batch), jnp.int32),
-            jnp.full((batch,), context, jnp.int32))
+def _step_inputs(rng, batch: int, context: int, mesh=None):
+    """Random tokens and lengths `context`, `[batch]` each, split over `data` with a `mesh`."""
+    tokens = rng.integers(0, 1000, batch).astype(np.int32)
+    lengths = np.full((batch,), context, np.int32)
+    if mesh is None:
+        return jnp.asarray(tokens), jnp.asarray(lengths)
+    return global_array(tokens, batch_sharding(mesh)), global_array(lengths, batch_sharding(mesh))
 
 
 def time_steps(run, state, router_state, kv_cache, batch: int, context: int, steps: int,
-               repeats: int):
+               repeats: int, mesh=None):
     """(ms per step, kv_cache): `timing.per_step_ms` of the decode loop `run`."""
     rng = np.random.default_rng(0)
 
     def once(n):
         nonlocal kv_cache
-        tokens, lengths = _step_inputs(rng, batch, context)
+        tokens, lengths = _step_inputs(rng, batch, context, mesh)
         start = time.perf_counter()
         out, kv_cache = run(state, router_state, kv_cache, tokens, lengths, np.int32(n))
         out.block_until_ready()
@@ -238,12 +312,13 @@ def time_steps(run, state, router_state, kv_cache, batch: int, context: int, ste
 
 
 def profile_steps(run, state, router_state, kv_cache, batch: int, context: int, steps: int,
-                  num_layers: int):
-    """(breakdown, kv_cache): one profiled run of `steps` steps (already compiled), its device
-    time per layer split by the model's named scopes (`trace.scope_breakdown`)."""
+                  num_layers: int, mesh=None):
+    """(breakdown, kv_cache): one profiled run of `steps` steps (already compiled), the first
+    device's time per layer split by the model's named scopes and its collectives
+    (`trace.scope_breakdown`)."""
     from polar_jax.bench.trace import scope_breakdown, tracing
 
-    tokens, lengths = _step_inputs(np.random.default_rng(1), batch, context)
+    tokens, lengths = _step_inputs(np.random.default_rng(1), batch, context, mesh)
     n = np.int32(steps)
     hlo = run.lower(state, router_state, kv_cache, tokens, lengths, n).compile().as_text()
     with tracing() as events:
@@ -254,34 +329,38 @@ def profile_steps(run, state, router_state, kv_cache, batch: int, context: int, 
 
 def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                 mlp_density: float | None, steps: int, repeats: int, dtype, bandwidth: float,
-                log, breakdown: bool = False) -> list[dict]:
+                log, breakdown: bool = False, mesh=None) -> list[dict]:
+    """The rows of every batch size, context and fraction of groups; with a `mesh` (on which
+    `subject` was made), over its devices, times and rooflines per device."""
     from polar_jax.sparsity import SparsityPlan
 
     config, graphdef, state = subject.config, subject.graphdef, subject.state
     router_state, name = subject.router_state, subject.name
     scale = subject.num_layers / config.num_layers
+    tp, dp = tp_size(mesh), dp_size(mesh)
     rows = []
-    dense_run = make_decode_loop(graphdef, None)
+    dense_run = make_decode_loop(graphdef, None, mesh)
     sparse_runs = {}  # (fraction, batch) -> (plan, jitted loop)
     # One cache per batch size, long enough for the longest context: the attention kernels
     # stop at each row's length, so a context is a traced value and never recompiles.
     cache_len = cache_length(max(context_lens) + 2 * steps + 1)
     for batch in batch_sizes:
-        cache = KVCache.abstract(config, batch, cache_len, dtype)
+        cache = kv_cache_abstract(config, batch, cache_len, dtype, mesh)
         try:
-            check_fits(f"batch size {batch}", {"KV cache": cache.bytes()}, jax.devices()[0],
-                       "--batch-sizes")
+            check_fits(f"batch size {batch}", {"KV cache per device": _bytes(cache)},
+                       jax.devices()[0], "--batch-sizes")
         except PolarJaxError as err:
             for context in context_lens:
-                rows.append(dict(arch=name, batch=batch, context=context, skipped=str(err)))
+                rows.append(dict(arch=name, batch=batch, context=context, tp=tp, dp=dp,
+                                 skipped=str(err)))
                 log(_format(rows[-1]))
             continue
-        keys = iter(jax.random.split(jax.random.key(batch), 2 * config.num_layers))
-        kv_cache = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape, s.dtype), cache)
+        kv_cache = random_arrays(cache, batch)
         for context in context_lens:
-            base = dict(arch=name, batch=batch, context=context, layers_timed=config.num_layers,
-                        layers=subject.num_layers)
-            dense_ms, kv_cache = time_steps(dense_run, state, None, kv_cache, batch, context, steps, repeats)
+            base = dict(arch=name, batch=batch, context=context, tp=tp, dp=dp,
+                        layers_timed=config.num_layers, layers=subject.num_layers)
+            dense_ms, kv_cache = time_steps(dense_run, state, None, kv_cache, batch, context,
+                                            steps, repeats, mesh)
             for fraction in fractions:
                 if (fraction, batch) not in sparse_runs:
                     # MLP k: --mlp-density for every layer, else the routers' calibrated k for
@@ -291,20 +370,21 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                         k = round(mlp_density * config.mlp_dim / 128) * 128
                         mlp_topk = {str(batch): [min(config.mlp_dim, max(128, k))] * config.num_layers}
                     plan = SparsityPlan.build(config, {"mlp_topk": mlp_topk} if mlp_topk else None,
-                                              fraction, (0,), batch)
-                    sparse_runs[fraction, batch] = plan, make_decode_loop(graphdef, plan)
+                                              fraction, (0,), batch, shards=tp)
+                    sparse_runs[fraction, batch] = plan, make_decode_loop(graphdef, plan, mesh)
                 plan, run = sparse_runs[fraction, batch]
-                kept = [k for k in plan.mlp_neurons if k is not None]
+                neurons = [None if k is None else k * tp for k in plan.mlp_neurons]  # all shards'
+                kept = [k for k in neurons if k is not None]
                 sparse_ms, kv_cache = time_steps(run, state, router_state, kv_cache, batch, context,
-                                                 steps, repeats)
-                nbytes = step_bytes(config, state, router_state, plan, batch, context, dtype)
+                                                 steps, repeats, mesh)
+                nbytes = step_bytes(config, state, router_state, plan, batch, context, dtype, mesh)
                 fixed_ms = nbytes.fixed / bandwidth * 1e3
                 dense_w, sparse_w = (whole_model(t, fixed_ms, scale) for t in (dense_ms, sparse_ms))
                 dense_roof, sparse_roof = (whole_model(b / bandwidth * 1e3, fixed_ms, scale)
                                            for b in (nbytes.dense, nbytes.sparse))
                 row = dict(base, attn_topk=fraction,
                            mlp_neurons=round(sum(kept) / len(kept)) if kept else None,
-                           mlp_neurons_per_layer=list(plan.mlp_neurons),
+                           mlp_neurons_per_layer=neurons,
                            dense_ms=round(dense_w, 4), sparse_ms=round(sparse_w, 4),
                            dense_tokens_per_s=round(batch / dense_w * 1e3, 1),
                            sparse_tokens_per_s=round(batch / sparse_w * 1e3, 1),
@@ -319,7 +399,7 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                     row["breakdown_us_per_layer"] = {}
                     for mode, loop, routers in (("dense", dense_run, None), ("sparse", run, router_state)):
                         parts, kv_cache = profile_steps(loop, state, routers, kv_cache, batch,
-                                                        context, steps, config.num_layers)
+                                                        context, steps, config.num_layers, mesh)
                         row["breakdown_us_per_layer"][mode] = parts
                         log(f"  {mode} us per layer: span {parts['span']}: " + ", ".join(
                             f"{k} {v}" for k, v in parts["parts"].items()))
@@ -386,7 +466,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--routers", help="with --model: its trained routers (MLP k from their "
                                           "calibration per batch size); default random routers")
     parser.add_argument("--batch-sizes", type=cli_list(bench.COUNT), default=None,
-                        help="comma-separated (default 1,16,64,128,256; tiny: 1,4)")
+                        help="comma-separated, multiples of --dp (default 1,16,64,128,256; "
+                             "tiny: 1,4; each times --dp)")
     parser.add_argument("--context-lens", type=cli_list(bench.COUNT), default=None,
                         help="comma-separated tokens already in the KV cache (default "
                              "1024,2048,4096; tiny: 64,256)")
@@ -413,6 +494,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "the same shapes when torch imports")
     parser.add_argument("--torch-compile", action="store_true",
                         help="torch.compile the peer's forward (reduce-overhead)")
+    parser.add_argument("--tp", type=bench.COUNT, default=1,
+                        help="tensor parallel: split the model over N devices (KV groups with "
+                             "their query heads, MLP neurons, vocabulary)")
+    parser.add_argument("--dp", type=bench.COUNT, default=1,
+                        help="data parallel: split each batch over N (groups of) devices")
     parser.add_argument("--json", type=bench.OUTPUT_FILE, help="write the rows here")
     parser.add_argument("--plot", type=bench.OUTPUT_FILE, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -424,21 +510,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"argument --layers: must be an integer in [1, {most}] (the layers of "
                      f"--arch {args.arch}), got {args.layers}")
     tiny = args.arch == "tiny"
-    args.batch_sizes = args.batch_sizes or ([1, 4] if tiny else [1, 16, 64, 128, 256])
+    args.batch_sizes = args.batch_sizes or [args.dp * b for b in
+                                            ([1, 4] if tiny else [1, 16, 64, 128, 256])]
     args.context_lens = args.context_lens or ([64, 256] if tiny else [1024, 2048, 4096])
+    if uneven := [b for b in args.batch_sizes if b % args.dp]:
+        parser.error(f"argument --batch-sizes: each must be a multiple of --dp {args.dp}, got "
+                     f"{', '.join(map(str, uneven))}")
     return args
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
     """{"meta": ..., "rows": [...]}, as `--json` writes it: the rows of `run_subject`, each with
     the PyTorch peer's time of its shape where the peer ran."""
+    from models import config_from_hf
+
     dtype = parse_dtype(args.dtype)
     max_len = max(args.context_lens) + 2 * args.steps + 1
     model_dir = None if args.model is None else ModelDir.open(args.model)
     hf = (arch_hf_config(args.arch, max_len, args.layers) if model_dir is None
           else model_hf_config(model_dir, max_len))
+    mesh = None
+    if args.tp * args.dp > 1:  # refused in one line before anything runs
+        mesh = make_mesh(args.tp, args.dp)
+        check_split(config_from_hf(hf) if model_dir is None else model_dir.config, mesh)
     peer = {}
-    if args.peer == "auto" and importlib.util.find_spec("torch") is not None:
+    if args.peer == "auto" and mesh is not None:
+        peer = {"mode": "skipped: it runs on one device, this run on a mesh"}
+        log(f"PyTorch peer: {peer['mode']}")
+    elif args.peer == "auto" and importlib.util.find_spec("torch") is not None:
         # Before JAX initialises the GPU, so that the two never share its memory.
         start = time.perf_counter()
         peer = torch_peer.run("decode", torch_peer.DECODE_TIMEOUT_S, hf=hf,
@@ -448,14 +547,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
         log(f"PyTorch peer ({peer.get('mode', 'failed')}, {time.perf_counter() - start:.0f} s)"
             + (f": {peer['error'][-300:]}" if "error" in peer else ""))
     bandwidth = copy_bandwidth()
-    log(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
-        f"{datetime.date.today()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    log(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {datetime.date.today()}, "
+        f"--tp {args.tp} --dp {args.dp}: copy bandwidth {bandwidth / 1e12:.2f} TB/s per device "
+        f"(read + write)")
     log(HEADER)
-    subject = (arch_subject(args.arch, max_len, args.layers, dtype) if model_dir is None
-               else model_subject(model_dir, args.routers, dtype))
+    subject = (arch_subject(args.arch, hf, dtype, mesh) if model_dir is None
+               else model_subject(model_dir, args.routers, dtype, mesh))
     rows = run_subject(subject, args.batch_sizes, args.context_lens, args.attn_topk,
                        args.mlp_density, args.steps, args.repeats, dtype, bandwidth, log,
-                       args.breakdown)
+                       args.breakdown, mesh)
     peer_rows = {(r["batch"], r["context"]): r for r in peer.get("rows", [])}
     for row in rows:
         match = peer_rows.get((row["batch"], row["context"]), {})
@@ -474,6 +574,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=str(datetime.date.today()), copy_tbps=round(bandwidth / 1e12, 3),
                 dtype=args.dtype, steps=args.steps, repeats=args.repeats, mlp_density=args.mlp_density,
+                tp=args.tp, dp=args.dp,
                 peer={k: v for k, v in peer.items() if k != "rows"})
     return {"meta": meta, "rows": rows}
 

@@ -1,11 +1,13 @@
 """Reading profiler traces: the kernels a jitted program ran on the device, and where in the
 model each came from.
 
-`kernel_events` lists the device's kernels, memsets and copies from a `jax.profiler` trace
+`kernel_events` lists one device's kernels, memsets and copies from a `jax.profiler` trace
 (CUPTI on a GPU; the CPU client's thunks on a CPU). `scope_breakdown` sums their time by the
 innermost `jax.named_scope` of the HLO instruction that launched them, read from the compiled
 program's metadata: the model's blocks name their parts (`norm`, `qkv_proj`, `attention`, ...),
-so a decode step's time splits into those parts without changing what runs.
+so a decode step's time splits into those parts without changing what runs. Collectives of a
+program split over a mesh (XLA's all-reduces, NCCL's kernels) are parts of their own, whatever
+scope their instruction inherited.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from models import scopes
 OTHER = "other"
 LIBRARY_GEMM = "library_gemm"
 ROUTER_TOPK = "router_topk"  # the top-k kernel of either router, where its HLO name is lost
+ALL_REDUCE = "all_reduce"
+COLLECTIVE = "collective"  # any other: all-gather, reduce-scatter, permute, all-to-all
+# Collectives, by an HLO instruction's opcode or name (`all-reduce`, `all-reduce-start`; a
+# `psum` is an `all-reduce`), or where no instruction is known by a kernel's name (NCCL's
+# `ncclDevKernel_AllReduce_Sum_bf16_RING_LL`).
+COLLECTIVES = ((re.compile(r"all[-_]?reduce", re.IGNORECASE), ALL_REDUCE),
+               (re.compile(r"^nccl|all[-_]?gather|reduce[-_]?scatter|collective[-_]?permute|"
+                           r"all[-_]?to[-_]?all", re.IGNORECASE), COLLECTIVE))
 # Kernels whose names are not HLO names, by the prefix of their own names: the Pallas kernels,
 # and library GEMMs (cuBLAS, run inside XLA's CUDA graphs, carry no HLO name at all).
 KERNEL_PREFIXES = (("sparse_decode_attention", scopes.ATTENTION), ("selective_mlp", scopes.MLP),
@@ -36,7 +46,8 @@ KERNEL_PREFIXES = (("sparse_decode_attention", scopes.ATTENTION), ("selective_ml
                    ("sm90_xmma", LIBRARY_GEMM), ("cutlass", LIBRARY_GEMM))
 
 _CONTROL_FLOW = re.compile(r"^(while|conditional|call)(\.\d+)?$")
-_OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\(.*?\)|\S+) ([\w\-]+)\(")
+_OP_NAME = re.compile(r'metadata=\{[^}]*op_name="([^"]*)"')
 
 
 @contextlib.contextmanager
@@ -56,10 +67,12 @@ def tracing():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def kernel_events(trace_dir, info: dict | None = None) -> list[tuple[float, float, str, str]]:
-    """(start_ns, end_ns, kernel name, hlo_op) of the work on the device planes of a trace
-    (GPU kernels, memsets and copies; on a CPU, the XLA client's thunks). `info`, if given,
-    receives each line's event count: what the trace holds."""
+def kernel_events(trace_dir, info: dict | None = None,
+                  device: int = 0) -> list[tuple[float, float, str, str]]:
+    """(start_ns, end_ns, kernel name, hlo_op) of the work of local device `device` in a trace
+    (GPU kernels, memsets and copies; on a CPU, the XLA client's thunks); every device of a
+    mesh runs the same program, so one device's time is a step's. `info`, if given, receives
+    each line's event count: what the trace holds."""
     from jax.profiler import ProfileData
 
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
@@ -68,7 +81,7 @@ def kernel_events(trace_dir, info: dict | None = None) -> list[tuple[float, floa
     events = set()
     for plane in ProfileData.from_file(files[0]).planes:
         gpu = plane.name.startswith("/device:GPU")
-        if not gpu and plane.name != "/host:CPU":
+        if plane.name != (f"/device:GPU:{device}" if gpu else "/host:CPU"):
             continue
         for line in plane.lines:
             lname = line.name.lower()
@@ -83,8 +96,11 @@ def kernel_events(trace_dir, info: dict | None = None) -> list[tuple[float, floa
                 if e.duration_ns <= 0:
                     continue
                 stats = dict(e.stats)
-                if not gpu and ("hlo_op" not in stats or _CONTROL_FLOW.match(e.name)):
-                    continue  # thread-pool bookkeeping, or a loop / call around other thunks
+                # On a CPU: thread-pool bookkeeping, a loop or call around other thunks, or
+                # another device's thunk.
+                if not gpu and ("hlo_op" not in stats or _CONTROL_FLOW.match(e.name)
+                                or stats.get("device_ordinal", device) != device):
+                    continue
                 events.add((float(e.start_ns), float(e.start_ns + e.duration_ns), e.name,
                             str(stats.get("hlo_op", ""))))
     return sorted(events)
@@ -105,19 +121,28 @@ def busy_ns(events) -> float:
     return total
 
 
+def _collective(text: str) -> str | None:
+    return next((part for pattern, part in COLLECTIVES if pattern.search(text)), None)
+
+
 def hlo_scopes(hlo_text: str) -> dict[str, str]:
-    """Instruction name (also in its kernel-name spelling, `.` and `-` as `_`) -> the innermost
-    of `scopes.ALL` in its `op_name`, for every instruction of a compiled HLO module's text."""
+    """Instruction name (also in its kernel-name spelling, `.` and `-` as `_`) -> its part, for
+    the instructions of a compiled HLO module's text: a collective's (`COLLECTIVES`), else the
+    innermost of `scopes.ALL` in its `op_name` (instructions with neither are left out)."""
     out = {}
     for line in hlo_text.splitlines():
-        m = _OP_NAME.match(line)
-        if not m:
+        instruction = _INSTRUCTION.match(line)
+        if not instruction:
             continue
-        name, op_name = m.groups()
-        parts = op_name.split("/")
-        scope = next((p for p in reversed(parts) if p in scopes.ALL), OTHER)
-        out[name] = scope
-        out[re.sub(r"[.\-]", "_", name)] = scope
+        name, opcode = instruction.groups()
+        op_name = _OP_NAME.search(line)
+        scope = _collective(opcode) or _collective(name)
+        if scope is None and op_name:
+            parts = op_name.group(1).split("/")
+            scope = next((p for p in reversed(parts) if p in scopes.ALL), OTHER)
+        if scope is not None:
+            out[name] = scope
+            out[re.sub(r"[.\-]", "_", name)] = scope
     return out
 
 
@@ -125,12 +150,14 @@ def _scope_of(name: str, hlo_op: str, by_instruction: dict[str, str]) -> str:
     for key in (hlo_op, name, re.sub(r"[.\-]", "_", name)):
         if key and key in by_instruction:
             return by_instruction[key]
-    return next((scope for prefix, scope in KERNEL_PREFIXES if name.startswith(prefix)), OTHER)
+    return _collective(name) or next(
+        (scope for prefix, scope in KERNEL_PREFIXES if name.startswith(prefix)), OTHER)
 
 
 def scope_breakdown(events, hlo_text: str, per: float) -> dict:
-    """Device time of `events` by scope, in microseconds divided by `per` (e.g. steps x
-    layers), plus "gaps" (the span not covered by any event) and the ten costliest kernels."""
+    """Device time of `events` by scope (collectives as `ALL_REDUCE` and `COLLECTIVE`), in
+    microseconds divided by `per` (e.g. steps x layers), plus "gaps" (the span not covered by
+    any event) and the ten costliest kernels."""
     by_instruction = hlo_scopes(hlo_text)
     by_scope: dict[str, float] = collections.Counter()
     by_kernel: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
