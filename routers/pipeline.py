@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from jax.sharding import Mesh
 
 from models import ModelConfig
 from pallas_kernels.selection import groups_to_keep, mlp_topk_step
@@ -15,7 +16,7 @@ from polar_jax.errors import PolarJaxError
 from polar_jax.files import atomic_output
 from routers.collect import collect
 from routers.model import model_fingerprint, write_routers
-from routers.train import TrainSettings, calibrate_mlp_topk, evaluate, train
+from routers.train import TrainSettings, calibrate_mlp_topk, check_batch_split, evaluate, train
 
 HELDOUT_FRACTION = 0.2
 
@@ -31,13 +32,16 @@ def split_tokens(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
                   settings: TrainSettings, seq_len: int = 512, collect_batch_size: int = 8,
                   progress: bool = False, *, force: bool = False,
-                  inputs: Mapping[str, str | Path | None] | None = None) -> dict:
+                  inputs: Mapping[str, str | Path | None] | None = None,
+                  mesh: Mesh | None = None) -> dict:
     """Runs the whole pipeline on the token ids `ids`; returns the summary saved in routers.json.
 
     The routers directory is written through `polar_jax.files.atomic_output`: `out` must not
     exist (unless `force`) nor overlap `inputs` ({role: path}, e.g. the model directory and the
-    text file); the collected data lives in its scratch space, beside `out`.
+    text file); the collected data lives in its scratch space, beside `out`. With a `mesh`
+    (the model loaded onto it), collection and training are data parallel over its `data` axis.
     """
+    check_batch_split(settings, mesh)
     parts = split_tokens(ids)
     minimum = max(2 * seq_len, 10 * settings.batch_size)
     if len(parts[0]) < settings.batch_size or min(len(p) for p in parts[1:]) < 2 or len(ids) < minimum:
@@ -47,11 +51,12 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
     with atomic_output(out, force=force, inputs=inputs) as staging:
         start = time.perf_counter()
         train_data, calib_data, metric_data = (
-            collect(model, config, part, staging.scratch / name, seq_len, collect_batch_size, progress)
+            collect(model, config, part, staging.scratch / name, seq_len, collect_batch_size,
+                    progress, mesh)
             for name, part in zip(("train", "calib", "metric"), parts))
         collect_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        routers, history = train(config, train_data, calib_data, settings, progress)
+        routers, history = train(config, train_data, calib_data, settings, progress, mesh)
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         mlp_topk = None
