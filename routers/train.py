@@ -108,7 +108,7 @@ class _Trainer:
     jitted training pass and loss."""
 
     def __init__(self, routers: Routers, config: ModelConfig, settings: TrainSettings,
-                 mlp_neg_weight: np.ndarray | None, mesh: Mesh | None):
+                 mlp_neg_weight: np.ndarray | None, mesh: Mesh | None = None):
         self.config = config
         self.k = groups_to_keep(settings.attn_topk, config.num_kv_heads)
         # Host constants of the jitted loss (a closure may not hold arrays of other processes).
