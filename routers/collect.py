@@ -7,23 +7,28 @@ per token, the router input and the labels.
 - `active` (models whose MLP is not gated): neuron n's activation output > 0, packed 8 per byte.
 
 Arrays are `[num_layers, num_tokens, ...]` `.npy` memmaps filled window batch by window batch,
-so host memory stays bounded by one batch whatever the text length.
+so host memory stays bounded by one batch whatever the text length. Over a mesh, each batch's
+windows are split over `data` (the model is split over `model` already) and the records come
+back replicated, so every process stores them all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from models import ModelConfig
 from models.layers import F32, positions_from_mask
 from models.ops import NO_RECORD, DenseOps, group_outputs
+from models.sharding import batch_sharding, dp_size, global_array, replicated, to_host
 from polar_jax.windows import make_windows
 
 
@@ -71,10 +76,16 @@ class Collected:
                    np.load(active, mmap_mode="r") if active.exists() else None)
 
 
-def _record_fn(model, config: ModelConfig, record_mlp: bool):
+def _record_fn(model, config: ModelConfig, record_mlp: bool, mesh: Mesh | None):
+    """A jitted `(tokens, mask) [B, T] -> records` on the host, `[L, B, T, ...]` each. With a
+    `mesh`, the windows are split over `data` and the records gathered, replicated."""
     graphdef, state = nnx.split(model)
+    place, out_shardings = (lambda x: x), None
+    if mesh is not None:
+        rows, out_shardings = batch_sharding(mesh, 2), replicated(mesh)
+        place = lambda x: global_array(x, rows)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=out_shardings)
     def record(state, tokens, mask):
         model = nnx.merge(graphdef, state)
         ops = RecordingOps(mask, config.num_kv_heads, record_mlp)
@@ -86,15 +97,19 @@ def _record_fn(model, config: ModelConfig, record_mlp: bool):
             out["active"] = stack("active")
         return out
 
-    return lambda tokens, mask: record(state, tokens, mask)
+    return lambda tokens, mask: jax.tree.map(to_host, record(state, place(tokens), place(mask)))
 
 
 def collect(model, config: ModelConfig, ids: np.ndarray, directory: Path, seq_len: int = 512,
-            batch_size: int = 8, progress: bool = False) -> Collected:
-    """Runs the model over `ids` in windows of `seq_len` and stores every token's records."""
+            batch_size: int = 8, progress: bool = False, mesh: Mesh | None = None) -> Collected:
+    """Runs the model over `ids` in windows of `seq_len` and stores every token's records.
+    With a `mesh` (the model loaded onto it), each batch of windows (rounded up to a multiple
+    of the `data` size) is split over `data`."""
     directory.mkdir(parents=True, exist_ok=True)
     record_mlp = not config.gated_mlp
     tokens, mask = make_windows(ids, seq_len)
+    data = dp_size(mesh)
+    batch_size = -(-batch_size // data) * data
     total = int(mask.sum())
     L = config.num_layers
     files = {
@@ -106,7 +121,7 @@ def collect(model, config: ModelConfig, ids: np.ndarray, directory: Path, seq_le
     arrays = {name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype,
                                               shape=shape)
               for name, (shape, dtype) in files.items()}
-    record = _record_fn(model, config, record_mlp)
+    record = _record_fn(model, config, record_mlp, mesh)
     offset = 0
     for start in tqdm(range(0, len(tokens), batch_size), desc="collect", unit="batch",
                       disable=not progress):
@@ -115,7 +130,7 @@ def collect(model, config: ModelConfig, ids: np.ndarray, directory: Path, seq_le
         if rows < batch_size:  # one compiled shape: pad with empty windows
             pad = ((0, batch_size - rows), (0, 0))
             batch_tokens, batch_mask = np.pad(batch_tokens, pad), np.pad(batch_mask, pad)
-        out = jax.device_get(record(batch_tokens, batch_mask))
+        out = record(batch_tokens, batch_mask)
         valid = batch_mask[:rows].astype(bool)
         count = int(valid.sum())
         for name, array in arrays.items():

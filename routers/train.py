@@ -4,6 +4,10 @@ held-out recall.
 Data splits (of the token stream): the first 80% trains; of the last 20%, never trained on,
 the first half calibrates the MLP top-k and drives early stopping, the second half measures
 every reported metric.
+
+Over a mesh, training is data parallel: each step's tokens are split over `data`, the router
+parameters and optimizer state replicated (XLA all-reduces the gradients); the held-out loss
+runs replicated, calibration and metrics on one device.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from models import ModelConfig
+from models.sharding import DATA, dp_size, global_array, replicated, to_host
 from pallas_kernels.selection import (
     CALIBRATION_BATCH_SIZES,
     COVERAGE_TARGET,
@@ -59,13 +66,29 @@ class TrainSettings:
         validate.integer("seed", self.seed, low=0)
 
 
-def _load(data: Collected, idx: np.ndarray) -> dict:
-    """Device arrays of the records of tokens `idx`, read from the memmaps."""
-    out = {"u": jax.lax.bitcast_convert_type(jnp.asarray(data.u[:, idx]), jnp.bfloat16),
-           "group_norm": jnp.asarray(data.group_norm[:, idx])}
+def check_batch_split(settings: TrainSettings, mesh: Mesh | None) -> None:
+    """Refuses, in one line, a step batch that the mesh's `data` axis does not divide."""
+    data = dp_size(mesh)
+    if settings.batch_size % data:
+        raise PolarJaxError(f"--batch-size {settings.batch_size} must be a multiple of --dp {data} "
+                            "(each device trains on an equal share of every step)")
+
+
+def _read(data: Collected, idx: np.ndarray) -> dict:
+    """Host arrays of the records of tokens `idx`, read from the memmaps: u `[L, n, d]`
+    (bfloat16), group_norm `[L, n, Hkv]`, active `[L, n, N / 8]` (packed bits)."""
+    out = {"u": data.u[:, idx].view(jnp.bfloat16), "group_norm": data.group_norm[:, idx]}
     if data.active is not None:
-        out["active"] = jnp.asarray(data.active[:, idx])
+        out["active"] = data.active[:, idx]
     return out
+
+
+def _put(tree, sharding: NamedSharding | None):
+    """The arrays of `tree` (the same on every process) on the default device, or placed by
+    `sharding` on its mesh."""
+    if sharding is None:
+        return jax.device_put(tree)
+    return jax.tree.map(lambda x: global_array(x, sharding), tree)
 
 
 def _unpack(active, n: int):
@@ -81,17 +104,26 @@ def _weighted_bce(logits, labels, neg_weight):
 
 
 class _Trainer:
+    """The routers' parameters and optimizer state (replicated over `mesh`, if any) and the
+    jitted training pass and loss."""
+
     def __init__(self, routers: Routers, config: ModelConfig, settings: TrainSettings,
-                 mlp_neg_weight: np.ndarray | None):
+                 mlp_neg_weight: np.ndarray | None, mesh: Mesh | None = None):
         self.config = config
         self.k = groups_to_keep(settings.attn_topk, config.num_kv_heads)
-        self.attn_neg_weight = jnp.full((config.num_layers,), self.k / config.num_kv_heads, F32)
-        self.mlp_neg_weight = None if mlp_neg_weight is None else jnp.asarray(mlp_neg_weight, F32)
-        self.graphdef, self.params = nnx.split(routers)
+        # Host constants of the jitted loss (a closure may not hold arrays of other processes).
+        self.attn_neg_weight = np.full((config.num_layers,), self.k / config.num_kv_heads, np.float32)
+        self.mlp_neg_weight = None if mlp_neg_weight is None else np.asarray(mlp_neg_weight, np.float32)
+        self.whole_sharding = None if mesh is None else replicated(mesh)
+        # Chunks `[L, steps, batch, ...]`: every step's tokens split over `data`.
+        self.steps_sharding = None if mesh is None else NamedSharding(mesh, P(None, None, DATA))
+        self.graphdef, params = nnx.split(routers)
         self.optimizer = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay)
-        self.opt_state = self.optimizer.init(self.params)
-        self._train_chunk = jax.jit(self._train_chunk_impl, donate_argnums=(0, 1))
-        self._loss = jax.jit(self._loss_impl)
+        self.params, self.opt_state = _put((params, self.optimizer.init(params)),
+                                           self.whole_sharding)
+        self._train_chunk = jax.jit(self._train_chunk_impl, donate_argnums=(0, 1),
+                                    out_shardings=self.whole_sharding)
+        self._loss = jax.jit(self._loss_impl, out_shardings=self.whole_sharding)
 
     def _loss_impl(self, params, batch):
         routers = nnx.merge(self.graphdef, params)
@@ -103,17 +135,19 @@ class _Trainer:
             loss = loss + _weighted_bce(routers.mlp_scores(u), active, self.mlp_neg_weight)
         return jnp.sum(loss)  # layers are independent: their losses add
 
-    def _train_chunk_impl(self, params, opt_state, data, order):
-        """One pass over a chunk on the device: `order [steps, batch]` indexes its tokens."""
+    def _train_chunk_impl(self, params, opt_state, batches):
+        """One pass over a chunk: `batches` `[L, steps, batch, ...]`, step i's tokens at index i
+        of axis 1."""
 
-        def step(carry, idx):
+        def step(carry, i):
             params, opt_state = carry
-            batch = jax.tree.map(lambda a: a[:, idx], data)
+            batch = jax.tree.map(lambda a: a[:, i], batches)
             loss, grads = jax.value_and_grad(self._loss_impl)(params, batch)
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), order)
+        steps = jax.tree.leaves(batches)[0].shape[1]
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(steps))
         return params, opt_state, jnp.mean(losses)
 
     def epoch(self, data: Collected, settings: TrainSettings, rng: np.random.Generator) -> float:
@@ -129,17 +163,19 @@ class _Trainer:
             if steps == 0:
                 continue
             order = rng.permutation(len(idx))[:steps * settings.batch_size]
-            order = order.reshape(steps, settings.batch_size)
+            batches = {name: a[:, order].reshape(a.shape[0], steps, settings.batch_size, -1)
+                       for name, a in _read(data, idx).items()}
             self.params, self.opt_state, loss = self._train_chunk(
-                self.params, self.opt_state, _load(data, idx), jnp.asarray(order))
-            losses.append(float(loss))
+                self.params, self.opt_state, _put(batches, self.steps_sharding))
+            losses.append(float(to_host(loss)))
         return float(np.mean(losses))
 
     def heldout_loss(self, data: Collected, batch_size: int = 4096) -> float:
         total = 0.0
         for start in range(0, data.num_tokens, batch_size):
             idx = np.arange(start, min(start + batch_size, data.num_tokens))
-            total += float(self._loss(self.params, _load(data, idx))) * len(idx)
+            batch = _put(_read(data, idx), self.whole_sharding)
+            total += float(to_host(self._loss(self.params, batch))) * len(idx)
         return total / data.num_tokens
 
     @property
@@ -154,9 +190,12 @@ def mlp_positive_rate(data: Collected, n: int, max_tokens: int = 20000) -> np.nd
 
 
 def train(config: ModelConfig, train_data: Collected, calib_data: Collected,
-          settings: TrainSettings, progress: bool = False) -> tuple[Routers, list[dict]]:
+          settings: TrainSettings, progress: bool = False, mesh: Mesh | None = None
+          ) -> tuple[Routers, list[dict]]:
     """Trains all layers' routers together; keeps the parameters of the epoch with the lowest
-    loss on the calibration split, stopping after `patience` epochs without improvement."""
+    loss on the calibration split, stopping after `patience` epochs without improvement. With
+    a `mesh`, data parallel over its `data` axis; the routers return on the default device."""
+    check_batch_split(settings, mesh)
     if train_data.num_tokens < settings.batch_size or calib_data.num_tokens < 1:
         raise PolarJaxError(
             f"router training needs at least batch_size ({settings.batch_size}) training tokens "
@@ -165,7 +204,7 @@ def train(config: ModelConfig, train_data: Collected, calib_data: Collected,
     neg = None
     if routers.has_mlp:
         neg = mlp_positive_rate(train_data, config.mlp_dim) + MLP_NEG_WEIGHT_OFFSET
-    trainer = _Trainer(routers, config, settings, neg)
+    trainer = _Trainer(routers, config, settings, neg, mesh)
     rng = np.random.default_rng(settings.seed)
     # The first step donates the initial parameters: what is kept is a copy of a better epoch's.
     initial = best = trainer.heldout_loss(calib_data)
@@ -192,6 +231,8 @@ def train(config: ModelConfig, train_data: Collected, calib_data: Collected,
             f"no epoch improved the held-out loss of the untrained routers ({initial:.4g}; the "
             f"best epoch reached {min(h['heldout_loss'] for h in history):.4g}); try another "
             f"learning rate (now {settings.learning_rate:g})")
+    if mesh is not None:
+        best_params = jax.tree.map(lambda x: jnp.asarray(to_host(x)), best_params)
     return nnx.merge(trainer.graphdef, best_params), history
 
 
@@ -227,8 +268,7 @@ def calibrate_mlp_topk(routers: Routers, config: ModelConfig, data: Collected,
             nb = min(per_call, num_batches - first)
             idx = np.stack([rng.choice(data.num_tokens, batch_size, replace=batch_size > data.num_tokens)
                             for _ in range(nb)])
-            flat = idx.ravel()
-            batch = _load(data, flat)
+            batch = _read(data, idx.ravel())
             shape = lambda a: a.reshape(a.shape[0], nb, batch_size, *a.shape[2:])
             c, u = _coverage(routers, shape(batch["u"]), shape(batch["active"]))
             covered += np.asarray(c)
@@ -263,7 +303,7 @@ def evaluate(routers: Routers, config: ModelConfig, data: Collected, attn_topk: 
     totals: dict[str, np.ndarray] = {}
     for start in range(0, data.num_tokens, batch_size):
         idx = np.arange(start, min(start + batch_size, data.num_tokens))
-        for key, value in hits(_load(data, idx)).items():
+        for key, value in hits(_read(data, idx)).items():
             totals[key] = totals.get(key, 0) + np.asarray(value, np.float64)
     attn = totals["attn"] / (k * data.num_tokens)
     result = {"attn_recall_per_layer": attn.round(4).tolist(),
