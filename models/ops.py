@@ -16,6 +16,8 @@ kernel or backend runs is chosen here, never in the model:
 
 - `DenseOps`: full sequences (evaluation, prefill): causal attention among the given tokens,
   their K/V written to the first T cache positions when a cache is given;
+- `ChunkOps`: a chunk of each sequence's prompt continuing its cache (the server's chunked
+  prefill), dense;
 - `DenseDecodeOps`: one token per sequence, written at its position; attention over the
   cache by the Pallas kernel on a GPU, by XLA elsewhere; with a mesh, per shard
   (`per_shard`: the kernels only ever run inside `shard_map`);
@@ -165,14 +167,63 @@ class DenseOps:
         return mlp(x), NO_RECORD
 
 
+def chunk_attention(q, k_cache, v_cache, positions, window: int | None = None,
+                    scale: float | None = None):
+    """A chunk of T query tokens per sequence against its cache, which already holds them
+    (XLA): query t of row b, at `positions[b, t]`, sees cache positions p <= it (and, with a
+    window W, positions[b, t] - p < W). q `[B, T, Hq, D]`; caches `[B, Hkv, S, D]`."""
+    b, t, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache, preferred_element_type=F32) * scale
+    key_pos = jnp.arange(s)[None, None, :]
+    query_pos = positions[:, :, None]
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible = visible & (query_pos - key_pos < window)
+    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v_cache.dtype), v_cache,
+                   preferred_element_type=F32)
+    return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class DenseDecodeOps:
-    """One new token per sequence (T = 1), written at `positions [B]`, then attending to the
-    cache up to and including it. With a `mesh`, the cache write and the attention run per
-    shard: each device its batch rows (`data`) and its KV groups with their query heads
-    (`model`)."""
+class ChunkOps:
+    """A chunk of each sequence's prompt continuing its cache (chunked prefill, dense): token
+    t of row b goes to cache position `positions[b, t]` where `valid[b, t]` (padding writes
+    nothing), then attends to the cache up to its own position."""
 
     positions: jax.Array
+    valid: jax.Array
+
+    def route(self, *, layer, u):
+        return None
+
+    @jax.named_scope(scopes.ATTENTION)
+    def attention(self, *, layer, route, q, k, v, kv, window):
+        rows = jnp.arange(q.shape[0])[:, None]
+        seq = kv.k.shape[2]
+        at = jnp.where(self.valid, self.positions, seq)  # seq: dropped
+        write = lambda c, x: c.at[rows, :, at].set(x.astype(c.dtype), mode="drop")
+        kv = LayerKV(write(kv.k, k), write(kv.v, v))
+        return chunk_attention(q, kv.k, kv.v, self.positions, window), kv, NO_RECORD
+
+    def mlp(self, *, layer, route, x, mlp):
+        return mlp(x), NO_RECORD
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseDecodeOps:
+    """One new token per sequence (T = 1), written at `positions [B]` for the `active [B]`
+    rows (an inactive row writes nothing: its slot may be filling from a prefill), then
+    attending to the cache up to and including it. With a `mesh`, the cache write and the
+    attention run per shard: each device its batch rows (`data`) and its KV groups with their
+    query heads (`model`)."""
+
+    positions: jax.Array
+    active: jax.Array
     mesh: Mesh | None = dataclasses.field(default=None, kw_only=True)
 
     def route(self, *, layer, u):
@@ -190,8 +241,10 @@ class DenseDecodeOps:
         groups). `kernel`: the Pallas kernel (which reads only up to each row's length), else
         XLA (all groups only)."""
 
-        def shard(q, k, v, k_cache, v_cache, positions, group_logits):
-            kv = write_token(LayerKV(k_cache, v_cache), k, v, positions)
+        def shard(q, k, v, k_cache, v_cache, positions, active, group_logits):
+            # A position outside the cache writes nothing (`write_kv_token`).
+            writes = jnp.where(active, positions, k_cache.shape[2])
+            kv = write_token(LayerKV(k_cache, v_cache), k, v, writes)
             if group_logits is not None:
                 with jax.named_scope(scopes.ATTN_ROUTER):
                     group_idx = topk_indices(group_logits, keep)
@@ -207,10 +260,10 @@ class DenseDecodeOps:
         cache = P(DATA, MODEL, None, None)
         o, k_cache, v_cache = per_shard(
             self.mesh, shard,
-            in_specs=(heads, heads, heads, cache, cache, P(DATA),
+            in_specs=(heads, heads, heads, cache, cache, P(DATA), P(DATA),
                       None if group_logits is None else P(DATA, MODEL)),
             out_specs=(heads, cache, cache),
-        )(q[:, 0], k[:, 0], v[:, 0], kv.k, kv.v, self.positions, group_logits)
+        )(q[:, 0], k[:, 0], v[:, 0], kv.k, kv.v, self.positions, self.active, group_logits)
         return o[:, None], LayerKV(k_cache, v_cache)
 
     def mlp(self, *, layer, route, x, mlp):

@@ -100,7 +100,6 @@ class SparseDecodeOps(DenseDecodeOps):
 
     routers: Sequence[LayerRouters]
     plan: SparsityPlan
-    active: jax.Array
 
     def route(self, *, layer, u):
         if self.plan.attn_groups[layer] is None and self.plan.mlp_neurons[layer] is None:

@@ -5,7 +5,8 @@ meant to run inside a jit.
 A slot is one row of the KV cache. Its token i sits at cache position i; a step writes each
 slot's current token at the slot's position, reads the positions up to it and yields the next
 token. Inactive slots run along (the batch has a fixed shape) but neither advance nor count in
-the MLP's neuron selection.
+the MLP's neuron selection, and write nothing to the cache (a slot may be filling from a
+prefill meanwhile).
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def decode_step(model: CausalLM, state: DecodeState, sample: Callable[[jax.Array
         raise ValueError(f"the plan selects per shard of {plan.shards}; the mesh splits the "
                          f"model over {tp_size(mesh)}")
     if plan is None:
-        ops = DenseDecodeOps(state.positions, mesh=mesh)
+        ops = DenseDecodeOps(state.positions, state.active, mesh=mesh)
     else:
-        ops = SparseDecodeOps(state.positions, routers, plan, state.active, mesh=mesh)
+        ops = SparseDecodeOps(state.positions, state.active, routers, plan, mesh=mesh)
     out = model.forward(state.tokens[:, None], state.positions[:, None], ops, state.kv_cache)
     logits = model.logits(out.hidden_states[:, 0])
     next_tokens = sample(logits).astype(jnp.int32)
