@@ -1,0 +1,155 @@
+"""The serving engine without HTTP: continuous batching gives each request what a static batch
+gives it, nothing compiles after warm-up, a cancelled request frees its slot at once, a full
+queue answers busy, and echo's prompt log-probabilities are the model's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import config_from_hf
+from polar_jax.bench.decode import random_state
+from polar_jax.decode import Decoder
+from polar_jax.serve.engine import Done, Engine, EngineBusy, Request, RequestError, Token
+from polar_jax.sparsity import SparsityPlan
+from routers.model import Routers
+from test_decode import _compile_counter
+
+LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+             max_position_embeddings=128, hidden_act="silu", rms_norm_eps=1e-5,
+             tie_word_embeddings=False)
+
+
+def _decoder(sparse: bool) -> Decoder:
+    """A random Llama-shaped model (weights at a scale that makes every layer count); sparse:
+    random routers keeping half of the KV groups of layer 1 (attention only: a gated MLP stays
+    dense, so a sequence's tokens do not depend on its batch)."""
+    config = config_from_hf(LLAMA)
+    graphdef, state = random_state(config, jnp.float32, int(np.random.default_rng().integers(1 << 30)))
+    model = nnx.merge(graphdef, jax.tree.map(lambda a: a * 10, state))
+    if not sparse:
+        return Decoder(config, model)
+    routers = Routers.for_model(config, seed=int(np.random.default_rng().integers(1 << 30)))
+    plan = SparsityPlan.build(config, None, 0.5, (0,))
+    assert plan.attn_groups == (None, 2)
+    return Decoder(config, model, routers=routers, plan_for_batch=lambda batch: plan)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    """(decoder, started engine) shared by the tests that need no special pool: 3 slots, so
+    some of 7 requests wait; a chunk of 8 tokens, so longer prompts prefill in pieces."""
+    decoder = _decoder(False)
+    engine = Engine(decoder, max_slots=3, max_len=64, prefill_chunk=8, prefill_rows=2)
+    engine.start()
+    yield decoder, engine
+    engine.shutdown()
+
+
+async def _run(engine: Engine, requests, delays):
+    """Each request submitted after its delay; (token ids, Done) per request."""
+    async def one(request, delay):
+        await asyncio.sleep(delay)
+        events = [event async for event in engine.submit(request)]
+        assert all(isinstance(e, Token) for e in events[:-1]) and isinstance(events[-1], Done)
+        return [e.id for e in events[:-1]], events[-1]
+    return await asyncio.gather(*(one(r, d) for r, d in zip(requests, delays)))
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-attention"])
+def test_continuous_batching_equals_static_generate(sparse, dense):
+    """Seven requests of different lengths through 3 slots (so some wait), prompts longer than
+    a prefill chunk (so they prefill in pieces between decode steps), staggered arrivals: each
+    request's greedy tokens are those of `Decoder.generate`; and nothing compiles after
+    warm-up."""
+    if sparse:
+        decoder = _decoder(True)
+        engine = Engine(decoder, max_slots=3, max_len=64, prefill_chunk=8, prefill_rows=2)
+        engine.start()
+    else:
+        decoder, engine = dense
+    rng = np.random.default_rng()
+    prompts = [tuple(rng.integers(0, 96, n).tolist()) for n in (3, 17, 9, 30, 1, 12, 22)]
+    new_tokens = [int(n) for n in rng.integers(2, 14, len(prompts))]
+    expected = [c.tokens for c in decoder.generate([list(p) for p in prompts], max(new_tokens)).completions]
+    compiles = _compile_counter()
+    try:
+        results = asyncio.run(_run(engine, [Request(p, n) for p, n in zip(prompts, new_tokens)],
+                                   [0.02 * i for i in range(len(prompts))]))
+    finally:
+        if sparse:
+            engine.shutdown()
+    for (tokens, done), want, n in zip(results, expected, new_tokens):
+        assert tokens == want[:n] and done.reason == "length"
+    assert compiles == []
+
+
+def test_sampling_depends_on_the_request_only(dense):
+    """A sampled request (its own seed, temperature, top-k, top-p) draws the same tokens alone
+    and beside other requests; another seed draws others."""
+    _, engine = dense
+    prompt = tuple(np.random.default_rng().integers(0, 96, 7).tolist())
+    sampled = Request(prompt, 12, temperature=1.3, top_k=40, top_p=0.95, seed=11)
+    others = [Request(prompt[:3], 12, temperature=0.7, seed=5), Request(prompt, 5)]
+    (alone, _), = asyncio.run(_run(engine, [sampled], [0]))
+    (crowded, _), *_ = asyncio.run(_run(engine, [sampled, *others], [0.01, 0, 0]))
+    (reseeded, _), = asyncio.run(_run(engine, [Request(prompt, 12, temperature=1.3, top_k=40,
+                                                       top_p=0.95, seed=12)], [0]))
+    assert alone == crowded and alone != reseeded
+
+
+def test_cancel_frees_the_slot_and_a_full_queue_is_busy():
+    engine = Engine(_decoder(False), max_slots=1, max_len=128, prefill_chunk=16, max_queue=1)
+    engine.start()
+    prompt = (1, 2, 3)
+
+    async def scenario():
+        long = engine.submit(Request(prompt, 100))
+        first = await long.__anext__()
+        assert isinstance(first, Token)
+        waiting = engine.submit(Request(prompt, 3))  # queued: the one slot is taken
+        with pytest.raises(EngineBusy, match="queue is full"):
+            engine.submit(Request(prompt, 3))
+        long.cancel()
+        rest = [event async for event in long]
+        assert rest[-1] == Done("cancelled") and len(rest) < 99
+        events = [event async for event in waiting]
+        assert events[-1].reason == "length" and len(events) == 4
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+
+
+def test_bad_requests_are_refused_in_one_line():
+    engine = Engine(_decoder(False), max_slots=1, max_len=32, prefill_chunk=16)
+    cases = [(Request((), 4), "the prompt is empty"),
+             (Request((1, 96), 4), "token id 96 is outside the vocabulary [0, 96)"),
+             (Request(tuple(range(32)), 4), "the prompt has 32 tokens; this server's context is 32"),
+             (Request((1,), 0), "max_tokens must be an integer"),
+             (Request((1,), 4, top_p=1.5), "top_p"),
+             (Request((1,), 4, logprobs=6), "logprobs must be an integer in [0, 5]")]
+    for request, message in cases:
+        with pytest.raises(RequestError) as err:
+            engine.check(request)
+        assert message in str(err.value) and "\n" not in str(err.value)
+        assert err.value.too_long == message.startswith("the prompt has")
+
+
+def test_echo_gives_the_models_prompt_logprobs(dense):
+    decoder, engine = dense
+    prompt = tuple(np.random.default_rng().integers(0, 96, 19).tolist())
+    (tokens, done), = asyncio.run(_run(engine, [Request(prompt, 3, logprobs=5, echo=True)], [0]))
+    model = nnx.merge(decoder.graphdef, decoder.state)
+    logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([prompt]), jnp.ones((1, 19), jnp.int32))[0]))
+    expected = logp[np.arange(18), np.asarray(prompt[1:])]
+    assert done.prompt_logprobs[0] is None and len(done.prompt_logprobs) == 19
+    np.testing.assert_allclose(np.asarray(done.prompt_logprobs[1:]), expected, atol=1e-4)
+    assert tokens[0] == int(np.argmax(logp[-1]))
