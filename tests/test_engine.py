@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from models import config_from_hf
+from models.sharding import make_mesh
 from polar_jax.bench.decode import random_state
 from polar_jax.decode import Decoder
 from polar_jax.serve.engine import Done, Engine, EngineBusy, Request, RequestError, Token
@@ -26,15 +27,15 @@ LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_siz
              tie_word_embeddings=False)
 
 
-def _decoder(sparse: bool) -> Decoder:
-    """A random Llama-shaped model (weights at a scale that makes every layer count); sparse:
-    random routers keeping half of the KV groups of layer 1 (attention only: a gated MLP stays
-    dense, so a sequence's tokens do not depend on its batch)."""
+def _decoder(sparse: bool, mesh=None) -> Decoder:
+    """A random Llama-shaped model (weights at a scale that makes every layer count), over
+    `mesh` if given; sparse: random routers keeping half of the KV groups of layer 1 (attention
+    only: a gated MLP stays dense, so a sequence's tokens do not depend on its batch)."""
     config = config_from_hf(LLAMA)
     graphdef, state = random_state(config, jnp.float32, int(np.random.default_rng().integers(1 << 30)))
     model = nnx.merge(graphdef, jax.tree.map(lambda a: a * 10, state))
     if not sparse:
-        return Decoder(config, model)
+        return Decoder(config, model, mesh=mesh)
     routers = Routers.for_model(config, seed=int(np.random.default_rng().integers(1 << 30)))
     plan = SparsityPlan.build(config, None, 0.5, (0,))
     assert plan.attn_groups == (None, 2)
@@ -62,18 +63,22 @@ async def _run(engine: Engine, requests, delays):
     return await asyncio.gather(*(one(r, d) for r, d in zip(requests, delays)))
 
 
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-attention"])
-def test_continuous_batching_equals_static_generate(sparse, dense):
+@pytest.mark.parametrize("kind", ["dense", "sparse-attention", "dense-tp2"])
+def test_continuous_batching_equals_static_generate(kind, dense):
     """Seven requests of different lengths through 3 slots (so some wait), prompts longer than
     a prefill chunk (so they prefill in pieces between decode steps), staggered arrivals: each
-    request's greedy tokens are those of `Decoder.generate`; and nothing compiles after
-    warm-up."""
-    if sparse:
-        decoder = _decoder(True)
-        engine = Engine(decoder, max_slots=3, max_len=64, prefill_chunk=8, prefill_rows=2)
-        engine.start()
-    else:
+    request's greedy tokens are those of `Decoder.generate` (on one device); and nothing
+    compiles after warm-up. tp2: the engine's model and cache split over two devices."""
+    if kind == "dense":
         decoder, engine = dense
+    else:
+        decoder = _decoder(kind == "sparse-attention")
+        served = decoder
+        if kind == "dense-tp2":
+            served = Decoder(decoder.config, nnx.merge(decoder.graphdef, decoder.state),
+                             mesh=make_mesh(2))
+        engine = Engine(served, max_slots=3, max_len=64, prefill_chunk=8, prefill_rows=2)
+        engine.start()
     rng = np.random.default_rng()
     prompts = [tuple(rng.integers(0, 96, n).tolist()) for n in (3, 17, 9, 30, 1, 12, 22)]
     new_tokens = [int(n) for n in rng.integers(2, 14, len(prompts))]
@@ -83,7 +88,7 @@ def test_continuous_batching_equals_static_generate(sparse, dense):
         results = asyncio.run(_run(engine, [Request(p, n) for p, n in zip(prompts, new_tokens)],
                                    [0.02 * i for i in range(len(prompts))]))
     finally:
-        if sparse:
+        if kind != "dense":
             engine.shutdown()
     for (tokens, done), want, n in zip(results, expected, new_tokens):
         assert tokens == want[:n] and done.reason == "length"

@@ -12,7 +12,8 @@ over several iterations, so the running sequences' decode stalls for one chunk a
 runs one decode step over all slots, inactive ones masked. Every shape is fixed (the pool, the
 chunk), so nothing compiles after `start`: one prefill program (two: with the prompt's
 log-probabilities for `echo`) and one decode program per distinct MLP k of the routers'
-calibration for the number of active slots (`SparsityPlan.build`). Sampling settings and
+calibration for the number of active slots (`SparsityPlan.build`). A decoder over a mesh
+of `--tp` devices (one process) serves split over them. Sampling settings and
 seeds are per slot traced arrays; a slot is freed the moment its request ends (EOS,
 `max_tokens`, the context) or its consumer cancels.
 """
@@ -33,6 +34,7 @@ from flax import nnx
 
 from models.kv_cache import KVCache
 from models.ops import ChunkOps
+from models.sharding import dp_size, kv_cache_shardings
 from pallas_kernels.selection import CALIBRATION_BATCH_SIZES
 from polar_jax import settings, validate
 from polar_jax.decode import Decoder, cache_length
@@ -160,8 +162,9 @@ class Engine:
                  prefill_chunk: int = 256, prefill_rows: int = 4, max_queue: int = 256,
                  observer: Observer | None = None):
         config = decoder.config
-        if decoder.mesh is not None:
-            raise PolarJaxError("the engine serves on one device for now; drop --tp/--dp")
+        if dp_size(decoder.mesh) > 1 or jax.process_count() > 1:
+            raise PolarJaxError("the engine splits the model over devices (--tp) in one process; "
+                                "drop --dp and the multi-process options")
         self.decoder, self.config = decoder, config
         self.max_slots = validate.integer("--max-slots", max_slots, low=1,
                                           high=CALIBRATION_BATCH_SIZES[-1])
@@ -176,6 +179,9 @@ class Engine:
         self.eos_ids = set(int(t) for t in decoder.eos_ids if t >= 0)
         cache_len = cache_length(max_len)
         self._kv_cache = KVCache.zeros(config, self.max_slots, cache_len, decoder.dtype)
+        if decoder.mesh is not None:  # by KV group over the model's devices (`models.sharding`)
+            self._kv_cache = jax.device_put(self._kv_cache,
+                                            kv_cache_shardings(self._kv_cache, decoder.mesh))
         # Per slot, on the host: the decode step's inputs.
         self._tokens = np.zeros(self.max_slots, np.int32)
         self._positions = np.zeros(self.max_slots, np.int32)
@@ -242,7 +248,7 @@ class Engine:
         model = nnx.merge(self.decoder.graphdef, state)
         sample = lambda logits: sample_rows(logits, sampling, seeds, positions + 1)
         step = decode_step(model, DecodeState(tokens, positions, active, kv_cache), sample,
-                           router_state, plan)
+                           router_state, plan, self.decoder.mesh)
         chosen, top_ids, top_logp = self._choose(step.logits, step.next_tokens)
         return step.next_tokens, chosen, top_ids, top_logp, step.state.kv_cache
 
