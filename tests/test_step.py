@@ -73,14 +73,17 @@ def test_prefill_and_decode_step_over_slots_equal_the_full_forward(config):
         return logits, decode_step(model, state, lambda x: jnp.argmax(x, axis=-1))
 
     logits, step = run(params)
-    model = nnx.merge(graphdef, params)
+    # The reference: one full-sequence pass over each prompt + its fed token, right-padded.
+    full_tokens = np.zeros((3, 12), np.int32)
     for row, prompt in enumerate(prompts):
-        full = np.asarray(model(jnp.asarray(np.append(prompt, fed[row]))[None],
-                                jnp.ones((1, len(prompt) + 1), jnp.int32))[0])
-        scale = np.abs(full).max()
-        np.testing.assert_allclose(logits[row], full[-2], atol=2e-5 * scale, rtol=0)
+        full_tokens[row, :len(prompt) + 1] = np.append(prompt, fed[row])
+    mask = (np.arange(12) < lengths[:, None] + 1).astype(np.int32)
+    full = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(full_tokens), jnp.asarray(mask)))
+    for row, n in enumerate(lengths):
+        scale = np.abs(full[row, :n + 1]).max()
+        np.testing.assert_allclose(logits[row], full[row, n - 1], atol=2e-5 * scale, rtol=0)
         if active[row]:
-            np.testing.assert_allclose(step.logits[row], full[-1], atol=2e-5 * scale, rtol=0)
+            np.testing.assert_allclose(step.logits[row], full[row, n], atol=2e-5 * scale, rtol=0)
     assert np.array_equal(step.state.positions, lengths + active)
     assert np.array_equal(step.state.tokens, np.where(active, step.next_tokens, fed))
     assert np.array_equal(step.next_tokens, np.argmax(step.logits, axis=-1))
