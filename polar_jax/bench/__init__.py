@@ -5,6 +5,8 @@ Subcommands:
             baselines, with the copy bandwidth measured in the same run.
   generate  end-to-end batched generation of a real model: tokens/s and time per decode step.
   decode    decode steps at real model shapes: dense, sparse and the memory roofline.
+  serve     continuous batching under Poisson load (the serving engine), dense and sparse,
+            against static batching of the same requests.
 
 Every subcommand's parser comes from `parser`, and its numeric arguments are checked by the
 argparse types below (`polar_jax.validate`), so a bad value is refused before anything runs.
@@ -22,6 +24,7 @@ _SUBCOMMANDS = {
     "kernels": ("polar_jax.bench.kernels", "the Pallas kernels against dense baselines"),
     "generate": ("polar_jax.bench.generate", "end-to-end batched generation of a real model"),
     "decode": ("polar_jax.bench.decode", "decode steps at real model shapes: dense, sparse, roofline"),
+    "serve": ("polar_jax.bench.serve", "continuous batching under load against static batching"),
 }
 
 COUNT = cli_type(integer, int, low=1)  # steps, repeats, batch sizes, lengths, layers, dimensions

@@ -101,6 +101,16 @@ class Observer(Protocol):
     def step(self, seconds: float, active: int, waiting: int) -> None: ...
 
 
+@dataclasses.dataclass
+class DecodeStats:
+    """Totals over the decode steps served since `start` (warm-up excluded): steps, active
+    slots summed over them, and seconds in the step's program (inputs to results on the host)."""
+
+    steps: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+
 class _NoObserver:
     def admitted(self, prompt_tokens): pass
     def first_token(self, seconds): pass
@@ -176,12 +186,16 @@ class Engine:
         self.prefill_rows = validate.integer("--prefill-rows", prefill_rows, low=1)
         self.max_queue = validate.integer("--max-queue", max_queue, low=1)
         self.observer = observer or _NoObserver()
+        self.decode_stats = DecodeStats()
         self.eos_ids = set(int(t) for t in decoder.eos_ids if t >= 0)
         cache_len = cache_length(max_len)
-        self._kv_cache = KVCache.zeros(config, self.max_slots, cache_len, decoder.dtype)
-        if decoder.mesh is not None:  # by KV group over the model's devices (`models.sharding`)
-            self._kv_cache = jax.device_put(self._kv_cache,
-                                            kv_cache_shardings(self._kv_cache, decoder.mesh))
+        cache = KVCache.zeros(config, self.max_slots, cache_len, decoder.dtype)
+        # Placed as every program's output cache is (an uncommitted first cache would make
+        # warm-up compile a variant that serving never calls): on the weights' device, or by KV
+        # group over the model's devices (`models.sharding`).
+        self._kv_cache = jax.device_put(cache, jax.tree.leaves(decoder.state)[0].sharding
+                                        if decoder.mesh is None
+                                        else kv_cache_shardings(cache, decoder.mesh))
         # Per slot, on the host: the decode step's inputs.
         self._tokens = np.zeros(self.max_slots, np.int32)
         self._positions = np.zeros(self.max_slots, np.int32)
@@ -442,7 +456,11 @@ class Engine:
 
     def _decode_step(self) -> None:
         running = np.flatnonzero(self._active)
+        start = time.perf_counter()
         next_tokens, chosen, top_ids, top_logp = self._run_decode(self._plan(len(running)))
+        stats = self.decode_stats
+        stats.steps, stats.rows = stats.steps + 1, stats.rows + len(running)
+        stats.seconds += time.perf_counter() - start
         for slot in running:
             live = self._slots[slot]
             self._tokens[slot] = next_tokens[slot]

@@ -1,0 +1,414 @@
+"""`polar-jax bench serve`: continuous batching under load, dense and with Polar Sparsity,
+against static batching of the same requests.
+
+The model is a real checkpoint (`--model M [--routers R]`, trained routers or random ones) or
+a built-in architecture of `bench decode` (`--arch`, random weights and routers, prompts cut
+with `--tokenizer`'s vocabulary). `--requests` prompts are cut from `--text` at random word
+starts, their lengths drawn uniformly from `--prompt-lens A,B`, each with an output length
+drawn uniformly from `--output-lens A,B`; the engine has no EOS, so every request runs to its
+output length. An asyncio driver submits them to the serving engine
+(`polar_jax.serve.engine`, no HTTP) at Poisson arrivals of `--rate` requests per second and
+records when each token arrives.
+
+Per mode: output tokens per second over the wall time (first arrival to last token), the
+time-averaged number of occupied slots, time to first token (from the request's scheduled
+arrival) and time per output token after the first, at p50/p90/p99; the engine's mean decode
+step (its program, inputs to results) at its mean batch; the XLA compilations while serving
+(0: the engine compiled every program before). Then the same prompts decoded by static
+batching, all at once (`Decoder.generate`, to the longest output length, then a timed second
+run): tokens/s counts the requested output tokens only, and how many requests' tokens equal
+the engine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from polar_jax import bench, settings
+from polar_jax.bench.generate import DEFAULT_TEXT
+from polar_jax.errors import PolarJaxError
+from polar_jax.validate import cli_list, cli_type, integer, number
+
+MODES = ("dense", "sparse")
+CHARS_PER_TOKEN = 8  # characters cut per prompt token (English BPE averages about 4)
+_ROOT = Path(__file__).resolve().parents[2]
+# The tiny-opt fixture: beside the checkout, else its copy bundled in demo/.
+DEFAULT_TOKENIZER = next((p for p in (_ROOT.parent / "shared" / "fixtures" / "tiny-opt",
+                                      _ROOT / "demo" / "tiny-opt") if p.is_dir()),
+                         _ROOT / "demo" / "tiny-opt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """One request of the run: its prompt ids, output length, arrival (seconds after the
+    first)."""
+
+    prompt: tuple[int, ...]
+    output_len: int
+    arrival: float
+
+
+@dataclasses.dataclass
+class Served:
+    """What came back for one request: token ids, their arrival times (seconds after the
+    first request's), the `Done` reason."""
+
+    tokens: list[int]
+    times: list[float]
+    reason: str
+
+
+class _Steps:
+    """An engine `Observer` keeping (seconds, occupied slots) of every iteration."""
+
+    def __init__(self):
+        self.steps: list[tuple[float, int]] = []
+
+    def admitted(self, prompt_tokens): pass
+    def first_token(self, seconds): pass
+    def finished(self, completion_tokens, seconds_per_token): pass
+
+    def step(self, seconds, active, waiting):
+        self.steps.append((seconds, active))
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """A list that grows by one name per XLA backend compilation inside the block."""
+    events: list[str] = []
+
+    def listener(name, duration, **kwargs):
+        if name.endswith("backend_compile_duration"):
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def cut_prompts(tokenizer, text: str, lengths, rng, vocab_size: int) -> list[tuple[int, ...]]:
+    """One prompt per length: that many tokens of `text` from a random word start (ids taken
+    modulo `vocab_size`, for random-weight architectures of a smaller vocabulary)."""
+    spans = [CHARS_PER_TOKEN * int(n) for n in lengths]
+    if len(text) <= max(spans):
+        raise PolarJaxError(f"--text has {len(text)} characters; prompts of {max(lengths)} "
+                            f"tokens need more than {max(spans)}")
+    starts = [text.find(" ", int(rng.integers(0, len(text) - span))) + 1 for span in spans]
+    pieces = [text[s:s + span] for s, span in zip(starts, spans)]
+    prompts = []
+    for start, n, ids in zip(starts, lengths, tokenizer(pieces, add_special_tokens=False)["input_ids"]):
+        if len(ids) < n:
+            raise PolarJaxError(f"--text at character {start} has fewer than {n} tokens in "
+                                f"{CHARS_PER_TOKEN * n} characters")
+        prompts.append(tuple(int(t) % vocab_size for t in ids[:n]))
+    return prompts
+
+
+def make_loads(tokenizer, text: str, vocab_size: int, count: int, rate: float, prompt_lens,
+               output_lens, seed: int) -> list[Load]:
+    """`count` requests: lengths uniform in the (low, high) ranges, Poisson arrivals at `rate`
+    per second, the first at 0."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(prompt_lens[0], prompt_lens[1] + 1, count)
+    outputs = rng.integers(output_lens[0], output_lens[1] + 1, count)
+    gaps = rng.exponential(1 / rate, count)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    prompts = cut_prompts(tokenizer, text, lengths, rng, vocab_size)
+    return [Load(p, int(n), float(t)) for p, n, t in zip(prompts, outputs, arrivals)]
+
+
+async def drive(engine, loads: list[Load]) -> tuple[list[Served], float]:
+    """Submits each load at its arrival and reads its stream; (what came back per load, wall
+    seconds from the first arrival to the last event)."""
+    from polar_jax.serve.engine import Request, Token
+
+    t0 = time.perf_counter()
+
+    async def one(load: Load) -> Served:
+        await asyncio.sleep(max(0.0, t0 + load.arrival - time.perf_counter()))
+        served = Served([], [], "")
+        async for event in engine.submit(Request(load.prompt, load.output_len)):
+            if isinstance(event, Token):
+                served.tokens.append(event.id)
+                served.times.append(time.perf_counter() - t0)
+            else:
+                served.reason = event.reason
+        return served
+
+    served = await asyncio.gather(*map(one, loads))
+    return served, time.perf_counter() - t0
+
+
+def _percentiles(name: str, values) -> dict:
+    points = np.percentile(values, (50, 90, 99)) if len(values) else (None,) * 3
+    return {f"{name}_p{p}_ms": None if v is None else round(float(v) * 1e3, 3)
+            for p, v in zip((50, 90, 99), points)}
+
+
+def serve(decoder, loads: list[Load], args, log) -> dict:
+    """The serving half of a mode's row: `loads` through an `Engine` of `decoder`."""
+    from polar_jax.serve.engine import Engine
+
+    steps = _Steps()
+    engine = Engine(decoder, max_slots=args.max_slots, max_len=args.max_len,
+                    prefill_chunk=min(args.prefill_chunk, args.max_len),
+                    max_queue=len(loads), observer=steps)
+    start = time.perf_counter()
+    engine.start()
+    warmup_s = time.perf_counter() - start
+    log(f"{decoder_mode(decoder)}: engine compiled in {warmup_s:.1f} s; serving "
+        f"{len(loads)} requests at {args.rate:g}/s")
+    try:
+        with counting_compiles() as compiles:
+            served, wall = asyncio.run(drive(engine, loads))
+    finally:
+        engine.shutdown()
+    per_request = []
+    for load, s in zip(loads, served):
+        ttft = s.times[0] - load.arrival if s.times else None
+        tpot = (s.times[-1] - s.times[0]) / (len(s.times) - 1) if len(s.times) > 1 else None
+        per_request.append(dict(prompt_len=len(load.prompt), output_len=load.output_len,
+                                arrival_s=round(load.arrival, 4), generated=len(s.tokens),
+                                reason=s.reason,
+                                ttft_ms=None if ttft is None else round(ttft * 1e3, 3),
+                                tpot_ms=None if tpot is None else round(tpot * 1e3, 3)))
+    output_tokens = sum(len(s.tokens) for s in served)
+    stats = engine.decode_stats
+    row = dict(completed=sum(r["generated"] == r["output_len"] and r["reason"] == "length"
+                             for r in per_request),
+               output_tokens=output_tokens, wall_s=round(wall, 3),
+               tokens_per_s=round(output_tokens / wall, 1),
+               mean_active_slots=round(sum(t * n for t, n in steps.steps) / wall, 2),
+               **_percentiles("ttft", [s.times[0] - l.arrival for l, s in zip(loads, served)
+                                       if s.times]),
+               **_percentiles("tpot", [(s.times[-1] - s.times[0]) / (len(s.times) - 1)
+                                       for s in served if len(s.times) > 1]),
+               decode_steps=stats.steps, decode_tokens=stats.rows,
+               decode_batch_mean=round(stats.rows / stats.steps, 2) if stats.steps else None,
+               decode_step_ms=round(stats.seconds / stats.steps * 1e3, 4) if stats.steps else None,
+               warmup_s=round(warmup_s, 2), compiles_after_warmup=len(compiles))
+    return row, [s.tokens for s in served], per_request
+
+
+def static(decoder, loads: list[Load]) -> tuple[dict, list[list[int]] | None]:
+    """Static batching of the same prompts, all in one batch to the longest output length:
+    its seconds and tokens/s of the requested outputs, and its tokens (None where it does not
+    fit: the reason is in the row)."""
+    prompts = [list(load.prompt) for load in loads]
+    longest = max(load.output_len for load in loads)
+    try:
+        decoder.generate_ids(prompts, longest)  # compiles, and warms up
+        tokens, seconds, _ = decoder.generate_ids(prompts, longest)
+    except PolarJaxError as err:
+        return {"static_skipped": str(err)}, None
+    return {"static_s": round(seconds, 4),
+            "static_tokens_per_s": round(sum(load.output_len for load in loads) / seconds, 1)}, tokens
+
+
+def decoder_mode(decoder) -> str:
+    return "sparse" if decoder.sparse else "dense"
+
+
+def build_decoders(args, config, model, tokenizer, log) -> dict:
+    """The `Decoder` of each mode, without EOS: dense, and sparse with the routers (trained
+    with `--routers`, else random), MLP k from `--mlp-density` (every layer), else the routers'
+    calibration, else a dense MLP."""
+    from pallas_kernels.selection import CALIBRATION_BATCH_SIZES
+    from polar_jax.bench.decode import RANDOM_ROUTER_RANK
+    from polar_jax.decode import Decoder
+    from polar_jax.sparsity import SparsityPlan
+    from routers.model import Routers, load_routers
+
+    decoders = {}
+    if "dense" in args.modes:
+        decoders["dense"] = Decoder(config, model, tokenizer, eos_ids=())
+    if "sparse" in args.modes:
+        if args.routers is None:
+            routers, metadata = Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1), None
+        else:
+            routers, metadata = load_routers(args.routers, config)
+        if args.mlp_density is not None:
+            k = min(config.mlp_dim, max(128, round(args.mlp_density * config.mlp_dim / 128) * 128))
+            metadata = {"mlp_topk": {str(CALIBRATION_BATCH_SIZES[-1]): [k] * config.num_layers}}
+        plan = lambda batch: SparsityPlan.build(config, metadata, args.attn_topk, (0,), batch)
+        decoders["sparse"] = Decoder(config, model, tokenizer, eos_ids=(), routers=routers,
+                                     plan_for_batch=plan)
+        log(f"sparse: attention {args.attn_topk:g} of KV groups, MLP neurons kept per layer at "
+            f"{args.max_slots} slots: {list(plan(args.max_slots).mlp_neurons)} (None: dense)")
+    return decoders
+
+
+def _range(text: str) -> tuple[int, int]:
+    """--prompt-lens / --output-lens: "A,B" with 1 <= A <= B."""
+    values = cli_list(bench.COUNT)(text)
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"must be A,B: two lengths with A <= B, got {text!r}")
+    return tuple(values)
+
+
+def _mode(text: str) -> str:
+    if text not in MODES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(MODES)}, got {text!r}")
+    return text
+
+
+_range.__name__, _mode.__name__ = "range", "mode"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The checked arguments, --max-len defaulting to the longest prompt plus output."""
+    from pallas_kernels.selection import CALIBRATION_BATCH_SIZES
+    from polar_jax.bench.decode import ARCHS
+    from polar_jax.dtypes import DTYPES
+
+    parser = bench.parser("serve", __doc__)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--arch", choices=sorted(ARCHS),
+                      help="a built-in shape of `bench decode`, random weights and routers")
+    what.add_argument("--model", help="a real checkpoint: converted or Hugging Face directory")
+    parser.add_argument("--routers", help="with --model: its trained routers (MLP k from their "
+                                          "calibration); default random routers")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="with --arch: the model directory whose tokenizer cuts the prompts "
+                             f"(default: {DEFAULT_TOKENIZER})")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="where prompts come from")
+    parser.add_argument("--rate", type=cli_type(number, float, low=0, low_open=True),
+                        required=True, help="mean requests per second (Poisson arrivals)")
+    parser.add_argument("--requests", type=bench.COUNT, required=True, help="requests in all")
+    parser.add_argument("--prompt-lens", type=_range, required=True,
+                        help="A,B: prompt tokens, uniform in [A, B]")
+    parser.add_argument("--output-lens", type=_range, required=True,
+                        help="A,B: output tokens, uniform in [A, B]")
+    parser.add_argument("--max-slots", type=cli_type(integer, int, low=1,
+                                                     high=CALIBRATION_BATCH_SIZES[-1]),
+                        default=64, help="the engine's sequences decoded together")
+    parser.add_argument("--max-len", type=bench.COUNT, default=None,
+                        help="the engine's positions per sequence (default: the longest prompt "
+                             "plus the longest output)")
+    parser.add_argument("--prefill-chunk", type=bench.COUNT, default=256,
+                        help="prompt tokens prefilled per slot and iteration (at most --max-len)")
+    parser.add_argument("--attn-topk", type=bench.FRACTION, default=0.5,
+                        help="sparse: the fraction of KV groups a decode step reads")
+    parser.add_argument("--mlp-density", type=bench.FRACTION, default=None,
+                        help="sparse: the fraction of MLP neurons kept (non-gated MLPs); "
+                             "default: the routers' calibrated k, or a dense MLP with random "
+                             "routers")
+    parser.add_argument("--modes", type=cli_list(_mode), default="dense,sparse",
+                        help="comma-separated, in this order")
+    parser.add_argument("--seed", type=settings.cli_type("seed"), default=0,
+                        help="of the prompts, lengths and arrivals")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--json", type=bench.OUTPUT_FILE, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.routers is not None and args.model is None:
+        parser.error("argument --routers: needs --model (--arch uses random routers)")
+    if args.tokenizer is not None and args.model is not None:
+        parser.error("argument --tokenizer: applies to --arch (--model uses its own)")
+    longest = args.prompt_lens[1] + args.output_lens[1]
+    if args.max_len is None:
+        args.max_len = longest
+    elif args.max_len < longest:
+        parser.error(f"argument --max-len: must hold the longest prompt plus the longest output "
+                     f"({args.prompt_lens[1]} + {args.output_lens[1]}), got {args.max_len}")
+    args.modes = list(dict.fromkeys(args.modes))
+    return args
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    """{"meta": ..., "rows": [one per mode]}, as `--json` writes it."""
+    from flax import nnx
+
+    from models import config_from_hf
+    from models.kv_cache import KVCache
+    from polar_jax.bench.decode import arch_hf_config, random_state
+    from polar_jax.decode import cache_length
+    from polar_jax.dtypes import default_compute_dtype, parse_dtype
+    from polar_jax.evaluate import read_text
+    from polar_jax.loading import ModelDir, load_tokenizer
+    from polar_jax.memory import check_fits
+
+    dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
+    text = read_text(args.text)
+    if args.model is None:
+        config = config_from_hf(arch_hf_config(args.arch, args.max_len))
+        tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
+    else:
+        model_dir = ModelDir.open(args.model)
+        config, tokenizer = model_dir.config, model_dir.tokenizer
+    loads = make_loads(tokenizer, text, config.vocab_size, args.requests, args.rate,
+                       args.prompt_lens, args.output_lens, args.seed)
+    check_fits(f"--max-slots {args.max_slots} at --max-len {args.max_len}",
+               {"KV cache": KVCache.abstract(config, args.max_slots, cache_length(args.max_len),
+                                             dtype).bytes()},
+               jax.devices()[0], "--max-slots or --max-len")
+    model = (nnx.merge(*random_state(config, dtype)) if args.model is None
+             else model_dir.load(dtype))
+    rows = []
+    decoders = build_decoders(args, config, model, tokenizer, log)
+    for mode in list(decoders):
+        decoder = decoders.pop(mode)  # freed (with its static KV cache) before the next mode
+        row, tokens, per_request = serve(decoder, loads, args, log)
+        static_row, static_tokens = static(decoder, loads)
+        row = dict(mode=mode, **row, **static_row)
+        if static_tokens is not None:
+            row["serve_vs_static"] = round(row["tokens_per_s"] / row["static_tokens_per_s"], 3)
+            row["same_tokens_as_static"] = sum(
+                t == s[:load.output_len] for t, s, load in zip(tokens, static_tokens, loads))
+        rows.append(dict(row, per_request=per_request))
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=str(datetime.date.today()), subject=args.arch or str(args.model),
+                routers=args.routers, dtype=np.dtype(dtype).name, requests=args.requests,
+                rate=args.rate, prompt_lens=list(args.prompt_lens),
+                output_lens=list(args.output_lens), max_slots=args.max_slots,
+                max_len=args.max_len, prefill_chunk=min(args.prefill_chunk, args.max_len),
+                attn_topk=args.attn_topk, mlp_density=args.mlp_density, seed=args.seed,
+                text=str(args.text))
+    return {"meta": meta, "rows": rows}
+
+
+def _ms3(row: dict, name: str) -> str:
+    return "/".join("-" if row[f"{name}_p{p}_ms"] is None else f"{row[f'{name}_p{p}_ms']:.1f}"
+                    for p in (50, 90, 99))
+
+
+def report(result: dict, json_path: Path | None, log=print) -> None:
+    """The rows as a table; the result written to `json_path` where given."""
+    meta = result["meta"]
+    log(f"{meta['subject']} on {meta['device']}, {meta['dtype']}: {meta['requests']} requests at "
+        f"{meta['rate']:g}/s, prompt lengths {meta['prompt_lens']}, output lengths "
+        f"{meta['output_lens']}, {meta['max_slots']} slots")
+    log(f"{'mode':<7} {'done':>7} {'tok/s':>9} {'slots':>6} {'TTFT ms p50/90/99':>22} "
+        f"{'TPOT ms p50/90/99':>20} {'wall s':>7} {'step ms':>8} {'batch':>6} "
+        f"{'static tok/s':>12} {'compiles':>8}")
+    for r in result["rows"]:
+        static_tps = f"{r['static_tokens_per_s']:.1f}" if "static_tokens_per_s" in r else "-"
+        step = "-" if r["decode_step_ms"] is None else f"{r['decode_step_ms']:.3f}"
+        batch = "-" if r["decode_batch_mean"] is None else f"{r['decode_batch_mean']:.1f}"
+        log(f"{r['mode']:<7} {r['completed']:>3}/{len(r['per_request']):<3} "
+            f"{r['tokens_per_s']:>9.1f} {r['mean_active_slots']:>6.2f} {_ms3(r, 'ttft'):>22} "
+            f"{_ms3(r, 'tpot'):>20} {r['wall_s']:>7.2f} {step:>8} {batch:>6} {static_tps:>12} "
+            f"{r['compiles_after_warmup']:>8}")
+        if "static_skipped" in r:
+            log(f"{r['mode']}: static batching skipped: {r['static_skipped']}")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = lambda line: print(line, flush=True)
+    report(run(args, log), args.json, log)
+    return 0
