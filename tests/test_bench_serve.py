@@ -44,7 +44,7 @@ def test_serve_dense(tmp_path, capsys):
         p50, p90, p99 = (row[f"{name}_p{p}_ms"] for p in (50, 90, 99))
         values = sorted(r[f"{name}_ms"] for r in requests)
         assert values[0] <= p50 <= p90 <= p99 <= values[-1]
-    assert row["same_tokens_as_static"] == 6  # greedy float32: the engine decodes what generate does
+    assert row["same_tokens_as_static"] == 6  # greedy float32: the engine decodes as generate
     assert row["static_tokens_per_s"] == pytest.approx(outputs / row["static_s"], rel=0.01)
     table = stdout.splitlines()
     assert any(line.split()[:2] == ["dense", "6/6"] for line in table), stdout

@@ -11,13 +11,15 @@ output length. An asyncio driver submits them to the serving engine
 records when each token arrives.
 
 Per mode: output tokens per second over the wall time (first arrival to last token), the
-time-averaged number of occupied slots, time to first token (from the request's scheduled
+mean active slots (requests between their first and last token, averaged over the wall
+time), time to first token (from the request's scheduled
 arrival) and time per output token after the first, at p50/p90/p99; the engine's mean decode
 step (its program, inputs to results) at its mean batch; the XLA compilations while serving
 (0: the engine compiled every program before). Then the same prompts decoded by static
 batching, all at once (`Decoder.generate`, to the longest output length, then a timed second
 run): tokens/s counts the requested output tokens only, and how many requests' tokens equal
-the engine's.
+the engine's (all, greedy and dense, up to rounding; sparse picks MLP neurons per batch, so
+its tokens depend on which requests share a step).
 """
 
 from __future__ import annotations
@@ -68,20 +70,6 @@ class Served:
     reason: str
 
 
-class _Steps:
-    """An engine `Observer` keeping (seconds, occupied slots) of every iteration."""
-
-    def __init__(self):
-        self.steps: list[tuple[float, int]] = []
-
-    def admitted(self, prompt_tokens): pass
-    def first_token(self, seconds): pass
-    def finished(self, completion_tokens, seconds_per_token): pass
-
-    def step(self, seconds, active, waiting):
-        self.steps.append((seconds, active))
-
-
 @contextlib.contextmanager
 def counting_compiles():
     """A list that grows by one name per XLA backend compilation inside the block."""
@@ -107,8 +95,9 @@ def cut_prompts(tokenizer, text: str, lengths, rng, vocab_size: int) -> list[tup
                             f"tokens need more than {max(spans)}")
     starts = [text.find(" ", int(rng.integers(0, len(text) - span))) + 1 for span in spans]
     pieces = [text[s:s + span] for s, span in zip(starts, spans)]
+    tokens = tokenizer(pieces, add_special_tokens=False)["input_ids"]
     prompts = []
-    for start, n, ids in zip(starts, lengths, tokenizer(pieces, add_special_tokens=False)["input_ids"]):
+    for start, n, ids in zip(starts, lengths, tokens):
         if len(ids) < n:
             raise PolarJaxError(f"--text at character {start} has fewer than {n} tokens in "
                                 f"{CHARS_PER_TOKEN * n} characters")
@@ -157,28 +146,33 @@ def _percentiles(name: str, values) -> dict:
             for p, v in zip((50, 90, 99), points)}
 
 
-def serve(decoder, loads: list[Load], args, log) -> dict:
-    """The serving half of a mode's row: `loads` through an `Engine` of `decoder`."""
+def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]], list[dict]]:
+    """`loads` through an `Engine` of `decoder`: the serving half of the mode's row, each
+    request's tokens, and a record per request."""
     from polar_jax.serve.engine import Engine
 
-    steps = _Steps()
     engine = Engine(decoder, max_slots=args.max_slots, max_len=args.max_len,
-                    prefill_chunk=min(args.prefill_chunk, args.max_len),
-                    max_queue=len(loads), observer=steps)
+                    prefill_chunk=min(args.prefill_chunk, args.max_len), max_queue=len(loads))
+    if decoder.sparse:
+        log(f"sparse: attention {args.attn_topk:g} of KV groups; MLP neurons kept per layer at "
+            f"{args.max_slots} slots: {list(decoder.plan_for_batch(args.max_slots).mlp_neurons)} "
+            "(None: dense)")
     start = time.perf_counter()
     engine.start()
     warmup_s = time.perf_counter() - start
-    log(f"{decoder_mode(decoder)}: engine compiled in {warmup_s:.1f} s; serving "
-        f"{len(loads)} requests at {args.rate:g}/s")
+    log(f"{'sparse' if decoder.sparse else 'dense'}: engine compiled in {warmup_s:.1f} s; "
+        f"serving {len(loads)} requests at {args.rate:g}/s")
     try:
         with counting_compiles() as compiles:
             served, wall = asyncio.run(drive(engine, loads))
     finally:
         engine.shutdown()
-    per_request = []
+    per_request, ttfts, tpots = [], [], []
     for load, s in zip(loads, served):
         ttft = s.times[0] - load.arrival if s.times else None
         tpot = (s.times[-1] - s.times[0]) / (len(s.times) - 1) if len(s.times) > 1 else None
+        ttfts += [ttft] if ttft is not None else []
+        tpots += [tpot] if tpot is not None else []
         per_request.append(dict(prompt_len=len(load.prompt), output_len=load.output_len,
                                 arrival_s=round(load.arrival, 4), generated=len(s.tokens),
                                 reason=s.reason,
@@ -190,11 +184,9 @@ def serve(decoder, loads: list[Load], args, log) -> dict:
                              for r in per_request),
                output_tokens=output_tokens, wall_s=round(wall, 3),
                tokens_per_s=round(output_tokens / wall, 1),
-               mean_active_slots=round(sum(t * n for t, n in steps.steps) / wall, 2),
-               **_percentiles("ttft", [s.times[0] - l.arrival for l, s in zip(loads, served)
-                                       if s.times]),
-               **_percentiles("tpot", [(s.times[-1] - s.times[0]) / (len(s.times) - 1)
-                                       for s in served if len(s.times) > 1]),
+               mean_active_slots=round(sum(s.times[-1] - s.times[0] for s in served
+                                           if s.times) / wall, 2),
+               **_percentiles("ttft", ttfts), **_percentiles("tpot", tpots),
                decode_steps=stats.steps, decode_tokens=stats.rows,
                decode_batch_mean=round(stats.rows / stats.steps, 2) if stats.steps else None,
                decode_step_ms=round(stats.seconds / stats.steps * 1e3, 4) if stats.steps else None,
@@ -213,17 +205,14 @@ def static(decoder, loads: list[Load]) -> tuple[dict, list[list[int]] | None]:
         tokens, seconds, _ = decoder.generate_ids(prompts, longest)
     except PolarJaxError as err:
         return {"static_skipped": str(err)}, None
+    requested = sum(load.output_len for load in loads)
     return {"static_s": round(seconds, 4),
-            "static_tokens_per_s": round(sum(load.output_len for load in loads) / seconds, 1)}, tokens
+            "static_tokens_per_s": round(requested / seconds, 1)}, tokens
 
 
-def decoder_mode(decoder) -> str:
-    return "sparse" if decoder.sparse else "dense"
-
-
-def build_decoders(args, config, model, tokenizer, log) -> dict:
-    """The `Decoder` of each mode, without EOS: dense, and sparse with the routers (trained
-    with `--routers`, else random), MLP k from `--mlp-density` (every layer), else the routers'
+def build_decoder(mode: str, args, config, model, tokenizer):
+    """The `Decoder` of `mode`, without EOS; sparse: with the routers (trained with
+    `--routers`, else random), MLP k from `--mlp-density` (every layer), else the routers'
     calibration, else a dense MLP."""
     from pallas_kernels.selection import CALIBRATION_BATCH_SIZES
     from polar_jax.bench.decode import RANDOM_ROUTER_RANK
@@ -231,23 +220,17 @@ def build_decoders(args, config, model, tokenizer, log) -> dict:
     from polar_jax.sparsity import SparsityPlan
     from routers.model import Routers, load_routers
 
-    decoders = {}
-    if "dense" in args.modes:
-        decoders["dense"] = Decoder(config, model, tokenizer, eos_ids=())
-    if "sparse" in args.modes:
-        if args.routers is None:
-            routers, metadata = Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1), None
-        else:
-            routers, metadata = load_routers(args.routers, config)
-        if args.mlp_density is not None:
-            k = min(config.mlp_dim, max(128, round(args.mlp_density * config.mlp_dim / 128) * 128))
-            metadata = {"mlp_topk": {str(CALIBRATION_BATCH_SIZES[-1]): [k] * config.num_layers}}
-        plan = lambda batch: SparsityPlan.build(config, metadata, args.attn_topk, (0,), batch)
-        decoders["sparse"] = Decoder(config, model, tokenizer, eos_ids=(), routers=routers,
-                                     plan_for_batch=plan)
-        log(f"sparse: attention {args.attn_topk:g} of KV groups, MLP neurons kept per layer at "
-            f"{args.max_slots} slots: {list(plan(args.max_slots).mlp_neurons)} (None: dense)")
-    return decoders
+    if mode == "dense":
+        return Decoder(config, model, tokenizer, eos_ids=())
+    if args.routers is None:
+        routers, metadata = Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1), None
+    else:
+        routers, metadata = load_routers(args.routers, config)
+    if args.mlp_density is not None:
+        k = min(config.mlp_dim, max(128, round(args.mlp_density * config.mlp_dim / 128) * 128))
+        metadata = {"mlp_topk": {str(CALIBRATION_BATCH_SIZES[-1]): [k] * config.num_layers}}
+    plan = lambda batch: SparsityPlan.build(config, metadata, args.attn_topk, (0,), batch)
+    return Decoder(config, model, tokenizer, eos_ids=(), routers=routers, plan_for_batch=plan)
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -348,6 +331,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
     else:
         model_dir = ModelDir.open(args.model)
         config, tokenizer = model_dir.config, model_dir.tokenizer
+        if args.max_len > (positions := config.max_position_embeddings):
+            raise PolarJaxError(f"--max-len {args.max_len} exceeds the {positions} positions of "
+                                f"{args.model} (it defaults to the longest prompt plus output)")
     loads = make_loads(tokenizer, text, config.vocab_size, args.requests, args.rate,
                        args.prompt_lens, args.output_lens, args.seed)
     check_fits(f"--max-slots {args.max_slots} at --max-len {args.max_len}",
@@ -356,10 +342,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
                jax.devices()[0], "--max-slots or --max-len")
     model = (nnx.merge(*random_state(config, dtype)) if args.model is None
              else model_dir.load(dtype))
+    # All made first, so that bad routers are refused before anything runs (the weights are
+    # shared); each freed, with its static KV cache, before the next mode runs.
+    decoders = {mode: build_decoder(mode, args, config, model, tokenizer) for mode in args.modes}
     rows = []
-    decoders = build_decoders(args, config, model, tokenizer, log)
-    for mode in list(decoders):
-        decoder = decoders.pop(mode)  # freed (with its static KV cache) before the next mode
+    for mode in args.modes:
+        decoder = decoders.pop(mode)
         row, tokens, per_request = serve(decoder, loads, args, log)
         static_row, static_tokens = static(decoder, loads)
         row = dict(mode=mode, **row, **static_row)
