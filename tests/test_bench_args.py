@@ -85,7 +85,7 @@ def test_bench_usage_help_and_unknown_subcommand(capsys):
     assert bench.main(["decoder", "--arch", "tiny"]) == 2
     out, err = capsys.readouterr()
     assert err == ("polar-jax bench: error: unknown subcommand 'decoder'; choose from kernels, "
-                   "generate, decode\n") and out == ""
+                   "generate, decode, serve\n") and out == ""
 
 
 def test_cli_list_reads_what_it_was_given():

@@ -109,7 +109,7 @@ def test_sampling_depends_on_the_request_only(dense):
     assert alone == crowded and alone != reseeded
 
 
-def test_cancel_frees_the_slot_and_a_full_queue_is_busy():
+def test_cancel_frees_the_slot_a_full_queue_is_busy_and_a_failure_ends_streams():
     engine = Engine(_decoder(False), max_slots=1, max_len=128, prefill_chunk=16, max_queue=1)
     engine.start()
     prompt = (1, 2, 3)
@@ -127,8 +127,19 @@ def test_cancel_frees_the_slot_and_a_full_queue_is_busy():
         events = [event async for event in waiting]
         assert events[-1].reason == "length" and len(events) == 4
 
+    async def failure():
+        """A program that fails ends every stream ("error") and turns new requests away."""
+        def broken(*args, **kwargs):
+            raise RuntimeError("device lost")
+        engine._decode = broken
+        events = [event async for event in engine.submit(Request(prompt, 5))]
+        assert events[-1] == Done("error") and engine.failure == "RuntimeError: device lost"
+        with pytest.raises(EngineBusy, match="engine failed"):
+            engine.submit(Request(prompt, 3))
+
     try:
         asyncio.run(scenario())
+        asyncio.run(failure())
     finally:
         engine.shutdown()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from typing import Protocol
@@ -85,7 +86,8 @@ class Token:
 @dataclasses.dataclass(frozen=True)
 class Done:
     """The last event of a stream. reason: "stop" (EOS), "length" (`max_tokens` or the
-    context), "cancelled" (by its consumer), "abort" (the engine shut down). With `echo`, the
+    context), "cancelled" (by its consumer), "abort" (the engine shut down), "error" (the
+    engine failed: `Engine.failure` says how). With `echo`, the
     prompt's log-probabilities (None for its first token)."""
 
     reason: str
@@ -209,6 +211,7 @@ class Engine:
         self._wake = threading.Condition()
         self._accepting = False
         self._stopping = False
+        self.failure: str | None = None  # why the engine's thread stopped, if it failed
         self._thread: threading.Thread | None = None
         # The plan per number of active slots: the calibration size at or above it.
         self._plans = {}
@@ -334,6 +337,8 @@ class Engine:
         request = self.check(request)
         stream = Stream(self)
         with self._wake:
+            if self.failure is not None:
+                raise EngineBusy(f"the engine failed ({self.failure}); restart the server")
             if not self._accepting:
                 raise EngineBusy("the server is not accepting requests (starting or shutting down)")
             if len(self._waiting) >= self.max_queue:
@@ -359,12 +364,28 @@ class Engine:
     # -- the schedule (the engine's thread) --------------------------------------------------
 
     def _serve(self) -> None:
+        reason = "abort"
+        try:
+            self._schedule()
+        except Exception as err:  # a failed program: no request may wait forever
+            self.failure = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            reason = "error"
+            logging.getLogger(__name__).exception("the engine's thread failed")
+        finally:
+            with self._wake:
+                self._accepting = False
+                for live in list(self._waiting) + [s for s in self._slots if s is not None]:
+                    self._finish(live, reason)
+                self._waiting.clear()
+
+    def _schedule(self) -> None:
+        """The loop of the engine's thread, until `shutdown`."""
         while True:
             with self._wake:
                 while not (self._stopping or self._waiting or any(self._slots)):
                     self._wake.wait()
                 if self._stopping:
-                    break
+                    return
                 self._reap_cancelled()
                 self._admit()
             start = time.perf_counter()
@@ -375,10 +396,6 @@ class Engine:
             if self._active.any():
                 self._decode_step()
             self.observer.step(time.perf_counter() - start, self.active_slots, len(self._waiting))
-        with self._wake:
-            for live in list(self._waiting) + [s for s in self._slots if s is not None]:
-                self._finish(live, "abort")
-            self._waiting.clear()
 
     def _reap_cancelled(self) -> None:
         for live in [s for s in self._slots if s is not None and s.cancelled]:
