@@ -217,8 +217,8 @@ class ChunkOps:
 @dataclasses.dataclass(frozen=True)
 class DenseDecodeOps:
     """One new token per sequence (T = 1), written at `positions [B]` for the `active [B]`
-    rows (an inactive row writes nothing: its slot may be filling from a prefill), then
-    attending to the cache up to and including it. With a `mesh`, the cache write and the
+    rows, then attending to the cache up to and including it; an inactive row neither writes
+    (its slot may be filling from a prefill) nor reads (its output is zeros). With a `mesh`, the cache write and the
     attention run per shard: each device its batch rows (`data`) and its KV groups with their
     query heads (`model`)."""
 
@@ -242,18 +242,20 @@ class DenseDecodeOps:
         XLA (all groups only)."""
 
         def shard(q, k, v, k_cache, v_cache, positions, active, group_logits):
-            # A position outside the cache writes nothing (`write_kv_token`).
+            # An inactive row writes nothing (a position outside the cache: `write_kv_token`)
+            # and reads nothing (length 0: its output is zeros).
             writes = jnp.where(active, positions, k_cache.shape[2])
+            lengths = jnp.where(active, positions + 1, 0)
             kv = write_token(LayerKV(k_cache, v_cache), k, v, writes)
             if group_logits is not None:
                 with jax.named_scope(scopes.ATTN_ROUTER):
                     group_idx = topk_indices(group_logits, keep)
-                o = sparse_decode_attention(q, kv.k, kv.v, positions + 1, group_idx,
+                o = sparse_decode_attention(q, kv.k, kv.v, lengths, group_idx,
                                             sliding_window=window)
             elif kernel:
-                o = sparse_decode_attention(q, kv.k, kv.v, positions + 1, sliding_window=window)
+                o = sparse_decode_attention(q, kv.k, kv.v, lengths, sliding_window=window)
             else:
-                o = decode_attention(q, kv.k, kv.v, positions + 1, window)
+                o = decode_attention(q, kv.k, kv.v, lengths, window)
             return o, kv.k, kv.v
 
         heads = P(DATA, MODEL, None)
