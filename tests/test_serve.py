@@ -182,7 +182,8 @@ def test_serve_refusals_are_one_line_before_loading(capsys, monkeypatch):
         port = taken.getsockname()[1]
         rc, out, err = run_cli(capsys, ["serve", "--model", "/nonexistent", "--port", port])
     assert rc == 2 and out == ""
-    assert err.startswith(f"polar-jax: error: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1
+    assert err.startswith(f"polar-jax: error: cannot listen on 127.0.0.1:{port}: ")
+    assert err.count("\n") == 1
     rc, _, err = run_cli(capsys, ["serve", "--model", "m", "--attn-topk", "0.5"])
     assert rc == 2 and "--attn-topk=0.5 applies only with --routers" in err
     import polar_jax.serve
@@ -269,6 +270,10 @@ def test_stop_strings_and_max_tokens(client, prompts):
     streamed = list(client.completions.create(max_tokens=30, stop=stop, stream=True, **kwargs))
     assert "".join(c.choices[0].text for c in streamed) == full[:cut]
     assert streamed[-1].choices[0].finish_reason == "stop"
+    echoed = client.completions.create(max_tokens=30, stop=stop, echo=True, logprobs=1,
+                                       **kwargs).choices[0]
+    assert echoed.text == prompts[7] + full[:cut] and "".join(echoed.logprobs.tokens) == echoed.text
+    assert None not in echoed.logprobs.token_logprobs[1:]  # the prompt's, though cancelled
     answer = client.completions.create(max_tokens=5, **kwargs)
     assert answer.usage.completion_tokens == 5 and answer.choices[0].finish_reason == "length"
 
@@ -344,11 +349,17 @@ def test_full_queue_answers_503_and_disconnects_free_slots(base, client):
     """4 long streams fill the slots and 12 the queue: one more is refused (503). Closing a
     running stream admits the first queued one (before any stream could have ended on its
     own); closing them all cancels every request."""
-    finished = lambda reason: metric(base, f'polar_jax_completions_finished_total{{reason="{reason}"}}')
-    health = lambda: request("GET", f"{base}/health")[1]
+    def finished(reason: str) -> float:
+        return metric(base, f'polar_jax_completions_finished_total{{reason="{reason}"}}')
+
+    def health() -> dict:
+        return request("GET", f"{base}/health")[1]
+
+    def open_stream():
+        return client.completions.create(model="tiny-opt", prompt="The", stream=True,
+                                         max_tokens=250, temperature=0)
+
     cancelled, lengths = finished("cancelled"), finished("length")
-    open_stream = lambda: client.completions.create(model="tiny-opt", prompt="The", stream=True,
-                                                    max_tokens=250, temperature=0)
     streams = []
     try:
         for _ in range(4):
@@ -369,7 +380,8 @@ def test_full_queue_answers_503_and_disconnects_free_slots(base, client):
     wait_for(lambda: health() == {"status": "ok", "active_slots": 0, "queue_length": 0},
              what="every slot free")
     assert finished("cancelled") - cancelled + finished("length") - lengths == 16
-    assert client.completions.create(model="tiny-opt", prompt="The", max_tokens=3).usage.completion_tokens == 3
+    answer = client.completions.create(model="tiny-opt", prompt="The", max_tokens=3)
+    assert answer.usage.completion_tokens == 3
 
 
 def test_models_health_and_metrics(base, client):

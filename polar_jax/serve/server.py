@@ -76,10 +76,12 @@ class Detokenizer:
         self._start = 0  # the window decoded: ids[start:]
         self._read = len(self._ids)  # ids before `read` are out as text
 
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
     def _new_text(self) -> str:
-        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)
-        before = decode(self._ids[self._start:self._read])
-        after = decode(self._ids[self._start:])
+        before = self._decode(self._ids[self._start:self._read])
+        after = self._decode(self._ids[self._start:])
         return after[len(before):] if len(after) > len(before) else ""
 
     def add(self, token_id: int) -> str:
@@ -138,7 +140,10 @@ class Choice:
         return {self._tokenizer.decode([i]): logprob for i, logprob in top}
 
     def consume(self, event: Token | Done) -> None:
+        """Takes the stream's next event (tokens after a stop string are dropped)."""
         if isinstance(event, Token):
+            if self.finish_reason is not None:
+                return
             self.generated += 1
             self.tokens.append(TokenText("", len(self.text), event.logprob,
                                          self.alternatives(event.top_logprobs)))
@@ -318,20 +323,20 @@ class Api:
         return choices
 
     async def _updates(self, choices: list[Choice]) -> AsyncIterator[tuple[Choice, bool]]:
-        """(a choice, whether it has finished) whenever a choice has news (a token or its end),
-        the choices decoding together, until all have finished. On exit, every request still
+        """(a choice, whether it has ended) whenever a choice has news (a token or its end),
+        the choices decoding together, until all have ended. On exit, every request still
         running is cancelled."""
         news: asyncio.Queue[tuple[Choice, bool]] = asyncio.Queue()
 
         async def follow(choice: Choice) -> None:
             try:
-                async for event in choice.stream:
+                async for event in choice.stream:  # to its `Done`, which has echo's logprobs
                     choice.consume(event)
-                    news.put_nowait((choice, choice.finish_reason is not None))
                     if choice.finish_reason is not None:
-                        break
+                        choice.stream.cancel()  # a stop string: frees the slot now
+                    news.put_nowait((choice, choice.done is not None))
             finally:
-                choice.stream.cancel()  # after a stop string or the client left: frees the slot
+                choice.stream.cancel()  # the client left
                 self.metrics.finished_requests.labels(choice.finish_reason or "cancelled").inc()
 
         tasks = [asyncio.create_task(follow(choice)) for choice in choices]
@@ -445,9 +450,7 @@ class Api:
     def _prompt_tokens(self, choice: Choice) -> list[TokenText]:
         """The echoed prompt's tokens with their log-probabilities (`Done`'s)."""
         detokenizer, tokens, offset = Detokenizer(self.tokenizer), [], 0
-        done = choice.done or Done("abort")
-        logps = done.prompt_logprobs or [None] * len(choice.prompt)
-        tops = done.prompt_top_logprobs or [None] * len(choice.prompt)
+        logps, tops = choice.done.prompt_logprobs, choice.done.prompt_top_logprobs
         for i, (token_id, logp, top) in enumerate(zip(choice.prompt, logps, tops)):
             text = detokenizer.add(token_id)
             if i == len(choice.prompt) - 1:
