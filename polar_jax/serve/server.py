@@ -29,6 +29,7 @@ import jinja2
 import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from polar_jax import settings, validate
@@ -243,17 +244,17 @@ def chat_prompt(tokenizer, messages) -> list[int]:
                             f"{validate.describe(messages)}", "messages")
     conversation = []
     for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
+        role, content = (message.get("role"), message.get("content")) \
+            if isinstance(message, dict) else (None, None)
         if isinstance(content, list):
             parts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None
                      for p in content]
             content = None if None in parts else "".join(parts)
-        if not isinstance(message.get("role") if isinstance(message, dict) else None, str) \
-                or not isinstance(content, str):
+        if not isinstance(role, str) or not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] must be an object with a string role and a string "
                                 f"content (or text parts), got {validate.describe(message)}",
                            "messages")
-        conversation.append({"role": message["role"], "content": content})
+        conversation.append({"role": role, "content": content})
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False,
                                              add_generation_prompt=True)
@@ -270,6 +271,18 @@ async def _disconnected(request: HttpRequest) -> None:
 
 def _sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+def _event_stream(events: AsyncIterator[str], choices: list[Choice]) -> StreamingResponse:
+    """Server-sent `events`; afterwards (also when the client left before they began), every
+    request of `choices` still running is cancelled."""
+
+    def cancel() -> None:
+        for choice in choices:
+            choice.stream.cancel()
+
+    return StreamingResponse(events, media_type="text/event-stream",
+                             background=BackgroundTask(cancel))
 
 
 class Api:
@@ -423,13 +436,13 @@ class Api:
                     yield _sse(head | {"choices": [], "usage": self._usage(choices)})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return _event_stream(events(), choices)
         if not await self._run(request, choices):
             return Response(status_code=499)
         out = []
         for choice, prefix in zip(choices, echoed):
             tokens = choice.tokens
-            if echo:
+            if echo and logprobs is not None:
                 tokens = self._prompt_tokens(choice) + [
                     dataclasses.replace(t, offset=len(prefix) + t.offset) for t in tokens]
             out.append(choice_json(choice, prefix + choice.text, tokens, 0))
@@ -493,7 +506,7 @@ class Api:
                     yield _sse(head | {"choices": [], "usage": self._usage(choices)})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return _event_stream(events(), choices)
         if not await self._run(request, choices):
             return Response(status_code=499)
         return JSONResponse(head | {"object": "chat.completion", "usage": self._usage(choices),
