@@ -222,6 +222,38 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client")  # the [serve] extra
+
+
+def _cmd_serve(args) -> int:
+    import os
+
+    try:
+        from polar_jax.serve import server
+    except ModuleNotFoundError as err:
+        if err.name not in SERVE_MODULES:
+            raise
+        raise PolarJaxError(f"polar-jax serve needs {err.name}: install the serve extra: "
+                            "pip install 'polar-jax[serve]'") from None
+    from polar_jax.decode import Decoder
+
+    if not args.routers:
+        _refuse(args, ("attn_topk", "dense_layers"), "with --routers (sparse decoding)")
+    sparsity = _sparsity(args)
+    mode = "dense"
+    if args.routers:
+        mode = (f"sparse: attn-topk {sparsity.attn_topk:g}, dense layers "
+                f"{','.join(map(str, sparsity.dense_layers)) or 'none'}")
+    load = lambda: Decoder.load(args.model, args.dtype, routers=args.routers,
+                                attn_topk=args.attn_topk, dense_layers=args.dense_layers)
+    server.serve(load, host=args.host, port=args.port,
+                 model_name=args.served_model_name or os.path.basename(os.path.abspath(args.model)),
+                 mode=mode, max_slots=args.max_slots, max_len=args.max_len,
+                 prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                 access_log=not args.quiet)
+    return 0
+
+
 def _cmd_train_routers(args) -> int:
     import numpy as np
 
@@ -348,6 +380,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one JSON object per prompt, then a summary object")
     _add_device_args(gen)
     gen.set_defaults(run=_cmd_generate)
+
+    srv = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (continuous batching)",
+        description="Serve the model over HTTP with OpenAI's API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models; /health, Prometheus /metrics): requests "
+                    "join and leave a running batch of --max-slots KV-cache slots, prompts are "
+                    "prefilled in chunks of --prefill-chunk tokens between decode steps. Every "
+                    "program compiles before the server listens; it prints one line when ready. "
+                    "SIGTERM ends in-flight requests (finish_reason \"abort\") and exits 0.")
+    srv.add_argument("--model", required=True, help="converted or Hugging Face model directory")
+    srv.add_argument("--dtype", choices=tuple(DTYPES),
+                     help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    srv.add_argument("--routers", help="routers directory: decode with Polar Sparsity")
+    _add_sparsity_args(srv, "with --routers")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=validate.cli_type(validate.integer, int, low=0, high=65535),
+                     default=8000, help="port to listen on (0: any free one)")
+    # The Engine's defaults (not imported here: --help stays fast).
+    srv.add_argument("--max-slots", type=_positive, default=64,
+                     help="sequences decoded together (KV-cache slots)")
+    srv.add_argument("--max-len", type=_positive,
+                     help="positions per sequence, prompt and completion together "
+                          "(default: the model's)")
+    srv.add_argument("--prefill-chunk", type=_positive, default=256,
+                     help="prompt tokens prefilled per sequence between decode steps")
+    srv.add_argument("--max-queue", type=_positive, default=256,
+                     help="requests waiting for a slot, at most (then 503)")
+    srv.add_argument("--served-model-name",
+                     help="the model's name in the API (default: the --model directory's name)")
+    srv.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    srv.set_defaults(run=_cmd_serve)
 
     tr = commands.add_parser(
         "train-routers", help="train the attention-group and MLP routers of a model",

@@ -54,13 +54,19 @@ def next_token(logits, params: SamplingParams, key):
 def sample_rows(logits, params: SamplingParams, seeds, positions):
     """Token ids `[B]` from float32 logits `[B, V]`, each row by its own settings (the fields
     of `params` are `[B]`) and its own key, `fold_in(key(seeds[b]), positions[b])`: a row's
-    draw depends on its request and position only, never on the rest of the batch."""
-    column = lambda x: jnp.asarray(x)[:, None]
+    draw depends on its request and position only, never on the rest of the batch. A batch
+    with no sampled row skips the sampling (its sort over the vocabulary) altogether."""
     greedy = params.temperature <= 0
-    filtered = _filtered_logits(logits, SamplingParams(
-        column(jnp.where(greedy, 1.0, params.temperature)), column(params.top_k),
-        column(params.top_p)))
-    keys = jax.vmap(lambda seed, position: jax.random.fold_in(jax.random.key(seed), position))(
-        seeds, positions)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+    def draw():
+        column = lambda x: jnp.asarray(x)[:, None]
+        filtered = _filtered_logits(logits, SamplingParams(
+            column(jnp.where(greedy, 1.0, params.temperature)), column(params.top_k),
+            column(params.top_p)))
+        keys = jax.vmap(lambda seed, position: jax.random.fold_in(jax.random.key(seed), position))(
+            seeds, positions)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+        return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.all(greedy), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                        draw)

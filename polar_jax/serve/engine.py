@@ -87,11 +87,13 @@ class Token:
 class Done:
     """The last event of a stream. reason: "stop" (EOS), "length" (`max_tokens` or the
     context), "cancelled" (by its consumer), "abort" (the engine shut down), "error" (the
-    engine failed: `Engine.failure` says how). With `echo`, the
-    prompt's log-probabilities (None for its first token)."""
+    engine failed: `Engine.failure` says how). With `echo`, the prompt's log-probabilities and
+    (as `Token.top_logprobs`) its `logprobs` best alternatives per position (None for its
+    first token)."""
 
     reason: str
     prompt_logprobs: tuple[float | None, ...] | None = None
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...] | None, ...] | None = None
 
 
 class Observer(Protocol):
@@ -133,6 +135,7 @@ class _Live:
     first_token_at: float = 0.0
     cancelled: bool = False
     prompt_logprobs: list = dataclasses.field(default_factory=list)
+    prompt_top_logprobs: list = dataclasses.field(default_factory=list)
 
 
 class Stream:
@@ -242,7 +245,8 @@ class Engine:
         next_ids (the following prompt token, -1 where none) `[P, C]`; slot_idx `[P]` (the
         pool size for padding rows, which write nothing); last `[P]`: each row's last valid
         index. Returns the token sampled after each row's last one, its log-probabilities,
-        (with `echo`) each position's log-probability of its next prompt token, the cache."""
+        (with `echo`) each position's log-probability of its next prompt token and the best
+        alternatives, the cache."""
         model = nnx.merge(self.decoder.graphdef, state)
         rows = jax.tree.map(lambda c: c.at[slot_idx].get(mode="fill", fill_value=0), kv_cache)
         out = model.forward(tokens, positions, ChunkOps(positions, valid), rows)
@@ -255,7 +259,9 @@ class Engine:
         prompt_logp = None
         if echo:
             logp = jax.nn.log_softmax(model.logits(out.hidden_states), axis=-1)
-            prompt_logp = jnp.take_along_axis(logp, jnp.maximum(next_ids, 0)[..., None], -1)[..., 0]
+            chosen_logp = jnp.take_along_axis(logp, jnp.maximum(next_ids, 0)[..., None], -1)[..., 0]
+            top_logp_all, top_ids_all = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
+            prompt_logp = chosen_logp, top_ids_all, top_logp_all
         return first, chosen, top_ids, top_logp, prompt_logp, kv_cache
 
     def _decode_program(self, state, router_state, kv_cache, tokens, positions, active,
@@ -453,7 +459,11 @@ class Engine:
             count = int(valid[i].sum())
             if live.request.echo:
                 following = min(count, len(prompt) - 1 - live.prefilled)
-                live.prompt_logprobs.extend(float(x) for x in prompt_logp[i, :following])
+                prompt_chosen, prompt_ids, prompt_top = (x[i, :following] for x in prompt_logp)
+                live.prompt_logprobs.extend(prompt_chosen.tolist())
+                n = live.request.logprobs
+                live.prompt_top_logprobs.extend(tuple(zip(ids[:n].tolist(), logps[:n].tolist()))
+                                                for ids, logps in zip(prompt_ids, prompt_top))
             live.prefilled += count
             if live.prefilled < len(prompt):
                 continue
@@ -505,7 +515,8 @@ class Engine:
             if live.generated > 1:
                 per_token = (time.perf_counter() - live.first_token_at) / (live.generated - 1)
             self.observer.finished(live.generated, per_token)
-        prompt_logprobs = None
+        prompt_logprobs = prompt_top_logprobs = None
         if live.request.echo:
             prompt_logprobs = (None, *live.prompt_logprobs)
-        live.stream._put(Done(reason, prompt_logprobs))
+            prompt_top_logprobs = (None, *live.prompt_top_logprobs)
+        live.stream._put(Done(reason, prompt_logprobs, prompt_top_logprobs))

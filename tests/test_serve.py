@@ -1,0 +1,439 @@
+"""`polar-jax serve`: one server process on the tiny-opt fixture (float32, 4 slots of 256
+positions, prefill chunks of 16, a queue of 12), driven through the official `openai` client and
+raw HTTP. Its greedy completions equal `Decoder.generate`'s (16 requests joining and leaving a
+running batch), streams join to the same text, echo's log-probabilities equal the dense
+model's own log-softmax, stop strings cut at their first occurrence, bad requests answer 4xx
+in OpenAI's format and the server keeps serving, a full queue answers 503, a client that
+disconnects frees its slot, and SIGTERM ends a running stream and exits 0 (the module's last
+test). A second server decodes tiny-llama with trained routers as sparse `generate` does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import fixture_path, run_cli
+
+openai = pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parent.parent
+READY = re.compile(r"serving (\S+) \((.*)\) at (http://127\.0\.0\.1:\d+)/v1: ")
+ARGS = ("--dtype", "float32", "--max-slots", 4, "--max-len", 256, "--prefill-chunk", 16,
+        "--max-queue", 12)
+MAX_TOKENS = 12
+
+
+class Server:
+    """A `polar-jax serve` process on a free port, started at once (its compilation overlaps
+    the caller's work); `wait()` gives its base URL once it serves; killed by `stop()`."""
+
+    def __init__(self, tmp_path: Path, *argv):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+        self.out, self.err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        with open(self.out, "w") as stdout, open(self.err, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "polar_jax.cli", "serve", "--port", "0", "--quiet",
+                 *map(str, argv)], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                env=env, cwd=ROOT)
+        self.base = None
+
+    def wait(self, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while self.base is None:
+            if ready := READY.match(self.out.read_text()):
+                assert len(self.out.read_text().splitlines()) == 1
+                self.base = ready.group(3)
+                assert request("GET", f"{self.base}/health")[0] == 200
+                break
+            assert self.process.poll() is None, (f"exit {self.process.returncode}: "
+                                                 f"{self.err.read_text()[-3000:]}")
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        return self.base
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def request(method: str, url: str, body: bytes | dict | None = None) -> tuple[int, dict | str]:
+    """(status, the JSON answer or the text) of one HTTP request."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as answer:
+            status, text = answer.status, answer.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def metric(base: str, name: str) -> float:
+    _, text = request("GET", f"{base}/metrics")
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_for(condition, timeout: float = 30, what: str = "a condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def pieces(tokenizer, ids) -> list[str]:
+    """Each token's text: the growth of the decoded prefix."""
+    decoded = [tokenizer.decode(ids[:i], skip_special_tokens=True) for i in range(len(ids) + 1)]
+    return [b[len(a):] for a, b in zip(decoded, decoded[1:])]
+
+
+@pytest.fixture(scope="module")
+def opt_dir() -> Path:
+    return fixture_path("fixtures", "tiny-opt")
+
+
+@pytest.fixture(scope="module")
+def server(opt_dir, tmp_path_factory):
+    with Server(tmp_path_factory.mktemp("serve"), "--model", opt_dir, *ARGS) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def base(server) -> str:
+    return server.wait()
+
+
+@pytest.fixture(scope="module")
+def client(base):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def decoder(opt_dir):
+    from polar_jax.decode import Decoder
+
+    return Decoder.load(opt_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def reference(decoder, prompts):
+    """(the prompts' token ids, their greedy `Decoder.generate` completions)."""
+    ids = [decoder.tokenizer(p)["input_ids"] for p in prompts]
+    return ids, decoder.generate(ids, MAX_TOKENS).completions
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    """16 prompts of 1 to 46 words (up to 4 prefill chunks) from WikiText-2."""
+    words = fixture_path("data", "wikitext2_test.txt").read_text(encoding="utf-8").split()
+    return [" ".join(words[40 * i:40 * i + 3 * i + 1]) for i in range(16)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def test_serve_help_and_defaults_are_the_engines(capsys):
+    import inspect
+
+    from polar_jax.cli import build_parser
+    from polar_jax.serve.engine import Engine
+
+    rc, out, _ = run_cli(capsys, ["serve", "--help"])
+    assert rc == 0 and "OpenAI" in out and "(default: 8000)" in out
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    engine = inspect.signature(Engine).parameters
+    for name in ("max_slots", "max_len", "prefill_chunk", "max_queue"):
+        assert getattr(args, name) == engine[name].default, name
+
+
+def test_serve_refusals_are_one_line_before_loading(capsys, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, out, err = run_cli(capsys, ["serve", "--model", "/nonexistent", "--port", port])
+    assert rc == 2 and out == ""
+    assert err.startswith(f"polar-jax: error: cannot listen on 127.0.0.1:{port}: ")
+    assert err.count("\n") == 1
+    rc, _, err = run_cli(capsys, ["serve", "--model", "m", "--attn-topk", "0.5"])
+    assert rc == 2 and "--attn-topk=0.5 applies only with --routers" in err
+    import polar_jax.serve
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # the [serve] extra missing
+    monkeypatch.delitem(sys.modules, "polar_jax.serve.server", raising=False)
+    monkeypatch.delattr(polar_jax.serve, "server", raising=False)
+    rc, _, err = run_cli(capsys, ["serve", "--model", "m"])
+    assert rc == 2 and err == ("polar-jax: error: polar-jax serve needs fastapi: install the serve "
+                               "extra: pip install 'polar-jax[serve]'\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Completions.
+
+
+def test_concurrent_greedy_requests_equal_generate(server, decoder, reference, client, prompts):
+    """16 requests (text or token ids), started 30 ms apart while earlier ones decode: each
+    gets generate's tokens and text. (The fixtures in this order: the reference is computed
+    while the server compiles.)"""
+    tokenizer = decoder.tokenizer
+    ids, reference = reference
+    assert len({len(i) for i in ids}) > 8 and max(map(len, ids)) > 3 * 16
+
+    def ask(i: int):
+        time.sleep(0.03 * i)
+        return client.completions.create(model="tiny-opt", prompt=prompts[i] if i % 2 else ids[i],
+                                         max_tokens=MAX_TOKENS, temperature=0, logprobs=1)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    for i, (answer, ref) in enumerate(zip(answers, reference)):
+        (choice,) = answer.choices
+        assert choice.text == ref.text, i
+        assert choice.logprobs.tokens == pieces(tokenizer, ref.tokens), i
+        assert choice.finish_reason == ("stop" if ref.tokens[-1] in decoder.eos_ids else "length")
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(ids[i]),
+                                                                               len(ref.tokens))
+        for logprob, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
+            assert len(top) == 1 and logprob == max(top.values())  # greedy: the best token
+
+
+def test_streams_join_to_the_text(client, prompts):
+    kwargs = dict(model="tiny-opt", prompt=prompts[3:6], max_tokens=20, temperature=0)
+    whole = client.completions.create(**kwargs)
+    texts, reasons = ["", "", ""], [None, None, None]
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            assert reasons[choice.index] is None  # nothing after the final chunk
+            texts[choice.index] += choice.text
+            reasons[choice.index] = choice.finish_reason
+    assert texts == [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert reasons == [c.finish_reason for c in whole.choices]
+
+
+def test_echo_logprobs_are_the_dense_models(client, decoder, prompts):
+    from flax import nnx
+
+    prompt = prompts[15]
+    ids = decoder.tokenizer(prompt)["input_ids"]
+    answer = client.completions.create(model="tiny-opt", prompt=prompt, max_tokens=1,
+                                       temperature=0, logprobs=2, echo=True)
+    (choice,) = answer.choices
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    model = nnx.merge(decoder.graphdef, decoder.state)
+    logp = jax.nn.log_softmax(model(jnp.asarray([ids]), jnp.ones((1, len(ids)), bool))[0], -1)
+    expected = np.asarray(logp)[np.arange(len(ids) - 1), ids[1:]]
+    logprobs = choice.logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    np.testing.assert_allclose(logprobs.token_logprobs[1:len(ids)], expected, atol=1e-4)
+    for logprob, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:]):
+        assert len(top) == 2 and max(top.values()) >= logprob - 1e-6
+    assert "".join(logprobs.tokens) == choice.text
+    assert [choice.text[o:] for o in logprobs.text_offset[-1:]] == [logprobs.tokens[-1]]
+
+
+def test_stop_strings_and_max_tokens(client, prompts):
+    kwargs = dict(model="tiny-opt", prompt=prompts[7], temperature=0)
+    full = client.completions.create(max_tokens=30, **kwargs).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = full.index(stop)
+    answer = client.completions.create(max_tokens=30, stop=["never there", stop], **kwargs)
+    assert (answer.choices[0].text, answer.choices[0].finish_reason) == (full[:cut], "stop")
+    streamed = list(client.completions.create(max_tokens=30, stop=stop, stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in streamed) == full[:cut]
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    echoed = client.completions.create(max_tokens=30, stop=stop, echo=True, logprobs=1,
+                                       **kwargs).choices[0]
+    assert echoed.text == prompts[7] + full[:cut] and "".join(echoed.logprobs.tokens) == echoed.text
+    assert None not in echoed.logprobs.token_logprobs[1:]  # the prompt's, though cancelled
+    answer = client.completions.create(max_tokens=5, **kwargs)
+    assert answer.usage.completion_tokens == 5 and answer.choices[0].finish_reason == "length"
+
+
+def test_chat_needs_a_template(base, opt_dir):
+    status, answer = request("POST", f"{base}/v1/chat/completions",
+                             {"model": "tiny-opt", "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 400 and "no chat template" in answer["error"]["message"]
+
+
+def test_chat_prompt_applies_the_template(opt_dir):
+    from polar_jax.loading import load_tokenizer
+    from polar_jax.serve.server import ApiError, chat_prompt
+
+    tokenizer = load_tokenizer(opt_dir)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                             {"type": "text", "text": "there"}]}]
+    assert chat_prompt(tokenizer, messages) == tokenizer(
+        "<system>Be brief.\n<user>Hi there\n<assistant>", add_special_tokens=False)["input_ids"]
+    for bad in ([], [{"content": "no role"}], [{"role": "user", "content": 3}]):
+        with pytest.raises(ApiError, match="messages") as caught:
+            chat_prompt(tokenizer, bad)
+        assert caught.value.status == 400
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ApiError, match="roles must alternate"):
+        chat_prompt(tokenizer, messages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals, the queue, disconnects, metrics.
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    (b'{"prompt": "x", ', 400, "not valid JSON"),
+    (b'["prompt"]', 400, "must be a JSON object"),
+    ({"prompt": 3}, 400, "prompt must be a string"),
+    ({"prompt": [1, "a"]}, 400, "prompt must be a string"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature must be a finite number"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p must be"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs must be an integer in [0, 5]"),
+    ({"prompt": "x", "echo": "yes"}, 400, "echo must be true or false"),
+    ({"prompt": "x", "n": 2}, 400, "n must be 1"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop must be"),
+    ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
+    ({"prompt": [5, 99999]}, 400, "token id 99999 is outside the vocabulary"),
+    ({"prompt": ""}, 400, "the prompt is empty"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
+    ({"prompt": [5] * 256}, 413, "the prompt has 256 tokens"),
+])
+def test_bad_requests_answer_4xx_and_the_server_keeps_serving(base, body, status, needle):
+    got, answer = request("POST", f"{base}/v1/completions", body)
+    assert got == status, answer
+    error = answer["error"]
+    assert needle in error["message"] and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param",
+                                                                      "code"}
+    got, answer = request("POST", f"{base}/v1/completions", {"prompt": "The", "max_tokens": 2})
+    assert got == 200 and answer["usage"]["completion_tokens"] == 2
+
+
+def test_unknown_routes_answer_in_openais_format(base):
+    status, answer = request("GET", f"{base}/v1/nothing")
+    assert status == 404 and "Not Found" in answer["error"]["message"]
+    status, answer = request("GET", f"{base}/v1/completions")
+    assert status == 405 and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_full_queue_answers_503_and_disconnects_free_slots(base, client):
+    """4 long streams fill the slots and 12 the queue: one more is refused (503). Closing a
+    running stream admits the first queued one (before any stream could have ended on its
+    own); closing them all cancels every request."""
+    def finished(reason: str) -> float:
+        return metric(base, f'polar_jax_completions_finished_total{{reason="{reason}"}}')
+
+    def health() -> dict:
+        return request("GET", f"{base}/health")[1]
+
+    def open_stream():
+        return client.completions.create(model="tiny-opt", prompt="The", stream=True,
+                                         max_tokens=250, temperature=0)
+
+    cancelled, lengths = finished("cancelled"), finished("length")
+    streams = []
+    try:
+        for _ in range(4):
+            streams.append(open_stream())
+            next(iter(streams[-1]))
+        streams += [open_stream() for _ in range(12)]
+        wait_for(lambda: health()["queue_length"] == 12, what="a full queue")
+        with pytest.raises(openai.APIStatusError) as busy:
+            client.completions.create(model="tiny-opt", prompt="The", max_tokens=1)
+        assert busy.value.status_code == 503 and "queue is full" in busy.value.message
+        streams[0].close()
+        wait_for(lambda: health()["queue_length"] == 11, what="the freed slot")
+        assert finished("length") == lengths  # no stream ended on its own
+        assert next(iter(streams[4])).choices[0].text is not None
+    finally:
+        for stream in streams:
+            stream.close()
+    wait_for(lambda: health() == {"status": "ok", "active_slots": 0, "queue_length": 0},
+             what="every slot free")
+    assert finished("cancelled") - cancelled + finished("length") - lengths == 16
+    answer = client.completions.create(model="tiny-opt", prompt="The", max_tokens=3)
+    assert answer.usage.completion_tokens == 3
+
+
+def test_models_health_and_metrics(base, client):
+    (model,) = client.models.list().data
+    assert (model.id, model.max_model_len) == ("tiny-opt", 256)
+    status, text = request("GET", f"{base}/metrics")
+    assert status == 200 and "# TYPE polar_jax_active_slots gauge" in text
+    for name in ("polar_jax_prompt_tokens_total", "polar_jax_generated_tokens_total",
+                 "polar_jax_step_seconds_count", "polar_jax_time_to_first_token_seconds_count",
+                 "polar_jax_time_per_output_token_seconds_count"):
+        assert metric(base, name) > 0, name
+    assert metric(base, "polar_jax_active_slots") == metric(base, "polar_jax_queue_length") == 0
+    assert metric(base, 'polar_jax_requests_total{code="200",endpoint="/v1/completions"}') >= 16
+    assert metric(base, 'polar_jax_requests_total{code="413",endpoint="/v1/completions"}') == 1
+    assert request("GET", f"{base}/health")[1]["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse decoding.
+
+
+def test_sparse_server_equals_sparse_generate(trained_routers, tmp_path, prompts):
+    from polar_jax.decode import Decoder
+
+    model = fixture_path("fixtures", "tiny-llama")
+    _, routers = trained_routers("tiny-llama")
+    with Server(tmp_path, "--model", model, "--routers", routers, "--dtype", "float32",
+                "--max-slots", 4, "--max-len", 128, "--prefill-chunk", 16,
+                "--served-model-name", "llama") as server:
+        decoder = Decoder.load(model, "float32", routers=routers)
+        ids = [decoder.tokenizer(p)["input_ids"] for p in prompts[2:14:3]]
+        reference = decoder.generate(ids, MAX_TOKENS).completions
+        sparse = openai.OpenAI(base_url=f"{server.wait()}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda p: sparse.completions.create(
+                model="llama", prompt=p, max_tokens=MAX_TOKENS, temperature=0), ids))
+    assert [a.choices[0].text for a in answers] == [r.text for r in reference]
+    assert [a.usage.completion_tokens for a in answers] == [len(r.tokens) for r in reference]
+
+
+# ---------------------------------------------------------------------------------------------
+# Last: SIGTERM ends the module's server.
+
+
+def test_sigterm_ends_streams_and_exits_0(server, client):
+    process = server.process
+    stream = client.completions.create(model="tiny-opt", prompt="The", stream=True,
+                                       max_tokens=250, temperature=0)
+    chunks = iter(stream)
+    next(chunks)
+    process.send_signal(signal.SIGTERM)
+    rest = list(chunks)
+    assert rest and rest[-1].choices[0].finish_reason == "abort"
+    assert process.wait(timeout=60) == 0
