@@ -187,12 +187,21 @@ def test_eval_past_the_models_positions(capsys, monkeypatch, model_dir, text_fil
 
 def test_eval_memory_refusal(capsys, monkeypatch, model_dir, text_file):
     monkeypatch.setattr(evaluate, "_nll_fn", lambda *a, **k: pytest.fail("compiled"))
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 10)
+    free = iter([1 << 40])  # the weights fit (the first check, at loading); the buffers do not
+    monkeypatch.setattr(memory, "available_bytes", lambda device: next(free, 1 << 10))
     _assert_one_line_error(
         capsys, ["eval", "perplexity", "--model", model_dir, "--text", text_file, "--seq-len",
                  "64", "--batch-size", "16"],
         "--seq-len 64 at a batch of", "attention scores", "0.00 GiB free",
         "lower --batch-size or --seq-len")
+
+
+def test_weights_memory_refusal(capsys, monkeypatch, model_dir, text_file):
+    """A device's share of the weights is checked before anything is read."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 10)
+    _assert_one_line_error(
+        capsys, ["eval", "perplexity", "--model", model_dir, "--text", text_file],
+        "the weights of", "weights per device", "0.00 GiB free", "spread the model over more devices (--tp)")
 
 
 # ---------------------------------------------------------------------------------------------
