@@ -244,8 +244,15 @@ def _cmd_serve(args) -> int:
     if args.routers:
         mode = (f"sparse: attn-topk {sparsity.attn_topk:g}, dense layers "
                 f"{','.join(map(str, sparsity.dense_layers)) or 'none'}")
+    mesh = None
+    if args.tp > 1:
+        from models.sharding import make_mesh
+
+        mesh = make_mesh(args.tp)
+        mode += f", tp {args.tp}"
     load = lambda: Decoder.load(args.model, args.dtype, routers=args.routers,
-                                attn_topk=args.attn_topk, dense_layers=args.dense_layers)
+                                attn_topk=args.attn_topk, dense_layers=args.dense_layers,
+                                mesh=mesh)
     server.serve(load, host=args.host, port=args.port,
                  model_name=args.served_model_name or os.path.basename(os.path.abspath(args.model)),
                  mode=mode, max_slots=args.max_slots, max_len=args.max_len,
@@ -410,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name",
                      help="the model's name in the API (default: the --model directory's name)")
     srv.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    srv.add_argument("--tp", type=_positive, default=1,
+                     help="tensor parallel: split the model over N devices of this host")
     srv.set_defaults(run=_cmd_serve)
 
     tr = commands.add_parser(
