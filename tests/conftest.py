@@ -44,16 +44,15 @@ def fixture_path(*parts: str) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests skip on a CPU. Under pytest-xdist (`-n 2 --dist loadgroup`), each test file is
-    one group, so its module fixtures are built once, and the files that share the session's
-    `trained_routers` are one group, so the routers are trained once."""
+    """GPU tests skip on a CPU. Under pytest-xdist (`-n 2 --dist loadgroup`), the tests that
+    use the session's `trained_routers` are one group, so the routers are trained once, and
+    each file's other tests are one group, so its module fixtures are built once."""
     on_gpu = jax.default_backend() == "gpu"
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU; the default JAX backend is CPU")
-    routers_files = {item.path for item in items if "trained_routers" in item.fixturenames}
     for item in items:
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip)
-        group = "trained_routers" if item.path in routers_files else item.path.name
+        group = "trained_routers" if "trained_routers" in item.fixturenames else item.path.name
         item.add_marker(pytest.mark.xdist_group(group))
 
 

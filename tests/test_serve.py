@@ -427,6 +427,55 @@ def test_sparse_server_equals_sparse_generate(trained_routers, tmp_path, prompts
 # Last: SIGTERM ends the module's server.
 
 
+def test_lm_evaluation_harness_local_completions(base, decoder, opt_dir, tmp_path):
+    """lm-evaluation-harness's `local-completions` model against the server, on a two-choice
+    task built from the fixture text (which of two 4-word continuations follows an 8-word
+    context): its accuracy equals the one the model's own log-likelihoods give."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed "
+                                          "(pip install lm-eval)")
+    from flax import nnx
+
+    rng = np.random.default_rng()
+    lines = [line.split() for line in
+             fixture_path("data", "wikitext2_test.txt").read_text(encoding="utf-8").splitlines()
+             if len(line.split()) >= 16 and "@" not in line][:40]
+    docs = []
+    for i in rng.choice(len(lines), 12, replace=False):
+        other = lines[(i + 7) % len(lines)]
+        right, wrong = " " + " ".join(lines[i][8:12]), " " + " ".join(other[8:12])
+        label = int(rng.integers(2))
+        docs.append({"context": " ".join(lines[i][:8]), "label": label,
+                     "choices": [right, wrong] if label == 0 else [wrong, right]})
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "fixture_mc.yaml").write_text(
+        "task: fixture_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+         f"model=tiny-opt,base_url={base}/v1/completions,tokenizer={opt_dir},"
+         "tokenized_requests=False,max_retries=1", "--tasks", "fixture_mc", "--include_path",
+         str(tmp_path), "--output_path", str(tmp_path / "out")],
+        env=env, cwd=tmp_path, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    accuracy = json.loads(results.read_text())["results"]["fixture_mc"]["acc,none"]
+    model = nnx.merge(decoder.graphdef, decoder.state)
+
+    def loglikelihood(context: str, continuation: str) -> float:
+        ids = decoder.tokenizer(context + continuation)["input_ids"]
+        start = len(decoder.tokenizer(context)["input_ids"])
+        logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]),
+                                                   jnp.ones((1, len(ids)), bool))[0], -1))
+        return float(logp[np.arange(start - 1, len(ids) - 1), ids[start:]].sum())
+
+    correct = [int(np.argmax([loglikelihood(d["context"], c) for c in d["choices"]])) == d["label"]
+               for d in docs]
+    assert accuracy == pytest.approx(np.mean(correct))
+
+
 def test_sigterm_ends_streams_and_exits_0(server, client):
     process = server.process
     stream = client.completions.create(model="tiny-opt", prompt="The", stream=True,
