@@ -47,7 +47,8 @@ def test_decode_over_a_mesh_writes_rows(tmp_path, capsys):
     assert (row["tp"], row["dp"], row["batch"], row["context"]) == (2, 2, 2, 64)
     # tiny: 256 neurons, --mlp-density 0.5 -> 128 for the step, 64 chosen on each shard
     assert row["mlp_neurons_per_layer"] == [128, 128]
-    assert row["dense_ms"] > 0 and row["sparse_ms"] > 0 and row["dense_roofline_ms"] > 0
+    # Times are only finite here: (t(2N) - t(N)) / N of a 2-step CPU run can come out negative.
+    assert np.isfinite([row["dense_ms"], row["sparse_ms"]]).all() and row["dense_roofline_ms"] > 0
     assert "--tp 2 --dp 2" in stdout
 
 
