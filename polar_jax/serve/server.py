@@ -432,11 +432,8 @@ class Api:
                     if text or tokens or finished:
                         yield _sse(head | {"choices": [choice_json(
                             choice, text, tokens, len(echoed[choice.index]), finished)]})
-                if include_usage:
-                    yield _sse(head | {"choices": [], "usage": self._usage(choices)})
-                yield "data: [DONE]\n\n"
 
-            return _event_stream(events(), choices)
+            return _event_stream(self._ended(events(), head, choices, include_usage), choices)
         if not await self._run(request, choices):
             return Response(status_code=499)
         out = []
@@ -447,6 +444,15 @@ class Api:
                     dataclasses.replace(t, offset=len(prefix) + t.offset) for t in tokens]
             out.append(choice_json(choice, prefix + choice.text, tokens, 0))
         return JSONResponse(head | {"choices": out, "usage": self._usage(choices)})
+
+    async def _ended(self, events: AsyncIterator[str], head: dict, choices: list[Choice],
+                     include_usage: bool) -> AsyncIterator[str]:
+        """A stream's `events`, then (when asked) the usage chunk, then `[DONE]`."""
+        async for event in events:
+            yield event
+        if include_usage:
+            yield _sse(head | {"choices": [], "usage": self._usage(choices)})
+        yield "data: [DONE]\n\n"
 
     def _prompts(self, prompt) -> tuple[list[str | None], list[list[int]]]:
         """(the text of each prompt given as text, else None; each prompt's token ids): a
@@ -502,11 +508,8 @@ class Api:
                         yield chunk({"content": text})
                     if finished:
                         yield chunk({}, choice.finish_reason)
-                if include_usage:
-                    yield _sse(head | {"choices": [], "usage": self._usage(choices)})
-                yield "data: [DONE]\n\n"
 
-            return _event_stream(events(), choices)
+            return _event_stream(self._ended(events(), head, choices, include_usage), choices)
         if not await self._run(request, choices):
             return Response(status_code=499)
         return JSONResponse(head | {"object": "chat.completion", "usage": self._usage(choices),
