@@ -4,10 +4,13 @@ Weights are stored in the layouts the decode kernels read and that shard per hea
 neuron: the q/k/v projections together, by KV group, `[d, Hkv, Hq / Hkv + 2, head_dim]`, the output projection
 `[heads, head_dim, d]`, MLP weights neuron-major `[N, d]` (row n holds neuron n's input, or
 output, weights; a gated MLP's gate and up rows together `[N, 2, d]`).
-Matmuls accumulate in float32; norms and softmax run in float32.
+Matmuls accumulate in float32; norms and softmax run in float32. Each projection takes the
+`matmul` that computes it (`xla_matmul` unless the ops choose a kernel: `models.ops`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,17 @@ from models import scopes
 from pallas_kernels.activations import get_activation
 
 F32 = jnp.float32
+
+
+def xla_matmul(x, w, *, contract: int = 1, layout: str = "kn"):
+    """x `[..., *c]` against w `[*c, *n]` (layout "kn") or `[*n, *c]` ("nk"), c the last
+    `contract` dims of x -> float32 `[..., *n]` (XLA's dot)."""
+    xc = tuple(range(x.ndim - contract, x.ndim))
+    wc = tuple(range(contract)) if layout == "kn" else tuple(range(w.ndim - contract, w.ndim))
+    return jax.lax.dot_general(x, w, ((xc, wc), ((), ())), preferred_element_type=F32)
+
+
+Matmul = Callable[..., jax.Array]  # `xla_matmul`'s signature
 
 
 def _param(shape, dtype, fill: float = 0.0):
@@ -91,9 +105,9 @@ class Attention(nnx.Module):
         self.b_o = _maybe(out_bias, (d,), dtype)
 
     @jax.named_scope(scopes.QKV_PROJ)
-    def project_qkv(self, x):
+    def project_qkv(self, x, matmul: Matmul = xla_matmul):
         """x `[..., d]` -> q `[..., Hq, D]`, k and v `[..., Hkv, D]`."""
-        y = jnp.einsum("...d,dkgh->...kgh", x, self.w_qkv[...], preferred_element_type=F32)
+        y = matmul(x, self.w_qkv[...])
         if self.b_qkv is not None:
             y = y + self.b_qkv[...].astype(F32)
         y = y.astype(x.dtype)
@@ -102,9 +116,9 @@ class Attention(nnx.Module):
         return q, y[..., g, :], y[..., g + 1, :]
 
     @jax.named_scope(scopes.OUT_PROJ)
-    def project_out(self, o):
+    def project_out(self, o, matmul: Matmul = xla_matmul):
         """o `[..., Hq, D]` -> `[..., d]`."""
-        y = jnp.einsum("...hk,hkd->...d", o, self.w_o[...], preferred_element_type=F32)
+        y = matmul(o, self.w_o[...], contract=2)
         if self.b_o is not None:
             y = y + self.b_o[...].astype(F32)
         return y.astype(o.dtype)
@@ -124,27 +138,27 @@ class MLP(nnx.Module):
         self.b_out = _maybe(bias, (d,), dtype)
         self.activation = activation
 
-    def activations(self, x):
+    def activations(self, x, matmul: Matmul = xla_matmul):
         """The neuron activations `[..., N]` (float32), what the MLP router learns to predict."""
         act = get_activation(self.activation)
         if self.w_gate_up is None:
-            h = jnp.einsum("...d,nd->...n", x, self.w_in[...], preferred_element_type=F32)
+            h = matmul(x, self.w_in[...], layout="nk")
             return act(h if self.b_in is None else h + self.b_in[...].astype(F32))
-        h = jnp.einsum("...d,ngd->...ng", x, self.w_gate_up[...], preferred_element_type=F32)
+        h = matmul(x, self.w_gate_up[...], layout="nk")
         if self.b_gate_up is not None:
             h = h + self.b_gate_up[...].astype(F32)
         return act(h[..., 0]) * h[..., 1]
 
-    def project_out(self, h, dtype):
+    def project_out(self, h, dtype, matmul: Matmul = xla_matmul):
         """Neuron activations `[..., N]` -> `[..., d]` in `dtype`."""
-        y = jnp.einsum("...n,nd->...d", h.astype(dtype), self.w_out[...], preferred_element_type=F32)
+        y = matmul(h.astype(dtype), self.w_out[...])
         if self.b_out is not None:
             y = y + self.b_out[...].astype(F32)
         return y.astype(dtype)
 
     @jax.named_scope(scopes.MLP)
-    def __call__(self, x):
-        return self.project_out(self.activations(x), x.dtype)
+    def __call__(self, x, matmul: Matmul = xla_matmul):
+        return self.project_out(self.activations(x, matmul), x.dtype, matmul)
 
 
 def positions_from_mask(attention_mask):

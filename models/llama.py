@@ -28,11 +28,11 @@ class LlamaBlock(nnx.Module):
         """x `[B, T, d]`, rope the (cos, sin) tables of the tokens' positions."""
         u = self.attn_norm(x)
         route = ops.route(layer=self.layer, u=u)
-        q, k, v = self.attn.project_qkv(u)
+        q, k, v = self.attn.project_qkv(u, ops.matmul)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o, kv, attn_record = ops.attention(layer=self.layer, route=route, q=q, k=k, v=v, kv=kv,
                                            window=self.sliding_window)
-        x = x + self.attn.project_out(o)
+        x = x + self.attn.project_out(o, ops.matmul)
         y, mlp_record = ops.mlp(layer=self.layer, route=route, x=self.mlp_norm(x), mlp=self.mlp)
         return x + y, kv, attn_record | mlp_record
 

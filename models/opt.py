@@ -29,10 +29,10 @@ class OPTBlock(nnx.Module):
         """x `[B, T, d]`; OPT's blocks share nothing beyond it (`shared` is None)."""
         u = self.attn_norm(x) if self.pre_ln else x
         route = ops.route(layer=self.layer, u=u)
-        q, k, v = self.attn.project_qkv(u)
+        q, k, v = self.attn.project_qkv(u, ops.matmul)
         o, kv, attn_record = ops.attention(layer=self.layer, route=route, q=q, k=k, v=v, kv=kv,
                                            window=None)
-        x = x + self.attn.project_out(o)
+        x = x + self.attn.project_out(o, ops.matmul)
         if not self.pre_ln:
             x = self.attn_norm(x)
         y, mlp_record = ops.mlp(layer=self.layer, route=route,

@@ -108,7 +108,8 @@ class SparseDecodeOps(DenseDecodeOps):
             # The barrier keeps XLA from merging the router matmul with the QKV projection
             # (same input): that concatenates both weights every step (measured on an H200,
             # opt-6.7b: 62 us per layer), as the concatenation is not hoisted out of the loop.
-            return DecodeRoute(*self.routers[layer].project(jax.lax.optimization_barrier(u[:, 0])))
+            return DecodeRoute(*self.routers[layer].project(jax.lax.optimization_barrier(u[:, 0]),
+                                                            self.matmul))
 
     @jax.named_scope(scopes.ATTENTION)
     def attention(self, *, layer, route, q, k, v, kv, window):
@@ -121,7 +122,7 @@ class SparseDecodeOps(DenseDecodeOps):
     def mlp(self, *, layer, route, x, mlp):
         keep = self.plan.mlp_neurons[layer]
         if keep is None:
-            return mlp(x), NO_RECORD
+            return mlp(x, self.matmul), NO_RECORD
         mesh, param = self.mesh, (lambda p: None if p is None else p[...])
         b_out = param(mlp.b_out)
 

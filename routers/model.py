@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from models import ModelConfig, build_model
+from models.layers import Matmul, xla_matmul
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import atomic_output, checkpoint_file, restore_arrays, save_arrays
@@ -105,10 +106,10 @@ class LayerRouters:
     attn_b: jax.Array
     mlp_up: jax.Array | None
 
-    def project(self, u):
+    def project(self, u, matmul: Matmul = xla_matmul):
         """(group logits `[..., Hkv]` float32, the MLP router's hidden state `[..., r]` in u's
-        dtype or None) of u `[..., d]`: one matmul for both routers' first projections."""
-        z = jnp.einsum("...d,dh->...h", u, self.w_in.astype(u.dtype), preferred_element_type=F32)
+        dtype or None) of u `[..., d]`: one `matmul` for both routers' first projections."""
+        z = matmul(u, self.w_in.astype(u.dtype))
         hkv = self.attn_b.shape[0]
         hidden = None if self.mlp_up is None else z[..., hkv:].astype(u.dtype)
         return z[..., :hkv] + self.attn_b, hidden

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import config_from_hf
+from models import config_from_hf, ops
 from models.kv_cache import KVCache
+from pallas_kernels.skinny_matmul import skinny_matmul
 from polar_jax.bench.decode import random_state
 from polar_jax.sparsity import SparsityPlan
 from polar_jax.step import DecodeState, decode_step, prefill
@@ -50,11 +51,19 @@ def _model(config, seed):
     return graphdef, jax.tree.map(lambda a: a * 5, state)
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["xla", "kernels"])
 @pytest.mark.parametrize("config", [CONFIG, GQA_CONFIG], ids=["opt", "llama-gqa"])
-def test_prefill_and_decode_step_over_slots_equal_the_full_forward(config):
+def test_prefill_and_decode_step_over_slots_equal_the_full_forward(config, kernels, monkeypatch):
     """Three slots with ragged prompts; the middle one inactive. Prefill's logits and the
     active slots' next-token logits equal the full-sequence forward pass of prompt + fed
-    token; the inactive slot neither advances nor changes its token."""
+    token; the inactive slot neither advances nor changes its token. `kernels`: the step
+    takes the GPU's path (the KV-write and attention kernels, the projections through
+    `skinny_matmul`), interpreted."""
+    calls = []
+    if kernels:
+        monkeypatch.setattr(ops, "on_gpu", lambda: True)
+        monkeypatch.setattr(ops, "skinny_matmul",
+                            lambda *a, **kw: calls.append(1) or skinny_matmul(*a, **kw))
     rng = np.random.default_rng()
     graphdef, params = _model(config, int(rng.integers(1 << 30)))
     lengths = np.array([5, 11, 2], np.int32)
@@ -87,6 +96,8 @@ def test_prefill_and_decode_step_over_slots_equal_the_full_forward(config):
     assert np.array_equal(step.state.positions, lengths + active)
     assert np.array_equal(step.state.tokens, np.where(active, step.next_tokens, fed))
     assert np.array_equal(step.next_tokens, np.argmax(step.logits, axis=-1))
+    # Q/K/V, output and the MLP's two projections of every layer (traced once).
+    assert len(calls) == (4 * config.num_layers if kernels else 0)
 
 
 def test_inactive_slots_do_not_change_the_sparse_step_of_active_ones():
