@@ -137,5 +137,6 @@ def test_compile_times_smoke(tmp_path, capsys):
     assert 0 < row["lower_s"] and 0 < row["compile_s"] < row["target_s"] == 20
     assert abs(row["seconds"] - row["lower_s"] - row["compile_s"]) < 0.01
     assert row["met"] and (result["targets"], result["targets_met"]) == (1, 1)
-    assert f"| write_kv_token | B 2, H 4, S 64, D 16, dtype bfloat16 | {row['seconds']:.2f} |" in printed
+    line = f"| write_kv_token | B 2, H 4, S 64, D 16, dtype bfloat16 | {row['seconds']:.2f} |"
+    assert line in printed
     assert "Targets: 1/1 met" in printed

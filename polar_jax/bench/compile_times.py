@@ -6,9 +6,9 @@ Each row lowers and compiles one jitted call on abstract inputs (`jax.ShapeDtype
 weights or caches are allocated) with the persistent compilation cache off; its time is the
 wall time of `.lower(...).compile()` (lowering and compilation also apart). Each row runs in a
 fresh process (`polar_jax.bench.jobs`; `--in-process`: all in this one), after a warm-up
-compile there (an XLA op and a tiny Pallas kernel) that takes the process's one-time setup, so no
-row reuses another's compiled kernels or XLA's autotuning results. On the CPU the kernels
-compile for the Pallas interpreter.
+compile there (an XLA op and a tiny Pallas kernel) that takes the process's one-time setup,
+so no row reuses another's compiled kernels or XLA's autotuning results. On the CPU the
+kernels compile for the Pallas interpreter.
 
 The rows (bfloat16 unless said):
 - `topk_indices`: one row of 16384, 20480 (opt-13b MLP), 28672, 33000 and 36864 (opt-66b)
@@ -142,9 +142,10 @@ def plan_rows(quick: bool, only, topk_chunk: int | None) -> list[dict]:
         topk.append(dict(R=64, N=32, k=10, dtype="float32"))
         B, r, d, N, S, H, D, arch, context = (1, 64), 1024, 4096, 16384, 2048, 32, 128, \
             "opt-6.7b", 2048
+    if topk_chunk:
+        topk = [dict(a, chunk=topk_chunk) for a in topk]
     k_mlp = _k(0.62, N)
-    rows = [dict(kernel="topk_indices", args=dict(a, **({"chunk": topk_chunk} if topk_chunk else {})))
-            for a in topk]
+    rows = [dict(kernel="topk_indices", args=a) for a in topk]
     rows += [dict(kernel="neuron_scores", args=dict(B=b, r=r, N=N, dtype="bfloat16")) for b in B]
     rows += [dict(kernel="selective_mlp", args=dict(B=b, d=d, N=N, k=k_mlp, dtype="bfloat16"))
              for b in B]
@@ -234,7 +235,8 @@ def format_row(row: dict) -> str:
     shape = ", ".join([f"{name} {value}" for name, value in row["args"].items()
                        if name != "chunk"] + ([row["path"]] if "path" in row else []))
     if "error" in row:
-        return f"| {row['kernel']} | {shape} | - | - | error: {row['error'].splitlines()[-1][:300]} |"
+        last = (row["error"].splitlines() or [""])[-1][:300]
+        return f"| {row['kernel']} | {shape} | - | - | error: {last} |"
     return (f"| {row['kernel']} | {shape} | {row['seconds']:.2f} | "
             f"{row['lower_s']:.2f} + {row['compile_s']:.2f} | {_mark(row)} |")
 
