@@ -5,6 +5,7 @@ bad input found after parsing (a missing or too short --text) is one `polar-jax:
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ ABOVE_ONE = f"{1 + RNG.uniform(1e-3, 5):.3f}"
 # (subcommand, the arguments it always gets) that parse, so each case below adds one bad one.
 BASE = {"decode": ["--arch", "tiny", "--peer", "off"],
         "generate": ["--model", str(DEMO / "tiny-opt")],
-        "kernels": ["--quick"]}
+        "kernels": ["--quick"],
+        "compile": ["--quick"]}
 BAD = [
     ("decode", ["--steps", "0"]), ("decode", ["--steps", NEGATIVE]), ("decode", ["--steps", "x"]),
     ("decode", ["--steps", "1.5"]), ("decode", ["--repeats", "0"]),
@@ -45,6 +47,8 @@ BAD = [
     ("kernels", ["--d", "0"]), ("kernels", ["--d"]), ("kernels", ["--attn-shapes"]),
     ("kernels", ["--attn-shapes", "1,8,3,4"]), ("kernels", ["--attn-shapes", "1,8,2"]),
     ("kernels", ["--attn-shapes", "0,8,2,4"]), ("kernels", ["--only", "everything"]),
+    ("compile", ["--only", "topk"]), ("compile", ["--only"]), ("compile", ["--topk-chunk", "24"]),
+    ("compile", ["--topk-chunk", "8"]), ("compile", ["--topk-chunk", "x"]),
 ]
 
 
@@ -92,7 +96,7 @@ def test_bench_usage_help_and_unknown_subcommand(capsys):
     assert bench.main(["decoder", "--arch", "tiny"]) == 2
     out, err = capsys.readouterr()
     assert err == ("polar-jax bench: error: unknown subcommand 'decoder'; choose from kernels, "
-                   "generate, decode, serve\n") and out == ""
+                   "generate, decode, serve, compile\n") and out == ""
 
 
 def test_cli_list_reads_what_it_was_given():
@@ -118,3 +122,21 @@ def test_generate_text_errors(text, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("polar-jax: error: ") and message in err
     assert str(tmp_path / text) in err
+
+
+def test_compile_times_smoke(tmp_path, capsys):
+    """`bench compile --quick` on the CPU, one row in its own process (as on a GPU): its table
+    line, and its JSON with the lowering and compilation times and the target marked."""
+    out = tmp_path / "compile.json"
+    assert bench.main(["compile", "--quick", "--only", "write_kv_token", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["isolated"] and result["env"]["backend"] == "cpu"
+    (row,) = result["rows"]
+    assert row["kernel"] == "write_kv_token" and "error" not in row, row
+    assert 0 < row["lower_s"] and 0 < row["compile_s"] < row["target_s"] == 20
+    assert abs(row["seconds"] - row["lower_s"] - row["compile_s"]) < 0.01
+    assert row["met"] and (result["targets"], result["targets_met"]) == (1, 1)
+    line = f"| write_kv_token | B 2, H 4, S 64, D 16, dtype bfloat16 | {row['seconds']:.2f} |"
+    assert line in printed
+    assert "Targets: 1/1 met" in printed

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import topk_indices, topk_indices_reference
-from pallas_kernels.topk_select import _topk_call
+from pallas_kernels.topk_select import _topk_call, row_chunk
 from pallas_kernels._common import resolve_interpret
 
 
@@ -45,21 +45,30 @@ def scores(rng, shape, kind):
     return x
 
 
-@pytest.mark.parametrize("N, kind", [(N, kind) for N in (1, 5, 100, 1000, 16384)
-                                     for kind in ("normal", "ties", "wide")]
-                         # rows of 2^15 and more rank with two prefix sums, not one packed one
-                         + [(33000, "ties")])
-@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
-def test_topk_matches_references(rng, N, kind, dtype):
+# Rows longer than `REGISTER_ROW_MAX` run in chunks inside loops: 33000 scores (the default
+# chunks, the last one partial) and short rows in many small chunks (a partial last one, and
+# one row that is a whole number of chunks).
+CASES = ([(dtype, N, kind, None) for dtype in (np.float32, "bfloat16")
+          for N in (1, 5, 100, 1000, 16384) for kind in ("normal", "ties", "wide")]
+         + [(dtype, 33000, "ties", None) for dtype in (np.float32, "bfloat16")]
+         + [(np.float32, 1000, "wide", 64), ("bfloat16", 1024, "ties", 128)])
+
+
+@pytest.mark.parametrize("dtype, N, kind, chunk", CASES,
+                         ids=[f"{np.dtype(d).name if d != 'bfloat16' else d}-{N}-{kind}"
+                              + (f"-chunk{c}" if c else "") for d, N, kind, c in CASES])
+def test_topk_matches_references(rng, dtype, N, kind, chunk):
     """float32 rows search 32-bit keys, bfloat16 rows 16-bit keys."""
+    if N == 33000 or chunk:
+        assert row_chunk(N, chunk) < N  # the chunked path
     R = int(rng.integers(1, 4))
     x = scores(rng, (R, N), kind)
     if dtype == "bfloat16":  # the reference sees exactly the values the kernel sees
         x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
     for k in sorted({1, N, int(rng.integers(1, N + 1))}):
         poison = jnp.full((R, k + 1), -1, jnp.int32)
-        got = np.asarray(_topk_call(jnp.asarray(x, jnp.dtype(dtype)), poison, k=k, num_warps=4,
-                                    interpret=resolve_interpret(None)))
+        got = np.asarray(_topk_call(jnp.asarray(x, jnp.dtype(dtype)), poison, k=k, chunk=chunk,
+                                    num_warps=4, interpret=resolve_interpret(None)))
         np.testing.assert_array_equal(got, numpy_topk(x, k), err_msg=f"N={N} k={k} {kind}")
         np.testing.assert_array_equal(got, np.asarray(topk_indices_reference(jnp.asarray(x), k)))
 
@@ -83,8 +92,10 @@ def test_topk_public_wrapper_dtypes_and_1d(rng, dtype):
     (dict(k=2.0), "must be an int"),
     (dict(x=np.zeros((2, 2, 8), np.float32)), r"\[N\] or \[R, N\]"),
     (dict(x=np.zeros(8, np.int32)), "float32, bfloat16 or float16"),
+    (dict(chunk=24), "power of two >= 16"),
+    (dict(chunk=8), "power of two >= 16"),
 ])
 def test_topk_bad_arguments(bad, match):
     x = jnp.asarray(bad.get("x", np.zeros(8, np.float32)))
     with pytest.raises((ValueError, TypeError), match=match):
-        topk_indices(x, bad.get("k", 3))
+        topk_indices(x, bad.get("k", 3), chunk=bad.get("chunk"))

@@ -7,6 +7,8 @@ Subcommands:
   decode    decode steps at real model shapes: dense, sparse and the memory roofline.
   serve     continuous batching under Poisson load (the serving engine), dense and sparse,
             against static batching of the same requests.
+  compile   how long the Pallas kernels and the jitted decode-step program take to compile
+            at the real decode shapes, against the targets.
 
 Every subcommand's parser comes from `parser`, and its numeric arguments are checked by the
 argparse types below (`polar_jax.validate`), so a bad value is refused before anything runs.
@@ -25,6 +27,7 @@ _SUBCOMMANDS = {
     "generate": ("polar_jax.bench.generate", "end-to-end batched generation of a real model"),
     "decode": ("polar_jax.bench.decode", "decode steps at real model shapes: dense, sparse, roofline"),
     "serve": ("polar_jax.bench.serve", "continuous batching under load against static batching"),
+    "compile": ("polar_jax.bench.compile_times", "compile times of the kernels and the decode program"),
 }
 
 COUNT = cli_type(integer, int, low=1)  # steps, repeats, batch sizes, lengths, layers, dimensions

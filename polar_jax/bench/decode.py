@@ -327,13 +327,25 @@ def profile_steps(run, state, router_state, kv_cache, batch: int, context: int, 
     return scope_breakdown(events(), hlo, steps * num_layers), kv_cache
 
 
+def sparse_plan(config, attn_topk: float, batch: int, mlp_topk: dict | None = None,
+                mlp_density: float | None = None, shards: int = 1):
+    """The `SparsityPlan` a run times: `attn_topk` of the KV groups (layer 0 dense); MLP k
+    `mlp_density` of the neurons in every layer (a multiple of 128), else the routers'
+    calibrated `mlp_topk` for this batch size, else (random routers) a dense MLP."""
+    from polar_jax.sparsity import SparsityPlan
+
+    if mlp_density is not None:
+        k = round(mlp_density * config.mlp_dim / 128) * 128
+        mlp_topk = {str(batch): [min(config.mlp_dim, max(128, k))] * config.num_layers}
+    return SparsityPlan.build(config, {"mlp_topk": mlp_topk} if mlp_topk else None, attn_topk,
+                              (0,), batch, shards=shards)
+
+
 def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                 mlp_density: float | None, steps: int, repeats: int, dtype, bandwidth: float,
                 log, breakdown: bool = False, mesh=None) -> list[dict]:
     """The rows of every batch size, context and fraction of groups; with a `mesh` (on which
     `subject` was made), over its devices, times and rooflines per device."""
-    from polar_jax.sparsity import SparsityPlan
-
     config, graphdef, state = subject.config, subject.graphdef, subject.state
     router_state, name = subject.router_state, subject.name
     scale = subject.num_layers / config.num_layers
@@ -363,14 +375,7 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                                             steps, repeats, mesh)
             for fraction in fractions:
                 if (fraction, batch) not in sparse_runs:
-                    # MLP k: --mlp-density for every layer, else the routers' calibrated k for
-                    # this batch size, else (random routers) a dense MLP.
-                    mlp_topk = subject.mlp_topk
-                    if mlp_density is not None:
-                        k = round(mlp_density * config.mlp_dim / 128) * 128
-                        mlp_topk = {str(batch): [min(config.mlp_dim, max(128, k))] * config.num_layers}
-                    plan = SparsityPlan.build(config, {"mlp_topk": mlp_topk} if mlp_topk else None,
-                                              fraction, (0,), batch, shards=tp)
+                    plan = sparse_plan(config, fraction, batch, subject.mlp_topk, mlp_density, tp)
                     sparse_runs[fraction, batch] = plan, make_decode_loop(graphdef, plan, mesh)
                 plan, run = sparse_runs[fraction, batch]
                 neurons = [None if k is None else k * tp for k in plan.mlp_neurons]  # all shards'

@@ -1,8 +1,8 @@
 """The PyTorch peers of the benchmarks, in a process of their own.
 
 `python -m polar_jax.bench.torch_peer` reads a job from stdin as JSON and prints its result as
-one marked JSON line. The benchmarks run it with `run` before JAX takes the GPU, so that torch
-and JAX never share the process or the device's memory. Two jobs:
+one marked JSON line (`polar_jax.bench.jobs`). The benchmarks run it with `run` before JAX
+takes the GPU, so that torch and JAX never share the process or the device's memory. Two jobs:
 
 - `kernels` (`bench kernels`): the copy bandwidth and the dense baselines of the kernels, fp16:
   `scaled_dot_product_attention` decode and the ReLU MLP through cuBLAS, each timed by
@@ -19,17 +19,15 @@ Nothing here imports JAX; torch is imported only in the peer's process.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-MARKER = "@@TORCH_PEER@@"
+from polar_jax.bench import jobs
+
 KERNELS_TIMEOUT_S = 600
 DECODE_TIMEOUT_S = 1800
-ERROR_CHARS = 2000  # of the peer's traceback kept in a result's "error"
 
 
 # ------------------------------------------------------------------------------------------
@@ -49,20 +47,7 @@ def cuda_available() -> bool:
 
 def run(job: str, timeout: int, **payload) -> dict:
     """The result of peer job `job` ("kernels" or "decode") on `payload`, or {"error": ...}."""
-    root = str(Path(__file__).resolve().parents[2])  # where `polar_jax` imports from
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    try:
-        done = subprocess.run([sys.executable, "-m", __name__], text=True, capture_output=True,
-                              input=json.dumps(dict(payload, job=job)), timeout=timeout,
-                              env=dict(os.environ, PYTHONPATH=path))
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    for line in done.stdout.splitlines():
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):])
-    # The Python traceback, not the repeated device-side assertion lines before it.
-    lines = [ln for ln in (done.stderr or done.stdout).splitlines() if "Assertion `" not in ln]
-    return {"error": "\n".join(lines)[-ERROR_CHARS:]}
+    return jobs.run(__name__, dict(payload, job=job), timeout)
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,8 +285,7 @@ JOBS = {"kernels": kernel_baselines, "decode": decode_peer}
 
 def main() -> None:
     job = json.load(sys.stdin)
-    result = JOBS[job.pop("job")](**job)
-    print(MARKER + json.dumps(result), flush=True)
+    jobs.reply(JOBS[job.pop("job")](**job))
 
 
 if __name__ == "__main__":
