@@ -71,6 +71,14 @@ def _selective_mlp(B, d, N, k, dtype):
                 _sds((N, d), dtype), _sds((d,), dtype), _sds((k,), jnp.int32))
 
 
+def _skinny_matmul(M, K, N, layout, dtype):
+    from pallas_kernels.skinny_matmul import skinny_matmul
+
+    w = (K, N) if layout == "kn" else (N, K)
+    return (jax.jit(lambda x, w: skinny_matmul(x, w, layout=layout)),
+            (_sds((M, K), dtype), _sds(w, dtype)))
+
+
 def _attention(B, Hq, Hkv, S, D, k, dtype):
     from pallas_kernels import sparse_decode_attention
 
@@ -115,7 +123,8 @@ def _decode(arch, batch, context, attn_topk=None, mlp_density=None, dtype="bfloa
 
 
 BUILDERS = {"topk_indices": _topk, "neuron_scores": _neuron_scores,
-            "selective_mlp": _selective_mlp, "sparse_decode_attention": _attention,
+            "selective_mlp": _selective_mlp, "skinny_matmul": _skinny_matmul,
+            "sparse_decode_attention": _attention,
             "write_kv_token": _write_kv, "decode_sparse": _decode, "decode_dense": _decode}
 
 
@@ -149,6 +158,10 @@ def plan_rows(quick: bool, only, topk_chunk: int | None) -> list[dict]:
     rows += [dict(kernel="neuron_scores", args=dict(B=b, r=r, N=N, dtype="bfloat16")) for b in B]
     rows += [dict(kernel="selective_mlp", args=dict(B=b, d=d, N=N, k=k_mlp, dtype="bfloat16"))
              for b in B]
+    # The largest projection of a one-row decode step (Q/K/V) and the neuron-major MLP input.
+    rows += [dict(kernel="skinny_matmul", args=dict(M=1, K=d, N=3 * d, layout="kn",
+                                                    dtype="bfloat16")),
+             dict(kernel="skinny_matmul", args=dict(M=1, K=d, N=N, layout="nk", dtype="bfloat16"))]
     kept = max(1, round(0.3 * H))
     rows.append(dict(kernel="sparse_decode_attention",
                      args=dict(B=B[-1], Hq=H, Hkv=H, S=S, D=D, k=kept, dtype="bfloat16")))
