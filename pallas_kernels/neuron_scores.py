@@ -36,6 +36,7 @@ __all__ = ["neuron_scores", "neuron_scores_reference", "quantize_rows"]
 INT8_MAX = 127
 
 
+@jax.jit
 def quantize_rows(w):
     """(int8 `[N, r]`, float32 scale `[N]`) of `w [N, r]`: symmetric, per row, the row's largest
     magnitude mapped to 127 (`w ~ q * scale[:, None]`, error at most scale / 2; a row of zeros
