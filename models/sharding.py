@@ -60,11 +60,12 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "project_out": ("embed", "embed"),
 }
 # One layer's routers (`routers.model.LayerRouters`): only the neuron-major second projection
-# of the MLP router splits, with the neurons it scores.
+# of the MLP router (and its int8 scales) splits, with the neurons it scores.
 ROUTER_AXES: dict[str, tuple[str, ...]] = {
     "w_in": ("embed", "router_out"),
     "attn_b": ("router_out",),
     "mlp_up": ("neurons", "rank"),
+    "mlp_up_scale": ("neurons",),
 }
 KV_CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")  # = models.kv_cache.KVCache.AXES
 

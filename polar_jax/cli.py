@@ -47,6 +47,10 @@ def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str) -> None:
     parser.add_argument("--dense-layers", type=settings.cli_type("dense_layers", settings.parse_layers),
                         help=f"{needs}: comma-separated layers whose attention stays dense "
                              f"{_default(SparsitySettings.dense_layers)}")
+    parser.add_argument("--router-weights", choices=settings.ROUTER_WEIGHTS,
+                        help=f"{needs}: the MLP router's second projection in the compute dtype, "
+                             f"or int8 with a float32 scale per neuron (half the bytes of "
+                             f"bfloat16; non-gated MLPs) {_default(SparsitySettings.router_weights)}")
 
 
 def _add_device_args(parser: argparse.ArgumentParser, data_only: bool = False) -> None:
@@ -95,7 +99,8 @@ def _mesh(args):
 
 def _sparsity(args, **extra) -> SparsitySettings:
     return SparsitySettings(**settings.given(attn_topk=args.attn_topk,
-                                             dense_layers=args.dense_layers, **extra))
+                                             dense_layers=args.dense_layers,
+                                             router_weights=args.router_weights, **extra))
 
 
 def _refuse(args, dests: tuple[str, ...], needs: str) -> None:
@@ -131,16 +136,20 @@ def _cmd_eval_perplexity(args) -> int:
         raise PolarJaxError("--mode sparse needs --routers DIR (trained by `polar-jax train-routers`)")
     if not args.routers:
         _refuse(args, ("mlp_batch_size",), "with --routers (it picks their calibrated MLP k)")
+    if args.mode != "sparse":
+        _refuse(args, ("router_weights",), "with --mode sparse (the routers' scores)")
     sparsity = _sparsity(args, mlp_batch_size=args.mlp_batch_size)
     text = read_text(args.text)
     mesh = _mesh(args)  # joins the other processes before anything starts JAX's backend
     dtype = settings.compute_dtype(args.dtype)
     start = time.perf_counter()
     model_dir = ModelDir.open(args.model)
-    config, model, tokenizer = model_dir.config, model_dir.load(dtype, mesh), model_dir.tokenizer
+    config, tokenizer = model_dir.config, model_dir.tokenizer
     routers = metadata = None
-    if args.routers:
+    if args.routers:  # read and checked before the model
         routers, metadata = load_routers(args.routers, config)
+        routers = routers.unstack(dtype, sparsity.int8_mlp_up)
+    model = model_dir.load(dtype, mesh)
     run = functools.partial(perplexity, model, config, tokenizer, text, seq_len=args.seq_len,
                             max_tokens=args.max_tokens, batch_size=args.batch_size,
                             progress=not args.quiet, mesh=mesh)
@@ -154,6 +163,7 @@ def _cmd_eval_perplexity(args) -> int:
         result = run(make_ops=make_ops, routers=routers)
         result.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers),
                       mlp_batch_size=sparsity.mlp_batch_size,
+                      router_weights=sparsity.router_weights,
                       mlp_neurons_per_layer=list(plan.mlp_neurons))
         if args.with_dense:
             result["dense_perplexity"] = run()["perplexity"]
@@ -185,12 +195,13 @@ def _cmd_generate(args) -> int:
     from polar_jax.sampling import SamplingParams
 
     if not args.routers:
-        _refuse(args, ("attn_topk", "dense_layers"), "with --routers (sparse decoding)")
+        _refuse(args, ("attn_topk", "dense_layers", "router_weights"),
+                "with --routers (sparse decoding)")
     sparsity = _sparsity(args)
     prompts = _read_prompts(args)
     decoder = Decoder.load(args.model, args.dtype, routers=args.routers,
                            attn_topk=args.attn_topk, dense_layers=args.dense_layers,
-                           mesh=_mesh(args))
+                           mesh=_mesh(args), router_weights=args.router_weights)
     result = decoder.generate(prompts, args.max_new_tokens,
                               SamplingParams(args.temperature, args.top_k, args.top_p), args.seed,
                               args.batch_size, progress=not args.quiet)
@@ -200,7 +211,8 @@ def _cmd_generate(args) -> int:
                "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3),
                "tp": args.tp, "dp": args.dp}
     if decoder.sparse:
-        summary.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers))
+        summary.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers),
+                       router_weights=sparsity.router_weights)
     if args.json:
         for c in result.completions:
             print(json.dumps({"prompt": c.prompt, "completion": c.text, "tokens": c.tokens}))
@@ -238,12 +250,14 @@ def _cmd_serve(args) -> int:
     from polar_jax.decode import Decoder
 
     if not args.routers:
-        _refuse(args, ("attn_topk", "dense_layers"), "with --routers (sparse decoding)")
+        _refuse(args, ("attn_topk", "dense_layers", "router_weights"),
+                "with --routers (sparse decoding)")
     sparsity = _sparsity(args)
     mode = "dense"
     if args.routers:
         mode = (f"sparse: attn-topk {sparsity.attn_topk:g}, dense layers "
-                f"{','.join(map(str, sparsity.dense_layers)) or 'none'}")
+                f"{','.join(map(str, sparsity.dense_layers)) or 'none'}"
+                + (", int8 MLP router" if sparsity.int8_mlp_up else ""))
     mesh = None
     if args.tp > 1:
         from models.sharding import make_mesh
@@ -252,7 +266,7 @@ def _cmd_serve(args) -> int:
         mode += f", tp {args.tp}"
     load = lambda: Decoder.load(args.model, args.dtype, routers=args.routers,
                                 attn_topk=args.attn_topk, dense_layers=args.dense_layers,
-                                mesh=mesh)
+                                mesh=mesh, router_weights=args.router_weights)
     server.serve(load, host=args.host, port=args.port,
                  model_name=args.served_model_name or os.path.basename(os.path.abspath(args.model)),
                  mode=mode, max_slots=args.max_slots, max_len=args.max_len,

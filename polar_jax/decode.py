@@ -121,13 +121,15 @@ class Decoder:
     def __init__(self, config: ModelConfig, model, tokenizer=None, eos_ids: Sequence[int] = (),
                  routers: Routers | None = None,
                  plan_for_batch: Callable[[int], SparsityPlan] | None = None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, router_weights: str = SparsitySettings.router_weights):
         """With `routers`, decoding is sparse: `plan_for_batch(batch_bucket)` gives each layer's
-        groups kept per sequence and MLP neurons kept for the batch (per shard, with a mesh).
+        groups kept per sequence and MLP neurons kept for the batch (per shard, with a mesh),
+        the MLP router's second projection stored as `router_weights` says (`SparsitySettings`).
         Prefill stays dense. With a `mesh` (`models.sharding.make_mesh`), the model, routers
         and KV cache are split over it: batch over `data`, groups and neurons over `model`."""
         if (routers is None) != (plan_for_batch is None):
             raise ValueError("sparse decoding needs both routers and plan_for_batch")
+        int8_mlp_up = SparsitySettings(router_weights=router_weights).int8_mlp_up
         if mesh is not None:
             check_split(config, mesh)
         self.config = config
@@ -137,7 +139,7 @@ class Decoder:
         self.graphdef, self.state = nnx.split(model)
         self.dtype = jax.tree.leaves(self.state)[0].dtype
         self.plan_for_batch = plan_for_batch
-        self.router_state = None if routers is None else routers.unstack(self.dtype)
+        self.router_state = None if routers is None else routers.unstack(self.dtype, int8_mlp_up)
         if mesh is not None:
             self.state = jax.device_put(self.state, param_shardings(self.state, mesh))
             if self.router_state is not None:
@@ -149,33 +151,40 @@ class Decoder:
     @classmethod
     def load(cls, directory: str | os.PathLike | ModelDir, dtype=None,
              routers: str | os.PathLike | None = None, attn_topk: float | None = None,
-             dense_layers: Sequence[int] | None = None, mesh: Mesh | None = None) -> "Decoder":
+             dense_layers: Sequence[int] | None = None, mesh: Mesh | None = None,
+             router_weights: str | None = None) -> "Decoder":
         """The model of `directory` (converted or Hugging Face, a path or opened already)
         computing in `dtype` (a name or a jnp dtype; default: float32 on CPU, bfloat16 on an
         accelerator); with the routers directory `routers`, sparse decoding at `attn_topk` and
-        `dense_layers` (`SparsitySettings`); split over `mesh` if given, each parameter loaded
-        straight into its shards. Every value is checked before the model loads."""
+        `dense_layers`, the MLP router's second projection as `router_weights`
+        (`SparsitySettings`); split over `mesh` if given, each parameter loaded straight into
+        its shards. Every value is checked before the model loads."""
         if not isinstance(directory, ModelDir):
             directory = settings.path("model", directory)
         dtype = settings.compute_dtype(dtype)
         if routers is None:
-            settings.refuse_unused({"attn_topk": attn_topk, "dense_layers": dense_layers},
+            settings.refuse_unused({"attn_topk": attn_topk, "dense_layers": dense_layers,
+                                    "router_weights": router_weights},
                                    "with routers (sparse decoding)")
+            sparsity = SparsitySettings()
         else:
             routers = settings.path("routers", routers)
             sparsity = SparsitySettings(**settings.given(attn_topk=attn_topk,
-                                                         dense_layers=dense_layers))
+                                                         dense_layers=dense_layers,
+                                                         router_weights=router_weights))
         model_dir = directory if isinstance(directory, ModelDir) else ModelDir.open(directory)
-        config, model = model_dir.config, model_dir.load(dtype, mesh)
+        config = model_dir.config
         router_module = plan_for_batch = None
         if routers is not None:
             router_module, metadata = load_routers(routers, config)
+            if sparsity.int8_mlp_up:
+                router_module.check_int8_mlp_up()
             build = functools.partial(SparsityPlan.build, config, metadata, sparsity.attn_topk,
                                       sparsity.dense_layers, shards=tp_size(mesh))
             build(1)  # reject bad settings now, not at the first trace
             plan_for_batch = lambda batch: build(mlp_batch_size=batch)
-        return cls(config, model, model_dir.tokenizer, model_dir.eos_ids, router_module,
-                   plan_for_batch, mesh)
+        return cls(config, model_dir.load(dtype, mesh), model_dir.tokenizer, model_dir.eos_ids,
+                   router_module, plan_for_batch, mesh, sparsity.router_weights)
 
     @property
     def sparse(self) -> bool:
@@ -364,22 +373,24 @@ def generate(model: str | os.PathLike | Decoder,
              top_k: int = GenerationSettings.top_k, top_p: float = GenerationSettings.top_p,
              seed: int = GenerationSettings.seed, batch_size: int | None = None, dtype=None,
              routers: str | os.PathLike | None = None, attn_topk: float | None = None,
-             dense_layers: Sequence[int] | None = None, progress: bool = False
-             ) -> GenerationOutput:
+             dense_layers: Sequence[int] | None = None, router_weights: str | None = None,
+             progress: bool = False) -> GenerationOutput:
     """Completions for `prompts` (a string, a list of strings or a list of token-id lists) by
     the model at `model` (a converted or Hugging Face directory) or an existing `Decoder`.
     Greedy unless `temperature > 0`; sparse with a `routers` directory (`Decoder.load` takes
-    `dtype`, `routers`, `attn_topk` and `dense_layers`, so a `Decoder` refuses them). Every
+    `dtype`, `routers`, `attn_topk`, `dense_layers` and `router_weights`, so a `Decoder`
+    refuses them). Every
     value is checked (`polar_jax.settings`) before the model loads."""
     run = GenerationSettings(max_new_tokens, temperature, top_k, top_p, seed, batch_size)
     settings.prompts(prompts)
     if isinstance(model, Decoder):
         settings.refuse_unused({"dtype": dtype, "routers": routers, "attn_topk": attn_topk,
-                                "dense_layers": dense_layers},
+                                "dense_layers": dense_layers, "router_weights": router_weights},
                                "when model is a path (a Decoder is loaded already)")
         decoder = model
     elif isinstance(model, (str, os.PathLike)):
-        decoder = Decoder.load(model, dtype, routers, attn_topk, dense_layers)
+        decoder = Decoder.load(model, dtype, routers, attn_topk, dense_layers,
+                               router_weights=router_weights)
     else:
         raise PolarJaxError(f"model must be a directory path (a str or os.PathLike) or a "
                             f"polar_jax.decode.Decoder, got {validate.describe(model)}")

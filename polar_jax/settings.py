@@ -18,6 +18,9 @@ from polar_jax import validate
 from polar_jax.errors import PolarJaxError
 
 INT32_MAX = 2**31 - 1  # token counts and top-k travel as int32
+# The MLP router's second projection: in the compute dtype, or int8 rows with a float32 scale
+# per neuron (`Routers.unstack(int8_mlp_up=True)`).
+ROUTER_WEIGHTS = ("compute", "int8")
 
 
 def layers(name: str, value: Any) -> tuple[int, ...]:
@@ -37,6 +40,7 @@ CHECKS = {  # setting: (check, limits)
     "attn_topk": _FRACTION,
     "dense_layers": (layers, {}),
     "mlp_batch_size": (validate.integer, dict(low=1)),
+    "router_weights": (validate.string, dict(choices=ROUTER_WEIGHTS)),
     "seq_len": (validate.integer, dict(low=2)),
     "max_tokens": (validate.integer, dict(low=2)),
 }
@@ -86,11 +90,17 @@ class GenerationSettings(_Checked):
 @dataclasses.dataclass(frozen=True)
 class SparsitySettings(_Checked):
     """Polar Sparsity with routers: the fraction of KV groups each sequence reads, the layers
-    whose attention stays dense, and (evaluation) the batch size whose calibrated MLP k is used."""
+    whose attention stays dense, (evaluation) the batch size whose calibrated MLP k is used,
+    and how the MLP router's second projection is stored (`ROUTER_WEIGHTS`)."""
 
     attn_topk: float = 0.5
     dense_layers: tuple[int, ...] = (0,)
     mlp_batch_size: int = 1
+    router_weights: str = "compute"
+
+    @property
+    def int8_mlp_up(self) -> bool:
+        return self.router_weights == "int8"
 
 
 @dataclasses.dataclass(frozen=True)

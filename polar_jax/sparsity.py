@@ -36,7 +36,7 @@ from pallas_kernels.selection import (
 )
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
-from routers.model import LayerRouters, Routers
+from routers.model import LayerRouters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,25 +126,28 @@ class SparseDecodeOps(DenseDecodeOps):
         mesh, param = self.mesh, (lambda p: None if p is None else p[...])
         b_out = param(mlp.b_out)
 
-        def shard(x, mlp_latent, mlp_up, active, w_in, b_in, w_out):
+        def shard(x, mlp_latent, mlp_up, mlp_up_scale, active, w_in, b_in, w_out):
             """The batch's top-`keep` neurons of this shard's, by their `batch_neuron_scores`
             (summed over the batch's shards; the `neuron_scores` kernel never materialises
             the logits), then the selective MLP over them (summed over the neuron shards)."""
             with jax.named_scope(scopes.MLP_ROUTER):
-                scores = neuron_scores(mlp_latent, mlp_up.astype(mlp_latent.dtype), active,
-                                       tie_break=TIE_BREAK)
+                if mlp_up_scale is None:  # else int8 rows, read as they are
+                    mlp_up = mlp_up.astype(mlp_latent.dtype)
+                scores = neuron_scores(mlp_latent, mlp_up, active, tie_break=TIE_BREAK,
+                                       scale=mlp_up_scale)
                 neuron_idx = topk_indices(psum(scores, DATA, mesh), keep)
             y = selective_mlp(x, w_in, b_in, w_out, b_out if mesh is None else None, neuron_idx,
                               activation=mlp.activation)
             return psum(y, MODEL, mesh)
 
-        rows = P(MODEL, None)
+        rows, routers = P(MODEL, None), self.routers[layer]
         y = per_shard(mesh, shard,
-                      in_specs=(P(DATA, None), P(DATA, None), rows, P(DATA), rows,
+                      in_specs=(P(DATA, None), P(DATA, None), rows,
+                                None if routers.mlp_up_scale is None else P(MODEL), P(DATA), rows,
                                 None if mlp.b_in is None else P(MODEL), rows),
                       out_specs=P(DATA, None),
-                      )(x[:, 0], route.mlp_latent, self.routers[layer].mlp_up, self.active,
-                        param(mlp.w_in), param(mlp.b_in), param(mlp.w_out))
+                      )(x[:, 0], route.mlp_latent, routers.mlp_up, routers.mlp_up_scale,
+                        self.active, param(mlp.w_in), param(mlp.b_in), param(mlp.w_out))
         if mesh is not None and b_out is not None:
             y = (y.astype(F32) + b_out.astype(F32)).astype(y.dtype)
         return y[:, None], NO_RECORD
@@ -160,13 +163,14 @@ class MaskedOps(DenseOps):
     split over shards, each shard's top k of its own (`shard_topk_mask`), as tensor-parallel
     decode selects. The route is
     the routers' (group logits `[B, T, Hkv]`, neuron logits `[B, T, N]` or None), or None for
-    the oracle.
+    the oracle. `routers`: every layer's `LayerRouters` (`Routers.unstack`), as the decode
+    path reads them (an int8 second projection included).
     """
 
     mode: str
     plan: SparsityPlan
     num_kv_heads: int
-    routers: Routers | None = None
+    routers: Sequence[LayerRouters] | None = None
 
     def __post_init__(self):
         if self.mode not in ("sparse", "oracle"):
@@ -177,7 +181,7 @@ class MaskedOps(DenseOps):
     def route(self, *, layer, u):
         if self.mode == "oracle":
             return None
-        return self.routers.layer(layer).scores(u)
+        return self.routers[layer].scores(u)
 
     def attention(self, *, layer, route, q, k, v, kv, window):
         o, kv, _ = super().attention(layer=layer, route=route, q=q, k=k, v=v, kv=kv, window=window)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from models import ModelConfig, build_model
 from models.layers import Matmul, xla_matmul
+from pallas_kernels.neuron_scores import quantize_rows
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import atomic_output, checkpoint_file, restore_arrays, save_arrays
@@ -85,13 +86,33 @@ class Routers(nnx.Module):
             w = jnp.concatenate([w, self.mlp_down[i]], axis=1)
         return LayerRouters(w, self.attn_b[i], None if self.mlp_up is None else self.mlp_up[i].T)
 
-    def unstack(self, dtype=None) -> tuple["LayerRouters", ...]:
+    def check_int8_mlp_up(self) -> None:
+        """Refuses int8 router weights for routers without an MLP router (gated MLPs)."""
+        if not self.has_mlp:
+            raise PolarJaxError("int8 router weights apply to the MLP router's second projection; "
+                                "these routers have no MLP router (the model's MLP is gated)")
+
+    def unstack(self, dtype=None, int8_mlp_up: bool = False) -> tuple["LayerRouters", ...]:
         """Every layer's routers as separate arrays (in `dtype`), made once outside any jit: for
         decoding, where slicing the stacked params inside the loop copies each layer's weights
-        every step (measured: 23 us per layer and step for a rank-1024 router of opt-6.7b)."""
+        every step (measured: 23 us per layer and step for a rank-1024 router of opt-6.7b).
+        `int8_mlp_up`: the MLP router's second projection as int8 rows with a float32 scale per
+        neuron (`quantize_rows`, from the float32 params), half the bytes of bfloat16."""
+        if int8_mlp_up:
+            self.check_int8_mlp_up()
         cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
-        return tuple(jax.tree.map(lambda a: jnp.copy(cast(a)), self.layer(i))
-                     for i in range(self.attn_w.shape[0]))
+
+        def one(i: int) -> LayerRouters:
+            layer = self.layer(i)
+            up, scale = layer.mlp_up, None
+            if int8_mlp_up:
+                up, scale = quantize_rows(up)
+            elif up is not None:
+                up = cast(up)
+            return jax.tree.map(jnp.copy, LayerRouters(cast(layer.w_in), cast(layer.attn_b), up,
+                                                       scale))
+
+        return tuple(one(i) for i in range(self.attn_w.shape[0]))
 
 
 @jax.tree_util.register_dataclass
@@ -100,11 +121,13 @@ class LayerRouters:
     """One layer's routers: `w_in [d, Hkv + r]` (the attention router's columns, then the MLP
     router's first projection; r = 0 for gated MLPs), `attn_b [Hkv]`, `mlp_up [N, r]` (the
     second projection, neuron-major as the `neuron_scores` kernel reads it; None for gated
-    MLPs)."""
+    MLPs) and, where `mlp_up` is int8, `mlp_up_scale [N]` float32 (neuron n's weights are
+    `mlp_up[n] * mlp_up_scale[n]`)."""
 
     w_in: jax.Array
     attn_b: jax.Array
     mlp_up: jax.Array | None
+    mlp_up_scale: jax.Array | None = None
 
     def project(self, u, matmul: Matmul = xla_matmul):
         """(group logits `[..., Hkv]` float32, the MLP router's hidden state `[..., r]` in u's
@@ -114,13 +137,18 @@ class LayerRouters:
         hidden = None if self.mlp_up is None else z[..., hkv:].astype(u.dtype)
         return z[..., :hkv] + self.attn_b, hidden
 
+    def neuron_logits(self, hidden):
+        """Neuron logits `[..., N]` float32 of the hidden state `[..., r]`: the second projection
+        in hidden's dtype (int8 rows converted exactly), summed in float32, times the scale as
+        the `neuron_scores` kernel computes them."""
+        logits = jnp.einsum("...r,nr->...n", hidden, self.mlp_up.astype(hidden.dtype),
+                            preferred_element_type=F32)
+        return logits if self.mlp_up_scale is None else logits * self.mlp_up_scale
+
     def scores(self, u):
         """(group logits `[..., Hkv]`, neuron logits `[..., N]` or None), float32, of u `[..., d]`."""
         groups, hidden = self.project(u)
-        if hidden is None:
-            return groups, None
-        return groups, jnp.einsum("...r,nr->...n", hidden, self.mlp_up.astype(u.dtype),
-                                  preferred_element_type=F32)
+        return groups, None if hidden is None else self.neuron_logits(hidden)
 
 
 def model_fingerprint(config: ModelConfig) -> dict:

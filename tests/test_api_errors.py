@@ -156,6 +156,7 @@ def test_numpy_token_ids_are_accepted(decoder):
     (dict(dtype="float32"), ("dtype='float32' applies only when model is a path",)),
     (dict(routers="r"), ("routers='r' applies only when model is a path",)),
     (dict(attn_topk=0.3), ("attn_topk=0.3 applies only when model is a path",)),
+    (dict(router_weights="int8"), ("router_weights='int8' applies only when model is a path",)),
 ])
 def test_bad_settings(decoder, settings, needles):
     compiled = set(decoder._compiled)
@@ -178,6 +179,9 @@ def test_model_of_the_wrong_type(model):
     (dict(dense_layers=[1]), ("dense_layers=[1] applies only with routers",)),
     (dict(routers="r", attn_topk=1.5), ("attn_topk must be a finite number in (0, 1]", "1.5")),
     (dict(routers="r", dense_layers=[0, -1]), ("dense_layers[1] must be an integer >= 0",)),
+    (dict(router_weights="int8"), ("router_weights='int8' applies only with routers",)),
+    (dict(routers="r", router_weights="int4"), ("router_weights must be one of compute, int8",
+                                                "'int4'")),
     (dict(max_new_tokens=0), ("max_new_tokens",)),
 ])
 def test_refused_before_the_model_loads(model_dir, monkeypatch, load_settings, needles):

@@ -77,12 +77,14 @@ def test_random_arrays_are_made_in_their_shards():
     assert 0 < float(jnp.std(made[0].astype(jnp.float32))) < 2  # normal x 0.5
 
 
-def test_step_bytes_count_one_devices_reads():
+@pytest.mark.parametrize("int8", [False, True])
+def test_step_bytes_count_one_devices_reads(int8):
     """tp 2 x dp 2, an OPT-shaped model (learned positions, tied head, ungated MLP), counted by
     hand: a device reads its vocabulary half of the embedding, its KV groups' and neurons'
     halves of the layers, the norms and residual biases whole; the K and V of its batch rows
     and groups; the routers' first projection whole and its neurons' half of the second; a
-    sparse step only the selected groups and (per shard) neurons."""
+    sparse step only the selected groups and (per shard) neurons; `int8`: the second projection
+    at a byte per weight plus a float32 scale per neuron."""
     hf = dict(model_type="opt", vocab_size=96, hidden_size=32, ffn_dim=128, num_hidden_layers=2,
               num_attention_heads=4, max_position_embeddings=128, activation_function="relu",
               do_layer_norm_before=True)
@@ -90,7 +92,7 @@ def test_step_bytes_count_one_devices_reads():
     mesh = make_mesh(tp=2, dp=2)
     _, abstract = nnx.split(build_model(config, jnp.bfloat16))
     state = with_shardings(abstract, param_shardings(abstract, mesh))
-    routers = jax.eval_shape(lambda: Routers.for_model(config, 16).unstack(jnp.bfloat16))
+    routers = jax.eval_shape(lambda: Routers.for_model(config, 16).unstack(jnp.bfloat16, int8))
     routers = with_shardings(routers, router_shardings(routers, mesh))
     batch, context = 4, 50
     topk = [int(k) for k in RNG.integers(2, 100, 2)]  # global; ceil(k / 2) per shard
@@ -103,7 +105,8 @@ def test_step_bytes_count_one_devices_reads():
     fixed = (96 * d // 2 + 2 * d) * bf16  # the embedding's vocabulary half, final norm
     weights = fixed + 2 * layer  # (positions: a step reads only its rows)
     kv_layer = 2 * (batch // 2) * (4 // 2) * context * 8 * bf16  # K and V, B, Hkv, S, D
-    router_bytes = 2 * (d * (4 + 16) + 4 + 64 * 16) * bf16  # layers x (w_in, attn_b, mlp_up)
+    mlp_up = 64 * 16 + 64 * 4 if int8 else 64 * 16 * bf16  # its 64 neurons' (and scales)
+    router_bytes = 2 * ((d * (4 + 16) + 4) * bf16 + mlp_up)  # layers x (w_in, attn_b, mlp_up)
     mlp_rows = 2 * 64 * d * bf16  # w_in and w_out of its 64 neurons
     unread = sum(mlp_rows * (64 - -(-k // 2)) // 64 for k in topk)
     assert got.dense == weights + 2 * kv_layer

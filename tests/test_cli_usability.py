@@ -160,6 +160,8 @@ def test_usage_errors_are_one_line(capsys, argv, needles):
     (["--mode", "oracle", "--mlp-batch-size", "4"],
      ("--mlp-batch-size=4 applies only with --routers",)),
     (["--mode", "sparse"], ("--mode sparse needs --routers",)),
+    (["--mode", "oracle", "--routers", "r", "--router-weights", "int8"],
+     ("--router-weights='int8' applies only with --mode sparse",)),
 ])
 def test_eval_options_that_do_not_apply(capsys, monkeypatch, model_dir, text_file, extra, needles):
     _no_loading(monkeypatch)
@@ -170,6 +172,7 @@ def test_eval_options_that_do_not_apply(capsys, monkeypatch, model_dir, text_fil
 @pytest.mark.parametrize("extra, needles", [
     (["--attn-topk", "0.3"], ("--attn-topk=0.3 applies only with --routers",)),
     (["--dense-layers", "1,0"], ("--dense-layers=(1, 0) applies only with --routers",)),
+    (["--router-weights", "int8"], ("--router-weights='int8' applies only with --routers",)),
 ])
 def test_generate_options_that_do_not_apply(capsys, monkeypatch, model_dir, extra, needles):
     _no_loading(monkeypatch)

@@ -78,6 +78,26 @@ def test_batch_neuron_scores_break_ties_by_probability():
     assert list(np.argsort(-np.asarray(batch_neuron_scores(batch, axis=1))[0])) == [1, 0, 2]
 
 
+def test_unstack_int8_mlp_up():
+    """The second projection as int8 rows and float32 scales: the scores are those of the
+    dequantized weights (float64 numpy), the group logits unchanged; no MLP router, refused."""
+    rng = np.random.default_rng()
+    routers = Routers(2, 16, 4, 40, 8, jax.random.key(rng.integers(1 << 30)))
+    plain, int8 = routers.unstack(), routers.unstack(int8_mlp_up=True)
+    u = rng.standard_normal((3, 16)).astype(np.float32)
+    for layer in range(2):
+        q, scale = int8[layer].mlp_up, int8[layer].mlp_up_scale
+        assert q.dtype == jnp.int8 and q.shape == (40, 8) and scale.shape == (40,)
+        up = np.asarray(q, np.float64) * np.asarray(scale, np.float64)[:, None]
+        np.testing.assert_allclose(up, np.asarray(plain[layer].mlp_up), atol=float(scale.max()) / 2 * 1.001)
+        hidden = u.astype(np.float64) @ np.asarray(routers.mlp_down[layer], np.float64)
+        groups, logits = int8[layer].scores(jnp.asarray(u))
+        np.testing.assert_allclose(logits, hidden @ up.T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(groups, plain[layer].scores(jnp.asarray(u))[0])
+    with pytest.raises(PolarJaxError, match="no MLP router"):
+        Routers(2, 16, 4, None, 8, jax.random.key(0)).unstack(int8_mlp_up=True)
+
+
 def _synthetic_data(tmp_path: Path, L=2, T=300, d=16, n=40):
     rng = np.random.default_rng()
     u = rng.normal(size=(L, T, d)).astype(np.float32)

@@ -35,10 +35,10 @@ def random_model(request, tmp_path_factory):
     return _random_model(request.param, tmp_path_factory)
 
 
-def _teacher_forced(model, config, tokens, routers=None, plan=None, mesh=None):
+def _teacher_forced(model, config, tokens, router_state=None, plan=None, mesh=None):
     """Log-probabilities `[T, V]` of a batch-1 sequence decoded one token at a time from an
-    empty cache by `decode_step` (sparse with `plan`; over `mesh` if given), the true next
-    token fed at each step."""
+    empty cache by `decode_step` (sparse with `plan` and `router_state`, `Routers.unstack()`;
+    over `mesh` if given), the true next token fed at each step."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -49,7 +49,6 @@ def _teacher_forced(model, config, tokens, routers=None, plan=None, mesh=None):
         return jax.nn.log_softmax(logits[0]), decode.kv_cache
 
     kv_cache = KVCache.zeros(config, 1, 128, jnp.float32)
-    router_state = None if routers is None else routers.unstack()
     if mesh is not None:
         state = jax.device_put(state, param_shardings(state, mesh))
         kv_cache = jax.device_put(kv_cache, kv_cache_shardings(kv_cache, mesh))
@@ -74,7 +73,7 @@ def test_sparse_path_with_everything_kept_equals_dense(random_model):
     config, model, routers = random_model
     tokens = np.random.default_rng().integers(0, config.vocab_size, size=40)
     dense = _teacher_forced(model, config, tokens)
-    sparse = _teacher_forced(model, config, tokens, routers, _full_plan(config))
+    sparse = _teacher_forced(model, config, tokens, routers.unstack(), _full_plan(config))
     # float32: within 1e-5 of the largest logit (the kernels sum in another order than XLA)
     np.testing.assert_allclose(sparse, dense, atol=1e-5 * np.abs(dense).max(), rtol=0)
     # The same through the whole generation loop: identical tokens.
@@ -85,23 +84,27 @@ def test_sparse_path_with_everything_kept_equals_dense(random_model):
     assert [c.tokens for c in kernels.completions] == [c.tokens for c in plain.completions]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_teacher_forced_decode_equals_sparse_evaluation(random_model, tp):
+@pytest.mark.parametrize("tp, int8", [(1, False), (2, False), (2, True)])
+def test_teacher_forced_decode_equals_sparse_evaluation(random_model, tp, int8):
     """The decode path (Pallas kernels, interpret mode on CPU) and the masked evaluation give
     the same next-token log-probabilities at every position; at tp 2 the decode runs split over
     two devices, each selecting among its own groups and neurons, and the evaluation applies
-    the same per-shard rule on one device."""
+    the same per-shard rule on one device. `int8`: both read the MLP router's second
+    projection as int8 rows and scales (split over the devices with the neurons)."""
     config, model, routers = random_model
+    if int8 and config.gated_mlp:
+        pytest.skip("int8 router weights apply to an MLP router (non-gated MLPs)")
+    router_state = routers.unstack(int8_mlp_up=int8)
     plan = SparsityPlan.build(config, {"mlp_topk": {"1": [config.mlp_dim // 4] * config.num_layers}},
                               attn_topk=0.5, dense_layers=(0,), mlp_batch_size=1, shards=tp)
     # (Mistral's 2 groups at tp 2: one per device, nothing to select: the sharded kernels run dense.)
     assert any(k is not None for k in plan.attn_groups) == (config.num_kv_heads // tp > 1)
     assert config.gated_mlp or all(k == config.mlp_dim // 4 // tp for k in plan.mlp_neurons)
     tokens = np.random.default_rng().integers(0, config.vocab_size, size=32)
-    decoded = _teacher_forced(model, config, tokens, routers, plan,
+    decoded = _teacher_forced(model, config, tokens, router_state, plan,
                               make_mesh(tp) if tp > 1 else None)
     mask = jnp.ones((1, len(tokens)), jnp.int32)
-    ops = MaskedOps(mask, "sparse", plan, config.num_kv_heads, routers)
+    ops = MaskedOps(mask, "sparse", plan, config.num_kv_heads, router_state)
     out = model.forward(jnp.asarray(tokens)[None], jnp.arange(len(tokens))[None], ops)
     evaluated = np.asarray(jax.nn.log_softmax(model.logits(out.hidden_states[0])))
     np.testing.assert_allclose(decoded, evaluated, atol=1e-4, rtol=0)
@@ -149,12 +152,16 @@ def test_bench_decode_smoke(tmp_path, capsys):
 
 def test_bench_decode_breakdown_smoke(tmp_path):
     """`--breakdown` profiles one dense and one sparse loop and attributes the device time to
-    the model's named parts (code path only: on the CPU the thunks stand in for kernels)."""
+    the model's named parts (code path only: on the CPU the thunks stand in for kernels); the
+    MLP router's second projection in int8."""
     out = tmp_path / "rows.json"
     assert main(["bench", "decode", "--arch", "tiny", "--steps", "2", "--repeats", "1",
                  "--batch-sizes", "2", "--context-lens", "64", "--attn-topk", "0.5",
-                 "--mlp-density", "0.5", "--peer", "off", "--breakdown", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
+                 "--mlp-density", "0.5", "--peer", "off", "--breakdown", "--router-weights",
+                 "int8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["meta"]["router_weights"] == "int8"
     dense, sparse = (row["breakdown_us_per_layer"][m]["parts"] for m in ("dense", "sparse"))
     assert {"attention", "mlp", "qkv_proj", "norm"} <= dense.keys()
     assert {"attention", "mlp", "attn_router", "mlp_router"} <= sparse.keys()
@@ -184,6 +191,8 @@ DEMO_MODEL = str(DEMO / "tiny-opt")
     (["--arch", "tiny", "--routers", "r"], "--routers needs --model"),
     (["--model", DEMO_MODEL, "--layers", "2"], "--layers applies to built-in --arch shapes only"),
     (["--model", DEMO_MODEL, "--context-lens", "2000"], f"need 2033 positions; {DEMO_MODEL} has 1024"),
+    (["--arch", "llama-2-7b", "--router-weights", "int8"],
+     "--router-weights int8 applies to the MLP router of a non-gated MLP"),
 ])
 def test_bench_decode_bad_arguments(argv, message, capsys):
     assert main(["bench", "decode", "--peer", "off", "--batch-sizes", "1", *argv]) == 2
@@ -211,7 +220,8 @@ def test_step_bytes_count_what_a_step_reads(tied):
     routers = Routers.for_model(config, 16).unstack(jnp.bfloat16)
     plan = SparsityPlan.build(config, None, 0.5, (0,), batch)  # layer 1 reads 1 of 2 groups
     got = step_bytes(config, state, routers, plan, batch, context, jnp.bfloat16)
-    router_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(routers))
+    # Layer 0 (dense attention, gated MLP) runs no router.
+    router_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(routers[1]))
     assert got.dense == weights + 2 * kv_layer
     assert got.sparse == weights + router_bytes + kv_layer + kv_layer // 2
     assert got.fixed == weights - sum(int(np.prod(x.shape)) * 2 for x in

@@ -10,8 +10,9 @@ length; then N greedy decode steps inside one jitted `fori_loop`, timed as
 cancel. One KV cache per batch size serves every context length (the attention stops at each
 row's length), so contexts never recompile. The roofline is the bytes a step must read
 divided by the copy bandwidth measured in the same run: all weights and the whole KV cache
-for dense; the attention and router weights, the selected MLP rows and the selected KV groups
-for sparse. With torch importable, Hugging Face transformers decodes the same shapes in
+for dense; the attention weights, the routers a step runs (the MLP router's second projection
+in int8 with `--router-weights int8`), the selected MLP rows and the selected KV groups for
+sparse. With torch importable, Hugging Face transformers decodes the same shapes in
 PyTorch (static KV cache, SDPA; `--torch-compile` to compile it) as the peer column.
 
 With `--tp N --dp M` the step runs over a mesh of M x N devices (`models.sharding`): weights,
@@ -59,6 +60,7 @@ from polar_jax.dtypes import DTYPES, parse_dtype
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import ModelDir
 from polar_jax.memory import check_fits
+from polar_jax.settings import ROUTER_WEIGHTS
 from polar_jax.validate import cli_list
 
 RANDOM_ROUTER_RANK = 1024  # of the random routers timed where no trained ones are given
@@ -180,23 +182,24 @@ class Subject:
     hf_config: dict
 
 
-def arch_subject(arch: str, hf: dict, dtype, mesh=None) -> Subject:
+def arch_subject(arch: str, hf: dict, dtype, mesh=None, int8_mlp_up: bool = False) -> Subject:
     """A built-in architecture (its Hugging Face config `hf`, from `arch_hf_config`) with
-    random weights and random routers."""
+    random weights and random routers (`Routers.unstack(dtype, int8_mlp_up)`)."""
     from models import config_from_hf
     from routers.model import Routers
 
     config = config_from_hf(hf)
     graphdef, state = random_state(config, dtype, mesh=mesh)
     router_state = place_routers(
-        Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1).unstack(dtype), mesh)
+        Routers.for_model(config, RANDOM_ROUTER_RANK, seed=1).unstack(dtype, int8_mlp_up), mesh)
     return Subject(arch, config, graphdef, state, router_state, None,
                    ARCHS[arch]["num_hidden_layers"], hf)
 
 
-def model_subject(model_dir: ModelDir, routers: str | None, dtype, mesh=None) -> Subject:
+def model_subject(model_dir: ModelDir, routers: str | None, dtype, mesh=None,
+                  int8_mlp_up: bool = False) -> Subject:
     """A real checkpoint (converted or Hugging Face directory) and, if given, its
-    trained routers (else random ones)."""
+    trained routers (else random ones), as `Routers.unstack(dtype, int8_mlp_up)`."""
     from routers.model import Routers, load_routers
 
     config = model_dir.config
@@ -207,7 +210,8 @@ def model_subject(model_dir: ModelDir, routers: str | None, dtype, mesh=None) ->
         trained, metadata = load_routers(routers, config)
         mlp_topk = metadata.get("mlp_topk")
     return Subject(model_dir.path.name, config, graphdef, state,
-                   place_routers(trained.unstack(dtype), mesh), mlp_topk, config.num_layers,
+                   place_routers(trained.unstack(dtype, int8_mlp_up), mesh), mlp_topk,
+                   config.num_layers,
                    model_dir.hf_config)
 
 
@@ -231,8 +235,11 @@ class StepBytes:
 def step_bytes(config, state, router_state, plan, batch: int, context: int, dtype,
                mesh=None) -> StepBytes:
     """Bytes one device must read in a decode step, dense and sparse: its shards of the
-    parameters and routers (as placed; replicated ones whole) and, with a `mesh`, its shard of
-    the KV cache. The plan's k are per shard, of the shard's groups and neurons."""
+    parameters and of the routers a sparse step runs (as placed; replicated ones whole) and,
+    with a `mesh`, its shard of the KV cache. The plan's k are per shard, of the shard's groups
+    and neurons. A layer's routers are read where it selects groups or neurons (the first
+    projection, one matmul for both), the MLP router's second projection (and its int8
+    scales) only where it selects neurons."""
     params = nnx.to_pure_dict(state)
     weights = _bytes(params)
     # Tables a step reads only the batch's rows of: learned positions, and the token embedding
@@ -242,12 +249,17 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, dtyp
             weights -= _bytes(params[table])
     kv_layer = _bytes(kv_cache_abstract(config, batch, context, dtype, mesh)) / config.num_layers
     dense = weights + config.num_layers * kv_layer
-    sparse = weights + (0 if router_state is None else _bytes(router_state))
+    sparse = weights
     shards = plan.shards if plan else 1
     for layer in range(config.num_layers):
         groups = plan.attn_groups[layer] if plan else None
         sparse += kv_layer * (1 if groups is None else groups * shards / config.num_kv_heads)
         neurons = plan.mlp_neurons[layer] if plan else None
+        if router_state is not None and (groups, neurons) != (None, None):
+            routers = router_state[layer]
+            sparse += _bytes([routers.w_in, routers.attn_b])
+            if neurons is not None:
+                sparse += _bytes([routers.mlp_up, routers.mlp_up_scale])
         if neurons is not None:
             mlp = params["layers"][layer]["mlp"]
             rows = _bytes([mlp.get("w_in", mlp.get("w_gate_up")), mlp["w_out"]])
@@ -481,6 +493,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mlp-density", type=bench.FRACTION, default=None,
                         help="fraction of MLP neurons kept (non-gated MLPs); default: the "
                              "routers' calibrated k, or a dense MLP with random routers")
+    parser.add_argument("--router-weights", choices=ROUTER_WEIGHTS, default=ROUTER_WEIGHTS[0],
+                        help="the MLP router's second projection in --dtype, or int8 with a "
+                             "float32 scale per neuron (non-gated MLPs)")
     parser.add_argument("--steps", type=bench.COUNT, default=16, help="N: steps per timed loop")
     parser.add_argument("--repeats", type=bench.COUNT, default=5,
                         help="timed loops; the median is reported")
@@ -534,10 +549,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
     model_dir = None if args.model is None else ModelDir.open(args.model)
     hf = (arch_hf_config(args.arch, max_len, args.layers) if model_dir is None
           else model_hf_config(model_dir, max_len))
+    config = config_from_hf(hf) if model_dir is None else model_dir.config
+    int8_mlp_up = args.router_weights == "int8"
+    if int8_mlp_up and config.gated_mlp:  # before the peer runs
+        raise PolarJaxError("--router-weights int8 applies to the MLP router of a non-gated MLP; "
+                            "this model's MLP is gated")
     mesh = None
     if args.tp * args.dp > 1:  # refused in one line before anything runs
         mesh = make_mesh(args.tp, args.dp)
-        check_split(config_from_hf(hf) if model_dir is None else model_dir.config, mesh)
+        check_split(config, mesh)
     peer = {}
     if args.peer == "auto" and mesh is not None:
         peer = {"mode": "skipped: it runs on one device, this run on a mesh"}
@@ -556,8 +576,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         f"--tp {args.tp} --dp {args.dp}: copy bandwidth {bandwidth / 1e12:.2f} TB/s per device "
         f"(read + write)")
     log(HEADER)
-    subject = (arch_subject(args.arch, hf, dtype, mesh) if model_dir is None
-               else model_subject(model_dir, args.routers, dtype, mesh))
+    subject = (arch_subject(args.arch, hf, dtype, mesh, int8_mlp_up) if model_dir is None
+               else model_subject(model_dir, args.routers, dtype, mesh, int8_mlp_up))
     rows = run_subject(subject, args.batch_sizes, args.context_lens, args.attn_topk,
                        args.mlp_density, args.steps, args.repeats, dtype, bandwidth, log,
                        args.breakdown, mesh)
@@ -579,7 +599,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=str(datetime.date.today()), copy_tbps=round(bandwidth / 1e12, 3),
                 dtype=args.dtype, steps=args.steps, repeats=args.repeats, mlp_density=args.mlp_density,
-                tp=args.tp, dp=args.dp,
+                tp=args.tp, dp=args.dp, router_weights=args.router_weights,
                 peer={k: v for k, v in peer.items() if k != "rows"})
     return {"meta": meta, "rows": rows}
 
