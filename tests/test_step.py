@@ -12,6 +12,7 @@ from flax import nnx
 
 from models import config_from_hf, ops
 from models.kv_cache import KVCache
+from models.layers import ONE_PASS_NORM_ROWS, LayerNorm
 from pallas_kernels.skinny_matmul import skinny_matmul
 from polar_jax.bench.decode import random_state
 from polar_jax.sparsity import SparsityPlan
@@ -131,3 +132,24 @@ def test_inactive_slots_do_not_change_the_sparse_step_of_active_ones():
     every = jnp.ones(4, bool)
     assert np.abs(np.asarray(run(other_tokens, other_positions, every))
                   - np.asarray(run(tokens, positions, every)))[np.asarray(some)].max() > 1e-4
+
+
+@pytest.mark.parametrize("rows", [1, 5, ONE_PASS_NORM_ROWS, ONE_PASS_NORM_ROWS + 1, 40])
+def test_layer_norm_one_and_two_pass_equal_float64(rows):
+    """Up to `ONE_PASS_NORM_ROWS` rows the variance comes from the mean square, beyond from
+    the squared deviations; both equal float64 on rows shaped like a residual stream (a few
+    outlier features 50x the rest, a small mean)."""
+    rng = np.random.default_rng()
+    d = 512
+    x = rng.standard_normal((rows, d)) + 0.3
+    x[:, rng.choice(d, 4, replace=False)] *= 50
+    weight, bias = rng.standard_normal(d), rng.standard_normal(d)
+    norm = LayerNorm(d, jnp.float32)
+    norm.weight[...] = jnp.asarray(weight, jnp.float32)
+    norm.bias[...] = jnp.asarray(bias, jnp.float32)
+    x32 = np.asarray(x, np.float32).astype(np.float64)  # what the norm reads
+    mean = x32.mean(-1, keepdims=True)
+    want = (x32 - mean) / np.sqrt(x32.var(-1, keepdims=True) + norm.eps) * weight.astype(
+        np.float32) + bias.astype(np.float32)
+    got = np.asarray(norm(jnp.asarray(x, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
