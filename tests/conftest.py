@@ -49,13 +49,15 @@ ROUTER_FIXTURES = ("tiny-opt", "tiny-llama")
 # xdist groups, the costliest first; the rest follow in collection order. xdist hands a worker
 # the next group when it is nearly done with its own: a long group handed out last would keep
 # one worker busy while the other has nothing left.
-COSTLIEST_FIRST = ()
+COSTLIEST_FIRST = ("routers:tiny-opt", "routers:tiny-llama", "test_decode.py", "test_sparsity.py",
+                   "test_kernel_topk.py", "test_model_parity.py", "test_engine.py",
+                   "test_perplexity.py")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "routers(name): the trained_routers fixture the test uses")
     # `--dist loadgroup` would reorder the groups by their number of tests (most first): keep
-    # the order `pytest_collection_modifyitems` gives them.
+    # the order `pytest_collection_finish` gives them.
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 
@@ -71,24 +73,29 @@ def _group(item) -> str:
     return f"routers:{names.pop()}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook, which reads the groups into node ids
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip on a CPU. Under pytest-xdist (`-n 2 --dist loadgroup`), the tests that
     use the routers `trained_routers` trains on one fixture are one group, so those routers are
     trained once, and each file's other tests are one group, so its module fixtures are built
-    once; the costliest groups are handed out first."""
+    once."""
     on_gpu = jax.default_backend() == "gpu"
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU; the default JAX backend is CPU")
-    groups = {}
     for item in items:
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip)
-        groups[item] = _group(item)
-        item.add_marker(pytest.mark.xdist_group(groups[item]))
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook, which sends the collection
+def pytest_collection_finish(session):
+    """The groups in the order xdist hands them out: COSTLIEST_FIRST, then the others as
+    collected (and ordered by pytest); each group's tests keep their order."""
     rank = {group: i for i, group in enumerate(COSTLIEST_FIRST)}
-    first = {}  # group -> (its rank, its first item's position)
-    for i, item in enumerate(items):
-        first.setdefault(groups[item], (rank.get(groups[item], len(rank)), i))
-    items.sort(key=lambda item: first[groups[item]])  # stable: a group keeps its items' order
+    first = {}  # group -> (its rank, its first test's position)
+    for i, item in enumerate(session.items):
+        first.setdefault(_group(item), (rank.get(_group(item), len(rank)), i))
+    session.items.sort(key=lambda item: first[_group(item)])  # stable
 
 
 @pytest.fixture(scope="session")
