@@ -95,10 +95,23 @@ def random_hf_model(spec, directory):
     return hf, src, config, model
 
 
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    """`variants(name)` -> (name, HF model, our model, HF directory), built once per module."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            hf, src, _, model = random_hf_model(VARIANTS[name], tmp_path_factory.mktemp(name))
+            built[name] = name, hf, model, src
+        return built[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
-def variant(request, tmp_path_factory):
-    hf, src, _, model = random_hf_model(VARIANTS[request.param], tmp_path_factory.mktemp(request.param))
-    return request.param, hf, model, src
+def variant(request, variants):
+    return variants(request.param)
 
 
 def _compare(hf, model, tokens: np.ndarray, mask: np.ndarray, opt: bool) -> float:
@@ -176,13 +189,23 @@ EXPECTED_SPLIT = {"w_qkv": (1,), "b_qkv": (0,), "w_o": (0,), "w_in": (0,), "b_in
                   "w_gate_up": (0,), "b_gate_up": (0,), "w_out": (0,), "embedding": (0,)}
 
 
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_sharded_model_equals_one_device(variant, mesh_name):
+# Every variant at tp 2. At tp 4 and dp 2 x tp 2 (the same rules at other splits): an OPT and
+# a Llama-family GQA variant, the MHA variant whose 4 KV groups split one per device at tp 4,
+# and the refusal of tp 4 for 2 KV groups.
+SHARDED_CASES = ([(name, "tp2") for name in sorted(VARIANTS)]
+                 + [("opt-post-ln-projected", "tp4"), ("opt-post-ln-projected", "dp2xtp2"),
+                    ("llama-2-mha", "tp4"), ("llama-3.1-gqa", "tp4"),
+                    ("llama-3.1-gqa", "dp2xtp2")])
+
+
+@pytest.mark.parametrize("name, mesh_name", SHARDED_CASES,
+                         ids=[f"{name}-{mesh}" for name, mesh in SHARDED_CASES])
+def test_sharded_model_equals_one_device(variants, name, mesh_name):
     """Loaded straight into the shards of a tensor- (and data-) parallel mesh: every parameter
     placed by the sharding rules, leaf by leaf, and the logits of a padded batch those of one
     device (float32, within 1e-5 of the largest logit). A split that does not divide the KV
     groups is refused in one line."""
-    name, hf, model, src = variant
+    name, hf, model, src = variants(name)
     tp, dp = MESHES[mesh_name]
     mesh = make_mesh(tp, dp)
     model_dir = ModelDir.open(src.parent / "converted")

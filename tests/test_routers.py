@@ -15,7 +15,7 @@ import transformers
 from conftest import fixture_path
 from pallas_kernels.selection import batch_neuron_scores
 from polar_jax.errors import PolarJaxError
-from polar_jax.loading import load_model
+from polar_jax.loading import ModelDir, load_model
 from routers.collect import Collected, collect
 from routers.model import Routers, load_routers
 from routers.train import calibrate_mlp_topk
@@ -147,17 +147,29 @@ def llama_routers(trained_routers):
     return trained_routers("tiny-llama")
 
 
+def _config(name: str):
+    return ModelDir.open(fixture_path("fixtures", name)).config
+
+
+@pytest.mark.routers("tiny-llama")
 def test_tiny_llama_attention_recall(llama_routers):
-    metrics, _ = llama_routers
+    metrics, llama_dir = llama_routers
     assert metrics["attn_recall_mean"] >= 0.82  # random choice: 0.5
     assert metrics["mlp_recall_mean"] is None and metrics["mlp_topk"] is None  # gated MLP
     assert metrics["tokens_train"] == 48000 and metrics["tokens_heldout"] == 12000
+    routers, _ = load_routers(llama_dir, _config("tiny-llama"))
+    assert not routers.has_mlp
+    with pytest.raises(PolarJaxError, match="belong to another model"):
+        load_routers(llama_dir, _config("tiny-opt"))
 
 
+@pytest.mark.routers("tiny-opt")
 def test_tiny_opt_attention_and_mlp(opt_routers):
+    """Attention recall 0.769-0.771 over seeds 0-2; MLP recall 0.9900-0.9906 (the calibration
+    aims at 99% of the active neurons; random routers at these k: about 0.3)."""
     metrics, _ = opt_routers
     assert metrics["attn_recall_mean"] >= 0.74
-    assert metrics["mlp_recall_mean"] >= 0.99
+    assert metrics["mlp_recall_mean"] >= 0.985
     table = {int(b): np.array(k) for b, k in metrics["mlp_topk"].items()}
     assert sorted(table) == [2**i for i in range(10)]
     assert (table[1][1:] <= 0.4 * 1024).all()
@@ -166,15 +178,15 @@ def test_tiny_opt_attention_and_mlp(opt_routers):
     assert all(a <= b for a, b in zip(means, means[1:])) and (table[64] > table[1]).all()
 
 
-def test_save_load_and_model_check(opt_routers, llama_routers):
+@pytest.mark.routers("tiny-opt")
+def test_save_load_and_model_check(opt_routers):
     _, opt_dir = opt_routers
-    _, llama_dir = llama_routers
-    opt_config, _ = load_model(str(fixture_path("fixtures", "tiny-opt")))
+    opt_config = _config("tiny-opt")
     routers, metadata = load_routers(opt_dir, opt_config)
     assert metadata["attn_topk"] == 0.5 and routers.has_mlp
     u = jnp.asarray(np.random.default_rng().normal(size=(6, 3, 256)), jnp.float32)
     assert routers.attn_scores(u).shape == (6, 3, 8) and routers.mlp_scores(u).shape == (6, 3, 1024)
     with pytest.raises(PolarJaxError, match="belong to another model"):
-        load_routers(llama_dir, opt_config)
+        load_routers(opt_dir, _config("tiny-llama"))
     with pytest.raises(PolarJaxError, match="not a routers directory"):
         load_routers(opt_dir.parent, opt_config)

@@ -403,6 +403,7 @@ def test_models_health_and_metrics(base, client):
 # Sparse decoding.
 
 
+@pytest.mark.routers("tiny-llama")
 def test_sparse_server_equals_sparse_generate(trained_routers, tmp_path, prompts):
     from polar_jax.decode import Decoder
 
