@@ -20,6 +20,15 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+try:
+    import torch  # noqa: E402
+except ImportError:  # the tests that need it skip
+    pass
+else:
+    # PyTorch (the Hugging Face references) on one thread: the two xdist workers keep both
+    # cores busy, and a team of OpenMP threads waiting for a descheduled member took ~8 ms per
+    # small matmul (HF greedy generation of tiny-opt: 5.8 s instead of 0.17 s).
+    torch.set_num_threads(1)
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jax\.experimental\.pallas")
 
 SHARED = Path(os.environ.get("POLAR_JAX_SHARED", Path(__file__).resolve().parents[2] / "shared"))
