@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 from flax import nnx
 
-from models.kv_cache import KVCache
+from models.kv_cache import KVCache, PagedKVCache
 from models.layers import positions_from_mask
 from models.ops import DenseOps, Ops, Record
 
@@ -19,7 +19,7 @@ class Forward(NamedTuple):
     each layer's record (`Ops`; empty dicts unless the ops record)."""
 
     hidden_states: jax.Array
-    kv_cache: KVCache | None
+    kv_cache: KVCache | PagedKVCache | None
     records: tuple[Record, ...]
 
 
@@ -41,15 +41,16 @@ class CausalLM(nnx.Module):
         """The last block's output -> the final hidden states."""
         raise NotImplementedError
 
-    def forward(self, tokens, positions, ops: Ops, kv_cache: KVCache | None = None) -> Forward:
+    def forward(self, tokens, positions, ops: Ops,
+                kv_cache: KVCache | PagedKVCache | None = None) -> Forward:
         """tokens, positions `[B, T]` through every block, each sublayer run by `ops`."""
         x, shared = self.embed_inputs(tokens, positions)
         layers_kv, records = [], []
         for i, block in enumerate(self.layers):
-            x, kv, record = block(x, shared, ops, None if kv_cache is None else kv_cache.layers[i])
+            x, kv, record = block(x, shared, ops, None if kv_cache is None else kv_cache.layer(i))
             layers_kv.append(kv)
             records.append(record)
-        return Forward(self.final(x), None if kv_cache is None else KVCache(tuple(layers_kv)),
+        return Forward(self.final(x), None if kv_cache is None else kv_cache.with_layers(layers_kv),
                        tuple(records))
 
     def logits(self, hidden_states):

@@ -31,6 +31,9 @@ RULES: dict[str, str | None] = {
     "vocab": MODEL,
     "embed": None,
     "seq": None,
+    "pages": None,  # a paged cache's pool: any sequence's page may sit anywhere
+    "page": None,
+    "pages_per_seq": None,
     "head_dim": None,
     "qkv": None,  # a group's G query heads, its key and its value
     "gate_up": None,
@@ -68,6 +71,10 @@ ROUTER_AXES: dict[str, tuple[str, ...]] = {
     "mlp_up_scale": ("neurons",),
 }
 KV_CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")  # = models.kv_cache.KVCache.AXES
+# `models.kv_cache.PagedKVCache`'s leaves, by field: the pools split by KV group, like the
+# contiguous cache; the block table by sequence.
+PAGED_KV_CACHE_AXES = {"pages": ("kv_heads", "pages", "page", "head_dim"),
+                       "block_table": ("batch", "pages_per_seq")}
 
 
 def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
@@ -143,9 +150,19 @@ def router_shardings(router_state, mesh: Mesh):
 
 
 def kv_cache_shardings(kv_cache, mesh: Mesh):
-    """A `NamedSharding` for every array of a `KVCache` (concrete or abstract)."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, spec(KV_CACHE_AXES, x.shape, mesh)),
-                        kv_cache)
+    """A `NamedSharding` for every array of a `KVCache` or `PagedKVCache` (concrete or
+    abstract)."""
+    def one(path, x):
+        axes = PAGED_KV_CACHE_AXES.get(getattr(path[0], "name", None), KV_CACHE_AXES)
+        return NamedSharding(mesh, spec(axes, x.shape, mesh))
+    return jax.tree_util.tree_map_with_path(one, kv_cache)
+
+
+def layer_kv_specs(layer_kv, mesh: Mesh):
+    """The PartitionSpecs of a per-layer cache view (`LayerKV`, `PagedLayerKV`), field by
+    field, as `shard_map` takes them: the placement `kv_cache_shardings` gives."""
+    return type(layer_kv)(**{name: spec(axes, getattr(layer_kv, name).shape, mesh)
+                             for name, axes in layer_kv.AXES.items()})
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -4,6 +4,9 @@ One decode step: each row `b` of the batch has one query token with `Hq` heads, 
 `[Hkv, S, D]` holding `lengths[b]` valid positions, and a per-row set of selected KV groups
 `group_idx[b]` (Polar Sparsity's head router picks them). Query head `h` reads group `h // G`
 (`G = Hq // Hkv`). Only the selected groups are computed; the other heads' outputs are zero.
+The cache is contiguous (`[B, Hkv, S, D]`) or paged (a pool `[Hkv, pages, page_size, D]` read
+through a block table `[B, pages_per_seq]`: position i of row b is at page
+`block_table[b, i // page_size]`, offset `i % page_size`).
 
 Kernel layout (Triton lowering on NVIDIA GPUs, interpret mode on the CPU):
 
@@ -51,9 +54,19 @@ def _selected_groups_mask(group_idx, batch: int, num_kv: int):
     return jnp.any(group_idx[:, :, None] == jnp.arange(num_kv, dtype=group_idx.dtype), axis=1)
 
 
+def gather_pages(pages, block_table):
+    """A paged pool `[Hkv, pages, page_size, D]` read through `block_table [B, n]` as a
+    contiguous cache `[B, Hkv, n * page_size, D]`."""
+    x = pages[:, block_table]
+    hkv, b, n, p, d = x.shape
+    return x.swapaxes(0, 1).reshape(b, hkv, n * p, d)
+
+
 def sparse_decode_attention_reference(q, k_cache, v_cache, lengths, group_idx=None, *,
-                                      sm_scale=None, sliding_window=None):
+                                      block_table=None, sm_scale=None, sliding_window=None):
     """Pure-`jnp` reference with the same semantics (float32 softmax, `q.dtype` output)."""
+    if block_table is not None:
+        k_cache, v_cache = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
     B, Hq, D = q.shape
     _, Hkv, S, _ = k_cache.shape
     G = Hq // Hkv
@@ -70,7 +83,8 @@ def sparse_decode_attention_reference(q, k_cache, v_cache, lengths, group_idx=No
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bhgs,bhsd->bhgd", p, v_cache.astype(jnp.float32),
+    v = jnp.where(valid[:, None, :, None], v_cache.astype(jnp.float32), 0.0)  # unread slots
+    o = jnp.einsum("bhgs,bhsd->bhgd", p, v,
                    precision=lax.Precision.HIGHEST) / jnp.where(l > 0, l, 1.0)
     keep = _selected_groups_mask(group_idx, B, Hkv) & (L > 0)
     o = jnp.where(keep[:, :, None, None], o, 0.0)
@@ -121,8 +135,8 @@ def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, inte
 # Kernel
 # --------------------------------------------------------------------------------------------
 
-def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp, D, Dp, BK,
-                 NS, W, scale_log2, mode, evict, interpret):
+def _attn_kernel(len_ref, gidx_ref, bt_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, PS, MP, G,
+                 Gp, D, Dp, BK, NS, W, scale_log2, mode, evict, interpret):
     if mode == "direct":
         _, o_ref = refs
     elif mode == "kernel":
@@ -155,13 +169,21 @@ def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp
                     interpret=interpret)
     offs = jnp.arange(BK, dtype=jnp.int32)
 
+    def kv_index(pos, ok):
+        """Where the cache holds positions `pos [BK]`: row b's, or (paged) its pages'."""
+        if PS is None:
+            return (b, g, pos[:, None], cols[None, :])
+        page = masked_load(bt_ref, (b, jnp.minimum(pos // PS, MP - 1)), ok, 0,
+                           interpret=interpret)
+        return (g, page[:, None], (pos % PS)[:, None], cols[None, :])
+
     def body(blk, carry):
         acc, m, l = carry
         pos = lo + blk * BK + offs
         ok = pos < L
         kv_ok = ok[:, None] & col_ok[None, :]
-        kt = masked_load(k_ref, (b, g, pos[:, None], cols[None, :]), kv_ok, 0.0,
-                         interpret=interpret, evict_first=evict)
+        at = kv_index(pos, ok)
+        kt = masked_load(k_ref, at, kv_ok, 0.0, interpret=interpret, evict_first=evict)
         sc = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=prec,
                              preferred_element_type=jnp.float32) * scale_log2
         sc = jnp.where(ok[None, :], sc, -jnp.inf)
@@ -169,8 +191,7 @@ def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(sc - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        vt = masked_load(v_ref, (b, g, pos[:, None], cols[None, :]), kv_ok, 0.0,
-                         interpret=interpret, evict_first=evict)
+        vt = masked_load(v_ref, at, kv_ok, 0.0, interpret=interpret, evict_first=evict)
         acc = acc * alpha[:, None] + lax.dot_general(
             p.astype(vt.dtype), vt, (((1,), (0,)), ((), ())), precision=prec,
             preferred_element_type=jnp.float32)
@@ -222,13 +243,20 @@ def _attn_kernel(len_ref, gidx_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, G, Gp
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "window", "interpret", "cfg"))
-def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, out_init=None, *, sm_scale,
-                      window, interpret, cfg):
+def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table=None, out_init=None,
+                      *, sm_scale, window, interpret, cfg):
     """The kernel call. `out_init` (default zeros) is the buffer the kernel writes the selected
     heads into; tests pass a poisoned one to check what the kernel writes and what it leaves."""
     cfg = dict(cfg)
     B, Hq, D = q.shape
-    _, Hkv, S, _ = k_cache.shape
+    if block_table is None:  # contiguous; the kernel's block-table input is a dummy
+        _, Hkv, S, _ = k_cache.shape
+        PS = MP = None
+        block_table = jnp.zeros((B, 1), jnp.int32)
+    else:
+        Hkv, _, PS, _ = k_cache.shape
+        MP = block_table.shape[1]
+        S = MP * PS
     K = group_idx.shape[1]
     G = Hq // Hkv
     Gp = max(16, next_pow2(G))
@@ -237,7 +265,8 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, out_init=None, *,
     BK = cfg["block_k"]
     mode = "direct" if NS == 1 else cfg["combine"]
     kernel = functools.partial(
-        _attn_kernel, K=K, Hkv=Hkv, S=S, G=G, Gp=Gp, D=D, Dp=Dp, BK=BK, NS=NS, W=window,
+        _attn_kernel, K=K, Hkv=Hkv, S=S, PS=PS, MP=MP, G=G, Gp=Gp, D=D, Dp=Dp, BK=BK, NS=NS,
+        W=window,
         scale_log2=float(sm_scale * LOG2E), mode=mode, evict=cfg["evict_first"],
         interpret=interpret)
     grid = (B * K * NS,)
@@ -247,26 +276,26 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, out_init=None, *,
     part_sds = [jax.ShapeDtypeStruct((B * K, NS, Gp, Dp), jnp.float32),
                 jax.ShapeDtypeStruct((B * K, NS, Gp), jnp.float32),
                 jax.ShapeDtypeStruct((B * K, NS, Gp), jnp.float32)]
-    args = [lengths, group_idx, q, k_cache, v_cache]
+    args = [lengths, group_idx, block_table, q, k_cache, v_cache]
     zeros = jnp.zeros((B, Hq, D), q.dtype)
     if mode == "direct":
         out = pl.pallas_call(
-            kernel, grid=grid, in_specs=[full] * 6, out_specs=full, out_shape=out_sds,
-            input_output_aliases={5: 0}, compiler_params=params, interpret=interpret,
+            kernel, grid=grid, in_specs=[full] * 7, out_specs=full, out_shape=out_sds,
+            input_output_aliases={6: 0}, compiler_params=params, interpret=interpret,
             name="sparse_decode_attention",
         )(*args, zeros if out_init is None else out_init)
         return out
     if mode == "kernel":
         outs = pl.pallas_call(
-            kernel, grid=grid, in_specs=[full] * 7, out_specs=[full] * 5,
+            kernel, grid=grid, in_specs=[full] * 8, out_specs=[full] * 5,
             out_shape=[out_sds, jax.ShapeDtypeStruct((B * K,), jnp.int32), *part_sds],
-            input_output_aliases={5: 0, 6: 1}, compiler_params=params, interpret=interpret,
+            input_output_aliases={6: 0, 7: 1}, compiler_params=params, interpret=interpret,
             name="sparse_decode_attention_splitk",
         )(*args, zeros if out_init is None else out_init, jnp.zeros((B * K,), jnp.int32))
         return outs[0]
     # mode == "xla": partials from the kernel, combine and scatter in plain JAX.
     op, mp, lp = pl.pallas_call(
-        kernel, grid=grid, in_specs=[full] * 5, out_specs=[full] * 3, out_shape=part_sds,
+        kernel, grid=grid, in_specs=[full] * 6, out_specs=[full] * 3, out_shape=part_sds,
         compiler_params=params, interpret=interpret, name="sparse_decode_attention_partials",
     )(*args)
     op = op[:, :, :G, :D].reshape(B, K, NS, G, D)
@@ -286,17 +315,29 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, out_init=None, *,
 # Public wrapper
 # --------------------------------------------------------------------------------------------
 
-def _check_args(q, k_cache, v_cache, lengths, group_idx, sliding_window):
+def _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_window):
     for name, x, nd in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
         if getattr(x, "ndim", None) != nd:
             raise ValueError(f"{name} must have {nd} dimensions, got shape {getattr(x, 'shape', None)}")
     B, Hq, D = q.shape
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} differ in shape")
-    Bk, Hkv, S, Dk = k_cache.shape
-    if Bk != B or Dk != D:
-        raise ValueError(f"cache shape {k_cache.shape} does not match q {q.shape}: expected "
-                         f"[B={B}, Hkv, S, D={D}]")
+    if block_table is None:
+        Bk, Hkv, S, Dk = k_cache.shape
+        if Bk != B or Dk != D:
+            raise ValueError(f"cache shape {k_cache.shape} does not match q {q.shape}: expected "
+                             f"[B={B}, Hkv, S, D={D}]")
+    else:
+        Hkv, pages, page_size, Dk = k_cache.shape
+        if Dk != D:
+            raise ValueError(f"page pool shape {k_cache.shape} does not match q {q.shape}: "
+                             f"expected [Hkv, pages, page_size, D={D}]")
+        if getattr(block_table, "ndim", None) != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must have shape [B={B}, pages_per_seq], got "
+                             f"{getattr(block_table, 'shape', None)}")
+        if block_table.dtype != jnp.int32:
+            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        S = block_table.shape[1] * page_size
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
     if S < 1 or D < 1 or B < 1:
@@ -326,15 +367,19 @@ def _check_args(q, k_cache, v_cache, lengths, group_idx, sliding_window):
             raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
 
 
-def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, sm_scale=None,
-                            sliding_window=None, interpret=None, block_k=None, num_splits=None,
-                            num_warps=None, num_stages=None, combine=None, evict_first=None):
+def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, block_table=None,
+                            sm_scale=None, sliding_window=None, interpret=None, block_k=None,
+                            num_splits=None, num_warps=None, num_stages=None, combine=None,
+                            evict_first=None):
     """Decode attention over the selected KV groups of each row.
 
     Args:
       q: `[B, Hq, D]` query of the current token.
-      k_cache, v_cache: `[B, Hkv, S, D]` caches (`Hq = Hkv * G`; head h reads group h // G).
+      k_cache, v_cache: `[B, Hkv, S, D]` caches (`Hq = Hkv * G`; head h reads group h // G),
+        or with `block_table` page pools `[Hkv, pages, page_size, D]`.
       lengths: int32 `[B]` in `[0, S]`; row b attends to `[max(0, len - W), len)`.
+      block_table: int32 `[B, pages_per_seq]` (paged: S = pages_per_seq * page_size); only
+        the entries below each row's length are read (page ids are not range-checked).
       group_idx: int32 `[B, k]`, distinct KV groups per row (None: all groups). Values are
         clamped into range inside the kernel (a range check would need a host sync).
       sm_scale: softmax scale, default `1/sqrt(D)`.
@@ -347,9 +392,12 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, sm_
     Returns:
       `[B, Hq, D]` in `q.dtype`; exactly zero for unselected heads and rows of length 0.
     """
-    _check_args(q, k_cache, v_cache, lengths, group_idx, sliding_window)
+    _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_window)
     B, Hq, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if block_table is None:
+        Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    else:
+        Hkv, S = k_cache.shape[0], block_table.shape[1] * k_cache.shape[2]
     if group_idx is None:
         group_idx = jnp.broadcast_to(jnp.arange(Hkv, dtype=jnp.int32), (B, Hkv))
     interpret = resolve_interpret(interpret)
@@ -357,6 +405,6 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, sm_
     cfg = attention_config(B, group_idx.shape[1], S, D, Hq // Hkv, interpret=interpret,
                            block_k=block_k, num_splits=num_splits, num_warps=num_warps,
                            num_stages=num_stages, combine=combine, evict_first=evict_first)
-    return _sparse_attention(q, k_cache, v_cache, lengths, group_idx, sm_scale=scale,
+    return _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table, sm_scale=scale,
                              window=sliding_window, interpret=interpret,
                              cfg=tuple(sorted(cfg.items())))

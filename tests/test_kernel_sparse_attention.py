@@ -153,7 +153,7 @@ def test_writes_exactly_the_selected_heads(rng, num_splits, combine):
     cfg = sa.attention_config(B, k, S, D, Hq // Hkv, interpret=True, num_splits=num_splits,
                               combine=combine)
     poison = jnp.full((B, Hq, D), jnp.nan, jnp.float32)
-    out = sa._sparse_attention(q, kc, vc, lens, gi, poison, sm_scale=1 / math.sqrt(D),
+    out = sa._sparse_attention(q, kc, vc, lens, gi, None, poison, sm_scale=1 / math.sqrt(D),
                                window=None, interpret=True, cfg=tuple(sorted(cfg.items())))
     o = np.asarray(out)
     written = np.zeros((B, Hkv), bool)
@@ -207,3 +207,71 @@ def test_argument_errors(mutate, exc, match):
 def test_bad_window(window):
     with pytest.raises(ValueError, match="sliding_window"):
         sparse_decode_attention(*_args(), sliding_window=window)
+
+
+def page_table(rng, B, S, page_size, spare_pages=3):
+    """A block table `[B, ceil(S / page_size)]` of distinct, shuffled page ids out of a pool
+    with `spare_pages` pages that no row owns: (table, pool size)."""
+    per_seq = -(-S // page_size)
+    pages = B * per_seq + spare_pages
+    return rng.permutation(pages)[:B * per_seq].reshape(B, per_seq).astype(np.int32), pages
+
+
+def to_pages(cache, table, pages, page_size):
+    """A contiguous cache `[B, Hkv, S, D]` scattered into a page pool `[Hkv, pages, page_size,
+    D]` through `table`; every slot no position maps to is NaN."""
+    c = np.asarray(cache.astype(jnp.float32))
+    B, Hkv, S, D = c.shape
+    pool = np.full((Hkv, pages, page_size, D), np.nan, np.float32)
+    for b in range(B):
+        for i in range(S):
+            pool[:, table[b, i // page_size], i % page_size] = c[b, :, i]
+    return jnp.asarray(pool, cache.dtype)
+
+
+# B, Hq, Hkv, S, D, k, dtype, lengths, window, page_size, overrides
+PAGED_CASES = [
+    (3, 8, 4, 37, 64, 2, jnp.float32, [37, 0, 16], None, 1, {}),
+    (2, 8, 2, 45, 64, 1, jnp.bfloat16, [45, 3], 20, 3, dict(num_splits=2)),
+    (3, 4, 4, 50, 128, 4, jnp.float16, [48, 49, 17], None, 16, dict(num_splits=4, combine="xla")),
+    (2, 12, 3, 40, 64, 3, jnp.float32, [32, 33], None, 16, {}),
+]
+GPU_PAGED_CASES = [pytest.param(case, marks=pytest.mark.gpu) for case in [
+    (4, 32, 8, 2048, 128, 4, jnp.bfloat16, [0, 1, 1000, 2048], None, 16, {}),
+    (2, 32, 8, 4096, 128, 8, jnp.float16, [4096, 2049], 1000, 32, {}),
+]]
+
+
+@pytest.mark.parametrize("case", PAGED_CASES + GPU_PAGED_CASES,
+                         ids=lambda c: f"B{c[0]}-{c[1]}/{c[2]}-S{c[3]}-k{c[5]}-"
+                         f"{jnp.dtype(c[6]).name}-W{c[8]}-page{c[9]}")
+def test_paged_matches_contiguous_and_float64(rng, case):
+    """The kernel reading a shuffled page pool through a block table (unowned slots NaN) equals
+    float64 attention over the contiguous cache, and the kernel on that cache."""
+    B, Hq, Hkv, S, D, k, dtype, lengths, window, page_size, over = case
+    q, kc, vc, lens, gi = make_inputs(rng, B, Hq, Hkv, S, D, k, dtype, lengths)
+    table, pages = page_table(rng, B, S, page_size)
+    k_pages, v_pages = (to_pages(c, table, pages, page_size) for c in (kc, vc))
+    table = jnp.asarray(table)
+    out = sparse_decode_attention(q, k_pages, v_pages, lens, gi, block_table=table,
+                                  sliding_window=window, **over)
+    o = np.asarray(out, np.float64)
+    assert np.all(np.isfinite(o)), "a position past a row's length (or an unowned page) was read"
+    exact = attention_f64(q, kc, vc, np.asarray(lens), np.asarray(gi), None, window)
+    assert rel_err(out, exact) < TOL[dtype]
+    contiguous = sparse_decode_attention(q, kc, vc, lens, gi, sliding_window=window, **over)
+    assert rel_err(out, contiguous) < TOL[dtype]
+    ref = sparse_decode_attention_reference(q, k_pages, v_pages, lens, gi, block_table=table,
+                                            sliding_window=window)
+    sel = selected_mask(gi, lens, B, Hkv, Hq // Hkv)
+    assert rel_err(np.asarray(ref, np.float64)[sel], exact[sel]) < TOL[dtype]
+    assert np.all(o[~sel] == 0.0)
+
+
+def test_paged_argument_errors():
+    q, kc, _, lens, gi = _args()
+    pool = jnp.zeros((2, 5, 4, 64), jnp.float32)
+    with pytest.raises(ValueError, match="block_table must have shape"):
+        sparse_decode_attention(q, pool, pool, lens, gi, block_table=jnp.zeros((3, 2), jnp.int32))
+    with pytest.raises(TypeError, match="block_table must be int32"):
+        sparse_decode_attention(q, pool, pool, lens, gi, block_table=jnp.zeros((2, 2), jnp.float32))
