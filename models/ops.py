@@ -17,8 +17,8 @@ kernel or backend runs is chosen here, never in the model:
 
 - `DenseOps`: full sequences (evaluation, prefill): causal attention among the given tokens,
   their K/V written to the first T cache positions when a cache is given;
-- `ChunkOps`: a chunk of each sequence's prompt continuing its cache (the server's chunked
-  prefill), dense;
+- `ChunkOps`: a chunk of each sequence's prompt continuing its cache, contiguous or paged
+  (the server's chunked prefill), dense: flash attention (cuDNN) on a GPU;
 - `DenseDecodeOps`: one token per sequence, written at its position; attention over the
   cache by the Pallas kernel on a GPU, by XLA elsewhere; with a mesh, per shard
   (`per_shard`: the kernels only ever run inside `shard_map`); on one GPU the projections of
@@ -40,11 +40,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from models import scopes
-from models.kv_cache import LayerKV
+from models.kv_cache import LayerKV, PagedLayerKV
 from models.layers import F32, MLP, xla_matmul
-from models.sharding import DATA, MODEL
+from models.sharding import DATA, MODEL, layer_kv_specs
 from pallas_kernels._common import NEG_INF
-from pallas_kernels.kv_write import write_kv_token, write_kv_token_reference
 from pallas_kernels.skinny_matmul import skinny_matmul
 from pallas_kernels.sparse_attention import sparse_decode_attention
 from pallas_kernels.topk_select import topk_indices
@@ -65,8 +64,8 @@ class Ops(Protocol):
         """What this layer's attention and MLP select, from its attention input u `[B, T, d]`."""
 
     def attention(self, *, layer: int, route: Any, q: jax.Array, k: jax.Array, v: jax.Array,
-                  kv: LayerKV | None, window: int | None
-                  ) -> tuple[jax.Array, LayerKV | None, Record]:
+                  kv: LayerKV | PagedLayerKV | None, window: int | None
+                  ) -> tuple[jax.Array, LayerKV | PagedLayerKV | None, Record]:
         """q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` (rotated), the layer's cache or None ->
         (o `[B, T, Hq, D]`, the cache with k, v written, record)."""
 
@@ -132,14 +131,6 @@ def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
     return o.reshape(b, hq, d).astype(q.dtype)
 
 
-@jax.named_scope(scopes.KV_WRITE)
-def write_token(kv: LayerKV, k, v, positions) -> LayerKV:
-    """`kv` with each row's new k, v `[B, Hkv, D]` written at `positions [B]` (every group:
-    later tokens may select any): one Pallas kernel on a GPU, XLA's scatter elsewhere."""
-    write = write_kv_token if on_gpu() else write_kv_token_reference
-    return LayerKV(*write(kv.k, kv.v, k, v, positions))
-
-
 def per_shard(mesh: Mesh | None, fn, in_specs, out_specs):
     """`fn` run on each device's shards of a `data` x `model` mesh (`shard_map`; what `fn`
     returns is its shard of the result), or `fn` itself without a mesh."""
@@ -181,33 +172,41 @@ class DenseOps:
         return mlp(x), NO_RECORD
 
 
+def flash_attention_backend(dtype, head_dim: int) -> str:
+    """The `jax.nn.dot_product_attention` implementation for chunked prefill: cuDNN's fused
+    flash attention on a GPU where it takes the shapes (half precision, head dim a multiple of
+    8 up to 128), XLA otherwise (which materializes the scores: fine on a CPU)."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if on_gpu() and half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
 def chunk_attention(q, k_cache, v_cache, positions, window: int | None = None,
                     scale: float | None = None):
-    """A chunk of T query tokens per sequence against its cache, which already holds them
-    (XLA): query t of row b, at `positions[b, t]`, sees cache positions p <= it (and, with a
-    window W, positions[b, t] - p < W). q `[B, T, Hq, D]`; caches `[B, Hkv, S, D]`."""
-    b, t, hq, d = q.shape
-    hkv, s = k_cache.shape[1], k_cache.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    q = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache, preferred_element_type=F32) * scale
+    """A chunk of T query tokens per sequence against its cache, which already holds them:
+    query t of row b, at `positions[b, t]`, sees cache positions p <= it (and, with a window W,
+    positions[b, t] - p < W). q `[B, T, Hq, D]`; caches `[B, Hkv, S, D]` (a paged cache's
+    `dense()` gather). Through `jax.nn.dot_product_attention` with the causal-with-offset
+    mask spelled out (`flash_attention_backend`: cuDNN's flash kernel on a GPU)."""
+    d = q.shape[-1]
+    s = k_cache.shape[2]
     key_pos = jnp.arange(s)[None, None, :]
     query_pos = positions[:, :, None]
     visible = key_pos <= query_pos
     if window is not None:
         visible = visible & (query_pos - key_pos < window)
-    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    o = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v_cache.dtype), v_cache,
-                   preferred_element_type=F32)
-    return o.reshape(b, t, hq, d).astype(q.dtype)
+    keys, values = k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2)  # [B, S, Hkv, D]
+    o = jax.nn.dot_product_attention(
+        q, keys, values, mask=visible[:, None], scale=d**-0.5 if scale is None else scale,
+        implementation=flash_attention_backend(q.dtype, d))
+    return o.astype(q.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class ChunkOps:
     """A chunk of each sequence's prompt continuing its cache (chunked prefill, dense): token
     t of row b goes to cache position `positions[b, t]` where `valid[b, t]` (padding writes
-    nothing), then attends to the cache up to its own position."""
+    nothing; a paged cache's pages directly, no row gathered or scattered), then attends to
+    the cache up to its own position."""
 
     positions: jax.Array
     valid: jax.Array
@@ -218,12 +217,9 @@ class ChunkOps:
 
     @jax.named_scope(scopes.ATTENTION)
     def attention(self, *, layer, route, q, k, v, kv, window):
-        rows = jnp.arange(q.shape[0])[:, None]
-        seq = kv.k.shape[2]
-        at = jnp.where(self.valid, self.positions, seq)  # seq: dropped
-        write = lambda c, x: c.at[rows, :, at].set(x.astype(c.dtype), mode="drop")
-        kv = LayerKV(write(kv.k, k), write(kv.v, v))
-        return chunk_attention(q, kv.k, kv.v, self.positions, window), kv, NO_RECORD
+        with jax.named_scope(scopes.KV_WRITE):
+            kv = kv.write_chunk(k, v, self.positions, self.valid)
+        return chunk_attention(q, *kv.dense(), self.positions, window), kv, NO_RECORD
 
     def mlp(self, *, layer, route, x, mlp):
         return mlp(x), NO_RECORD
@@ -261,39 +257,40 @@ class DenseDecodeOps:
         o, kv = self.attend(q, k, v, kv, window, kernel=on_gpu())
         return o, kv, NO_RECORD
 
-    def attend(self, q, k, v, kv: LayerKV, window, kernel: bool, group_logits=None,
-               keep: int | None = None):
+    def attend(self, q, k, v, kv: LayerKV | PagedLayerKV, window, kernel: bool,
+               group_logits=None, keep: int | None = None):
         """(o `[B, 1, Hq, D]`, the cache with the token written). With `group_logits [B, Hkv]`
         each row reads only its top-`keep` groups (per shard: its top `keep` of the shard's
-        groups). `kernel`: the Pallas kernel (which reads only up to each row's length), else
-        XLA (all groups only)."""
+        groups). `kernel`: the Pallas kernel (which reads only up to each row's length, pages
+        through the block table), else XLA (all groups only)."""
 
-        def shard(q, k, v, k_cache, v_cache, positions, active, group_logits):
-            # An inactive row writes nothing (a position outside the cache: `write_kv_token`)
-            # and reads nothing (length 0: its output is zeros).
-            writes = jnp.where(active, positions, k_cache.shape[2])
+        def shard(q, k, v, kv, positions, active, group_logits):
+            # An inactive row writes nothing (a position outside the cache) and reads nothing
+            # (length 0: its output is zeros).
+            writes = jnp.where(active, positions, kv.length)
             lengths = jnp.where(active, positions + 1, 0)
-            kv = write_token(LayerKV(k_cache, v_cache), k, v, writes)
-            if group_logits is not None:
-                with jax.named_scope(scopes.ATTN_ROUTER):
-                    group_idx = topk_indices(group_logits, keep)
+            with jax.named_scope(scopes.KV_WRITE):
+                kv = kv.write_token(k, v, writes, kernel=on_gpu())
+            if group_logits is not None or kernel:
+                group_idx = None
+                if group_logits is not None:
+                    with jax.named_scope(scopes.ATTN_ROUTER):
+                        group_idx = topk_indices(group_logits, keep)
                 o = sparse_decode_attention(q, kv.k, kv.v, lengths, group_idx,
-                                            sliding_window=window)
-            elif kernel:
-                o = sparse_decode_attention(q, kv.k, kv.v, lengths, sliding_window=window)
+                                            block_table=kv.block_table, sliding_window=window)
             else:
-                o = decode_attention(q, kv.k, kv.v, lengths, window)
-            return o, kv.k, kv.v
+                o = decode_attention(q, *kv.dense(), lengths, window)
+            return o, kv
 
         heads = P(DATA, MODEL, None)
-        cache = P(DATA, MODEL, None, None)
-        o, k_cache, v_cache = per_shard(
+        cache = None if self.mesh is None else layer_kv_specs(kv, self.mesh)
+        o, kv = per_shard(
             self.mesh, shard,
-            in_specs=(heads, heads, heads, cache, cache, P(DATA), P(DATA),
+            in_specs=(heads, heads, heads, cache, P(DATA), P(DATA),
                       None if group_logits is None else P(DATA, MODEL)),
-            out_specs=(heads, cache, cache),
-        )(q[:, 0], k[:, 0], v[:, 0], kv.k, kv.v, self.positions, self.active, group_logits)
-        return o[:, None], LayerKV(k_cache, v_cache)
+            out_specs=(heads, cache),
+        )(q[:, 0], k[:, 0], v[:, 0], kv, self.positions, self.active, group_logits)
+        return o[:, None], kv
 
     def mlp(self, *, layer, route, x, mlp):
         return mlp(x, self.matmul), NO_RECORD
