@@ -267,11 +267,17 @@ def _cmd_serve(args) -> int:
     load = lambda: Decoder.load(args.model, args.dtype, routers=args.routers,
                                 attn_topk=args.attn_topk, dense_layers=args.dense_layers,
                                 mesh=mesh, router_weights=args.router_weights)
+    # The pool is cut from what XLA's allocator may hold on a GPU: the fraction is its limit
+    # (read when the backend starts, which is later: nothing has touched a device yet).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.gpu_memory_fraction:g}")
     server.serve(load, host=args.host, port=args.port,
                  model_name=args.served_model_name or os.path.basename(os.path.abspath(args.model)),
-                 mode=mode, max_slots=args.max_slots, max_len=args.max_len,
-                 prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
-                 access_log=not args.quiet)
+                 mode=mode, access_log=not args.quiet,
+                 engine_options=dict(max_slots=args.max_slots, max_len=args.max_len,
+                                     prefill_chunk=args.prefill_chunk,
+                                     prefill_rows=args.prefill_rows, max_queue=args.max_queue,
+                                     page_size=args.page_size, kv_pages=args.kv_pages,
+                                     gpu_memory_fraction=args.gpu_memory_fraction))
     return 0
 
 
@@ -406,7 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="an OpenAI-compatible HTTP server (continuous batching)",
         description="Serve the model over HTTP with OpenAI's API (/v1/completions, "
                     "/v1/chat/completions, /v1/models; /health, Prometheus /metrics): requests "
-                    "join and leave a running batch of --max-slots KV-cache slots, prompts are "
+                    "join and leave a running batch of up to --max-slots sequences whose keys and "
+                    "values live in a pool of KV pages (--page-size tokens each; as many as fit "
+                    "in --gpu-memory-fraction of the device after the weights, or --kv-pages); "
+                    "a request waits until its prompt's pages are free, and when pages run out "
+                    "the newest request is preempted and recomputed later. Prompts are "
                     "prefilled in chunks of --prefill-chunk tokens between decode steps. Every "
                     "program compiles before the server listens; it prints one line when ready. "
                     "SIGTERM ends in-flight requests (finish_reason \"abort\") and exits 0.")
@@ -420,12 +430,23 @@ def build_parser() -> argparse.ArgumentParser:
                      default=8000, help="port to listen on (0: any free one)")
     # The Engine's defaults (not imported here: --help stays fast).
     srv.add_argument("--max-slots", type=_positive, default=64,
-                     help="sequences decoded together (KV-cache slots)")
+                     help="sequences decoded together, at most")
     srv.add_argument("--max-len", type=_positive,
                      help="positions per sequence, prompt and completion together "
                           "(default: the model's)")
     srv.add_argument("--prefill-chunk", type=_positive, default=256,
                      help="prompt tokens prefilled per sequence between decode steps")
+    srv.add_argument("--prefill-rows", type=_positive, default=4,
+                     help="sequences whose prompt chunks are prefilled together")
+    srv.add_argument("--page-size", type=_positive, default=16,
+                     help="tokens per KV-cache page")
+    srv.add_argument("--kv-pages", type=_positive,
+                     help="KV-cache pages in the pool (default: as many as fit)")
+    srv.add_argument("--gpu-memory-fraction",
+                     type=validate.cli_type(validate.number, float, low=0.0, high=1.0,
+                                            low_open=True), default=0.9,
+                     help="share of the device's memory this server may take (weights, KV "
+                          "pages, program buffers; on a CPU, of the free memory)")
     srv.add_argument("--max-queue", type=_positive, default=256,
                      help="requests waiting for a slot, at most (then 503)")
     srv.add_argument("--served-model-name",

@@ -1,21 +1,29 @@
-"""Continuous batching over a fixed pool of KV-cache slots, with Polar Sparsity on by default
-when the decoder has routers. Usable from Python without HTTP:
+"""Continuous batching over a paged KV cache, with Polar Sparsity on by default when the
+decoder has routers. Usable from Python without HTTP:
 
     engine = Engine(Decoder.load(path, routers=...), max_slots=64)
     engine.start()                                  # compiles every program, then serves
     stream = engine.submit(Request(prompt=ids, max_tokens=64))
     async for event in stream: ...                  # `Token`s, then one `Done`
 
-One background thread runs the schedule: each iteration admits waiting requests into free
-slots, prefills up to `prefill_rows` prompt chunks of `prefill_chunk` tokens (a long prompt
-over several iterations, so the running sequences' decode stalls for one chunk at most), then
-runs one decode step over all slots, inactive ones masked. Every shape is fixed (the pool, the
-chunk), so nothing compiles after `start`: one prefill program (two: with the prompt's
-log-probabilities for `echo`) and one decode program per distinct MLP k of the routers'
-calibration for the number of active slots (`SparsityPlan.build`). A decoder over a mesh
-of `--tp` devices (one process) serves split over them. Sampling settings and
-seeds are per slot traced arrays; a slot is freed the moment its request ends (EOS,
-`max_tokens`, the context) or its consumer cancels.
+The cache is one pool of pages per layer (`models.kv_cache.PagedKVCache`, `page_size` tokens
+a page), sized at start by a memory plan (`kv_pages.plan_pages`: the device's free memory
+after the weights and the programs' buffers, or `kv_pages`); a sequence holds only the pages
+its tokens fill, listed in its row of the block table. One background thread runs the
+schedule: each iteration admits waiting requests, first come first served, into free slots
+while the pool has the pages of their prompts (and one more); prefills up to `prefill_rows`
+prompt chunks of `prefill_chunk` tokens straight into their pages (a long prompt over several
+iterations, so the running sequences' decode stalls for one chunk at most); gives every
+running sequence whose next token starts a page a new one, preempting the newest request when
+none is free (its pages freed, its prompt and tokens so far recomputed when it is admitted
+again: no token changes); then runs one decode step over all slots, inactive ones masked.
+Every shape is fixed (the slots, the pool, the chunk), so nothing compiles after `start`:
+one prefill program (two: with the prompt's log-probabilities for `echo`) and one decode
+program per distinct MLP k of the routers' calibration for the number of active slots
+(`SparsityPlan.build`). A decoder over a mesh of `--tp` devices (one process) serves split
+over them (the pool by KV group). Sampling settings and seeds are per slot traced arrays; a
+slot and its pages are freed the moment its request ends (EOS, `max_tokens`, the context) or
+its consumer cancels.
 """
 
 from __future__ import annotations
@@ -33,14 +41,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.kv_cache import KVCache
+from models.kv_cache import PagedKVCache
 from models.ops import ChunkOps
-from models.sharding import dp_size, kv_cache_shardings
+from models.sharding import dp_size, kv_cache_shardings, tp_size
 from pallas_kernels.selection import CALIBRATION_BATCH_SIZES
 from polar_jax import settings, validate
-from polar_jax.decode import Decoder, cache_length
+from polar_jax.decode import Decoder
 from polar_jax.errors import PolarJaxError
+from polar_jax.memory import GiB, available_bytes
 from polar_jax.sampling import SamplingParams, sample_rows
+from polar_jax.serve.kv_pages import (
+    DEFAULT_GPU_MEMORY_FRACTION, DEFAULT_PAGE_SIZE, MemoryPlan, PagePool, pages_for, plan_pages,
+)
 from polar_jax.step import DecodeState, decode_step
 
 TOP_LOGPROBS = 5  # alternatives computed per token (the OpenAI completions API's maximum)
@@ -102,7 +114,9 @@ class Observer(Protocol):
     def admitted(self, prompt_tokens: int) -> None: ...
     def first_token(self, seconds: float) -> None: ...
     def finished(self, completion_tokens: int, seconds_per_token: float | None) -> None: ...
-    def step(self, seconds: float, active: int, waiting: int) -> None: ...
+    def step(self, seconds: float, running: int, waiting: int, pages_used: int) -> None: ...
+    def preempted(self) -> None: ...
+    def pool(self, pages: int) -> None: ...
 
 
 @dataclasses.dataclass
@@ -119,19 +133,25 @@ class _NoObserver:
     def admitted(self, prompt_tokens): pass
     def first_token(self, seconds): pass
     def finished(self, completion_tokens, seconds_per_token): pass
-    def step(self, seconds, active, waiting): pass
+    def step(self, seconds, running, waiting, pages_used): pass
+    def preempted(self): pass
+    def pool(self, pages): pass
 
 
 @dataclasses.dataclass(eq=False)
 class _Live:
-    """A request's progress: prompt tokens prefilled, tokens generated, its slot."""
+    """A request's progress: its slot and pages, the tokens of its prefill (the prompt; after a
+    preemption, the prompt and every generated token but the last) and how many are in the
+    cache, the tokens generated."""
 
     request: Request
     stream: "Stream"
     submitted: float
     slot: int = -1
+    pages: list = dataclasses.field(default_factory=list)
+    prefill_ids: tuple[int, ...] = ()
     prefilled: int = 0
-    generated: int = 0
+    generated: list = dataclasses.field(default_factory=list)
     first_token_at: float = 0.0
     cancelled: bool = False
     prompt_logprobs: list = dataclasses.field(default_factory=list)
@@ -175,7 +195,13 @@ class Engine:
 
     def __init__(self, decoder: Decoder, max_slots: int = 64, max_len: int | None = None,
                  prefill_chunk: int = 256, prefill_rows: int = 4, max_queue: int = 256,
+                 page_size: int = DEFAULT_PAGE_SIZE, kv_pages: int | None = None,
+                 gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION,
                  observer: Observer | None = None):
+        """`max_slots`: sequences decoded together at most; `max_len`: a sequence's positions
+        (default the model's); `page_size`: tokens a KV page; `kv_pages`: the pool's pages
+        (default: as many as fit, `gpu_memory_fraction` of the free memory on a CPU; on a GPU
+        the allocator's limit, which `polar-jax serve` sets from the same fraction)."""
         config = decoder.config
         if dp_size(decoder.mesh) > 1 or jax.process_count() > 1:
             raise PolarJaxError("the engine splits the model over devices (--tp) in one process; "
@@ -190,18 +216,30 @@ class Engine:
         self.prefill_chunk = validate.integer("--prefill-chunk", prefill_chunk, low=1)
         self.prefill_rows = validate.integer("--prefill-rows", prefill_rows, low=1)
         self.max_queue = validate.integer("--max-queue", max_queue, low=1)
+        self.page_size = validate.integer("--page-size", page_size, low=1, high=max_len)
+        if kv_pages is not None:
+            kv_pages = validate.integer("--kv-pages", kv_pages, low=1)
+        fraction = validate.number("--gpu-memory-fraction", gpu_memory_fraction, low=0.0,
+                                   high=1.0, low_open=True)
         self.observer = observer or _NoObserver()
         self.decode_stats = DecodeStats()
         self.eos_ids = set(int(t) for t in decoder.eos_ids if t >= 0)
-        cache_len = cache_length(max_len)
-        cache = KVCache.zeros(config, self.max_slots, cache_len, decoder.dtype)
-        # Placed as every program's output cache is (an uncommitted first cache would make
+        self.pages_per_seq = pages_for(max_len, self.page_size)
+        self.memory = self._plan_memory(kv_pages, fraction)
+        self.pool = PagePool(self.memory.num_pages)
+        abstract = PagedKVCache.abstract(config, self.memory.num_pages, self.page_size,
+                                         self.max_slots, self.pages_per_seq, decoder.dtype)
+        # Placed as every program's output pool is (an uncommitted first pool would make
         # warm-up compile a variant that serving never calls): on the weights' device, or by KV
         # group over the model's devices (`models.sharding`).
-        self._kv_cache = jax.device_put(cache, jax.tree.leaves(decoder.state)[0].sharding
-                                        if decoder.mesh is None
-                                        else kv_cache_shardings(cache, decoder.mesh))
-        # Per slot, on the host: the decode step's inputs.
+        placement = (jax.tree.leaves(decoder.state)[0].sharding if decoder.mesh is None
+                     else kv_cache_shardings(abstract, decoder.mesh).pages)
+        self._pages = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                                   abstract.pages), out_shardings=placement)()
+        # Per slot, on the host: the decode step's inputs. Block-table entries past a
+        # sequence's pages hold the pool size: writes there are dropped, reads never reach them.
+        self._block_table = np.full((self.max_slots, self.pages_per_seq), self.memory.num_pages,
+                                    np.int32)
         self._tokens = np.zeros(self.max_slots, np.int32)
         self._positions = np.zeros(self.max_slots, np.int32)
         self._active = np.zeros(self.max_slots, bool)
@@ -210,11 +248,13 @@ class Engine:
         self._top_p = np.ones(self.max_slots, np.float32)
         self._seeds = np.zeros(self.max_slots, np.uint32)
         self._slots: list[_Live | None] = [None] * self.max_slots
+        self._running: list[_Live] = []  # in admission order: the last is preempted first
         self._waiting: collections.deque[_Live] = collections.deque()
         self._wake = threading.Condition()
         self._accepting = False
         self._stopping = False
         self.failure: str | None = None  # why the engine's thread stopped, if it failed
+        self.preemptions = 0
         self._thread: threading.Thread | None = None
         # The plan per number of active slots: the calibration size at or above it.
         self._plans = {}
@@ -224,9 +264,44 @@ class Engine:
                 if size >= self.max_slots:
                     break
         self._prefill = jax.jit(self._prefill_program, static_argnames=("echo",),
-                                donate_argnames=("kv_cache",))
+                                donate_argnames=("pages",))
         self._decode = jax.jit(self._decode_program, static_argnames=("plan",),
-                               donate_argnames=("kv_cache",))
+                               donate_argnames=("pages",))
+        self.observer.pool(self.memory.num_pages)
+
+    def _transient_bytes(self) -> int:
+        """An upper estimate of the largest program's buffers besides the weights and the pool,
+        per device: prefill's activations over `prefill_rows` x `prefill_chunk` tokens (float32
+        projections and MLP, a layer's keys and values gathered per row, the attention mask and
+        its bias, the logits, all positions' with `echo`), or the decode step's over the slots
+        (the XLA attention's gathered cache where no kernel runs)."""
+        c, tp = self.config, tp_size(self.decoder.mesh)
+        item = jnp.dtype(self.decoder.dtype).itemsize
+        span = self.pages_per_seq * self.page_size
+        width = 4 * (8 * c.hidden_size + (3 * c.mlp_dim + (c.num_heads + 2 * c.num_kv_heads)
+                                          * c.head_dim) // tp)
+        rows, tokens = self.prefill_rows, self.prefill_rows * self.prefill_chunk
+        gathered = 2 * c.num_kv_heads // tp * span * c.head_dim * item
+        prefill = (tokens * width + 2 * rows * gathered + tokens * span * (1 + 4 * c.num_heads
+                                                                            // tp)
+                   + 3 * tokens * c.vocab_size * 4)
+        decode = self.max_slots * (width + 4 * 4 * c.vocab_size + 2 * gathered)
+        return int(1.25 * max(prefill, decode)) + 256 * 2**20
+
+    def _plan_memory(self, kv_pages: int | None, fraction: float) -> MemoryPlan:
+        """The pool's pages from what this device has free now (the weights loaded): on a GPU
+        the allocator's limit less what is in use, on a CPU `fraction` of the free memory."""
+        device = min(jax.tree.leaves(self.decoder.state)[0].devices(), key=lambda d: d.id)
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and "bytes_limit" in stats:
+            budget = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        else:
+            budget = int(fraction * (available_bytes(device) or 0))
+        page_bytes = PagedKVCache.page_bytes(self.config, self.page_size, self.decoder.dtype)
+        return plan_pages(budget=budget, transient=self._transient_bytes(),
+                          page_bytes=page_bytes // tp_size(self.decoder.mesh),
+                          page_size=self.page_size, max_len=self.max_len,
+                          max_pages=self.max_slots * self.pages_per_seq, kv_pages=kv_pages)
 
     # -- the programs ----------------------------------------------------------------------
 
@@ -239,19 +314,17 @@ class Engine:
         top_logp, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
         return chosen, top_ids, top_logp
 
-    def _prefill_program(self, state, kv_cache, tokens, positions, valid, slot_idx, last,
+    def _prefill_program(self, state, pages, block_table, tokens, positions, valid, last,
                          next_ids, sampling, seeds, *, echo: bool):
-        """A chunk of up to `prefill_rows` prompts into their slots: tokens, positions, valid,
-        next_ids (the following prompt token, -1 where none) `[P, C]`; slot_idx `[P]` (the
-        pool size for padding rows, which write nothing); last `[P]`: each row's last valid
-        index. Returns the token sampled after each row's last one, its log-probabilities,
-        (with `echo`) each position's log-probability of its next prompt token and the best
-        alternatives, the cache."""
+        """A chunk of up to `prefill_rows` prompts written into their pages: tokens,
+        positions, valid, next_ids (the following prompt token, -1 where none) `[P, C]`;
+        block_table `[P, pages_per_seq]` (the pool size throughout for padding rows, which
+        write nothing); last `[P]`: each row's last valid index. Returns the token sampled
+        after each row's last one, its log-probabilities, (with `echo`) each position's
+        log-probability of its next prompt token and the best alternatives, the pool."""
         model = nnx.merge(self.decoder.graphdef, state)
-        rows = jax.tree.map(lambda c: c.at[slot_idx].get(mode="fill", fill_value=0), kv_cache)
-        out = model.forward(tokens, positions, ChunkOps(positions, valid), rows)
-        kv_cache = jax.tree.map(lambda c, r: c.at[slot_idx].set(r, mode="drop"), kv_cache,
-                                out.kv_cache)
+        cache = PagedKVCache(pages, block_table)
+        out = model.forward(tokens, positions, ChunkOps(positions, valid), cache)
         index = jnp.arange(tokens.shape[0])
         logits = model.logits(out.hidden_states[index, last])
         first = sample_rows(logits, sampling, seeds, positions[index, last] + 1)
@@ -262,18 +335,19 @@ class Engine:
             chosen_logp = jnp.take_along_axis(logp, jnp.maximum(next_ids, 0)[..., None], -1)[..., 0]
             top_logp_all, top_ids_all = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
             prompt_logp = chosen_logp, top_ids_all, top_logp_all
-        return first, chosen, top_ids, top_logp, prompt_logp, kv_cache
+        return first, chosen, top_ids, top_logp, prompt_logp, out.kv_cache.pages
 
-    def _decode_program(self, state, router_state, kv_cache, tokens, positions, active,
-                        sampling, seeds, *, plan):
+    def _decode_program(self, state, router_state, pages, block_table, tokens, positions,
+                        active, sampling, seeds, *, plan):
         """One `decode_step` over every slot: the next tokens `[S]`, their log-probabilities
-        and alternatives, the cache."""
+        and alternatives, the pool."""
         model = nnx.merge(self.decoder.graphdef, state)
         sample = lambda logits: sample_rows(logits, sampling, seeds, positions + 1)
-        step = decode_step(model, DecodeState(tokens, positions, active, kv_cache), sample,
+        cache = PagedKVCache(pages, block_table)
+        step = decode_step(model, DecodeState(tokens, positions, active, cache), sample,
                            router_state, plan, self.decoder.mesh)
         chosen, top_ids, top_logp = self._choose(step.logits, step.next_tokens)
-        return step.next_tokens, chosen, top_ids, top_logp, step.state.kv_cache
+        return step.next_tokens, chosen, top_ids, top_logp, step.state.kv_cache.pages
 
     def _plan(self, active: int):
         """The sparsity plan for `active` slots (None: dense)."""
@@ -356,7 +430,8 @@ class Engine:
 
     @property
     def active_slots(self) -> int:
-        return sum(live is not None for live in self._slots)
+        """Requests holding a slot (prefilling or decoding)."""
+        return len(self._running)
 
     @property
     def queue_length(self) -> int:
@@ -388,40 +463,92 @@ class Engine:
         """The loop of the engine's thread, until `shutdown`."""
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or any(self._slots)):
+                while not (self._stopping or self._waiting or self._running):
                     self._wake.wait()
                 if self._stopping:
                     return
                 self._reap_cancelled()
                 self._admit()
             start = time.perf_counter()
-            prefilling = [live for live in self._slots
-                          if live is not None and live.prefilled < len(live.request.prompt)]
+            prefilling = [live for live in self._running
+                          if live.prefilled < len(live.prefill_ids)]
             if prefilling:
                 self._prefill_step(prefilling[:self.prefill_rows])
             if self._active.any():
+                self._grow_pages()
+            if self._active.any():
                 self._decode_step()
-            self.observer.step(time.perf_counter() - start, self.active_slots, len(self._waiting))
+            self.observer.step(time.perf_counter() - start, len(self._running),
+                               len(self._waiting), self.pool.used)
 
     def _reap_cancelled(self) -> None:
-        for live in [s for s in self._slots if s is not None and s.cancelled]:
+        for live in [s for s in self._running if s.cancelled]:
             self._finish(live, "cancelled")
         for live in [w for w in self._waiting if w.cancelled]:
             self._waiting.remove(live)
             self._finish(live, "cancelled")
 
     def _admit(self) -> None:
-        for slot in range(self.max_slots):
-            if not self._waiting:
+        """First come, first served: the head of the queue takes a free slot and the pages of
+        its prefill and its next token, while both are there."""
+        while self._waiting:
+            live = self._waiting[0]
+            slot = next((i for i, s in enumerate(self._slots) if s is None), None)
+            # A preempted request recomputes its prompt and every token but its last.
+            prefill_ids = live.request.prompt + tuple(live.generated[:-1])
+            need = pages_for(len(prefill_ids) + 1, self.page_size)
+            if slot is None or need > self.pool.free:
                 return
-            if self._slots[slot] is None:
-                live = self._waiting.popleft()
-                live.slot = slot
-                self._slots[slot] = live
-                r = live.request
-                self._temperature[slot], self._top_k[slot] = r.temperature, r.top_k
-                self._top_p[slot], self._seeds[slot] = r.top_p, r.seed
+            self._waiting.popleft()
+            live.slot, live.prefill_ids, live.prefilled = slot, prefill_ids, 0
+            live.pages = self.pool.allocate(need)
+            self._block_table[slot, :need] = live.pages
+            self._slots[slot] = live
+            self._running.append(live)
+            r = live.request
+            self._temperature[slot], self._top_k[slot] = r.temperature, r.top_k
+            self._top_p[slot], self._seeds[slot] = r.top_p, r.seed
+            if not live.generated:
                 self.observer.admitted(len(r.prompt))
+
+    def _grow_pages(self) -> None:
+        """Every decoding sequence whose next token starts a page gets one, oldest first; when
+        none is free, the newest running request is preempted (`_preempt`) until one is."""
+        for live in list(self._running):
+            if live.slot < 0 or not self._active[live.slot]:
+                continue
+            if self._positions[live.slot] < len(live.pages) * self.page_size:
+                continue
+            while self.pool.free == 0 and live.slot >= 0:
+                self._preempt(self._running[-1])
+            if live.slot < 0:  # it was the newest itself
+                continue
+            page = self.pool.allocate(1)[0]
+            self._block_table[live.slot, len(live.pages)] = page
+            live.pages.append(page)
+
+    def _release(self, live: _Live) -> None:
+        """Frees `live`'s slot and pages."""
+        if live.slot >= 0 and self._slots[live.slot] is live:
+            self._slots[live.slot] = None
+            self._active[live.slot] = False
+            self._block_table[live.slot] = self.pool.num_pages
+            self._running.remove(live)
+        self.pool.release(live.pages)
+        live.pages, live.slot = [], -1
+
+    def _preempt(self, live: _Live) -> None:
+        """Frees `live`'s pages and puts it first in the queue: admitted again, it prefills its
+        prompt and tokens so far (the same keys and values) and resumes where it stopped."""
+        self._release(live)
+        live.prefilled = 0
+        if not live.generated:  # its prompt's log-probabilities come again
+            live.prompt_logprobs.clear()
+            live.prompt_top_logprobs.clear()
+        with self._wake:
+            self._waiting.appendleft(live)
+        self.preemptions += 1
+        self.observer.preempted()
 
     def _sampling(self, index):
         return SamplingParams(self._temperature[index], self._top_k[index], self._top_p[index])
@@ -433,31 +560,32 @@ class Engine:
         next_ids = np.full((P, C), -1, np.int32)
         valid = np.zeros((P, C), bool)
         positions = np.tile(np.arange(C, dtype=np.int32), (P, 1))
-        slot_idx = np.full(P, self.max_slots, np.int32)
+        block_table = np.full((P, self.pages_per_seq), self.pool.num_pages, np.int32)
+        index = np.zeros(P, np.int32)
         last = np.zeros(P, np.int32)
         for i, live in enumerate(rows):
-            prompt, start = live.request.prompt, live.prefilled
-            chunk = prompt[start:start + C]
+            ids, start = live.prefill_ids, live.prefilled
+            chunk = ids[start:start + C]
             tokens[i, :len(chunk)] = chunk
-            following = prompt[start + 1:start + C + 1]
+            following = live.request.prompt[start + 1:start + C + 1]
             next_ids[i, :len(following)] = following
             valid[i, :len(chunk)] = True
             positions[i] += start
-            slot_idx[i], last[i] = live.slot, len(chunk) - 1
-        index = np.minimum(slot_idx, self.max_slots - 1)
-        out = self._prefill(self.decoder.state, self._kv_cache, tokens, positions, valid,
-                            slot_idx, last, next_ids, self._sampling(index), self._seeds[index],
+            block_table[i] = self._block_table[live.slot]
+            index[i], last[i] = live.slot, len(chunk) - 1
+        out = self._prefill(self.decoder.state, self._pages, block_table, tokens, positions,
+                            valid, last, next_ids, self._sampling(index), self._seeds[index],
                             echo=echo)
-        self._kv_cache = out[-1]
+        self._pages = out[-1]
         return jax.device_get(out[:-1]), valid
 
     def _prefill_step(self, rows: list[_Live]) -> None:
-        echo = any(live.request.echo for live in rows)
+        echo = any(live.request.echo and not live.generated for live in rows)
         (first, chosen, top_ids, top_logp, prompt_logp), valid = self._run_prefill(rows, echo)
         for i, live in enumerate(rows):
             prompt = live.request.prompt
             count = int(valid[i].sum())
-            if live.request.echo:
+            if live.request.echo and not live.generated:
                 following = min(count, len(prompt) - 1 - live.prefilled)
                 prompt_chosen, prompt_ids, prompt_top = (x[i, :following] for x in prompt_logp)
                 live.prompt_logprobs.extend(prompt_chosen.tolist())
@@ -465,20 +593,24 @@ class Engine:
                 live.prompt_top_logprobs.extend(tuple(zip(ids[:n].tolist(), logps[:n].tolist()))
                                                 for ids, logps in zip(prompt_ids, prompt_top))
             live.prefilled += count
-            if live.prefilled < len(prompt):
+            if live.prefilled < len(live.prefill_ids):
                 continue
             slot = live.slot
-            self._tokens[slot], self._positions[slot] = first[i], len(prompt)
+            self._positions[slot] = len(live.prefill_ids)
             self._active[slot] = True
+            if live.generated:  # resumed after a preemption: its last token is the next input
+                self._tokens[slot] = live.generated[-1]
+                continue
+            self._tokens[slot] = first[i]
             live.first_token_at = time.perf_counter()
             self.observer.first_token(live.first_token_at - live.submitted)
             self._emit(live, int(first[i]), chosen[i], top_ids[i], top_logp[i])
 
     def _run_decode(self, plan):
-        out = self._decode(self.decoder.state, self.decoder.router_state, self._kv_cache,
-                           self._tokens, self._positions, self._active, self._sampling(slice(None)),
-                           self._seeds, plan=plan)
-        self._kv_cache = out[-1]
+        out = self._decode(self.decoder.state, self.decoder.router_state, self._pages,
+                           self._block_table, self._tokens, self._positions, self._active,
+                           self._sampling(slice(None)), self._seeds, plan=plan)
+        self._pages = out[-1]
         return jax.device_get(out[:-1])
 
     def _decode_step(self) -> None:
@@ -499,22 +631,21 @@ class Engine:
         top = tuple(zip(top_ids[:live.request.logprobs].tolist(),
                         top_logp[:live.request.logprobs].tolist()))
         live.stream._put(Token(token, float(logprob), top))
-        live.generated += 1
+        live.generated.append(token)
         if token in self.eos_ids:
             self._finish(live, "stop")
-        elif (live.generated >= live.request.max_tokens
-              or len(live.request.prompt) + live.generated >= self.max_len):
+        elif (len(live.generated) >= live.request.max_tokens
+              or len(live.request.prompt) + len(live.generated) >= self.max_len):
             self._finish(live, "length")
 
     def _finish(self, live: _Live, reason: str) -> None:
-        if live.slot >= 0 and self._slots[live.slot] is live:
-            self._slots[live.slot] = None
-            self._active[live.slot] = False
-        if live.generated:
+        self._release(live)
+        generated = len(live.generated)
+        if generated:
             per_token = None
-            if live.generated > 1:
-                per_token = (time.perf_counter() - live.first_token_at) / (live.generated - 1)
-            self.observer.finished(live.generated, per_token)
+            if generated > 1:
+                per_token = (time.perf_counter() - live.first_token_at) / (generated - 1)
+            self.observer.finished(generated, per_token)
         prompt_logprobs = prompt_top_logprobs = None
         if live.request.echo:
             prompt_logprobs = (None, *live.prompt_logprobs)

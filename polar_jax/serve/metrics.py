@@ -1,6 +1,8 @@
 """The server's Prometheus metrics, in a registry of their own: an engine `Observer` (tokens,
-slots, queue, step time, time to first token, time per output token) and the HTTP requests
-answered and completions finished. Part of the `[serve]` extra (prometheus_client)."""
+requests running and waiting, KV pages, preemptions, step time, time to first token, time per
+output token; named like vLLM's where vLLM has one, so that its dashboards read them) and the
+HTTP requests answered and completions finished. Part of the `[serve]` extra
+(prometheus_client)."""
 
 from __future__ import annotations
 
@@ -26,10 +28,17 @@ class Metrics:
                                      registry=registry)
         self.generated_tokens = Counter(f"{prefix}_generated_tokens", "Tokens generated",
                                         registry=registry)
-        self.active_slots = Gauge(f"{prefix}_active_slots", "KV-cache slots in use",
-                                  registry=registry)
-        self.queue_length = Gauge(f"{prefix}_queue_length", "Requests waiting for a slot",
-                                  registry=registry)
+        self.running = Gauge(f"{prefix}_num_requests_running", "Requests holding a slot "
+                             "(prefilling or decoding)", registry=registry)
+        self.waiting = Gauge(f"{prefix}_num_requests_waiting", "Requests waiting for a slot and "
+                             "KV pages", registry=registry)
+        self.pages_total = Gauge(f"{prefix}_kv_pages_total", "KV-cache pages in the pool",
+                                 registry=registry)
+        self.pages_used = Gauge(f"{prefix}_kv_pages_used", "KV-cache pages held by requests",
+                                registry=registry)
+        self.preemptions = Counter(f"{prefix}_num_preemptions", "Requests preempted (pages "
+                                   "freed, recomputed later) when the pool ran out",
+                                   registry=registry)
         self.step_seconds = Histogram(f"{prefix}_step_seconds", "Engine iteration (prefill "
                                       "chunks and one decode step)", buckets=STEP_BUCKETS,
                                       registry=registry)
@@ -53,10 +62,17 @@ class Metrics:
         if seconds_per_token is not None:
             self.tpot_seconds.observe(seconds_per_token)
 
-    def step(self, seconds: float, active: int, waiting: int) -> None:
+    def step(self, seconds: float, running: int, waiting: int, pages_used: int) -> None:
         self.step_seconds.observe(seconds)
-        self.active_slots.set(active)
-        self.queue_length.set(waiting)
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.pages_used.set(pages_used)
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
+
+    def pool(self, pages: int) -> None:
+        self.pages_total.set(pages)
 
     # -- the server's ------------------------------------------------------------------------
 

@@ -627,22 +627,22 @@ def _log_to_stderr(access_log: bool) -> None:
 
 
 def serve(load: Callable[[], Decoder], *, host: str, port: int, model_name: str, mode: str,
-          max_slots: int, max_len: int | None, prefill_chunk: int, max_queue: int,
-          access_log: bool = True) -> None:
+          engine_options: dict, access_log: bool = True) -> None:
     """Binds host:port (first: a taken port fails before the model loads), loads the decoder
-    (`load()`), compiles the engine, prints one line once listening and serves until SIGTERM
-    or SIGINT (then returns after the graceful shutdown; SIGINT raises KeyboardInterrupt)."""
+    (`load()`), plans its memory and compiles the engine (`Engine(decoder, **engine_options)`),
+    prints one line once listening and serves until SIGTERM or SIGINT (then returns after the
+    graceful shutdown; SIGINT raises KeyboardInterrupt)."""
     sock = _bind(host, port)
     try:
         metrics = Metrics()
-        engine = Engine(load(), max_slots=max_slots, max_len=max_len,
-                        prefill_chunk=prefill_chunk, max_queue=max_queue, observer=metrics)
+        engine = Engine(load(), observer=metrics, **engine_options)
         start = time.perf_counter()
         engine.start()
         address = sock.getsockname()
         where = f"[{address[0]}]" if ":" in address[0] else address[0]
         ready = (f"serving {model_name} ({mode}) at http://{where}:{address[1]}/v1: "
-                 f"{engine.max_slots} slots of {engine.max_len} positions (compiled in "
+                 f"up to {engine.max_slots} sequences of {engine.max_len} positions, "
+                 f"{engine.memory.describe()} (compiled in "
                  f"{time.perf_counter() - start:.1f} s)")
         config = uvicorn.Config(create_app(engine, model_name, metrics), lifespan="off",
                                 log_config=None, access_log=access_log,
