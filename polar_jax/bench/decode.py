@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.kv_cache import KVCache
+from models.kv_cache import KVCache, PagedKVCache
 from models.sharding import (
     batch_sharding,
     check_split,
@@ -159,10 +159,29 @@ def place_routers(router_state, mesh):
         router_state, router_shardings(router_state, mesh))
 
 
-def kv_cache_abstract(config, batch: int, length: int, dtype, mesh=None) -> KVCache:
-    """`KVCache.abstract`, with a `mesh` each array carrying its `kv_cache_shardings`."""
-    cache = KVCache.abstract(config, batch, length, dtype)
+def kv_cache_abstract(config, batch: int, length: int, dtype, mesh=None,
+                      page_size: int | None = None) -> KVCache | PagedKVCache:
+    """`KVCache.abstract`, or with a `page_size` a `PagedKVCache` of `batch` sequences of
+    `length` positions (the pool exactly their pages); with a `mesh` each array carrying its
+    `kv_cache_shardings`."""
+    if page_size is None:
+        cache = KVCache.abstract(config, batch, length, dtype)
+    else:
+        per_seq = -(-length // page_size)
+        cache = PagedKVCache.abstract(config, batch * per_seq, page_size, batch, per_seq, dtype)
     return cache if mesh is None else with_shardings(cache, kv_cache_shardings(cache, mesh))
+
+
+def random_cache(abstract, seed: int, mesh=None):
+    """Random keys and values of `kv_cache_abstract`'s shapes; a paged cache's block table a
+    random permutation of the pool (each sequence's pages scattered, as a server's are)."""
+    if not isinstance(abstract, PagedKVCache):
+        return random_arrays(abstract, seed)
+    pages = random_arrays(abstract.pages, seed)
+    table = np.random.default_rng(seed).permutation(abstract.pages[0][0].shape[1])
+    table = table.astype(np.int32).reshape(abstract.block_table.shape)
+    return PagedKVCache(pages, jnp.asarray(table) if mesh is None
+                        else global_array(table, batch_sharding(mesh, 2)))
 
 
 @dataclasses.dataclass
@@ -355,9 +374,10 @@ def sparse_plan(config, attn_topk: float, batch: int, mlp_topk: dict | None = No
 
 def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                 mlp_density: float | None, steps: int, repeats: int, dtype, bandwidth: float,
-                log, breakdown: bool = False, mesh=None) -> list[dict]:
+                log, breakdown: bool = False, mesh=None, page_size: int | None = None) -> list[dict]:
     """The rows of every batch size, context and fraction of groups; with a `mesh` (on which
-    `subject` was made), over its devices, times and rooflines per device."""
+    `subject` was made), over its devices, times and rooflines per device. With a
+    `page_size`, the cache is paged (the server's layout), else contiguous."""
     config, graphdef, state = subject.config, subject.graphdef, subject.state
     router_state, name = subject.router_state, subject.name
     scale = subject.num_layers / config.num_layers
@@ -369,7 +389,7 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
     # stop at each row's length, so a context is a traced value and never recompiles.
     cache_len = cache_length(max(context_lens) + 2 * steps + 1)
     for batch in batch_sizes:
-        cache = kv_cache_abstract(config, batch, cache_len, dtype, mesh)
+        cache = kv_cache_abstract(config, batch, cache_len, dtype, mesh, page_size)
         try:
             check_fits(f"batch size {batch}", {"KV cache per device": _bytes(cache)},
                        jax.devices()[0], "--batch-sizes")
@@ -379,9 +399,10 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                                  skipped=str(err)))
                 log(_format(rows[-1]))
             continue
-        kv_cache = random_arrays(cache, batch)
+        kv_cache = random_cache(cache, batch, mesh)
         for context in context_lens:
             base = dict(arch=name, batch=batch, context=context, tp=tp, dp=dp,
+                        kv_layout="contiguous" if page_size is None else f"paged {page_size}",
                         layers_timed=config.num_layers, layers=subject.num_layers)
             dense_ms, kv_cache = time_steps(dense_run, state, None, kv_cache, batch, context,
                                             steps, repeats, mesh)
@@ -519,6 +540,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "their query heads, MLP neurons, vocabulary)")
     parser.add_argument("--dp", type=bench.COUNT, default=1,
                         help="data parallel: split each batch over N (groups of) devices")
+    parser.add_argument("--page-size", type=bench.COUNT, default=None,
+                        help="a paged KV cache of pages of this many tokens (the server's "
+                             "layout; each sequence's pages scattered over the pool); default: "
+                             "contiguous")
     parser.add_argument("--json", type=bench.OUTPUT_FILE, help="write the rows here")
     parser.add_argument("--plot", type=bench.OUTPUT_FILE, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -580,7 +605,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                else model_subject(model_dir, args.routers, dtype, mesh, int8_mlp_up))
     rows = run_subject(subject, args.batch_sizes, args.context_lens, args.attn_topk,
                        args.mlp_density, args.steps, args.repeats, dtype, bandwidth, log,
-                       args.breakdown, mesh)
+                       args.breakdown, mesh, args.page_size)
     peer_rows = {(r["batch"], r["context"]): r for r in peer.get("rows", [])}
     for row in rows:
         match = peer_rows.get((row["batch"], row["context"]), {})

@@ -152,7 +152,11 @@ def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]],
     from polar_jax.serve.engine import Engine
 
     engine = Engine(decoder, max_slots=args.max_slots, max_len=args.max_len,
-                    prefill_chunk=min(args.prefill_chunk, args.max_len), max_queue=len(loads))
+                    prefill_chunk=min(args.prefill_chunk, args.max_len),
+                    prefill_rows=args.prefill_rows, max_queue=len(loads),
+                    page_size=args.page_size, kv_pages=args.kv_pages,
+                    gpu_memory_fraction=args.gpu_memory_fraction)
+    log(f"KV cache: {engine.memory.describe()}")
     if decoder.sparse:
         log(f"sparse: attention {args.attn_topk:g} of KV groups; MLP neurons kept per layer at "
             f"{args.max_slots} slots: {list(decoder.plan_for_batch(args.max_slots).mlp_neurons)} "
@@ -179,7 +183,7 @@ def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]],
                                 ttft_ms=None if ttft is None else round(ttft * 1e3, 3),
                                 tpot_ms=None if tpot is None else round(tpot * 1e3, 3)))
     output_tokens = sum(len(s.tokens) for s in served)
-    stats = engine.decode_stats
+    stats, prefill = engine.decode_stats, engine.prefill_stats
     row = dict(completed=sum(r["generated"] == r["output_len"] and r["reason"] == "length"
                              for r in per_request),
                output_tokens=output_tokens, wall_s=round(wall, 3),
@@ -190,6 +194,11 @@ def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]],
                decode_steps=stats.steps, decode_tokens=stats.rows,
                decode_batch_mean=round(stats.rows / stats.steps, 2) if stats.steps else None,
                decode_step_ms=round(stats.seconds / stats.steps * 1e3, 4) if stats.steps else None,
+               prefill_tokens=prefill.rows, prefill_s=round(prefill.seconds, 3),
+               prefill_tokens_per_s=(round(prefill.rows / prefill.seconds, 1)
+                                     if prefill.seconds else None),
+               prefill_share=round(prefill.seconds / wall, 3),
+               kv_pages=engine.memory.num_pages, preemptions=engine.preemptions,
                warmup_s=round(warmup_s, 2), compiles_after_warmup=len(compiles))
     return row, [s.tokens for s in served], per_request
 
@@ -282,6 +291,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "plus the longest output)")
     parser.add_argument("--prefill-chunk", type=bench.COUNT, default=256,
                         help="prompt tokens prefilled per slot and iteration (at most --max-len)")
+    parser.add_argument("--prefill-rows", type=bench.COUNT, default=4,
+                        help="sequences prefilled together per iteration")
+    parser.add_argument("--page-size", type=bench.COUNT, default=16, help="tokens per KV page")
+    parser.add_argument("--kv-pages", type=bench.COUNT, default=None,
+                        help="KV pages in the pool (default: as many as fit)")
+    parser.add_argument("--gpu-memory-fraction", type=cli_type(number, float, low=0, high=1,
+                                                               low_open=True), default=0.9,
+                        help="share of the device the engine's pool is cut from (on a CPU, of "
+                             "the free memory; on a GPU set XLA_PYTHON_CLIENT_MEM_FRACTION)")
     parser.add_argument("--attn-topk", type=bench.FRACTION, default=0.5,
                         help="sparse: the fraction of KV groups a decode step reads")
     parser.add_argument("--mlp-density", type=bench.FRACTION, default=None,
@@ -315,13 +333,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
     from flax import nnx
 
     from models import config_from_hf
-    from models.kv_cache import KVCache
     from polar_jax.bench.decode import arch_hf_config, random_state
-    from polar_jax.decode import cache_length
     from polar_jax.dtypes import default_compute_dtype, parse_dtype
     from polar_jax.evaluate import read_text
     from polar_jax.loading import ModelDir, load_tokenizer
-    from polar_jax.memory import check_fits
 
     dtype = parse_dtype(args.dtype) if args.dtype else default_compute_dtype()
     text = read_text(args.text)
@@ -336,10 +351,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                 f"{args.model} (it defaults to the longest prompt plus output)")
     loads = make_loads(tokenizer, text, config.vocab_size, args.requests, args.rate,
                        args.prompt_lens, args.output_lens, args.seed)
-    check_fits(f"--max-slots {args.max_slots} at --max-len {args.max_len}",
-               {"KV cache": KVCache.abstract(config, args.max_slots, cache_length(args.max_len),
-                                             dtype).bytes()},
-               jax.devices()[0], "--max-slots or --max-len")
     model = (nnx.merge(*random_state(config, dtype)) if args.model is None
              else model_dir.load(dtype))
     # All made first, so that bad routers are refused before anything runs (the weights are
@@ -362,6 +373,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 rate=args.rate, prompt_lens=list(args.prompt_lens),
                 output_lens=list(args.output_lens), max_slots=args.max_slots,
                 max_len=args.max_len, prefill_chunk=min(args.prefill_chunk, args.max_len),
+                prefill_rows=args.prefill_rows, page_size=args.page_size,
                 attn_topk=args.attn_topk, mlp_density=args.mlp_density, seed=args.seed,
                 text=str(args.text))
     return {"meta": meta, "rows": rows}

@@ -120,9 +120,10 @@ class Observer(Protocol):
 
 
 @dataclasses.dataclass
-class DecodeStats:
-    """Totals over the decode steps served since `start` (warm-up excluded): steps, active
-    slots summed over them, and seconds in the step's program (inputs to results on the host)."""
+class ProgramStats:
+    """Totals over one program's calls since `start` (warm-up excluded): calls, rows summed
+    over them (decode: active slots; prefill: prompt tokens), and seconds in the program
+    (inputs to results on the host)."""
 
     steps: int = 0
     rows: int = 0
@@ -222,7 +223,7 @@ class Engine:
         fraction = validate.number("--gpu-memory-fraction", gpu_memory_fraction, low=0.0,
                                    high=1.0, low_open=True)
         self.observer = observer or _NoObserver()
-        self.decode_stats = DecodeStats()
+        self.decode_stats, self.prefill_stats = ProgramStats(), ProgramStats()
         self.eos_ids = set(int(t) for t in decoder.eos_ids if t >= 0)
         self.pages_per_seq = pages_for(max_len, self.page_size)
         self.memory = self._plan_memory(kv_pages, fraction)
@@ -581,7 +582,11 @@ class Engine:
 
     def _prefill_step(self, rows: list[_Live]) -> None:
         echo = any(live.request.echo and not live.generated for live in rows)
+        start = time.perf_counter()
         (first, chosen, top_ids, top_logp, prompt_logp), valid = self._run_prefill(rows, echo)
+        stats = self.prefill_stats
+        stats.steps, stats.rows = stats.steps + 1, stats.rows + int(valid.sum())
+        stats.seconds += time.perf_counter() - start
         for i, live in enumerate(rows):
             prompt = live.request.prompt
             count = int(valid[i].sum())
