@@ -16,6 +16,7 @@ from models import config_from_hf
 from models.sharding import make_mesh
 from polar_jax.bench.decode import random_state
 from polar_jax.decode import Decoder
+from polar_jax.errors import PolarJaxError
 from polar_jax.serve.engine import Done, Engine, EngineBusy, Request, RequestError, Token
 from polar_jax.sparsity import SparsityPlan
 from routers.model import Routers
@@ -53,12 +54,15 @@ def dense():
     engine.shutdown()
 
 
-async def _run(engine: Engine, requests, delays):
-    """Each request submitted after its delay; (token ids, Done) per request."""
+async def _run(engine: Engine, requests, delays, logprobs: bool = False):
+    """Each request submitted after its delay; (token ids, Done) per request, with `logprobs`
+    (token ids, their log-probabilities, Done)."""
     async def one(request, delay):
         await asyncio.sleep(delay)
         events = [event async for event in engine.submit(request)]
         assert all(isinstance(e, Token) for e in events[:-1]) and isinstance(events[-1], Done)
+        if logprobs:
+            return [e.id for e in events[:-1]], [e.logprob for e in events[:-1]], events[-1]
         return [e.id for e in events[:-1]], events[-1]
     return await asyncio.gather(*(one(r, d) for r, d in zip(requests, delays)))
 
@@ -169,3 +173,126 @@ def test_echo_gives_the_models_prompt_logprobs(dense):
     assert done.prompt_logprobs[0] is None and len(done.prompt_logprobs) == 19
     np.testing.assert_allclose(np.asarray(done.prompt_logprobs[1:]), expected, atol=1e-4)
     assert tokens[0] == int(np.argmax(logp[-1]))
+
+
+class _Counts:
+    """An engine observer keeping the largest number of running requests and the
+    preemptions."""
+
+    def __init__(self):
+        self.most_running, self.preemptions, self.pages = 0, 0, None
+
+    def admitted(self, prompt_tokens): pass
+    def first_token(self, seconds): pass
+    def finished(self, completion_tokens, seconds_per_token): pass
+
+    def step(self, seconds, running, waiting, pages_used):
+        self.most_running = max(self.most_running, running)
+
+    def preempted(self):
+        self.preemptions += 1
+
+    def pool(self, pages):
+        self.pages = pages
+
+
+def _teacher_forced_logprobs(decoder, prompts, completions):
+    """log p(token | prefix) of each completion's tokens, by one full-sequence forward pass
+    over the right-padded batch (the contiguous, unchunked path)."""
+    model = nnx.merge(decoder.graphdef, decoder.state)
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray(ids), jnp.asarray(mask))))
+    return [logp[i, np.arange(len(p) - 1, len(p) + len(c) - 1), np.asarray(c)]
+            for i, (p, c) in enumerate(zip(prompts, completions))]
+
+
+@pytest.mark.parametrize("sparse,page_size", [(False, 1), (True, 3), (False, 16)])
+def test_paged_engine_equals_generate_at_page_boundaries(sparse, page_size):
+    """Prompts that end exactly on a page boundary, one token past it and one short of it,
+    through pages of 1, 3 and 16 tokens (chunks of 5, so chunks and pages never align): greedy
+    tokens equal `Decoder.generate` (contiguous cache) and each token's log-probability equals
+    a teacher-forced full-sequence pass (float32, 1e-5)."""
+    decoder = _decoder(sparse)
+    engine = Engine(decoder, max_slots=4, max_len=48, prefill_chunk=5, prefill_rows=2,
+                    page_size=page_size)
+    assert engine.memory.num_pages == 4 * -(-48 // page_size)  # a CPU pool: every slot at max_len
+    rng = np.random.default_rng()
+    lengths = sorted({max(1, n) for k in (1, 2) for n in (k * page_size - 1, k * page_size,
+                                                           k * page_size + 1)})[:6]
+    prompts = [tuple(rng.integers(0, 96, n).tolist()) for n in lengths]
+    new_tokens = [int(n) for n in rng.integers(page_size + 1, 2 * page_size + 3, len(prompts))]
+    new_tokens = [min(n, 48 - len(p) - 1) for n, p in zip(new_tokens, prompts)]
+    expected = [c.tokens for c in decoder.generate([list(p) for p in prompts], max(new_tokens)).completions]
+    engine.start()
+    try:
+        results = asyncio.run(_run(engine, [Request(p, n, logprobs=1) for p, n in zip(prompts, new_tokens)],
+                                   [0.01 * i for i in range(len(prompts))], logprobs=True))
+    finally:
+        engine.shutdown()
+    for (tokens, _, done), want, n in zip(results, expected, new_tokens):
+        assert tokens == want[:n] and done.reason == "length"
+    if not sparse:
+        forced = _teacher_forced_logprobs(decoder, prompts, [r[0] for r in results])
+        for (_, logprobs, _), want in zip(results, forced):
+            np.testing.assert_allclose(logprobs, want, atol=1e-5)
+    assert engine.pool.used == 0  # every page back
+
+
+def test_page_pressure_preempts_and_every_request_completes_unchanged():
+    """A pool that holds a third of the requests at their full length: requests wait for pages,
+    the newest is preempted when the running ones need more, and each is recomputed later;
+    every request completes with the tokens `Decoder.generate` gives it."""
+    decoder = _decoder(False)
+    counts = _Counts()
+    page_size, max_len, count = 4, 40, 6
+    full = -(-max_len // page_size)
+    engine = Engine(decoder, max_slots=count, max_len=max_len, prefill_chunk=8, prefill_rows=3,
+                    page_size=page_size, kv_pages=2 * full, observer=counts)
+    assert counts.pages == 2 * full
+    rng = np.random.default_rng()
+    prompts = [tuple(rng.integers(0, 96, n).tolist()) for n in rng.integers(6, 14, count)]
+    new_tokens = [max_len - len(p) - 1 for p in prompts]
+    expected = [c.tokens for c in decoder.generate([list(p) for p in prompts], max(new_tokens)).completions]
+    engine.start()
+    try:
+        results = asyncio.run(_run(engine, [Request(p, n) for p, n in zip(prompts, new_tokens)],
+                                   [0.0] * count))
+    finally:
+        engine.shutdown()
+    for (tokens, done), want, n in zip(results, expected, new_tokens):
+        assert tokens == want[:n] and done.reason == "length"
+    assert engine.preemptions > 0 and counts.preemptions == engine.preemptions
+    assert engine.pool.used == 0
+
+
+def test_short_requests_share_a_pool_sized_for_four_full_sequences():
+    """With pages, a pool that a slot-per-sequence cache would fill with 4 sequences of
+    `max_len` runs more than 8 short requests at once."""
+    decoder = _decoder(False)
+    counts = _Counts()
+    page_size, max_len = 4, 64
+    engine = Engine(decoder, max_slots=12, max_len=max_len, prefill_chunk=8, prefill_rows=12,
+                    page_size=page_size, kv_pages=4 * max_len // page_size, observer=counts)
+    rng = np.random.default_rng()
+    prompts = [tuple(rng.integers(0, 96, n).tolist()) for n in rng.integers(3, 7, 12)]
+    engine.start()
+    try:
+        results = asyncio.run(_run(engine, [Request(p, 6) for p in prompts], [0.0] * 12))
+    finally:
+        engine.shutdown()
+    assert all(len(tokens) == 6 for tokens, _ in results)
+    assert counts.most_running > 8 and engine.preemptions == 0
+
+
+def test_a_pool_too_small_for_one_request_is_refused_with_numbers():
+    decoder = _decoder(False)
+    with pytest.raises(PolarJaxError) as err:
+        Engine(decoder, max_slots=2, max_len=64, page_size=16, kv_pages=3)
+    message = str(err.value)
+    assert "holds 3 pages of 16 tokens but one request of --max-len 64 positions needs 4" in message
+    assert "\n" not in message
