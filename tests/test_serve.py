@@ -34,7 +34,7 @@ openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"serving (\S+) \((.*)\) at (http://127\.0\.0\.1:\d+)/v1: ")
-ARGS = ("--dtype", "float32", "--max-slots", 4, "--max-len", 256, "--prefill-chunk", 16,
+ARGS = ("--dtype", "float32", "--max-slots", 4, "--max-len", 256, "--prefill-chunk", 16, "--kv-pages", 40,
         "--max-queue", 12)
 MAX_TOKENS = 12
 
@@ -388,12 +388,15 @@ def test_models_health_and_metrics(base, client):
     (model,) = client.models.list().data
     assert (model.id, model.max_model_len) == ("tiny-opt", 256)
     status, text = request("GET", f"{base}/metrics")
-    assert status == 200 and "# TYPE polar_jax_active_slots gauge" in text
+    assert status == 200 and "# TYPE polar_jax_num_requests_running gauge" in text
     for name in ("polar_jax_prompt_tokens_total", "polar_jax_generated_tokens_total",
                  "polar_jax_step_seconds_count", "polar_jax_time_to_first_token_seconds_count",
                  "polar_jax_time_per_output_token_seconds_count"):
         assert metric(base, name) > 0, name
-    assert metric(base, "polar_jax_active_slots") == metric(base, "polar_jax_queue_length") == 0
+    assert metric(base, "polar_jax_num_requests_running") == 0
+    assert metric(base, "polar_jax_num_requests_waiting") == 0
+    assert metric(base, "polar_jax_kv_pages_used") == 0 < metric(base, "polar_jax_kv_pages_total")
+    assert metric(base, "polar_jax_num_preemptions_total") == 0
     assert metric(base, 'polar_jax_requests_total{code="200",endpoint="/v1/completions"}') >= 16
     assert metric(base, 'polar_jax_requests_total{code="413",endpoint="/v1/completions"}') == 1
     assert request("GET", f"{base}/health")[1]["status"] == "ok"
