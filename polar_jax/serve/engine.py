@@ -377,13 +377,14 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stops admitting; every waiting and running request ends with `Done("abort")`; the
-        thread exits."""
+        thread exits and the page pool is freed (the engine does not start again)."""
         with self._wake:
             self._accepting = False
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+        self._pages = None
 
     # -- requests ----------------------------------------------------------------------------
 
