@@ -23,7 +23,8 @@ ABOVE_ONE = f"{1 + RNG.uniform(1e-3, 5):.3f}"
 BASE = {"decode": ["--arch", "tiny", "--peer", "off"],
         "generate": ["--model", str(DEMO / "tiny-opt")],
         "kernels": ["--quick"],
-        "compile": ["--quick"]}
+        "compile": ["--quick"],
+        "prefill": ["--arch", "tiny"]}
 BAD = [
     ("decode", ["--steps", "0"]), ("decode", ["--steps", NEGATIVE]), ("decode", ["--steps", "x"]),
     ("decode", ["--steps", "1.5"]), ("decode", ["--repeats", "0"]),
@@ -34,6 +35,9 @@ BAD = [
     ("decode", ["--attn-topk", f"0.5,{ABOVE_ONE}"]), ("decode", ["--attn-topk", "nan"]),
     ("decode", ["--attn-topk", ","]), ("decode", ["--mlp-density", "0"]),
     ("decode", ["--mlp-density", ABOVE_ONE]), ("decode", ["--mlp-density", "inf"]),
+    ("prefill", ["--rows", "0"]), ("prefill", ["--offset", NEGATIVE]),
+    ("prefill", ["--offset", "4097", "--chunk", "512"]),  # past --max-len 4608
+    ("prefill", ["--page-size", "0"]), ("prefill", ["--arch", "nope"]),
     ("decode", ["--layers", "0"]), ("decode", ["--layers", "3"]),  # tiny has 2 layers
     ("decode", ["--dtype", "int8"]), ("decode", ["--tp", "0"]), ("decode", ["--dp", "x"]),
     ("decode", ["--dp", "2", "--batch-sizes", "4,3"]),  # batches split evenly over --dp
@@ -96,7 +100,7 @@ def test_bench_usage_help_and_unknown_subcommand(capsys):
     assert bench.main(["decoder", "--arch", "tiny"]) == 2
     out, err = capsys.readouterr()
     assert err == ("polar-jax bench: error: unknown subcommand 'decoder'; choose from kernels, "
-                   "generate, decode, serve, compile\n") and out == ""
+                   "generate, decode, serve, prefill, compile\n") and out == ""
 
 
 def test_cli_list_reads_what_it_was_given():
@@ -140,3 +144,16 @@ def test_compile_times_smoke(tmp_path, capsys):
     line = f"| write_kv_token | B 2, H 4, S 64, D 16, dtype bfloat16 | {row['seconds']:.2f} |"
     assert line in printed
     assert "Targets: 1/1 met" in printed
+
+
+def test_prefill_smoke(tmp_path, capsys):
+    """`bench prefill` on the CPU: one timed call of the engine's prefill program; tokens/s is
+    rows x chunk over the call's median time."""
+    out = tmp_path / "prefill.json"
+    assert bench.main(["prefill", "--arch", "tiny", "--rows", "2", "--chunk", "8", "--offset",
+                       "5", "--max-len", "32", "--page-size", "3", "--repeats", "1",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["rows"] == 2 and result["ms"] > 0
+    assert result["tokens_per_s"] == pytest.approx(16 / result["ms"] * 1e3, rel=1e-2)
+    assert "prompt tokens/s" in capsys.readouterr().out

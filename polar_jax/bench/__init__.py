@@ -7,6 +7,8 @@ Subcommands:
   decode    decode steps at real model shapes: dense, sparse and the memory roofline.
   serve     continuous batching under Poisson load (the serving engine), dense and sparse,
             against static batching of the same requests.
+  prefill   the serving engine's prefill program (chunks of prompts into the paged cache)
+            alone: prompt tokens per second, and where a call's time goes.
   compile   how long the Pallas kernels and the jitted decode-step program take to compile
             at the real decode shapes, against the targets.
 
@@ -27,6 +29,7 @@ _SUBCOMMANDS = {
     "generate": ("polar_jax.bench.generate", "end-to-end batched generation of a real model"),
     "decode": ("polar_jax.bench.decode", "decode steps at real model shapes: dense, sparse, roofline"),
     "serve": ("polar_jax.bench.serve", "continuous batching under load against static batching"),
+    "prefill": ("polar_jax.bench.prefill", "the serving engine's prefill program alone"),
     "compile": ("polar_jax.bench.compile_times", "compile times of the kernels and the decode program"),
 }
 

@@ -235,7 +235,8 @@ class Engine:
         # group over the model's devices (`models.sharding`).
         placement = (jax.tree.leaves(decoder.state)[0].sharding if decoder.mesh is None
                      else kv_cache_shardings(abstract, decoder.mesh).pages)
-        self._pages = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+        # The pool's arrays: per layer (k, v) `[kv_heads, pages, page_size, head_dim]`.
+        self.pages = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                                                    abstract.pages), out_shardings=placement)()
         # Per slot, on the host: the decode step's inputs. Block-table entries past a
         # sequence's pages hold the pool size: writes there are dropped, reads never reach them.
@@ -264,8 +265,9 @@ class Engine:
                 self._plans[size] = decoder.plan_for_batch(size)
                 if size >= self.max_slots:
                     break
-        self._prefill = jax.jit(self._prefill_program, static_argnames=("echo",),
-                                donate_argnames=("pages",))
+        # The programs: jitted once, each compiled at `start` for its static arguments.
+        self.prefill_program = jax.jit(self._prefill_program, static_argnames=("echo",),
+                                       donate_argnames=("pages",))
         self._decode = jax.jit(self._decode_program, static_argnames=("plan",),
                                donate_argnames=("pages",))
         self.observer.pool(self.memory.num_pages)
@@ -384,7 +386,7 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        self._pages = None
+        self.pages = None
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -575,10 +577,10 @@ class Engine:
             positions[i] += start
             block_table[i] = self._block_table[live.slot]
             index[i], last[i] = live.slot, len(chunk) - 1
-        out = self._prefill(self.decoder.state, self._pages, block_table, tokens, positions,
+        out = self.prefill_program(self.decoder.state, self.pages, block_table, tokens, positions,
                             valid, last, next_ids, self._sampling(index), self._seeds[index],
                             echo=echo)
-        self._pages = out[-1]
+        self.pages = out[-1]
         return jax.device_get(out[:-1]), valid
 
     def _prefill_step(self, rows: list[_Live]) -> None:
@@ -613,10 +615,10 @@ class Engine:
             self._emit(live, int(first[i]), chosen[i], top_ids[i], top_logp[i])
 
     def _run_decode(self, plan):
-        out = self._decode(self.decoder.state, self.decoder.router_state, self._pages,
+        out = self._decode(self.decoder.state, self.decoder.router_state, self.pages,
                            self._block_table, self._tokens, self._positions, self._active,
                            self._sampling(slice(None)), self._seeds, plan=plan)
-        self._pages = out[-1]
+        self.pages = out[-1]
         return jax.device_get(out[:-1])
 
     def _decode_step(self) -> None:
