@@ -39,7 +39,6 @@ from polar_jax.serve.engine import Done, Engine, EngineBusy, Request, RequestErr
 from polar_jax.serve.metrics import Metrics
 
 DETOKENIZE_CONTEXT = 6  # prompt tokens decoded before a completion's first (spaces, merges)
-COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 GRACEFUL_SHUTDOWN_S = 30
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 # Fields of OpenAI's requests served only at their default (null is always accepted).
@@ -408,7 +407,7 @@ class Api:
             raise ApiError(400, "echo with logprobs cannot be streamed (the prompt's "
                                 "log-probabilities come at the end): set stream false", "stream")
         include_usage = self._stream_options(body)
-        max_tokens = body.get("max_tokens", validate.integer, COMPLETIONS_MAX_TOKENS, low=1)
+        max_tokens = body.get("max_tokens", validate.integer, Request.max_tokens, low=1)
         choices = self._submit(prompts, body.stops(), "prompt", logprobs=logprobs or 0, echo=echo,
                                **self._sampling(body, max_tokens))
         echoed = [(t if t is not None else self.tokenizer.decode(p, skip_special_tokens=True))
