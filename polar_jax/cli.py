@@ -294,6 +294,7 @@ def _cmd_train_routers(args) -> int:
     mesh = _mesh(args)  # joins the other processes before anything starts JAX's backend
     dtype = settings.compute_dtype(args.dtype)
     model_dir = ModelDir.open(args.model)
+    model_dir.config.check_seq_len(args.seq_len)  # before the model loads
     config, model, tokenizer = model_dir.config, model_dir.load(dtype, mesh), model_dir.tokenizer
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
     summary = train_routers(model, config, ids, args.out, train_settings, seq_len=args.seq_len,
