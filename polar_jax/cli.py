@@ -235,6 +235,24 @@ def _cmd_generate(args) -> int:
 
 
 SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client")  # the [serve] extra
+# The server's limits (`polar_jax.serve.server.Limits`, whose defaults these are: not imported
+# here, so that --help stays fast): (name, type, default, help).
+_positive_number = validate.cli_type(validate.number, float, low=0, low_open=True)
+SERVE_LIMITS = {
+    "max_body_mb": (_positive_number, 16.0, "request body size in MiB, at most (then 413)"),
+    "max_prompt_chars": (_positive, 1_000_000, "characters of a request's prompts or messages, "
+                                               "at most (then 413)"),
+    "max_stops": (_positive, 16, "stop strings per request, at most (then 400)"),
+    "max_stop_chars": (_positive, 1000, "characters per stop string, at most (then 400)"),
+    "max_json_depth": (validate.cli_type(validate.integer, int, low=2, high=500), 64,
+                       "arrays and objects nested in a request body, at most (then 400)"),
+    "head_timeout": (_positive_number, 10.0, "seconds a connection may take to send a request "
+                                             "head (then 408 and closed)"),
+    "body_timeout": (_positive_number, 60.0, "seconds a request may take to send its body "
+                                             "(then 408)"),
+    "max_connections": (_positive, 512, "connections open at once, at most (more are answered "
+                                        "503 and closed)"),
+}
 
 
 def _cmd_serve(args) -> int:
@@ -271,6 +289,7 @@ def _cmd_serve(args) -> int:
                  model_name=args.served_model_name or os.path.basename(os.path.abspath(args.model)),
                  mode=mode, max_slots=args.max_slots, max_len=args.max_len,
                  prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                 limits=server.Limits(**{name: getattr(args, name) for name in SERVE_LIMITS}),
                  access_log=not args.quiet)
     return 0
 
@@ -428,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefill-chunk", type=_positive, default=256,
                      help="prompt tokens prefilled per sequence between decode steps")
     srv.add_argument("--max-queue", type=_positive, default=256,
-                     help="requests waiting for a slot, at most (then 503)")
+                     help="requests waiting for a slot, at most (then 503); also the prompts "
+                          "of one request, at most (then 400)")
+    limits = srv.add_argument_group("limits per request and connection")
+    for name, (kind, default, text) in SERVE_LIMITS.items():
+        limits.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text)
     srv.add_argument("--served-model-name",
                      help="the model's name in the API (default: the --model directory's name)")
     srv.add_argument("--quiet", action="store_true", help="no access log on stderr")
