@@ -113,7 +113,8 @@ def error_response(status: int, message: str, param: str | None = None,
                    code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": code}}, status_code=status)
+                                   "code": code}}, status_code=status,
+                        headers={"connection": "close"} if status == 408 else None)
 
 
 # -- text ----------------------------------------------------------------------------------------
@@ -780,6 +781,7 @@ class _Connection(AutoHTTPProtocol):
         super().__init__(*args, **kwargs)
         self._limits = limits
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -790,6 +792,8 @@ class _Connection(AutoHTTPProtocol):
             self._await_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._await_head()  # a new request begins
         super().data_received(data)
@@ -816,7 +820,12 @@ class _Connection(AutoHTTPProtocol):
         self.transport.write(f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
                              f"content-length: {len(response.body)}\r\nconnection: close\r\n\r\n"
                              .encode() + response.body)
-        self.transport.close()
+        # Closed once the client closes (EOF), else after a second; meanwhile what it sends is
+        # read and dropped: a socket closed with unread data resets the connection, and the
+        # client would lose the answer.
+        self._refused = True
+        self.transport.write_eof()
+        self.loop.call_later(1.0, self.transport.close)
 
 
 def _bind(host: str, port: int) -> socket.socket:
