@@ -8,7 +8,7 @@ field of the wrong type or range in one line that names it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pallas_kernels.activations import ACTIVATIONS
 from polar_jax import validate
@@ -279,6 +279,19 @@ def _opt_config(fields: _Fields) -> OPTConfig:
         layer_norm_elementwise_affine=fields.bool("layer_norm_elementwise_affine", True),
         final_layer_norm=pre_ln and not fields.bool("_remove_final_layer_norm", False),
     )
+
+
+def eos_token_ids(sources: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[int, ...]:
+    """The end-of-sequence ids of the first of `sources` ((file name, its JSON object):
+    generation_config.json's, then config.json's) that gives `eos_token_id` (none: ()), each an
+    integer >= 0, refused in one line naming the file."""
+    for name, settings in sources:
+        eos = settings.get("eos_token_id")
+        if eos is not None:
+            label = f"{name}: 'eos_token_id'"
+            ids = validate.listing(label, eos) if isinstance(eos, (list, tuple)) else [eos]
+            return tuple(validate.integer(label, i, low=0) for i in ids)
+    return ()
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:

@@ -3,7 +3,8 @@ which weights are acceptable. One mechanism per concern, used wherever it arises
 
 - `checkpoint_file` / `check_tree`: a file a checkpoint directory holds or names is read only
   when it lies inside the directory (symlinks followed) and is a regular file (checked before
-  anything opens it, so a FIFO never blocks a read);
+  anything opens it, so a FIFO never blocks a read); `read_checkpoint_file` reads one through
+  a single descriptor checked again once open, so that what was checked is what is read;
 - `atomic_output`: an output directory (a converted model, routers) is assembled beside its
   destination and moved into place at the end: never over an input, never over an existing
   destination without `force`, nothing partial left by an error, and what a killed run left
@@ -87,6 +88,33 @@ def checkpoint_file(src: Path, name: str, *, named_by: str | None = None,
     if not stat.S_ISREG(mode):
         raise _not_regular(subject, mode)
     return real
+
+
+def read_checkpoint_file(src: Path, name: str, *, optional: bool = False) -> bytes | None:
+    """The bytes of the file `name` of the checkpoint directory `src`, read through one
+    descriptor: the path checked as `checkpoint_file` checks it, its real path opened without
+    following a symlink (O_NOFOLLOW) nor blocking on a FIFO (O_NONBLOCK), and the open
+    descriptor checked again (fstat: the regular file that was checked). A file swapped for a
+    symlink or another file meanwhile is refused, never read. With `optional`, None when `src`
+    has no entry `name`."""
+    real = checkpoint_file(src, name, optional=optional)
+    if real is None:
+        return None
+    swapped = f"{src / name} changed while it was being read (replaced"
+    try:
+        checked = os.stat(real)
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise PolarJaxError(f"{swapped}: {err.strerror}); run again") from None
+    with os.fdopen(fd, "rb") as file:
+        opened = os.fstat(file.fileno())
+        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (
+                checked.st_dev, checked.st_ino):
+            raise PolarJaxError(f"{swapped} by another file); run again")
+        try:
+            return file.read()
+        except OSError as err:
+            raise PolarJaxError(f"{src / name} cannot be read: {err.strerror}") from None
 
 
 def input_file(path: str | os.PathLike, what: str) -> Path:
