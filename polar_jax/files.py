@@ -21,11 +21,14 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import functools
+import logging
 import os
 import re
 import secrets
 import shutil
 import stat
+import sys
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -376,12 +379,35 @@ def _shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
 
 def save_arrays(directory: Path, tree: Mapping) -> None:
     """Writes the nested mapping of arrays `tree` as the orbax checkpoint `directory` (inside an
-    `atomic_output` staging directory: it is published whole or not at all)."""
+    `atomic_output` staging directory: it is published whole or not at all). A failed write (a
+    full disk) raises an OSError with its errno, without orbax's tracebacks."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory.absolute(), tree)
-        checkpointer.wait_until_finished()
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)  # orbax logs a traceback per failed writer thread
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(directory.absolute(), tree)
+            checkpointer.wait_until_finished()
+    except Exception as err:  # tensorstore's errors carry the errno: [os_error_code='28']
+        if not isinstance(sys.unraisablehook, functools.partial):
+            sys.unraisablehook = functools.partial(_unless_closed_loop, sys.unraisablehook)
+        code = re.search(r"os_error_code='(\d+)'", str(err))
+        if code:  # as an OSError: `atomic_output` names the destination
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(directory)) from None
+        raise PolarJaxError(f"cannot write {directory}: {' '.join(str(err).split())[:300]}"
+                            ) from None
+    finally:
+        absl.setLevel(level)
+
+
+def _unless_closed_loop(hook, unraisable) -> None:
+    """`hook(unraisable)`, except for the "Event loop is closed" of tensorstore's writes still
+    finishing after a failed orbax save closed its loop (a traceback each, on stderr)."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        hook(unraisable)
 
 
 def restore_arrays(src: Path, name: str, target: Mapping) -> dict:

@@ -11,6 +11,7 @@ problem, no traceback, no output or temporary left, and the source untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -229,6 +230,37 @@ def test_a_side_file_swapped_for_a_symlink_meanwhile_is_never_copied(opt_src, tm
     convert_checkpoint(str(src), str(tmp_path / "out"))
     assert len(swaps) > 2 and (src / name).is_symlink()
     assert (tmp_path / "out" / name).read_bytes() == original
+
+
+def test_a_failed_write_of_the_params_is_one_line(opt_src, tmp_path):
+    """The disk filling up while orbax writes the params: a real failed write, made by a file
+    size limit of 4 KiB on the converting process (EFBIG, the path ENOSPC takes)."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+    dst = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "polar_jax.cli", "convert", str(opt_src),
+                          str(dst), "--quiet"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                         preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.startswith(f"polar-jax: error: {dst} was not written: [Errno 27] File too "
+                                 "large: ") and run.stderr.count("\n") == 1, run.stderr[-3000:]
+    assert not dst.exists() and not _debris(tmp_path)
+
+
+def test_a_full_disk_while_copying_the_side_files_is_one_line(opt_src, tmp_path, monkeypatch,
+                                                              capsys):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    dst = tmp_path / "out"
+    _assert_cli_error(capsys, ["convert", opt_src, dst], f"{dst} was not written: ",
+                      "No space left on device")
+    assert not dst.exists() and not _debris(tmp_path)
 
 
 def test_symlinks_inside_src_and_the_hub_cache_layout_are_read(opt_hf, tmp_path):
