@@ -70,6 +70,10 @@ def _add_device_args(parser: argparse.ArgumentParser, data_only: bool = False) -
                        help="with --coordinator: how many processes (or JAX_NUM_PROCESSES)")
     group.add_argument("--process-id", type=validate.cli_type(validate.integer, int, low=0),
                        help="with --coordinator: this process's index from 0 (or JAX_PROCESS_ID)")
+    group.add_argument("--coordinator-timeout", type=validate.cli_type(
+                           validate.number, float, low=0, low_open=True), default=300.0,
+                       help="with --coordinator: seconds to wait for the coordinator (process 0) "
+                            "and the others to join")
 
 
 def _mesh(args):
@@ -82,7 +86,8 @@ def _mesh(args):
 
     from polar_jax import distributed
 
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           args.coordinator_timeout)
     several = distributed.several_processes()
     if several:
         sys.stdout.flush()
