@@ -354,7 +354,10 @@ BAD_REQUESTS = [
     ({"prompt": "x", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
     ({"prompt": [5] * 256}, 413, "the prompt has 256 tokens"),
     # The limits (ARGS), each checked before any work.
-    (b"[" * 100_000, 400, "nests arrays and objects 100000 deep; at most 32 (--max-json-depth)"),
+    (b"[" * 100_000, 400, "nests arrays and objects deeper than the JSON parser goes; at most "
+                          "32 (--max-json-depth)"),
+    (b'{"prompt": "x", "stop": ' + b"[" * 33 + b"]" * 33 + b"}", 400,
+     "nests arrays and objects 34 deep; at most 32 (--max-json-depth)"),
     (b'{"prompt": "x", "stop": [[[' + b'"a", ' * 10 + b'"b"]]]}', 400, "stop must be"),
     (b'{"prompt": "ab\\ud800"}', 400, "prompt holds a lone surrogate ('\\ud800' at character 2)"),
     (b'{"prompt": ["x", "\\udfff"]}', 400, "prompt 1 holds a lone surrogate"),

@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import json
 import logging
-import re
 import resource
 import secrets
 import signal
@@ -37,8 +36,6 @@ import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Sequence
-
-import numpy as np
 
 import jinja2
 import uvicorn
@@ -97,7 +94,7 @@ class Limits:
         return int(self.max_body_mb * 2**20)
 
 
-MAX_JSON_DEPTH = 500  # below the recursion limit of Python's JSON parser (a RecursionError)
+MAX_JSON_DEPTH = 500  # below where Python's JSON parser raises RecursionError (about 1,000)
 
 
 class ApiError(Exception):
@@ -246,17 +243,17 @@ class Choice:
 # -- requests ------------------------------------------------------------------------------------
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
-_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
-
-
-def json_depth(raw: bytes) -> int:
-    """How deep arrays and objects nest in the JSON text `raw` (strings skipped), counted
-    without parsing it (the parser recurses: 100,000 levels raise RecursionError)."""
-    brackets = np.frombuffer(_NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", raw)), np.uint8)
-    if not brackets.size:
-        return 0
-    return int(np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)).max())
+def json_depth(value) -> int:
+    """How deep arrays and objects nest in the parsed JSON `value` (a scalar: 0), counted
+    without recursion."""
+    depth, level = 0, [(value, 1)]
+    while level:
+        item, at = level.pop()
+        if isinstance(item, (dict, list)):
+            depth = max(depth, at)
+            level.extend((child, at + 1) for child in
+                         (item.values() if isinstance(item, dict) else item))
+    return depth
 
 
 def unicode_text(name: str, text: str, param: str) -> str:
@@ -275,14 +272,18 @@ class Body:
 
     def __init__(self, raw: bytes, limits: Limits):
         self.limits = limits
-        depth = json_depth(raw)
-        if depth > limits.max_json_depth:
-            raise ApiError(400, f"the request body nests arrays and objects {depth} deep; at most "
-                                f"{limits.max_json_depth} (--max-json-depth)")
+        too_deep = f"; at most {limits.max_json_depth} (--max-json-depth)"
         try:
             self.data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+        except RecursionError:  # past about 1,000 levels
+            raise ApiError(400, "the request body nests arrays and objects deeper than the JSON "
+                                "parser goes" + too_deep) from None
+        depth = json_depth(self.data)
+        if depth > limits.max_json_depth:
+            raise ApiError(400, f"the request body nests arrays and objects {depth} deep"
+                           + too_deep)
         if not isinstance(self.data, dict):
             raise ApiError(400, f"the request body must be a JSON object, got "
                                 f"{validate.describe(self.data)}")
