@@ -164,6 +164,9 @@ def test_bad_requests_are_refused_in_one_line():
         assert message in str(err.value) and "\n" not in str(err.value)
         assert err.value.too_long == message.startswith("the prompt has")
     assert engine.check(Request(np.array([3, 5]), 4)).prompt == (3, 5)  # numpy ids are ints
+    with pytest.raises(RequestError, match=r"^submit takes a polar_jax.serve.engine.Request, "
+                                           r"got \{'prompt': \[1\]\}$"):
+        engine.check({"prompt": [1]})
 
 
 def test_echo_gives_the_models_prompt_logprobs(dense):

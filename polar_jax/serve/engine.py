@@ -317,6 +317,9 @@ class Engine:
     def check(self, request: Request) -> Request:
         """The request with its values checked against the model and the pool (one-line
         `RequestError`s)."""
+        if not isinstance(request, Request):
+            raise RequestError(f"submit takes a polar_jax.serve.engine.Request, got "
+                               f"{validate.describe(request)}")
         if isinstance(request.prompt, (str, bytes)) or not isinstance(
                 request.prompt, (collections.abc.Sequence, np.ndarray)):
             raise RequestError(f"the prompt must be a sequence of token ids (tokenize text "

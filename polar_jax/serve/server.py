@@ -56,6 +56,7 @@ DETOKENIZE_CONTEXT = 6  # prompt tokens decoded before a completion's first (spa
 GRACEFUL_SHUTDOWN_S = 30
 FILES_RESERVED = 64  # open files the process keeps beside its connections (model, logs, pipes)
 LOG = logging.getLogger("polar_jax.serve")
+MAX_JSON_DEPTH = 500  # below where Python's JSON parser raises RecursionError (about 1,000)
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 # Fields of OpenAI's requests served only at their default (null is always accepted).
 UNSUPPORTED = {"best_of": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None,
@@ -79,22 +80,17 @@ class Limits:
 
     def check(self) -> "Limits":
         """These limits, refused in one line naming the flag when out of range."""
-        positive = lambda name, low=1: validate.integer(f"--{name.replace('_', '-')}",
-                                                        getattr(self, name), low=low)
+        flag = lambda name: f"--{name.replace('_', '-')}"
         for name in ("max_prompt_chars", "max_stops", "max_stop_chars", "max_connections"):
-            positive(name)
+            validate.integer(flag(name), getattr(self, name), low=1)
         validate.integer("--max-json-depth", self.max_json_depth, low=2, high=MAX_JSON_DEPTH)
         for name in ("max_body_mb", "head_timeout", "body_timeout"):
-            validate.number(f"--{name.replace('_', '-')}", getattr(self, name), low=0,
-                            low_open=True)
+            validate.number(flag(name), getattr(self, name), low=0, low_open=True)
         return self
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
-
-
-MAX_JSON_DEPTH = 500  # below where Python's JSON parser raises RecursionError (about 1,000)
 
 
 class ApiError(Exception):
