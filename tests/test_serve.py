@@ -377,7 +377,8 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("body, status, needle", BAD_REQUESTS)
+@pytest.mark.parametrize("body, status, needle", BAD_REQUESTS,
+                         ids=[needle[:50] for _, _, needle in BAD_REQUESTS])
 def test_bad_requests_answer_4xx_and_the_server_keeps_serving(base, body, status, needle):
     got, answer = request("POST", f"{base}/v1/completions", body)
     assert got == status, answer
