@@ -386,13 +386,14 @@ def save_arrays(directory: Path, tree: Mapping) -> None:
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)  # orbax logs a traceback per failed writer thread
+    if getattr(sys.unraisablehook, "func", None) is not _unless_closed_loop:  # stays installed:
+        # the writes of a failed save end after it returns
+        sys.unraisablehook = functools.partial(_unless_closed_loop, sys.unraisablehook)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(directory.absolute(), tree)
             checkpointer.wait_until_finished()
     except Exception as err:  # tensorstore's errors carry the errno: [os_error_code='28']
-        if not isinstance(sys.unraisablehook, functools.partial):
-            sys.unraisablehook = functools.partial(_unless_closed_loop, sys.unraisablehook)
         code = re.search(r"os_error_code='(\d+)'", str(err))
         if code:  # as an OSError: `atomic_output` names the destination
             raise OSError(int(code[1]), os.strerror(int(code[1])), str(directory)) from None
