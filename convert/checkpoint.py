@@ -13,7 +13,7 @@ import numpy as np
 
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
-from polar_jax.files import checkpoint_file
+from polar_jax.files import checkpoint_file, read_checkpoint_file
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -21,9 +21,10 @@ PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Everything besides the weights that a converted directory keeps (those present are copied).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one defines a vocabulary
+GENERATION_CONFIG = "generation_config.json"
 SIDE_FILES = TOKENIZER_FILES + (
     "tokenizer_config.json", "special_tokens_map.json", "merges.txt", "added_tokens.json",
-    "generation_config.json",
+    GENERATION_CONFIG,
 )
 
 
@@ -38,21 +39,29 @@ def resolve_source(src: str | os.PathLike) -> Path:
     raise PolarJaxError(f"{src} does not exist (expected a local Hugging Face checkpoint directory)")
 
 
-def read_json(src: Path, name: str):
-    """The JSON file `name` of the checkpoint directory `src` (see `checkpoint_file`)."""
-    path = checkpoint_file(src, name)
+def parse_json(path: Path, data: bytes):
+    """The JSON text `data`, the contents of the file `path`."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PolarJaxError(f"{src / name} is not readable JSON: {err}") from None
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PolarJaxError(f"{path} is not readable JSON: {err}") from None
+
+
+def read_json(src: Path, name: str):
+    """The JSON file `name` of the checkpoint directory `src` (see `read_checkpoint_file`)."""
+    return parse_json(src / name, read_checkpoint_file(src, name))
+
+
+def config_json(src: Path, data: bytes | None) -> dict:
+    """The checkpoint's `config.json` (its bytes `data`, None when absent) as a dict."""
+    if data is None:
+        raise PolarJaxError(f"{src} has no config.json; is it a Hugging Face checkpoint directory?")
+    return validate.mapping(str(src / "config.json"), parse_json(src / "config.json", data))
 
 
 def read_config(src: Path) -> dict:
     """The checkpoint's `config.json` as a dict."""
-    if not os.path.lexists(src / "config.json"):
-        raise PolarJaxError(f"{src} has no config.json; is it a Hugging Face checkpoint directory?")
-    return validate.mapping(str(src / "config.json"), read_json(src, "config.json"))
+    return config_json(src, read_checkpoint_file(src, "config.json", optional=True))
 
 
 def _shards(src: Path, index_name: str) -> list[Path]:
@@ -132,6 +141,11 @@ def _iter_pickle(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise PolarJaxError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
+    odd = (f"a {type(state).__name__}" if not isinstance(state, dict) else next(
+        (f"the entry {validate.describe(k)}: {type(v).__name__}" for k, v in state.items()
+         if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None))
+    if odd is not None:
+        raise PolarJaxError(f"{path} is not a state dict (names to tensors): it holds {odd}")
     for name in list(state):
         t = state.pop(name)
         if t.dtype == torch.bfloat16:

@@ -10,7 +10,6 @@ Output directory:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -18,19 +17,21 @@ import numpy as np
 from tqdm import tqdm
 
 from convert.checkpoint import (
+    GENERATION_CONFIG,
     SIDE_FILES,
+    config_json,
     count_tensors,
     iter_tensors,
-    read_config,
+    parse_json,
     resolve_source,
     weight_files,
 )
 from convert.mapping import canonical_name, param_specs
-from models.config import ModelConfig, config_from_hf
+from models.config import ModelConfig, config_from_hf, eos_token_ids
 from polar_jax import validate
 from polar_jax.dtypes import DTYPES, parse_dtype
 from polar_jax.errors import PolarJaxError
-from polar_jax.files import atomic_output, cast_checked, checkpoint_file, save_arrays
+from polar_jax.files import atomic_output, cast_checked, read_checkpoint_file, save_arrays
 
 FORMAT_VERSION = 3  # 2: q/k/v as one `w_qkv`, gate and up as one `w_gate_up`; 3: q/k/v by KV group
 METADATA_FILE = "polar_jax.json"
@@ -108,16 +109,23 @@ def convert_checkpoint(src: str, dst: str, dtype: str | None = None, allow_pickl
     """
     src_path = resolve_source(src)
     with atomic_output(dst, force=force, inputs={"the source checkpoint": src_path}) as staging:
-        hf_config = read_config(src_path)
+        # Each kept file read once, through one checked descriptor: what is checked and
+        # converted is what is written, whatever is swapped into SRC meanwhile.
+        kept = {name: read_checkpoint_file(src_path, name, optional=True)
+                for name in ("config.json",) + SIDE_FILES}
+        hf_config = config_json(src_path, kept["config.json"])
         config = config_from_hf(hf_config)
         dtype = dtype or source_dtype(hf_config)
-        copied = {name: checkpoint_file(src_path, name, optional=True)
-                  for name in ("config.json",) + SIDE_FILES}
+        generation = kept[GENERATION_CONFIG]
+        eos_token_ids(((str(src_path / GENERATION_CONFIG), {} if generation is None else
+                        validate.mapping(str(src_path / GENERATION_CONFIG),
+                                         parse_json(src_path / GENERATION_CONFIG, generation))),
+                       (str(src_path / "config.json"), hf_config)))  # generate would refuse it
         params = read_hf_params(src_path, config, dtype, allow_pickle, progress)
         save_arrays(staging.path / PARAMS_DIR, params)
-        for name, path in copied.items():
-            if path is not None:
-                shutil.copyfile(path, staging.path / name)
+        for name, data in kept.items():
+            if data is not None:
+                (staging.path / name).write_bytes(data)
         metadata = {"format": FORMAT_VERSION, "dtype": dtype, "model_type": config.model_type,
                     "source": str(src)}
         (staging.path / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")

@@ -8,7 +8,7 @@ field of the wrong type or range in one line that names it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pallas_kernels.activations import ACTIVATIONS
 from polar_jax import validate
@@ -18,6 +18,13 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "opt", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Qwen2's `layer_types`
 ACTIVATION_NAMES = tuple(sorted(ACTIVATIONS))
+# The largest sizes config.json may give, far above any released model's (Llama 3.1 405B: 126
+# layers, hidden 16384, 128 heads, 128,256 tokens, 131,072 positions), so that a typo such as
+# 1e9 layers is refused in one line instead of growing memory until the OOM killer.
+MAX_SIZES = {"num_hidden_layers": 1024, "hidden_size": 1 << 17, "word_embed_proj_dim": 1 << 17,
+             "intermediate_size": 1 << 20, "ffn_dim": 1 << 20, "num_attention_heads": 4096,
+             "num_key_value_heads": 4096, "head_dim": 4096, "vocab_size": 1 << 23,
+             "max_position_embeddings": 1 << 26}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,14 @@ class ModelConfig:
     def group_size(self) -> int:
         """Query heads per KV group (G)."""
         return self.num_heads // self.num_kv_heads
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Refuses windows of `seq_len` tokens beyond the model's positions (the positions past
+        them read nothing: NaN)."""
+        if seq_len > self.max_position_embeddings:
+            raise PolarJaxError(
+                f"--seq-len {seq_len} exceeds the model's {self.max_position_embeddings} "
+                f"positions (max_position_embeddings); lower --seq-len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +125,10 @@ class _Fields:
         return default
 
     def int(self, key: str, default: Any = _REQUIRED, low: int = 1) -> int:
+        """An integer >= `low`, at most `MAX_SIZES[key]` for a size."""
         if not self.has(key):
             return self.get(key, default)
-        return validate.integer(self.name(key), self.hf[key], low)
+        return validate.integer(self.name(key), self.hf[key], low, MAX_SIZES.get(key))
 
     def float(self, key: str, default: Any = _REQUIRED) -> float:
         """A finite number > 0."""
@@ -263,6 +279,19 @@ def _opt_config(fields: _Fields) -> OPTConfig:
         layer_norm_elementwise_affine=fields.bool("layer_norm_elementwise_affine", True),
         final_layer_norm=pre_ln and not fields.bool("_remove_final_layer_norm", False),
     )
+
+
+def eos_token_ids(sources: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[int, ...]:
+    """The end-of-sequence ids of the first of `sources` ((file name, its JSON object):
+    generation_config.json's, then config.json's) that gives `eos_token_id` (none: ()), each an
+    integer >= 0, refused in one line naming the file."""
+    for name, settings in sources:
+        eos = settings.get("eos_token_id")
+        if eos is not None:
+            label = f"{name}: 'eos_token_id'"
+            ids = validate.listing(label, eos) if isinstance(eos, (list, tuple)) else [eos]
+            return tuple(validate.integer(label, i, low=0) for i in ids)
+    return ()
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:

@@ -70,6 +70,10 @@ def _add_device_args(parser: argparse.ArgumentParser, data_only: bool = False) -
                        help="with --coordinator: how many processes (or JAX_NUM_PROCESSES)")
     group.add_argument("--process-id", type=validate.cli_type(validate.integer, int, low=0),
                        help="with --coordinator: this process's index from 0 (or JAX_PROCESS_ID)")
+    group.add_argument("--coordinator-timeout", type=validate.cli_type(
+                           validate.number, float, low=0, low_open=True), default=300.0,
+                       help="with --coordinator: seconds to wait for the coordinator (process 0) "
+                            "and the others to join")
 
 
 def _mesh(args):
@@ -82,7 +86,8 @@ def _mesh(args):
 
     from polar_jax import distributed
 
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           args.coordinator_timeout)
     several = distributed.several_processes()
     if several:
         sys.stdout.flush()
@@ -235,6 +240,24 @@ def _cmd_generate(args) -> int:
 
 
 SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client")  # the [serve] extra
+# The server's limits (`polar_jax.serve.server.Limits`, whose defaults these are: not imported
+# here, so that --help stays fast): (name, type, default, help).
+_positive_number = validate.cli_type(validate.number, float, low=0, low_open=True)
+SERVE_LIMITS = {
+    "max_body_mb": (_positive_number, 16.0, "request body size in MiB, at most (then 413)"),
+    "max_prompt_chars": (_positive, 1_000_000, "characters of a request's prompts or messages, "
+                                               "at most (then 413)"),
+    "max_stops": (_positive, 16, "stop strings per request, at most (then 400)"),
+    "max_stop_chars": (_positive, 1000, "characters per stop string, at most (then 400)"),
+    "max_json_depth": (validate.cli_type(validate.integer, int, low=2, high=500), 64,
+                       "arrays and objects nested in a request body, at most (then 400)"),
+    "head_timeout": (_positive_number, 10.0, "seconds a connection may take to send a request "
+                                             "head (then 408 and closed)"),
+    "body_timeout": (_positive_number, 60.0, "seconds a request may take to send its body "
+                                             "(then 408)"),
+    "max_connections": (_positive, 512, "connections open at once, at most (more are answered "
+                                        "503 and closed)"),
+}
 
 
 def _cmd_serve(args) -> int:
@@ -273,6 +296,7 @@ def _cmd_serve(args) -> int:
     server.serve(load, host=args.host, port=args.port,
                  model_name=args.served_model_name or os.path.basename(os.path.abspath(args.model)),
                  mode=mode, access_log=not args.quiet,
+                 limits=server.Limits(**{name: getattr(args, name) for name in SERVE_LIMITS}),
                  engine_options=dict(max_slots=args.max_slots, max_len=args.max_len,
                                      prefill_chunk=args.prefill_chunk,
                                      prefill_rows=args.prefill_rows, max_queue=args.max_queue,
@@ -300,6 +324,7 @@ def _cmd_train_routers(args) -> int:
     mesh = _mesh(args)  # joins the other processes before anything starts JAX's backend
     dtype = settings.compute_dtype(args.dtype)
     model_dir = ModelDir.open(args.model)
+    model_dir.config.check_seq_len(args.seq_len)  # before the model loads
     config, model, tokenizer = model_dir.config, model_dir.load(dtype, mesh), model_dir.tokenizer
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
     summary = train_routers(model, config, ids, args.out, train_settings, seq_len=args.seq_len,
@@ -448,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of the device's memory this server may take (weights, KV "
                           "pages, program buffers; on a CPU, of the free memory)")
     srv.add_argument("--max-queue", type=_positive, default=256,
-                     help="requests waiting for a slot, at most (then 503)")
+                     help="requests waiting for a slot, at most (then 503); also the prompts "
+                          "of one request, at most (then 400)")
+    limits = srv.add_argument_group("limits per request and connection")
+    for name, (kind, default, text) in SERVE_LIMITS.items():
+        limits.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text)
     srv.add_argument("--served-model-name",
                      help="the model's name in the API (default: the --model directory's name)")
     srv.add_argument("--quiet", action="store_true", help="no access log on stderr")

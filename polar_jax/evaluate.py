@@ -89,10 +89,7 @@ def perplexity(model, config, tokenizer, text: str, seq_len: int = EvalSettings.
     and memory are checked before anything is compiled. With a `mesh` (the model loaded onto
     it), the windows of a batch are split over its `data` axis."""
     run = EvalSettings(seq_len, max_tokens, batch_size)
-    if run.seq_len > config.max_position_embeddings:
-        raise PolarJaxError(
-            f"--seq-len {run.seq_len} exceeds the model's {config.max_position_embeddings} "
-            f"positions (max_position_embeddings); lower --seq-len")
+    config.check_seq_len(run.seq_len)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
     ids = ids[:run.max_tokens]
     if len(ids) < 2:

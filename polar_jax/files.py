@@ -3,7 +3,8 @@ which weights are acceptable. One mechanism per concern, used wherever it arises
 
 - `checkpoint_file` / `check_tree`: a file a checkpoint directory holds or names is read only
   when it lies inside the directory (symlinks followed) and is a regular file (checked before
-  anything opens it, so a FIFO never blocks a read);
+  anything opens it, so a FIFO never blocks a read); `read_checkpoint_file` reads one through
+  a single descriptor checked again once open, so that what was checked is what is read;
 - `atomic_output`: an output directory (a converted model, routers) is assembled beside its
   destination and moved into place at the end: never over an input, never over an existing
   destination without `force`, nothing partial left by an error, and what a killed run left
@@ -20,11 +21,14 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import functools
+import logging
 import os
 import re
 import secrets
 import shutil
 import stat
+import sys
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -87,6 +91,33 @@ def checkpoint_file(src: Path, name: str, *, named_by: str | None = None,
     if not stat.S_ISREG(mode):
         raise _not_regular(subject, mode)
     return real
+
+
+def read_checkpoint_file(src: Path, name: str, *, optional: bool = False) -> bytes | None:
+    """The bytes of the file `name` of the checkpoint directory `src`, read through one
+    descriptor: the path checked as `checkpoint_file` checks it, its real path opened without
+    following a symlink (O_NOFOLLOW) nor blocking on a FIFO (O_NONBLOCK), and the open
+    descriptor checked again (fstat: the regular file that was checked). A file swapped for a
+    symlink or another file meanwhile is refused, never read. With `optional`, None when `src`
+    has no entry `name`."""
+    real = checkpoint_file(src, name, optional=optional)
+    if real is None:
+        return None
+    swapped = f"{src / name} changed while it was being read (replaced"
+    try:
+        checked = os.stat(real)
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise PolarJaxError(f"{swapped}: {err.strerror}); run again") from None
+    with os.fdopen(fd, "rb") as file:
+        opened = os.fstat(file.fileno())
+        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (
+                checked.st_dev, checked.st_ino):
+            raise PolarJaxError(f"{swapped} by another file); run again")
+        try:
+            return file.read()
+        except OSError as err:
+            raise PolarJaxError(f"{src / name} cannot be read: {err.strerror}") from None
 
 
 def input_file(path: str | os.PathLike, what: str) -> Path:
@@ -348,12 +379,36 @@ def _shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
 
 def save_arrays(directory: Path, tree: Mapping) -> None:
     """Writes the nested mapping of arrays `tree` as the orbax checkpoint `directory` (inside an
-    `atomic_output` staging directory: it is published whole or not at all)."""
+    `atomic_output` staging directory: it is published whole or not at all). A failed write (a
+    full disk) raises an OSError with its errno, without orbax's tracebacks."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory.absolute(), tree)
-        checkpointer.wait_until_finished()
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)  # orbax logs a traceback per failed writer thread
+    if getattr(sys.unraisablehook, "func", None) is not _unless_closed_loop:  # stays installed:
+        # the writes of a failed save end after it returns
+        sys.unraisablehook = functools.partial(_unless_closed_loop, sys.unraisablehook)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(directory.absolute(), tree)
+            checkpointer.wait_until_finished()
+    except Exception as err:  # tensorstore's errors carry the errno: [os_error_code='28']
+        code = re.search(r"os_error_code='(\d+)'", str(err))
+        if code:  # as an OSError: `atomic_output` names the destination
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(directory)) from None
+        raise PolarJaxError(f"cannot write {directory}: {' '.join(str(err).split())[:300]}"
+                            ) from None
+    finally:
+        absl.setLevel(level)
+
+
+def _unless_closed_loop(hook, unraisable) -> None:
+    """`hook(unraisable)`, except for the "Event loop is closed" of tensorstore's writes still
+    finishing after a failed orbax save closed its loop (a traceback each, on stderr)."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        hook(unraisable)
 
 
 def restore_arrays(src: Path, name: str, target: Mapping) -> dict:

@@ -17,17 +17,22 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from convert.checkpoint import TOKENIZER_FILES, read_config, read_json, resolve_source
+from convert.checkpoint import (
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    read_config,
+    read_json,
+    resolve_source,
+)
 from convert.convert import FORMAT_VERSION, METADATA_FILE, PARAMS_DIR, read_hf_params, source_dtype
 from models import ModelConfig, build_model, config_from_hf
+from models.config import eos_token_ids
 from models.sharding import check_split, global_array, param_shardings, to_host
 from polar_jax import validate
 from polar_jax.dtypes import DTYPES
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import check_tree, checkpoint_file, first_non_finite, restore_arrays
 from polar_jax.memory import check_fits
-
-GENERATION_CONFIG = "generation_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,13 +136,8 @@ class ModelDir:
         if os.path.lexists(self.path / GENERATION_CONFIG):
             generation = validate.mapping(str(self.path / GENERATION_CONFIG),
                                           read_json(self.path, GENERATION_CONFIG))
-        for name, settings in ((GENERATION_CONFIG, generation), ("config.json", self.hf_config)):
-            eos = settings.get("eos_token_id")
-            if eos is not None:
-                label = f"{self.path / name}: 'eos_token_id'"
-                ids = validate.listing(label, eos) if isinstance(eos, (list, tuple)) else [eos]
-                return tuple(validate.integer(label, i, low=0) for i in ids)
-        return ()
+        return eos_token_ids(((str(self.path / GENERATION_CONFIG), generation),
+                              (str(self.path / "config.json"), self.hf_config)))
 
 
 def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None

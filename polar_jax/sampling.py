@@ -32,12 +32,14 @@ def _filtered_logits(logits, params: SamplingParams):
     vocab = logits.shape[-1]
     logits = logits / params.temperature
     ranked = jnp.sort(logits, axis=-1)[:, ::-1]
+    rank = jnp.arange(vocab)
     k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
-    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
+    ranked = jnp.where(rank < k, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
-    # Nucleus: the smallest prefix of the ranking whose probability reaches top_p.
+    # Nucleus: the smallest prefix of the ranking whose probability reaches top_p, never empty
+    # (a top_p below float32's normal range, 1e-38, flushes to 0 and would keep nothing).
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # float32 sums can pass 1: top_p 1 keeps all
-    kept = ((mass_before < params.top_p) | (params.top_p >= 1.0)) & (jnp.arange(vocab) < k)
+    kept = ((mass_before < params.top_p) | (params.top_p >= 1.0) | (rank == 0)) & (rank < k)
     cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 

@@ -63,6 +63,7 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
     in a multi-process run only process 0 writes `out`.
     """
     check_batch_split(settings, mesh)
+    config.check_seq_len(seq_len)
     parts = split_tokens(ids)
     minimum = max(2 * seq_len, 10 * settings.batch_size)
     if len(parts[0]) < settings.batch_size or min(len(p) for p in parts[1:]) < 2 or len(ids) < minimum:

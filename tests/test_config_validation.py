@@ -30,20 +30,29 @@ OPT = dict(model_type="opt", vocab_size=96, hidden_size=32, ffn_dim=64, num_hidd
 # (base, changes, the field the message must name, a word of what is allowed). A change of
 # None deletes the key.
 BAD = {
-    "negative layers": (LLAMA, dict(num_hidden_layers=-2), "'num_hidden_layers'", ">= 1, got -2"),
-    "zero heads": (LLAMA, dict(num_attention_heads=0), "'num_attention_heads'", ">= 1"),
+    "negative layers": (LLAMA, dict(num_hidden_layers=-2), "'num_hidden_layers'", "in [1, 1024], got -2"),
+    "a billion layers": (LLAMA, dict(num_hidden_layers=10**9), "'num_hidden_layers'",
+                         "in [1, 1024], got 1000000000"),
+    "layers 1e9": (OPT, dict(num_hidden_layers=1e9), "'num_hidden_layers'", "integer"),
+    "a million heads": (OPT, dict(num_attention_heads=2**20), "'num_attention_heads'", "[1, 4096]"),
+    "huge vocabulary": (LLAMA, dict(vocab_size=10**12), "'vocab_size'", "[1, 8388608]"),
+    "huge hidden": (OPT, dict(hidden_size=2**40), "'hidden_size'", "[1, 131072]"),
+    "huge mlp": (LLAMA, dict(intermediate_size=2**31), "'intermediate_size'", "[1, 1048576]"),
+    "huge positions": (LLAMA, dict(max_position_embeddings=2**40), "'max_position_embeddings'",
+                       "[1, 67108864]"),
+    "zero heads": (LLAMA, dict(num_attention_heads=0), "'num_attention_heads'", "[1, 4096]"),
     "string size": (OPT, dict(hidden_size="32"), "'hidden_size'", "integer"),
     "float size": (LLAMA, dict(intermediate_size=64.0), "'intermediate_size'", "integer"),
     "bool size": (OPT, dict(vocab_size=True), "'vocab_size'", "integer"),
     "list size": (LLAMA, dict(max_position_embeddings=[64]), "'max_position_embeddings'", "integer"),
-    "negative ffn": (OPT, dict(ffn_dim=-1), "'ffn_dim'", ">= 1"),
-    "zero kv heads": (LLAMA, dict(num_key_value_heads=0), "'num_key_value_heads'", ">= 1"),
+    "negative ffn": (OPT, dict(ffn_dim=-1), "'ffn_dim'", "[1, 1048576]"),
+    "zero kv heads": (LLAMA, dict(num_key_value_heads=0), "'num_key_value_heads'", "[1, 4096]"),
     "kv heads not dividing": (LLAMA, dict(num_key_value_heads=3), "'num_key_value_heads'", "multiple"),
     "more kv heads than heads": (LLAMA, dict(num_key_value_heads=8), "'num_key_value_heads'", "multiple"),
     "hidden not divisible": (OPT, dict(hidden_size=30), "'hidden_size'", "multiple"),
     "odd head dim": (LLAMA, dict(head_dim=7), "'head_dim'", "even"),
     "string head dim": (LLAMA, dict(head_dim="8"), "'head_dim'", "integer"),
-    "zero projection": (OPT, dict(word_embed_proj_dim=0), "'word_embed_proj_dim'", ">= 1"),
+    "zero projection": (OPT, dict(word_embed_proj_dim=0), "'word_embed_proj_dim'", "[1, 131072]"),
     "missing field": (OPT, dict(ffn_dim=None), "'ffn_dim'", "opt"),
     "unknown model type": (LLAMA, dict(model_type="gpt2"), "'model_type'", "qwen2"),
     "model type not a string": (LLAMA, dict(model_type=["llama"]), "'model_type'", "one of"),
@@ -170,6 +179,6 @@ def test_cli_convert_refuses_a_bad_config_in_one_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "Traceback" not in err and out == ""
     assert err.splitlines() == [
-        "polar-jax: error: config.json: 'num_hidden_layers' must be an integer >= 1, got -2"]
+        "polar-jax: error: config.json: 'num_hidden_layers' must be an integer in [1, 1024], got -2"]
     assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     assert json.loads((src / "config.json").read_text())["num_hidden_layers"] == -2

@@ -478,6 +478,40 @@ def test_truncated_pickle(opt_pickle, tmp_path, capsys):
     _assert_nothing_at(dst)
 
 
+@pytest.mark.parametrize("contents, needle", [
+    (lambda state: list(state.values()), "it holds a list"),
+    (lambda state: {i: t for i, t in enumerate(state.values())}, "it holds the entry 0: Tensor"),
+    (lambda state: next(iter(state.values())), "it holds a Tensor"),
+    (lambda state: {**state, "step": 3}, "it holds the entry 'step': int"),
+    (lambda state: {"state_dict": state}, "it holds the entry 'state_dict': OrderedDict"),
+])
+def test_odd_pickles_are_refused_in_one_line(opt_pickle, tmp_path, capsys, contents, needle):
+    src = _copy_source(opt_pickle, tmp_path)
+    torch.save(contents(torch.load(src / "pytorch_model.bin", weights_only=True)),
+               src / "pytorch_model.bin")
+    dst = tmp_path / "out"
+    message = _convert_error(src, dst, allow_pickle=True)
+    assert message.startswith(f"{src / 'pytorch_model.bin'} is not a state dict (names to "
+                              "tensors)") and needle in message, message
+    _assert_cli_error(capsys, ["convert", src, dst, "--allow-pickle"], needle)
+    _assert_nothing_at(dst)
+
+
+@pytest.mark.parametrize("file, eos", [("config.json", "zero"), ("config.json", [2, -1]),
+                                       ("generation_config.json", 1.5)])
+def test_a_bad_eos_token_id_is_refused_at_convert(opt_src, tmp_path, capsys, file, eos):
+    """`generate` would refuse the converted model: convert refuses it, naming the file."""
+    src = _copy_source(opt_src, tmp_path)
+    settings = json.loads((src / file).read_text()) if (src / file).exists() else {}
+    (src / file).write_text(json.dumps(dict(settings, eos_token_id=eos)))
+    if file == "config.json":
+        (src / "generation_config.json").unlink(missing_ok=True)
+    dst = tmp_path / "out"
+    message = _convert_error(src, dst)
+    assert message.startswith(f"{src / file}: 'eos_token_id' must be an integer >= 0, got "), message
+    _assert_cli_error(capsys, ["convert", src, dst], "'eos_token_id'")
+
+
 def test_pickle_with_missing_tensor(opt_pickle, tmp_path):
     src = _copy_source(opt_pickle, tmp_path)
     state = torch.load(src / "pytorch_model.bin", weights_only=True)

@@ -153,17 +153,20 @@ def test_sampling_is_reproducible_and_settings_do_not_recompile(tiny_decoder):
     assert compiles == [], "changing sampling settings, seed or sizes within a bucket recompiled"
 
 
-def test_top_k_one_equals_greedy(tiny_decoder):
+def test_top_k_one_and_a_tiny_top_p_equal_greedy(tiny_decoder):
+    """top_p below float32's normal range (1e-38 flushes to 0) still keeps the best token."""
     prompts = _prompts(np.random.default_rng())
     greedy = tiny_decoder.generate(prompts, 20)
-    top1 = tiny_decoder.generate(prompts, 20, SamplingParams(temperature=1.5, top_k=1), seed=5)
-    assert [c.tokens for c in top1.completions] == [c.tokens for c in greedy.completions]
+    for params in (SamplingParams(temperature=1.5, top_k=1), SamplingParams(1.0, 0, 1e-38)):
+        sampled = tiny_decoder.generate(prompts, 20, params, seed=5)
+        assert [c.tokens for c in sampled.completions] == [c.tokens for c in greedy.completions]
 
 
 def test_filtered_logits_against_numpy():
     rng = np.random.default_rng()
     logits = rng.normal(size=(4, 50)).astype(np.float32) * 3
-    for temperature, top_k, top_p in [(1.0, 5, 1.0), (0.5, 0, 0.7), (2.0, 10, 0.3), (1.0, 0, 1.0)]:
+    for temperature, top_k, top_p in [(1.0, 5, 1.0), (0.5, 0, 0.7), (2.0, 10, 0.3), (1.0, 0, 1.0),
+                                      (1.0, 0, 1e-40)]:
         got = np.asarray(_filtered_logits(jnp.asarray(logits),
                                           SamplingParams(temperature, top_k, top_p).validated()))
         for row in range(4):
@@ -174,7 +177,7 @@ def test_filtered_logits_against_numpy():
             probs /= probs.sum()
             # Nucleus: the smallest prefix of the ranking whose mass reaches top_p.
             mass_before = np.cumsum(probs) - probs
-            expected = set(keep[mass_before < top_p].tolist())
+            expected = set(keep[mass_before < top_p].tolist()) | {keep[0]}  # never empty
             assert set(np.flatnonzero(np.isfinite(got[row])).tolist()) == expected
             kept = sorted(expected)
             np.testing.assert_allclose(got[row, kept], scaled[kept], rtol=1e-6)

@@ -155,12 +155,22 @@ def test_bad_requests_are_refused_in_one_line():
              (Request(tuple(range(32)), 4), "the prompt has 32 tokens; this server's context is 32"),
              (Request((1,), 0), "max_tokens must be an integer"),
              (Request((1,), 4, top_p=1.5), "top_p"),
-             (Request((1,), 4, logprobs=6), "logprobs must be an integer in [0, 5]")]
+             (Request((1,), 4, logprobs=6), "logprobs must be an integer in [0, 5]"),
+             (Request(prompt="abc"), "the prompt must be a sequence of token ids (tokenize text "
+                                 "first), got 'abc'"),
+             (Request(None, 4), "the prompt must be a sequence of token ids"),
+             (Request((1, 2.0), 4), "token 1 of the prompt must be an integer id, got 2.0"),
+             (Request([True, 3], 4), "token 0 of the prompt must be an integer id, got True"),
+             (Request(np.array([1.5, 2.0]), 4), "token 0 of the prompt must be an integer id")]
     for request, message in cases:
         with pytest.raises(RequestError) as err:
             engine.check(request)
         assert message in str(err.value) and "\n" not in str(err.value)
         assert err.value.too_long == message.startswith("the prompt has")
+    assert engine.check(Request(np.array([3, 5]), 4)).prompt == (3, 5)  # numpy ids are ints
+    with pytest.raises(RequestError, match=r"^submit takes a polar_jax.serve.engine.Request, "
+                                           r"got \{'prompt': \[1\]\}$"):
+        engine.check({"prompt": [1]})
 
 
 def test_echo_gives_the_models_prompt_logprobs(dense):

@@ -11,11 +11,14 @@ problem, no traceback, no output or temporary left, and the source untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -178,6 +181,82 @@ def test_fifo_is_refused_without_opening(opt_src, sharded_copy, tmp_path, capsys
     with _deadline(120):
         line = _assert_cli_error(capsys, ["convert", src, dst], "not a regular file (a FIFO)")
     assert name in line
+    assert not dst.exists() and not _debris(tmp_path)
+
+
+def test_a_side_file_swapped_for_a_symlink_meanwhile_is_never_copied(opt_src, tmp_path,
+                                                                     monkeypatch):
+    """A thread swaps tokenizer_config.json for a symlink to a file outside SRC and back, in a
+    loop, while the weights are read and written, and leaves the symlink there: DST gets the
+    file that was checked (read through one descriptor), never the outside one."""
+    import convert.convert as conversion
+
+    src = _copy_source(opt_src, tmp_path)
+    name = "tokenizer_config.json"
+    original = (src / name).read_bytes()
+    (tmp_path / "copy.json").write_bytes(original)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": "from outside SRC"}')
+    stop, swaps = threading.Event(), []
+
+    def swap(link: bool) -> None:
+        temporary = src / f".swap-{len(swaps)}"
+        temporary.symlink_to(secret) if link else shutil.copyfile(tmp_path / "copy.json",
+                                                                   temporary)
+        os.replace(temporary, src / name)
+        swaps.append(link)
+
+    def loop() -> None:
+        while not stop.is_set():
+            swap(link=not len(swaps) % 2)
+        swap(link=True)
+
+    swapper = threading.Thread(target=loop, daemon=True)
+    read, save = conversion.read_hf_params, conversion.save_arrays
+
+    def reading(*args, **kwargs):
+        swapper.start()
+        return read(*args, **kwargs)
+
+    def saving(*args, **kwargs):
+        try:
+            save(*args, **kwargs)
+        finally:
+            stop.set()
+            swapper.join()
+
+    monkeypatch.setattr(conversion, "read_hf_params", reading)
+    monkeypatch.setattr(conversion, "save_arrays", saving)
+    convert_checkpoint(str(src), str(tmp_path / "out"))
+    assert len(swaps) > 2 and (src / name).is_symlink()
+    assert (tmp_path / "out" / name).read_bytes() == original
+
+
+def test_a_failed_write_of_the_params_is_one_line(opt_src, tmp_path):
+    """The disk filling up while orbax writes the params: a real failed write, made by a file
+    size limit of 4 KiB on the converting process (EFBIG, the path ENOSPC takes; SIGXFSZ
+    ignored, so that the write fails instead of killing the process)."""
+    dst = tmp_path / "out"
+    limited = ["bash", "-c", "trap '' XFSZ && ulimit -f 4 && exec \"$@\"", "bash"]
+    run = subprocess.run([*limited, sys.executable, "-m", "polar_jax.cli", "convert",
+                          str(opt_src), str(dst), "--quiet"], cwd=REPO,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.startswith(f"polar-jax: error: {dst} was not written: [Errno 27] File too "
+                                 "large: ") and run.stderr.count("\n") == 1, run.stderr[-3000:]
+    assert not dst.exists() and not _debris(tmp_path)
+
+
+def test_a_full_disk_while_copying_the_side_files_is_one_line(opt_src, tmp_path, monkeypatch,
+                                                              capsys):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    dst = tmp_path / "out"
+    _assert_cli_error(capsys, ["convert", opt_src, dst], f"{dst} was not written: ",
+                      "No space left on device")
     assert not dst.exists() and not _debris(tmp_path)
 
 

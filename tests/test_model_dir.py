@@ -24,14 +24,13 @@ from polar_jax.loading import ModelDir
 def json_reads(monkeypatch) -> collections.Counter:
     """How often each JSON file of a model directory is read."""
     reads = collections.Counter()
-    read_json = convert.checkpoint.read_json
+    read = convert.checkpoint.read_checkpoint_file
 
-    def counting(src, name):
+    def counting(src, name, **kwargs):
         reads[name] += 1
-        return read_json(src, name)
+        return read(src, name, **kwargs)
 
-    monkeypatch.setattr(convert.checkpoint, "read_json", counting)
-    monkeypatch.setattr(loading, "read_json", counting)
+    monkeypatch.setattr(convert.checkpoint, "read_checkpoint_file", counting)
     return reads
 
 

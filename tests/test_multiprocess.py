@@ -97,6 +97,24 @@ def test_two_processes_decode_as_one_device(tmp_path, models, one_device_tokens)
     assert (lines[-1]["tp"], lines[-1]["dp"]) == (tp, dp)
 
 
+def test_a_coordinator_that_never_answers_is_one_line(capsys, monkeypatch):
+    """Process 1 waits --coordinator-timeout seconds for process 0, then names the address."""
+    joined = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kw: joined.append(args))
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    start = time.monotonic()
+    rc, out, err = run_cli(capsys, ["generate", "--model", "/nonexistent", "--prompt", "A",
+                                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+                                    "--process-id", 1, "--coordinator-timeout", 1.5])
+    assert (rc, out, joined) == (2, "", [])
+    assert 1.5 <= time.monotonic() - start < 10
+    assert err.startswith(f"polar-jax: error: the coordinator 127.0.0.1:{port} did not answer "
+                          "within 1.5 s (--coordinator-timeout; last: Connection refused)")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("options, env, message", [
     (("--coordinator", "127.0.0.1:1234", "--num-processes", 2, "--process-id", 2), {},
      "--process-id must be an integer in [0, 1], got 2"),

@@ -238,6 +238,31 @@ def test_cli_train_routers_refuses_bad_learning_rate(tiny, tmp_path, capsys, lr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
 
 
+@pytest.mark.parametrize("seq_len", [129, 5000])
+def test_train_routers_refuses_windows_beyond_the_positions(tiny, tmp_path, capsys, monkeypatch,
+                                                            seq_len):
+    """Past the model's 128 positions the windows read nothing (NaN losses) and grow memory:
+    refused before the model loads (CLI) or anything is collected (API)."""
+    import polar_jax.loading as loading
+    import routers.pipeline as pipeline
+
+    text = tmp_path / "text.txt"
+    text.write_text("the a of and to in is it that was " * 40)
+    out = tmp_path / "routers"
+    monkeypatch.setattr(loading.ModelDir, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    rc, err = _cli(capsys, ["train-routers", "--model", tiny[0], "--text", text, "--out", out,
+                            "--seq-len", seq_len])
+    needle = (f"--seq-len {seq_len} exceeds the model's 128 positions (max_position_embeddings)"
+              "; lower --seq-len")
+    assert rc == 2 and err == f"polar-jax: error: {needle}\n"
+    monkeypatch.setattr(pipeline, "collect", lambda *a, **k: pytest.fail("collected"))
+    ids = np.random.default_rng().integers(0, 4096, 4 * seq_len).astype(np.int32)
+    with pytest.raises(PolarJaxError) as info:
+        train_routers(None, tiny[1], ids, out, TrainSettings(batch_size=16), seq_len=seq_len)
+    assert str(info.value) == needle
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
 def _synthetic(directory: Path, tokens: int, d: int = 32, hkv: int = 4) -> Collected:
     """Random router data for the tiny model: u `[2, T, d]`, group norms, active neurons."""
     directory.mkdir()

@@ -10,15 +10,20 @@ test). A second server decodes tiny-llama with trained routers as sparse `genera
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import dataclasses
 import json
+import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,8 +39,10 @@ openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"serving (\S+) \((.*)\) at (http://127\.0\.0\.1:\d+)/v1: ")
-ARGS = ("--dtype", "float32", "--max-slots", 4, "--max-len", 256, "--prefill-chunk", 16, "--kv-pages", 40,
-        "--max-queue", 12)
+ARGS = ("--dtype", "float32", "--max-slots", 4, "--max-len", 256, "--prefill-chunk", 16,
+        "--kv-pages", 40, "--max-queue", 12, "--max-body-mb", 0.25, "--max-prompt-chars", 4000,
+        "--max-stops", 4, "--max-stop-chars", 40, "--max-json-depth", 32, "--head-timeout", 2,
+        "--body-timeout", 2, "--max-connections", 40)
 MAX_TOKENS = 12
 
 
@@ -169,10 +176,15 @@ def test_serve_help_and_defaults_are_the_engines(capsys):
 
     rc, out, _ = run_cli(capsys, ["serve", "--help"])
     assert rc == 0 and "OpenAI" in out and "(default: 8000)" in out
+    from polar_jax.serve.server import Limits
+
     args = build_parser().parse_args(["serve", "--model", "m"])
     engine = inspect.signature(Engine).parameters
     for name in ("max_slots", "max_len", "prefill_chunk", "max_queue"):
         assert getattr(args, name) == engine[name].default, name
+    for field in dataclasses.fields(Limits):
+        assert getattr(args, field.name) == field.default, field.name
+        assert f"--{field.name.replace('_', '-')}" in out
 
 
 def test_serve_refusals_are_one_line_before_loading(capsys, monkeypatch):
@@ -188,6 +200,15 @@ def test_serve_refusals_are_one_line_before_loading(capsys, monkeypatch):
     assert rc == 2 and "--attn-topk=0.5 applies only with --routers" in err
     import polar_jax.serve
 
+    rc, _, err = run_cli(capsys, ["serve", "--model", "m", "--max-body-mb", "0"])
+    assert rc == 2 and "--max-body-mb: must be a finite number > 0, got 0" in err
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (256, 256))
+    rc, _, err = run_cli(capsys, ["serve", "--model", "/nonexistent", "--port", 0])
+    assert rc == 2 and err == ("polar-jax: error: --max-connections 512 needs 576 open files; "
+                               "this process may open 256 (ulimit -Hn): lower --max-connections\n")
+    monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "fastapi", None)  # the [serve] extra missing
     monkeypatch.delitem(sys.modules, "polar_jax.serve.server", raising=False)
     monkeypatch.delattr(polar_jax.serve, "server", raising=False)
@@ -296,10 +317,16 @@ def test_chat_prompt_applies_the_template(opt_dir):
                                              {"type": "text", "text": "there"}]}]
     assert chat_prompt(tokenizer, messages) == tokenizer(
         "<system>Be brief.\n<user>Hi there\n<assistant>", add_special_tokens=False)["input_ids"]
-    for bad in ([], [{"content": "no role"}], [{"role": "user", "content": 3}]):
+    for bad in ([], [{"content": "no role"}], [{"role": "user", "content": 3}],
+                [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+                [{"role": "user", "content": "a lone \ud800"}]):
         with pytest.raises(ApiError, match="messages") as caught:
             chat_prompt(tokenizer, bad)
-        assert caught.value.status == 400
+        assert caught.value.status == 400 and "\n" not in str(caught.value)
+    with pytest.raises(ApiError, match=r"the messages have 27 characters; at most 26 "
+                                       r"\(--max-prompt-chars\)") as caught:
+        chat_prompt(tokenizer, messages, max_chars=26)  # roles and contents
+    assert caught.value.status == 413
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(ApiError, match="roles must alternate"):
         chat_prompt(tokenizer, messages)
@@ -309,7 +336,7 @@ def test_chat_prompt_applies_the_template(opt_dir):
 # Refusals, the queue, disconnects, metrics.
 
 
-@pytest.mark.parametrize("body, status, needle", [
+BAD_REQUESTS = [
     (b'{"prompt": "x", ', 400, "not valid JSON"),
     (b'["prompt"]', 400, "must be a JSON object"),
     ({"prompt": 3}, 400, "prompt must be a string"),
@@ -326,7 +353,32 @@ def test_chat_prompt_applies_the_template(opt_dir):
     ({"prompt": ""}, 400, "the prompt is empty"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
     ({"prompt": [5] * 256}, 413, "the prompt has 256 tokens"),
-])
+    # The limits (ARGS), each checked before any work.
+    (b"[" * 100_000, 400, "nests arrays and objects deeper than the JSON parser goes; at most "
+                          "32 (--max-json-depth)"),
+    (b'{"prompt": "x", "stop": ' + b"[" * 33 + b"]" * 33 + b"}", 400,
+     "nests arrays and objects 34 deep; at most 32 (--max-json-depth)"),
+    (b'{"prompt": "x", "stop": [[[' + b'"a", ' * 10 + b'"b"]]]}', 400, "stop must be"),
+    (b'{"prompt": "ab\\ud800"}', 400, "prompt holds a lone surrogate ('\\ud800' at character 2)"),
+    (b'{"prompt": ["x", "\\udfff"]}', 400, "prompt 1 holds a lone surrogate"),
+    ({"prompt": "x", "stop": ["\ud800"]}, 400, "stop holds a lone surrogate"),
+    ({"prompt": "x", "n": True}, 400, "n must be 1 (one choice per prompt: send several prompts), "
+                                      "got True"),
+    ({"prompt": ["x"] * 13}, 400, "prompt holds 13 prompts; this server queues at most 12 "
+                                  "(--max-queue)"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop holds 5 strings; at most 4 "
+                                                              "(--max-stops)"),
+    ({"prompt": "x", "stop": "s" * 41}, 400, "a stop string has 41 characters; at most 40 "
+                                             "(--max-stop-chars)"),
+    ({"prompt": ["The"] * 3 + ["x" * 3998]}, 413, "the prompt has 4007 characters; at most 4000 "
+                                                  "(--max-prompt-chars)"),
+    (b'{"prompt": "' + b"x" * 300_000 + b'"}', 413, "the request body has 300014 bytes; at most "
+                                                     "262144 bytes (--max-body-mb 0.25)"),
+]
+
+
+@pytest.mark.parametrize("body, status, needle", BAD_REQUESTS,
+                         ids=[needle[:50] for _, _, needle in BAD_REQUESTS])
 def test_bad_requests_answer_4xx_and_the_server_keeps_serving(base, body, status, needle):
     got, answer = request("POST", f"{base}/v1/completions", body)
     assert got == status, answer
@@ -398,8 +450,176 @@ def test_models_health_and_metrics(base, client):
     assert metric(base, "polar_jax_kv_pages_used") == 0 < metric(base, "polar_jax_kv_pages_total")
     assert metric(base, "polar_jax_num_preemptions_total") == 0
     assert metric(base, 'polar_jax_requests_total{code="200",endpoint="/v1/completions"}') >= 16
-    assert metric(base, 'polar_jax_requests_total{code="413",endpoint="/v1/completions"}') == 1
+    assert (metric(base, 'polar_jax_requests_total{code="413",endpoint="/v1/completions"}')
+            == sum(status == 413 for _, status, _ in BAD_REQUESTS))
     assert request("GET", f"{base}/health")[1]["status"] == "ok"
+
+
+def test_a_tiny_top_p_keeps_the_most_probable_token(client, prompts):
+    """top_p below float32's normal range (1e-38 flushes to 0) samples the greedy tokens."""
+    kwargs = dict(model="tiny-opt", prompt=prompts[5], max_tokens=8)
+    greedy = client.completions.create(temperature=0, **kwargs).choices[0].text
+    for top_p in (1e-38, 1e-45):
+        answer = client.completions.create(temperature=1, top_p=top_p, **kwargs)
+        assert answer.choices[0].text == greedy
+
+
+def _connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _answer(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """(what the server sent within `timeout` seconds, whether it closed the connection)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return data, False
+    return data, True
+
+
+def test_slow_clients_are_timed_out_and_connections_capped(base):
+    """45 connections that never finish their request head: past --max-connections (40) each
+    is answered 503 and closed at once; the others 408 and closed after --head-timeout (2 s);
+    then the server serves again."""
+    sockets = []
+    try:
+        for _ in range(45):
+            sockets.append(_connect(base))
+            sockets[-1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        answered, _, _ = select.select(sockets, [], [], 1.5)
+        assert answered and time.monotonic() - start < 1.5  # a refusal, before the head timeout
+        answers = [_answer(sock, 5) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert all(closed for _, closed in answers)
+    refused = [data for data, _ in answers if data.startswith(b"HTTP/1.1 503 ")]
+    timed_out = [data for data, _ in answers if data.startswith(b"HTTP/1.1 408 ")]
+    assert len(refused) >= 5 and len(timed_out) + len(refused) == 45
+    assert all(b"(--max-connections)" in data for data in refused)
+    assert all(b"no request head within 2 s (--head-timeout)" in data for data in timed_out)
+    assert time.monotonic() - start < 6
+    assert request("GET", f"{base}/health")[0] == 200
+
+
+def test_slow_bodies_get_408_and_clients_gone_mid_body_log_nothing(base, server):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n")
+    with _connect(base) as sock:
+        sock.sendall(head + b'{"prompt": ')
+        data, _ = _answer(sock, 6)
+    assert data.startswith(b"HTTP/1.1 408 ") and b"within 2 s (--body-timeout)" in data
+    gone = 'polar_jax_requests_total{code="499",endpoint="/v1/completions"}'
+    before = metric(base, gone)
+    for _ in range(3):
+        with _connect(base) as sock:
+            sock.sendall(head + b'{"prompt": ')
+            time.sleep(0.3)  # its handler waits for the rest of the body
+    wait_for(lambda: metric(base, gone) == before + 3, what="three requests counted as 499")
+    log = server.err.read_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log[-3000:]
+    assert request("GET", f"{base}/health")[0] == 200
+
+
+async def _call(app, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON answer) of one request to the ASGI `app`, in-process."""
+    data = b"" if body is None else json.dumps(body).encode()
+    pending = [{"type": "http.request", "body": data, "more_body": False}]
+    sent = []
+
+    async def receive():
+        if pending:
+            return pending.pop()
+        await asyncio.Event().wait()  # the client stays
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "server": ("stub", 80), "client": ("127.0.0.1", 1),
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(data)).encode())]}
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def _stub_app(tokenizer, submit):
+    """The application over a stand-in engine (no model, nothing compiled)."""
+    from polar_jax.serve.metrics import Metrics
+    from polar_jax.serve.server import create_app
+
+    engine = types.SimpleNamespace(decoder=types.SimpleNamespace(tokenizer=tokenizer), max_len=64,
+                                   max_queue=4, active_slots=0, queue_length=0, submit=submit)
+    metrics = Metrics()
+    return create_app(engine, "stub", metrics), metrics
+
+
+def test_parsing_leaves_the_event_loop_free():
+    """/health answers at once while a request's prompt takes a second to tokenize."""
+    from polar_jax.serve.engine import EngineBusy
+
+    started = []
+
+    def slow(text):
+        started.append(time.perf_counter())
+        time.sleep(1.0)
+        return {"input_ids": [1, 2]}
+
+    def busy(request):
+        raise EngineBusy("the queue is full (stand-in)")
+
+    app, _ = _stub_app(slow, busy)
+
+    async def scenario():
+        post = asyncio.create_task(_call(app, "POST", "/v1/completions", {"prompt": "x"}))
+        while not started:
+            await asyncio.sleep(0.005)
+        health, _ = await _call(app, "GET", "/health")
+        waited = time.perf_counter() - started[0]  # /health asked while tokenizing
+        return health, waited, (await post)[0]
+
+    health, waited, posted = asyncio.run(scenario())
+    assert (health, posted) == (200, 503) and waited < 0.3, waited
+
+
+def test_an_exception_is_a_counted_500_and_one_log_line(caplog):
+    def broken(text):
+        raise RuntimeError("the tokenizer broke\non two lines")
+
+    app, metrics = _stub_app(broken, None)
+    with caplog.at_level(logging.ERROR, logger="polar_jax.serve"):
+        status, answer = asyncio.run(_call(app, "POST", "/v1/completions", {"prompt": "x"}))
+    assert status == 500
+    assert answer["error"] == {
+        "message": "internal error: RuntimeError: the tokenizer broke on two lines",
+        "type": "server_error", "param": None, "code": None}
+    assert metrics.registry.get_sample_value(
+        "polar_jax_requests_total", {"endpoint": "/v1/completions", "code": "500"}) == 1
+    (record,) = [r for r in caplog.records if r.name == "polar_jax.serve"]
+    assert record.getMessage() == ("POST /v1/completions: 500 internal error: RuntimeError: the "
+                                   "tokenizer broke on two lines") and not record.exc_info
+
+
+def test_a_port_is_bound_once():
+    """Two servers starting at the same moment: the second bind fails (both bound before
+    either listened used to share the port, and uvloop ignored the loser's listen)."""
+    from polar_jax.errors import PolarJaxError
+    from polar_jax.serve.server import _bind
+
+    first = _bind("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(PolarJaxError) as caught:
+            _bind("127.0.0.1", port).close()
+        assert str(caught.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    finally:
+        first.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import dataclasses
 import logging
+import numbers
 import threading
 import time
 from typing import Protocol
@@ -72,12 +74,12 @@ class EngineBusy(PolarJaxError):
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One completion: prompt token ids, at most `max_tokens` new ones, sampling settings
-    (temperature 0: greedy), `logprobs` alternatives per new token (0 to `TOP_LOGPROBS`),
-    `echo`: also the prompt's log-probabilities."""
+    """One completion: prompt token ids, at most `max_tokens` new ones (OpenAI's default 16),
+    sampling settings (temperature 0: greedy), `logprobs` alternatives per new token (0 to
+    `TOP_LOGPROBS`), `echo`: also the prompt's log-probabilities."""
 
     prompt: tuple[int, ...]
-    max_tokens: int
+    max_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -393,9 +395,22 @@ class Engine:
     def check(self, request: Request) -> Request:
         """The request with its values checked against the model and the pool (one-line
         `RequestError`s)."""
+        if not isinstance(request, Request):
+            raise RequestError(f"submit takes a polar_jax.serve.engine.Request, got "
+                               f"{validate.describe(request)}")
+        if isinstance(request.prompt, (str, bytes)) or not isinstance(
+                request.prompt, (collections.abc.Sequence, np.ndarray)):
+            raise RequestError(f"the prompt must be a sequence of token ids (tokenize text "
+                               f"first), got {validate.describe(request.prompt)}")
         prompt = tuple(request.prompt)
         if not prompt:
             raise RequestError("the prompt is empty")
+        bad = next((i for i, t in enumerate(prompt) if not isinstance(t, numbers.Integral)
+                    or isinstance(t, (bool, np.bool_))), None)
+        if bad is not None:
+            raise RequestError(f"token {bad} of the prompt must be an integer id, got "
+                               f"{validate.describe(prompt[bad])}")
+        prompt = tuple(map(int, prompt))
         bad = next((t for t in prompt if not 0 <= t < self.config.vocab_size), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
