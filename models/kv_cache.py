@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv_write import write_kv_token, write_kv_token_reference
+from pallas_kernels.sparse_attention import gather_pages
 
 
 def _bytes(tree) -> int:
@@ -114,11 +115,7 @@ class PagedLayerKV:
 
     def dense(self) -> tuple[jax.Array, jax.Array]:
         """k, v gathered per sequence: `[B, Hkv, pages_per_seq * page_size, D]`."""
-        def gather(pages):
-            x = pages[:, self.block_table]  # [Hkv, B, pages_per_seq, page_size, D]
-            hkv, b, n, p, d = x.shape
-            return x.swapaxes(0, 1).reshape(b, hkv, n * p, d)
-        return gather(self.k), gather(self.v)
+        return gather_pages(self.k, self.block_table), gather_pages(self.v, self.block_table)
 
 
 @jax.tree_util.register_dataclass
