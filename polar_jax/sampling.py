@@ -7,7 +7,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from models.ops import per_shard
+from models.sharding import DATA, MODEL, dp_size, tp_size
 from polar_jax.settings import GenerationSettings, check
 
 
@@ -42,12 +46,43 @@ def _filtered_logits(logits, params: SamplingParams):
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def next_token(logits, params: SamplingParams, key):
-    """Token ids `[B]` from float32 logits `[B, V]`: argmax when temperature is 0, else a draw."""
+def split_vocab(logits, mesh: Mesh | None) -> bool:
+    """Whether logits `[B, V]` are split over the mesh's `model` axis (the vocabulary-parallel
+    head: `tp` divides V; else the head is replicated and so are the logits)."""
+    return tp_size(mesh) > 1 and logits.shape[-1] % tp_size(mesh) == 0
+
+
+def argmax(logits, mesh: Mesh | None = None):
+    """Token ids int32 `[B]`: each row's first largest logit of `[B, V]` (NaN counting as the
+    largest, as `jnp.argmax`). Over a vocabulary split by `mesh`: each device its own shard's
+    (value, id), then one all-gather of those pairs (left to XLA: two, values and ids apart),
+    the best taken, ties to the lowest shard, so the lowest id, as on one device."""
+    if not split_vocab(logits, mesh):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    if vocab > 2**24:  # ids travel as float32 beside the values
+        raise ValueError(f"a vocabulary of {vocab} ids does not fit float32's 2**24 integers")
+    rows = DATA if logits.shape[0] % dp_size(mesh) == 0 else None
+
+    def shard(local):
+        best = jnp.argmax(local, axis=-1)
+        value = jnp.take_along_axis(local, best[:, None], axis=-1)[:, 0]
+        token = best + jax.lax.axis_index(MODEL) * local.shape[-1]
+        pairs = jax.lax.all_gather(jnp.stack([value, token.astype(jnp.float32)], axis=-1),
+                                   MODEL, axis=1)  # [b, tp, 2]
+        winner = jnp.argmax(pairs[..., 0], axis=1)
+        return jnp.take_along_axis(pairs[..., 1], winner[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+    return per_shard(mesh, shard, in_specs=P(rows, MODEL), out_specs=P(rows))(logits)
+
+
+def next_token(logits, params: SamplingParams, key, mesh: Mesh | None = None):
+    """Token ids `[B]` from float32 logits `[B, V]`: argmax when temperature is 0, else a draw.
+    With the vocabulary split over `mesh`, the argmax without gathering the logits."""
     return jax.lax.cond(
         params.temperature > 0,
         lambda: jax.random.categorical(key, _filtered_logits(logits, params), axis=-1),
-        lambda: jnp.argmax(logits, axis=-1),
+        lambda: argmax(logits, mesh),
     ).astype(jnp.int32)
 
 

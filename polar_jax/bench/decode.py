@@ -279,9 +279,10 @@ def make_decode_loop(graphdef, plan, mesh=None):
     greedy `decode_step`s (dense when `plan` is None) in one `fori_loop`, the cache donated;
     `router_state` is `Routers.unstack()`. With a `mesh`, over its devices, the cache kept in
     its shards."""
+    from polar_jax.sampling import argmax
     from polar_jax.step import DecodeState, decode_step
 
-    greedy = functools.partial(jnp.argmax, axis=-1)
+    greedy = functools.partial(argmax, mesh=mesh)
 
     @functools.partial(jax.jit, donate_argnums=(2,))
     def run(state, router_state, kv_cache, tokens, lengths, n):
