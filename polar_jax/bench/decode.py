@@ -354,35 +354,41 @@ def sparse_plan(config, attn_topk: float, batch: int, mlp_topk: dict | None = No
                               dense_layers, batch, shards=shards)
 
 
-def step_collectives(hf: dict, dtype, mesh, batch: int, cache_len: int, attn_topk: float,
-                     mlp_density: float | None, int8_mlp_up: bool = False) -> dict:
-    """{"dense": ..., "sparse": ...}: the `collectives.StepCollectives` of the greedy decode
-    loop over `mesh`, compiled (never run) at one and two layers of the Hugging Face config
-    `hf` with abstract weights, routers and cache in their shards (nothing is allocated). The
-    sparse step selects in every layer: `attn_topk` of the groups and, for a non-gated MLP,
-    `mlp_density` of the neurons (default 0.5)."""
+def step_hlo(hf: dict, num_layers: int, sparse: bool, dtype, mesh, batch: int, cache_len: int,
+             attn_topk: float, mlp_density: float | None = None, int8_mlp_up: bool = False) -> str:
+    """The compiled HLO text of the greedy decode loop over `mesh` for the first `num_layers`
+    of the Hugging Face config `hf`, weights, routers and cache abstract in their shards
+    (nothing is allocated). Sparse: every layer selects, `attn_topk` of its groups and, for a
+    non-gated MLP, `mlp_density` of its neurons (default 0.5)."""
     from models import build_model, config_from_hf
-    from polar_jax.bench import collectives
     from routers.model import Routers
 
-    def compiled_hlo(num_layers: int, sparse: bool) -> str:
-        config = config_from_hf(dict(hf, num_hidden_layers=num_layers))
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, dtype)))
-        state = with_shardings(abstract, param_shardings(abstract, mesh))
-        routers, plan = None, None
-        if sparse:
-            routers = jax.eval_shape(lambda: Routers.for_model(config, RANDOM_ROUTER_RANK)
-                                     .unstack(dtype, int8_mlp_up))
-            routers = with_shardings(routers, router_shardings(routers, mesh))
-            density = None if config.gated_mlp else mlp_density or 0.5
-            plan = sparse_plan(config, attn_topk, batch, None, density, tp_size(mesh), ())
-        rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh))
-        cache = kv_cache_abstract(config, batch, cache_len, dtype, mesh)
-        return make_decode_loop(graphdef, plan, mesh).lower(
-            state, routers, cache, rows, rows, np.int32(1)).compile().as_text()
+    config = config_from_hf(dict(hf, num_hidden_layers=num_layers))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, dtype)))
+    state = with_shardings(abstract, param_shardings(abstract, mesh))
+    routers, plan = None, None
+    if sparse:
+        routers = jax.eval_shape(lambda: Routers.for_model(config, RANDOM_ROUTER_RANK)
+                                 .unstack(dtype, int8_mlp_up))
+        routers = with_shardings(routers, router_shardings(routers, mesh))
+        density = None if config.gated_mlp else mlp_density or 0.5
+        plan = sparse_plan(config, attn_topk, batch, None, density, tp_size(mesh), ())
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh))
+    cache = kv_cache_abstract(config, batch, cache_len, dtype, mesh)
+    return make_decode_loop(graphdef, plan, mesh).lower(
+        state, routers, cache, rows, rows, np.int32(1)).compile().as_text()
+
+
+def step_collectives(hf: dict, dtype, mesh, batch: int, cache_len: int, attn_topk: float,
+                     mlp_density: float | None, int8_mlp_up: bool = False) -> dict:
+    """{"dense": ..., "sparse": ...}: the `collectives.StepCollectives` of `step_hlo`'s
+    program, compiled at one and two layers."""
+    from polar_jax.bench import collectives
 
     return {mode: collectives.step_collectives(
-        functools.partial(compiled_hlo, sparse=mode == "sparse")) for mode in ("dense", "sparse")}
+        lambda n, sparse=mode == "sparse": step_hlo(hf, n, sparse, dtype, mesh, batch, cache_len,
+                                                     attn_topk, mlp_density, int8_mlp_up))
+        for mode in ("dense", "sparse")}
 
 
 def _format_collectives(mode: str, found) -> str:
