@@ -1,4 +1,10 @@
-"""Next-token selection. Settings are traced values: changing them never recompiles."""
+"""Next-token selection. Settings are traced values: changing them never recompiles.
+
+Over a vocabulary split by a mesh (the vocabulary-parallel head), the logits stay split: each
+device ranks its own shard, and small gathers of per-shard candidates decide what one device
+decides over the whole vocabulary, by the same rule (`_cutoff`) and the same Gumbel noise
+(`jax.random.categorical`'s, of the same keys).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.ops import per_shard
 from models.sharding import DATA, MODEL, dp_size, tp_size
 from polar_jax.settings import GenerationSettings, check
+
+# Per device, over a split vocabulary: its largest scaled logits that one all-gather brings
+# together, enough to cut any top-k up to this many, and a nucleus closing within them. A
+# batch with a row cut further gathers its logits whole (not measured on GPUs: no multi-GPU
+# machine was lent).
+SAMPLE_CANDIDATES = 256
 
 
 @jax.tree_util.register_dataclass
@@ -31,18 +43,33 @@ class SamplingParams:
         return SamplingParams(np.float32(temperature), np.int32(top_k), np.float32(top_p))
 
 
+def _top_k_count(top_k, vocab: int):
+    """How many of the ranking the top-k cut keeps (`top_k` 0: all `vocab`)."""
+    return jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+
+
+def _cutoff(ranked, k, top_p, total=None):
+    """Each row's smallest kept scaled logit `[B, 1]` (the filter drops those below it), from
+    `ranked [B, R]`, the row's R largest scaled logits in descending order (R = V on one
+    device), the top-k count `k` and `top_p` (scalars or `[B, 1]`). `total [B, 1]`: for rows
+    whose k exceeds R, the sum of exp(logit - the largest) over the whole vocabulary."""
+    positions = jnp.arange(ranked.shape[-1])
+    ranked = jnp.where(positions < k, ranked, -jnp.inf)
+    weights = jnp.exp(ranked - ranked[:, :1])
+    sums = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / (sums if total is None else jnp.where(k > ranked.shape[-1], total, sums))
+    # Nucleus: the smallest prefix of the ranking whose probability reaches top_p.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # float32 sums can pass 1: top_p 1 keeps all
+    kept = ((mass_before < top_p) | (top_p >= 1.0)) & (positions < k)
+    return jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+
+
 def _filtered_logits(logits, params: SamplingParams):
     """Temperature-scaled logits `[B, V]` with tokens outside top-k / top-p set to -inf."""
     vocab = logits.shape[-1]
     logits = logits / params.temperature
     ranked = jnp.sort(logits, axis=-1)[:, ::-1]
-    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
-    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
-    probs = jax.nn.softmax(ranked, axis=-1)
-    # Nucleus: the smallest prefix of the ranking whose probability reaches top_p.
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # float32 sums can pass 1: top_p 1 keeps all
-    kept = ((mass_before < params.top_p) | (params.top_p >= 1.0)) & (jnp.arange(vocab) < k)
-    cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+    cutoff = _cutoff(ranked, _top_k_count(params.top_k, vocab), params.top_p)
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
@@ -52,56 +79,133 @@ def split_vocab(logits, mesh: Mesh | None) -> bool:
     return tp_size(mesh) > 1 and logits.shape[-1] % tp_size(mesh) == 0
 
 
+def _shard_best(values):
+    """`[b, 2]`: each row's first largest of this device's shard `[b, V / tp]` of a split
+    vocabulary, and its id over the whole vocabulary (as float32: exact below 2**24)."""
+    best = jnp.argmax(values, axis=-1)
+    value = jnp.take_along_axis(values, best[:, None], axis=-1)[:, 0]
+    token = best + jax.lax.axis_index(MODEL) * values.shape[-1]
+    return jnp.stack([value, token.astype(jnp.float32)], axis=-1)
+
+
+def _overall_best(pairs):
+    """Token ids int32 `[b]` from every shard's `_shard_best` `[b, tp, 2]`: the first largest
+    value's (ties to the lowest shard, so the lowest id; NaN the largest: `jnp.argmax`)."""
+    winner = jnp.argmax(pairs[..., 0], axis=1)
+    return jnp.take_along_axis(pairs[..., 1], winner[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+
+def _row_spec(logits, mesh: Mesh):
+    """The mesh axis of the rows of `[B, V]`: `data` where it divides B, else none."""
+    if logits.shape[-1] > 2**24:  # ids travel as float32 beside the values
+        raise ValueError(f"a vocabulary of {logits.shape[-1]} ids does not fit float32's "
+                         "2**24 integers")
+    return DATA if logits.shape[0] % dp_size(mesh) == 0 else None
+
+
 def argmax(logits, mesh: Mesh | None = None):
     """Token ids int32 `[B]`: each row's first largest logit of `[B, V]` (NaN counting as the
     largest, as `jnp.argmax`). Over a vocabulary split by `mesh`: each device its own shard's
-    (value, id), then one all-gather of those pairs (left to XLA: two, values and ids apart),
-    the best taken, ties to the lowest shard, so the lowest id, as on one device."""
+    (value, id), then one all-gather of those pairs (left to XLA: two, values and ids apart)."""
     if not split_vocab(logits, mesh):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    rows = _row_spec(logits, mesh)
+    return per_shard(mesh, lambda local: _overall_best(
+        jax.lax.all_gather(_shard_best(local), MODEL, axis=1)),
+        in_specs=P(rows, MODEL), out_specs=P(rows))(logits)
+
+
+def _sample_split(logits, noise, params: SamplingParams, mesh: Mesh,
+                  candidates: int = SAMPLE_CANDIDATES):
+    """Token ids int32 `[B]` from logits `[B, V]` split over the vocabulary by `mesh`, each row
+    by its settings (`params`' fields `[B, 1]`; temperature 0: the argmax), a draw being the
+    argmax of the filtered logits plus the Gumbel `noise [B, V]` (`jax.random.categorical`).
+
+    Each device ranks its shard's `candidates` largest scaled logits; one all-gather of those
+    (and of each shard's sum of exp) gives every row's ranking prefix, which decides its cut
+    where the cut lies within it: a top-k of at most `candidates`, or with no top-k a nucleus
+    closing within them, or no cut at all. A batch with a row cut further gathers its logits
+    whole (`lax.cond`: only then). Then each device's best (value, id), greedy and drawn, and
+    one all-gather of those."""
     vocab = logits.shape[-1]
-    if vocab > 2**24:  # ids travel as float32 beside the values
-        raise ValueError(f"a vocabulary of {vocab} ids does not fit float32's 2**24 integers")
-    rows = DATA if logits.shape[0] % dp_size(mesh) == 0 else None
+    rows = _row_spec(logits, mesh)
 
-    def shard(local):
-        best = jnp.argmax(local, axis=-1)
-        value = jnp.take_along_axis(local, best[:, None], axis=-1)[:, 0]
-        token = best + jax.lax.axis_index(MODEL) * local.shape[-1]
-        pairs = jax.lax.all_gather(jnp.stack([value, token.astype(jnp.float32)], axis=-1),
-                                   MODEL, axis=1)  # [b, tp, 2]
-        winner = jnp.argmax(pairs[..., 0], axis=1)
-        return jnp.take_along_axis(pairs[..., 1], winner[:, None], axis=1)[:, 0].astype(jnp.int32)
+    def shard(logits, noise, temperature, top_k, top_p):
+        local = logits.shape[-1]
+        drawing = temperature > 0
+        scaled = logits / jnp.where(drawing, temperature, 1.0)
+        count = min(candidates, local)
+        best = jax.lax.top_k(scaled, count)[0]
+        sums = jnp.sum(jnp.exp(scaled - best[:, :1]), axis=-1, keepdims=True)
+        gathered = jax.lax.all_gather(jnp.concatenate([best, sums], axis=-1), MODEL, axis=1)
+        shard_best, shard_sums = gathered[..., :count], gathered[..., count]
+        known = vocab if count == local else count  # the exact prefix of the whole ranking
+        ranked = jax.lax.top_k(shard_best.reshape(shard_best.shape[0], -1), known)[0]
+        total = jnp.sum(shard_sums * jnp.exp(shard_best[..., 0] - ranked[:, :1]), axis=-1,
+                        keepdims=True)
+        k = _top_k_count(top_k, vocab)
+        cutoff = _cutoff(ranked, k, top_p, total)
+        no_cut = (k >= vocab) & (top_p >= 1.0)
+        further = drawing & ~no_cut & (k > known) & ((k < vocab) | (cutoff <= ranked[:, -1:]))
 
-    return per_shard(mesh, shard, in_specs=P(rows, MODEL), out_specs=P(rows))(logits)
+        def whole():
+            everything = jax.lax.all_gather(scaled, MODEL, axis=1, tiled=True)
+            return jnp.where(further, _cutoff(jnp.sort(everything, axis=-1)[:, ::-1], k, top_p),
+                             cutoff)
+
+        cutoff = jnp.where(no_cut, -jnp.inf,
+                           jax.lax.cond(jnp.any(further), whole, lambda: cutoff))
+        drawn = jnp.where(scaled < cutoff, -jnp.inf, scaled) + noise
+        pairs = jax.lax.all_gather(jnp.concatenate([_shard_best(logits), _shard_best(drawn)],
+                                                   axis=-1), MODEL, axis=1)
+        return jnp.where(drawing[:, 0], _overall_best(pairs[..., 2:]),
+                         _overall_best(pairs[..., :2]))
+
+    column = P(rows, None)
+    split = P(rows, MODEL)
+    noise = jax.lax.with_sharding_constraint(noise, NamedSharding(mesh, split))
+    batch = logits.shape[0]
+    settings = [jnp.broadcast_to(jnp.asarray(x).reshape(-1, 1), (batch, 1))
+                for x in (params.temperature, params.top_k, params.top_p)]
+    return per_shard(mesh, shard, in_specs=(split, split, column, column, column),
+                     out_specs=P(rows))(logits, noise, *settings)
 
 
 def next_token(logits, params: SamplingParams, key, mesh: Mesh | None = None):
     """Token ids `[B]` from float32 logits `[B, V]`: argmax when temperature is 0, else a draw.
-    With the vocabulary split over `mesh`, the argmax without gathering the logits."""
-    return jax.lax.cond(
-        params.temperature > 0,
-        lambda: jax.random.categorical(key, _filtered_logits(logits, params), axis=-1),
-        lambda: argmax(logits, mesh),
-    ).astype(jnp.int32)
+    With the vocabulary split over `mesh`, never gathered whole but for a cut beyond
+    `SAMPLE_CANDIDATES` (`_sample_split`)."""
+    if split_vocab(logits, mesh):
+        draw = lambda: _sample_split(
+            logits, jax.random.gumbel(key, logits.shape, logits.dtype), params, mesh)
+    else:
+        draw = lambda: jax.random.categorical(key, _filtered_logits(logits, params), axis=-1)
+    return jax.lax.cond(params.temperature > 0, draw,
+                        lambda: argmax(logits, mesh)).astype(jnp.int32)
 
 
-def sample_rows(logits, params: SamplingParams, seeds, positions):
+def sample_rows(logits, params: SamplingParams, seeds, positions, mesh: Mesh | None = None):
     """Token ids `[B]` from float32 logits `[B, V]`, each row by its own settings (the fields
     of `params` are `[B]`) and its own key, `fold_in(key(seeds[b]), positions[b])`: a row's
     draw depends on its request and position only, never on the rest of the batch. A batch
-    with no sampled row skips the sampling (its sort over the vocabulary) altogether."""
+    with no sampled row skips the sampling (its sort over the vocabulary) altogether. With
+    the vocabulary split over `mesh`, as `next_token`."""
     greedy = params.temperature <= 0
 
     def draw():
         column = lambda x: jnp.asarray(x)[:, None]
+        keys = jax.vmap(lambda seed, position: jax.random.fold_in(jax.random.key(seed), position))(
+            seeds, positions)
+        if split_vocab(logits, mesh):
+            noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(
+                keys)
+            return _sample_split(logits, noise, SamplingParams(
+                column(jnp.where(greedy, 0.0, params.temperature)), column(params.top_k),
+                column(params.top_p)), mesh)
         filtered = _filtered_logits(logits, SamplingParams(
             column(jnp.where(greedy, 1.0, params.temperature)), column(params.top_k),
             column(params.top_p)))
-        keys = jax.vmap(lambda seed, position: jax.random.fold_in(jax.random.key(seed), position))(
-            seeds, positions)
         drawn = jax.vmap(jax.random.categorical)(keys, filtered)
         return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
-    return jax.lax.cond(jnp.all(greedy), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-                        draw)
+    return jax.lax.cond(jnp.all(greedy), lambda: argmax(logits, mesh), draw)
