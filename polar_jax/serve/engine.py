@@ -254,7 +254,8 @@ class Engine:
                                 out.kv_cache)
         index = jnp.arange(tokens.shape[0])
         logits = model.logits(out.hidden_states[index, last])
-        first = sample_rows(logits, sampling, seeds, positions[index, last] + 1)
+        first = sample_rows(logits, sampling, seeds, positions[index, last] + 1,
+                            self.decoder.mesh)
         chosen, top_ids, top_logp = self._choose(logits, first)
         prompt_logp = None
         if echo:
@@ -269,7 +270,8 @@ class Engine:
         """One `decode_step` over every slot: the next tokens `[S]`, their log-probabilities
         and alternatives, the cache."""
         model = nnx.merge(self.decoder.graphdef, state)
-        sample = lambda logits: sample_rows(logits, sampling, seeds, positions + 1)
+        sample = lambda logits: sample_rows(logits, sampling, seeds, positions + 1,
+                                             self.decoder.mesh)
         step = decode_step(model, DecodeState(tokens, positions, active, kv_cache), sample,
                            router_state, plan, self.decoder.mesh)
         chosen, top_ids, top_logp = self._choose(step.logits, step.next_tokens)
