@@ -20,7 +20,7 @@ KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "al
 # `%name = shape opcode(`: a collective, synchronous or the start of an asynchronous one (its
 # `-done` is the same collective's end, not counted).
 _COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\(.*?\)|\S+) (" + "|".join(KINDS)
-                         + r")(?:-start)?\(")
+                         + r")(-start)?\(")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
              "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -35,14 +35,13 @@ class Collective:
     bytes: int
 
 
-def _bytes(shape: str) -> int:
-    """Bytes of an HLO result shape, `f32[2,64]{1,0}` or a tuple of them; of a tuple whose
-    arrays repeat (an asynchronous start holds its operand and its result), the result's."""
-    arrays = _ARRAY.findall(shape)
+def _bytes(shape: str, start: bool) -> int:
+    """Bytes of an HLO result shape, `f32[2,64]{1,0}` or a tuple of them (several arrays
+    reduced at once: their sum); of an asynchronous `-start`, whose tuple holds its operand,
+    its result and context scalars, the largest."""
     sizes = [_ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-             for dtype, dims in arrays if dtype in _ITEMSIZE]
-    return sizes[-1] if shape.startswith("(") and sizes else sum(sizes)
-
+             for dtype, dims in _ARRAY.findall(shape) if dtype in _ITEMSIZE]
+    return max(sizes) if start else sum(sizes)
 
 
 def collectives(hlo_text: str) -> list[Collective]:
@@ -51,7 +50,7 @@ def collectives(hlo_text: str) -> list[Collective]:
     for line in hlo_text.splitlines():
         match = _COLLECTIVE.match(line)
         if match:
-            found.append(Collective(match.group(2), _bytes(match.group(1))))
+            found.append(Collective(match.group(2), _bytes(match.group(1), bool(match.group(3)))))
     return sorted(found)
 
 

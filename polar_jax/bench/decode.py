@@ -379,7 +379,7 @@ def step_hlo(hf: dict, num_layers: int, sparse: bool, dtype, mesh, batch: int, c
         state, routers, cache, rows, rows, np.int32(1)).compile().as_text()
 
 
-def step_collectives(hf: dict, dtype, mesh, batch: int, cache_len: int, attn_topk: float,
+def decode_collectives(hf: dict, dtype, mesh, batch: int, cache_len: int, attn_topk: float,
                      mlp_density: float | None, int8_mlp_up: bool = False) -> dict:
     """{"dense": ..., "sparse": ...}: the `collectives.StepCollectives` of `step_hlo`'s
     program, compiled at one and two layers."""
@@ -666,12 +666,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 def run_collectives(args: argparse.Namespace, hf: dict, dtype, mesh, int8_mlp_up: bool,
                     log) -> dict:
-    """{"meta": ..., "collectives": {"dense": ..., "sparse": ...}} (`step_collectives` at the
+    """{"meta": ..., "collectives": {"dense": ..., "sparse": ...}} (`decode_collectives` at the
     first batch size and fraction of groups), each step's line logged."""
     batch, fraction = args.batch_sizes[0], args.attn_topk[0]
     cache_len = cache_length(max(args.context_lens) + 2 * args.steps + 1)
-    found = step_collectives(hf, dtype, mesh, batch, cache_len, fraction, args.mlp_density,
-                             int8_mlp_up)
+    found = decode_collectives(hf, dtype, mesh, batch, cache_len, fraction, args.mlp_density,
+                               int8_mlp_up)
     log(f"{args.arch or args.model}: collectives of the compiled decode step, --tp {args.tp} "
         f"--dp {args.dp}, batch {batch}, {fraction:g} of the groups (jax {jax.__version__}, "
         f"{jax.devices()[0].platform}):")
