@@ -22,8 +22,8 @@ from polar_jax.settings import GenerationSettings, check
 
 # Per device, over a split vocabulary: its largest scaled logits that one all-gather brings
 # together, enough to cut any top-k up to this many, and a nucleus closing within them. A
-# batch with a row cut further gathers its logits whole (not measured on GPUs: no multi-GPU
-# machine was lent).
+# batch with a row cut further runs the radix selects of `_split_cutoff` (nine small
+# all-reduces). Not measured on GPUs: no multi-GPU machine was lent.
 SAMPLE_CANDIDATES = 256
 
 
@@ -115,6 +115,78 @@ def argmax(logits, mesh: Mesh | None = None):
         in_specs=P(rows, MODEL), out_specs=P(rows))(logits)
 
 
+def _ordered_keys(x):
+    """uint32 keys of float32 `x` in the order of the values (zeros of either sign alike)."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | np.uint32(1 << 31))
+
+
+def _key_value(key):
+    """The float32 value of `_ordered_keys`' key."""
+    bits = jnp.where(key >> 31 == 1, key & np.uint32((1 << 31) - 1), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _split_cutoff(scaled, top, k, top_p):
+    """Each row's cut `[b, 1]` as `_cutoff` over the whole split vocabulary, inside `shard_map`
+    from this device's scaled logits `[b, V / tp]`, the row's largest `top [b, 1]`, `k` and
+    `top_p` `[b, 1]`, without gathering the logits: two radix selects over the values' 32-bit
+    keys, a byte at a time from the top, each round's 256-bucket histograms summed over the
+    devices (nine all-reduces of `[b, 256]` or `[b, 512]`). First the k-th largest (its key,
+    and how many of the tokens equal to it the top-k holds); then, over the top-k, the smallest
+    value whose probability mass strictly above it is below `top_p`."""
+    rows = jnp.arange(scaled.shape[0])[:, None]
+    keys = _ordered_keys(scaled)
+    histogram = lambda digits, weights: jnp.zeros((scaled.shape[0], 256), weights.dtype).at[
+        rows, digits].add(weights)
+    shifts = (24, 16, 8, 0)
+
+    def select(eligible, choose):
+        """The key chosen byte by byte: `choose(round, histogram inputs -> [b, 256] summed
+        over the devices, ...)` names each round's bucket."""
+        prefix = jnp.zeros(k.shape, jnp.uint32)
+        for round_, shift in enumerate(shifts):
+            match = eligible if round_ == 0 else eligible & (keys >> (shift + 8) == prefix)
+            digits = ((keys >> shift) & 255).astype(jnp.int32)
+            prefix = (prefix << 8) | choose(round_, digits, match).astype(jnp.uint32)
+        return prefix
+
+    # The k-th largest: the bucket holding it, counting from the top.
+    rank = k
+
+    def kth(round_, digits, match):
+        nonlocal rank
+        counts = jax.lax.psum(histogram(digits, match.astype(jnp.int32)), MODEL)
+        from_top = jnp.cumsum(counts[:, ::-1], axis=1)  # tokens in this bucket or above
+        bucket = 255 - jnp.argmax(from_top >= rank, axis=1, keepdims=True)
+        rank = rank - (jnp.take_along_axis(from_top, 255 - bucket, axis=1)
+                       - jnp.take_along_axis(counts, bucket, axis=1))
+        return bucket
+
+    kth_key = select(jnp.ones(keys.shape, bool), kth)
+    kth_value = _key_value(kth_key)
+    # The nucleus over the top-k: the lowest bucket whose mass strictly above is below top_p
+    # (the tokens equal to the k-th count `rank` times in the total, never above another).
+    weights = jnp.where(keys > kth_key, jnp.exp(scaled - top), 0.0)
+    total, above = None, jnp.zeros(k.shape, jnp.float32)
+
+    def nucleus(round_, digits, match):
+        nonlocal total, above
+        summed = jax.lax.psum(jnp.concatenate([histogram(digits, jnp.where(match, weights, 0.0)),
+                                               histogram(digits, match.astype(jnp.float32))],
+                                              axis=1), MODEL)
+        mass, count = summed[:, :256], summed[:, 256:]
+        if total is None:
+            total = jnp.sum(mass, axis=1, keepdims=True) + rank * jnp.exp(kth_value - top)
+        strictly_above = above + jnp.cumsum(mass[:, ::-1], axis=1)[:, ::-1] - mass
+        kept = (count > 0) & ((strictly_above / total < top_p) | (top_p >= 1.0))
+        bucket = jnp.argmax(kept, axis=1, keepdims=True)  # the lowest
+        above = jnp.take_along_axis(strictly_above, bucket, axis=1)
+        return bucket
+
+    return _key_value(select(keys >= kth_key, nucleus))
+
+
 def _sample_split(logits, noise, params: SamplingParams, mesh: Mesh,
                   candidates: int = SAMPLE_CANDIDATES):
     """Token ids int32 `[B]` from logits `[B, V]` split over the vocabulary by `mesh`, each row
@@ -124,9 +196,9 @@ def _sample_split(logits, noise, params: SamplingParams, mesh: Mesh,
     Each device ranks its shard's `candidates` largest scaled logits; one all-gather of those
     (and of each shard's sum of exp) gives every row's ranking prefix, which decides its cut
     where the cut lies within it: a top-k of at most `candidates`, or with no top-k a nucleus
-    closing within them, or no cut at all. A batch with a row cut further gathers its logits
-    whole (`lax.cond`: only then). Then each device's best (value, id), greedy and drawn, and
-    one all-gather of those."""
+    closing within them, or no cut at all. A batch with a row cut further finds it by
+    `_split_cutoff` (`lax.cond`: only then). Then each device's best (value, id), greedy and
+    drawn, and one all-gather of those. The logits are never gathered whole."""
     vocab = logits.shape[-1]
     rows = _row_spec(logits, mesh)
 
@@ -148,13 +220,10 @@ def _sample_split(logits, noise, params: SamplingParams, mesh: Mesh,
         no_cut = (k >= vocab) & (top_p >= 1.0)
         further = drawing & ~no_cut & (k > known) & ((k < vocab) | (cutoff <= ranked[:, -1:]))
 
-        def whole():
-            everything = jax.lax.all_gather(scaled, MODEL, axis=1, tiled=True)
-            return jnp.where(further, _cutoff(jnp.sort(everything, axis=-1)[:, ::-1], k, top_p),
-                             cutoff)
-
-        cutoff = jnp.where(no_cut, -jnp.inf,
-                           jax.lax.cond(jnp.any(further), whole, lambda: cutoff))
+        cutoff = jnp.where(no_cut, -jnp.inf, jax.lax.cond(
+            jnp.any(further),
+            lambda: jnp.where(further, _split_cutoff(scaled, ranked[:, :1], k, top_p), cutoff),
+            lambda: cutoff))
         drawn = jnp.where(scaled < cutoff, -jnp.inf, scaled) + noise
         pairs = jax.lax.all_gather(jnp.concatenate([_shard_best(logits), _shard_best(drawn)],
                                                    axis=-1), MODEL, axis=1)
@@ -173,8 +242,7 @@ def _sample_split(logits, noise, params: SamplingParams, mesh: Mesh,
 
 def next_token(logits, params: SamplingParams, key, mesh: Mesh | None = None):
     """Token ids `[B]` from float32 logits `[B, V]`: argmax when temperature is 0, else a draw.
-    With the vocabulary split over `mesh`, never gathered whole but for a cut beyond
-    `SAMPLE_CANDIDATES` (`_sample_split`)."""
+    With the vocabulary split over `mesh`, never gathered whole (`_sample_split`)."""
     if split_vocab(logits, mesh):
         draw = lambda: _sample_split(
             logits, jax.random.gumbel(key, logits.shape, logits.dtype), params, mesh)

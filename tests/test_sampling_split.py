@@ -1,6 +1,6 @@
 """Sampling over a vocabulary split by the mesh (dp 2 x tp 2 of the CPU devices) draws what
 one device draws from the same logits, keys and settings: greedy rows, top-k and nuclei cut
-within the gathered candidates, and cuts beyond them (the whole logits gathered)."""
+within the gathered candidates, and cuts beyond them (radix selects over the split values)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from models.ops import per_shard
 from models.sharding import DATA, MODEL, make_mesh
 from polar_jax import sampling
 from polar_jax.sampling import SamplingParams, argmax, next_token, sample_rows
@@ -72,3 +73,28 @@ def test_split_next_token_equals_one_devices():
         split = jax.jit(functools.partial(next_token, mesh=mesh))(logits, params, key)
         np.testing.assert_array_equal(np.asarray(split),
                                       np.asarray(jax.jit(next_token)(jnp.asarray(host), params, key)))
+
+
+def test_split_cutoff_equals_one_devices():
+    """The radix selects over 4 shards find one device's cut (`_cutoff` over the whole sorted
+    row) exactly, for any top-k and top-p, with and without ties among the values."""
+    mesh = make_mesh(tp=4)
+    rows, vocab = 48, 4 * 40
+
+    def split(scaled, k, top_p):
+        def shard(scaled, k, top_p):
+            top = jax.lax.pmax(jnp.max(scaled, axis=1, keepdims=True), MODEL)
+            return sampling._split_cutoff(scaled, top, k, top_p)
+        return per_shard(mesh, shard, (P(None, MODEL), P(), P()), P())(scaled, k, top_p)
+
+    split = jax.jit(split)
+    for ties in (False, True):
+        scaled = (RNG.standard_normal((rows, vocab)) * RNG.uniform(0.3, 5, (rows, 1))).astype(np.float32)
+        if ties:
+            scaled = np.round(scaled * 2) / 2
+        k = RNG.integers(1, vocab + 1, (rows, 1)).astype(np.int32)
+        top_p = RNG.uniform(0.05, 1.0, (rows, 1)).astype(np.float32)
+        top_p[::6] = 1.0
+        expected = sampling._cutoff(jnp.sort(jnp.asarray(scaled), axis=-1)[:, ::-1], jnp.asarray(k),
+                                    jnp.asarray(top_p))
+        np.testing.assert_array_equal(np.asarray(split(scaled, k, top_p)), np.asarray(expected))
