@@ -22,7 +22,7 @@ from polar_jax.settings import GenerationSettings, check
 
 # Per device, over a split vocabulary: its largest scaled logits that one all-gather brings
 # together, enough to cut any top-k up to this many, and a nucleus closing within them. A
-# batch with a row cut further runs the radix selects of `_split_cutoff` (nine small
+# batch with a row cut further runs the radix selects of `_split_cutoff` (eight small
 # all-reduces). Not measured on GPUs: no multi-GPU machine was lent.
 SAMPLE_CANDIDATES = 256
 
@@ -132,7 +132,7 @@ def _split_cutoff(scaled, top, k, top_p):
     from this device's scaled logits `[b, V / tp]`, the row's largest `top [b, 1]`, `k` and
     `top_p` `[b, 1]`, without gathering the logits: two radix selects over the values' 32-bit
     keys, a byte at a time from the top, each round's 256-bucket histograms summed over the
-    devices (nine all-reduces of `[b, 256]` or `[b, 512]`). First the k-th largest (its key,
+    devices (eight all-reduces of `[b, 256]` or `[b, 512]`). First the k-th largest (its key,
     and how many of the tokens equal to it the top-k holds); then, over the top-k, the smallest
     value whose probability mass strictly above it is below `top_p`."""
     rows = jnp.arange(scaled.shape[0])[:, None]

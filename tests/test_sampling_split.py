@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from models.ops import per_shard
 from models.sharding import DATA, MODEL, make_mesh
 from polar_jax import sampling
+from polar_jax.bench.collectives import Collective, collectives
 from polar_jax.sampling import SamplingParams, argmax, next_token, sample_rows
 
 RNG = np.random.default_rng()
@@ -98,3 +99,25 @@ def test_split_cutoff_equals_one_devices():
         expected = sampling._cutoff(jnp.sort(jnp.asarray(scaled), axis=-1)[:, ::-1], jnp.asarray(k),
                                     jnp.asarray(top_p))
         np.testing.assert_array_equal(np.asarray(split(scaled, k, top_p)), np.asarray(expected))
+
+
+def test_split_sampling_never_gathers_the_logits():
+    """The collectives of `sample_rows` at tp 2 (compiled only): the argmax's (value, id) pairs
+    of an all-greedy batch; else each device's `SAMPLE_CANDIDATES` best and its sum of exp,
+    then (value, id) pairs greedy and drawn; and, for a cut beyond the candidates, the eight
+    histograms of the radix selects. Nothing of the size of the logits."""
+    mesh = make_mesh(tp=2)
+    batch, vocab = 8, 2048  # 1024 a device, more than the candidates
+    rows = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype)
+    logits = jax.ShapeDtypeStruct((batch, vocab), jnp.float32,
+                                  sharding=NamedSharding(mesh, P(DATA, MODEL)))
+    params = SamplingParams(rows(jnp.float32), rows(jnp.int32), rows(jnp.float32))
+    hlo = jax.jit(functools.partial(sample_rows, mesh=mesh)).lower(
+        logits, params, rows(jnp.uint32), rows(jnp.int32)).compile().as_text()
+    f32 = 4
+    expected = ([Collective("all-gather", batch * 2 * 2 * f32),
+                 Collective("all-gather", batch * 2 * (sampling.SAMPLE_CANDIDATES + 1) * f32),
+                 Collective("all-gather", batch * 2 * 4 * f32)]
+                + [Collective("all-reduce", batch * 256 * 4)] * 4
+                + [Collective("all-reduce", batch * 512 * f32)] * 4)
+    assert collectives(hlo) == sorted(expected)
