@@ -107,9 +107,9 @@ class SparseDecodeOps(DenseDecodeOps):
         routers, mesh = self.routers[layer], self.mesh
 
         def shard(u, w_in, attn_b):
-            """Every device the whole projection (its group columns are a sliver of the MLP
-            router's), keeping its own groups' logits: nothing is exchanged. Left to XLA, the
-            split of the logits flowed back into the replicated projection: two
+            """Each device runs the whole projection (the group columns are a sliver beside
+            the MLP router's) and keeps its own groups' logits: nothing is exchanged. Left to
+            XLA, the split of the logits flowed back into the replicated projection: two
             collective-permutes and an all-gather a layer."""
             group_logits, mlp_latent = dataclasses.replace(routers, w_in=w_in, attn_b=attn_b
                                                            ).project(u, self.matmul)

@@ -19,7 +19,9 @@ With `--tp N --dp M` the step runs over a mesh of M x N devices (`models.shardin
 routers and KV cache are made in their shards, the batch splits over `data`, and the sparse
 plan selects per shard (`SparsityPlan.build(..., shards=N)`). Rooflines and the memory check
 are per device: its shard of each split array, the replicated ones whole. The peer (one
-device) runs only without a mesh.
+device) runs only without a mesh. With `--collectives` nothing is timed: the dense and sparse
+steps are compiled at one and two layers and their collectives counted, per layer and outside
+the layers (`polar_jax.bench.collectives`; on a CPU too, at any shape).
 """
 
 from __future__ import annotations
@@ -380,7 +382,7 @@ def step_hlo(hf: dict, num_layers: int, sparse: bool, dtype, mesh, batch: int, c
 
 
 def decode_collectives(hf: dict, dtype, mesh, batch: int, cache_len: int, attn_topk: float,
-                     mlp_density: float | None, int8_mlp_up: bool = False) -> dict:
+                       mlp_density: float | None, int8_mlp_up: bool = False) -> dict:
     """{"dense": ..., "sparse": ...}: the `collectives.StepCollectives` of `step_hlo`'s
     program, compiled at one and two layers."""
     from polar_jax.bench import collectives
