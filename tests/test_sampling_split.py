@@ -30,7 +30,8 @@ SETTINGS = [(0.0, 0, 1.0), (1.0, 5, 1.0), (0.7, 0, 0.3), (1.3, 0, 1.0),
 
 def _logits(mesh):
     logits = RNG.standard_normal((len(SETTINGS), VOCAB)).astype(np.float32)
-    logits *= np.linspace(0.5, 6, len(SETTINGS), dtype=np.float32)[RNG.permutation(len(SETTINGS))][:, None]
+    scales = np.linspace(0.5, 6, len(SETTINGS), dtype=np.float32)  # flat to peaked rows
+    logits *= scales[RNG.permutation(len(SETTINGS))][:, None]
     return jax.device_put(logits, NamedSharding(mesh, P(DATA, MODEL))), logits
 
 
@@ -72,8 +73,8 @@ def test_split_next_token_equals_one_devices():
     for params in (SamplingParams(1.2, 40, 0.9), SamplingParams(0.0, 0, 1.0)):
         params = params.validated()
         split = jax.jit(functools.partial(next_token, mesh=mesh))(logits, params, key)
-        np.testing.assert_array_equal(np.asarray(split),
-                                      np.asarray(jax.jit(next_token)(jnp.asarray(host), params, key)))
+        one = jax.jit(next_token)(jnp.asarray(host), params, key)
+        np.testing.assert_array_equal(np.asarray(split), np.asarray(one))
 
 
 def test_split_cutoff_equals_one_devices():
@@ -90,7 +91,8 @@ def test_split_cutoff_equals_one_devices():
 
     split = jax.jit(split)
     for ties in (False, True):
-        scaled = (RNG.standard_normal((rows, vocab)) * RNG.uniform(0.3, 5, (rows, 1))).astype(np.float32)
+        scaled = RNG.standard_normal((rows, vocab)) * RNG.uniform(0.3, 5, (rows, 1))
+        scaled = scaled.astype(np.float32)
         if ties:
             scaled = np.round(scaled * 2) / 2
         k = RNG.integers(1, vocab + 1, (rows, 1)).astype(np.int32)
