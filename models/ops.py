@@ -140,8 +140,9 @@ def per_shard(mesh: Mesh | None, fn, in_specs, out_specs):
 
 
 def psum(x, axis: str, mesh: Mesh | None):
-    """The sum of x over the mesh axis `axis` inside `per_shard` (x itself without a mesh)."""
-    return x if mesh is None else jax.lax.psum(x, axis)
+    """The sum of x over the mesh axis `axis` inside `per_shard` (x itself without a mesh or
+    where the axis has one device: no all-reduce over a group of one)."""
+    return x if mesh is None or mesh.shape[axis] == 1 else jax.lax.psum(x, axis)
 
 
 def group_outputs(o, num_kv_heads: int):

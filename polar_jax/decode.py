@@ -203,7 +203,7 @@ class Decoder:
         plan = self.plan_for_batch(shape.batch) if router_state is not None else None
         key = jax.random.key(seed)
         logits, kv_cache = prefill(model, prompt_tokens, prompt_lengths, kv_cache)
-        token = next_token(logits, sampling, jax.random.fold_in(key, 0))
+        token = next_token(logits, sampling, jax.random.fold_in(key, 0), self.mesh)
         out = jnp.full((shape.batch, shape.max_new), PAD_ID, jnp.int32)
         loop = GenerateLoop(
             step=jnp.int32(1),
@@ -215,7 +215,8 @@ class Decoder:
             return (loop.step < max_new) & jnp.any(loop.decode.active)
 
         def body(loop: GenerateLoop) -> GenerateLoop:
-            sample = lambda logits: next_token(logits, sampling, jax.random.fold_in(key, loop.step))
+            sample = lambda logits: next_token(logits, sampling,
+                                               jax.random.fold_in(key, loop.step), self.mesh)
             running = loop.decode.active
             new, _, decode = decode_step(model, loop.decode, sample, router_state, plan, self.mesh)
             return GenerateLoop(

@@ -41,6 +41,8 @@ BAD = [
     ("decode", ["--layers", "0"]), ("decode", ["--layers", "3"]),  # tiny has 2 layers
     ("decode", ["--dtype", "int8"]), ("decode", ["--tp", "0"]), ("decode", ["--dp", "x"]),
     ("decode", ["--dp", "2", "--batch-sizes", "4,3"]),  # batches split evenly over --dp
+    ("decode", ["--collectives"]),  # of a step over one device
+    ("decode", ["--plot", "collectives.png", "--tp", "2", "--collectives"]),  # nothing timed
     ("generate", ["--batch-size", "0"]), ("generate", ["--new-tokens", "2"]),
     ("generate", ["--new-tokens", NEGATIVE]), ("generate", ["--prompt-len", "0"]),
     ("generate", ["--repeats", "0"]), ("generate", ["--attn-topk", "0"]),

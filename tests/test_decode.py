@@ -153,6 +153,19 @@ def test_sampling_is_reproducible_and_settings_do_not_recompile(tiny_decoder):
     assert compiles == [], "changing sampling settings, seed or sizes within a bucket recompiled"
 
 
+def test_sampled_tokens_over_a_mesh_equal_one_devices(tiny_decoder):
+    """dp 2 x tp 2 (the vocabulary split, each row's cut decided from per-shard candidates):
+    the same seed and settings draw one device's tokens."""
+    rng = np.random.default_rng()
+    prompts = _prompts(rng)
+    sharded = Decoder(tiny_decoder.config, nnx_merge(tiny_decoder), mesh=make_mesh(tp=2, dp=2))
+    for settings in (SamplingParams(1.0, 50, 0.9), SamplingParams(0.8, 0, 0.95)):
+        seed = int(rng.integers(1 << 30))
+        one = tiny_decoder.generate(prompts, 16, settings, seed=seed)
+        split = sharded.generate(prompts, 16, settings, seed=seed)
+        assert [c.tokens for c in split.completions] == [c.tokens for c in one.completions]
+
+
 def test_top_k_one_and_a_tiny_top_p_equal_greedy(tiny_decoder):
     """top_p below float32's normal range (1e-38 flushes to 0) still keeps the best token."""
     prompts = _prompts(np.random.default_rng())

@@ -19,7 +19,9 @@ With `--tp N --dp M` the step runs over a mesh of M x N devices (`models.shardin
 routers and KV cache are made in their shards, the batch splits over `data`, and the sparse
 plan selects per shard (`SparsityPlan.build(..., shards=N)`). Rooflines and the memory check
 are per device: its shard of each split array, the replicated ones whole. The peer (one
-device) runs only without a mesh.
+device) runs only without a mesh. With `--collectives` nothing is timed: the dense and sparse
+steps are compiled at one and two layers and their collectives counted, per layer and outside
+the layers (`polar_jax.bench.collectives`; on a CPU too, at any shape).
 """
 
 from __future__ import annotations
@@ -298,9 +300,10 @@ def make_decode_loop(graphdef, plan, mesh=None):
     greedy `decode_step`s (dense when `plan` is None) in one `fori_loop`, the cache donated;
     `router_state` is `Routers.unstack()`. With a `mesh`, over its devices, the cache kept in
     its shards."""
+    from polar_jax.sampling import argmax
     from polar_jax.step import DecodeState, decode_step
 
-    greedy = functools.partial(jnp.argmax, axis=-1)
+    greedy = functools.partial(argmax, mesh=mesh)
 
     @functools.partial(jax.jit, donate_argnums=(2,))
     def run(state, router_state, kv_cache, tokens, lengths, n):
@@ -359,9 +362,9 @@ def profile_steps(run, state, router_state, kv_cache, batch: int, context: int, 
 
 
 def sparse_plan(config, attn_topk: float, batch: int, mlp_topk: dict | None = None,
-                mlp_density: float | None = None, shards: int = 1):
-    """The `SparsityPlan` a run times: `attn_topk` of the KV groups (layer 0 dense); MLP k
-    `mlp_density` of the neurons in every layer (a multiple of 128), else the routers'
+                mlp_density: float | None = None, shards: int = 1, dense_layers=(0,)):
+    """The `SparsityPlan` a run times: `attn_topk` of the KV groups (but in `dense_layers`);
+    MLP k `mlp_density` of the neurons in every layer (a multiple of 128), else the routers'
     calibrated `mlp_topk` for this batch size, else (random routers) a dense MLP."""
     from polar_jax.sparsity import SparsityPlan
 
@@ -369,7 +372,55 @@ def sparse_plan(config, attn_topk: float, batch: int, mlp_topk: dict | None = No
         k = round(mlp_density * config.mlp_dim / 128) * 128
         mlp_topk = {str(batch): [min(config.mlp_dim, max(128, k))] * config.num_layers}
     return SparsityPlan.build(config, {"mlp_topk": mlp_topk} if mlp_topk else None, attn_topk,
-                              (0,), batch, shards=shards)
+                              dense_layers, batch, shards=shards)
+
+
+def step_hlo(hf: dict, num_layers: int, sparse: bool, dtype, mesh, batch: int, cache_len: int,
+             attn_topk: float, mlp_density: float | None = None, int8_mlp_up: bool = False) -> str:
+    """The compiled HLO text of the greedy decode loop over `mesh` for the first `num_layers`
+    of the Hugging Face config `hf`, weights, routers and cache abstract in their shards
+    (nothing is allocated). Sparse: every layer selects, `attn_topk` of its groups and, for a
+    non-gated MLP, `mlp_density` of its neurons (default 0.5)."""
+    from models import build_model, config_from_hf
+    from routers.model import Routers
+
+    config = config_from_hf(dict(hf, num_hidden_layers=num_layers))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, dtype)))
+    state = with_shardings(abstract, param_shardings(abstract, mesh))
+    routers, plan = None, None
+    if sparse:
+        routers = jax.eval_shape(lambda: Routers.for_model(config, RANDOM_ROUTER_RANK)
+                                 .unstack(dtype, int8_mlp_up))
+        routers = with_shardings(routers, router_shardings(routers, mesh))
+        density = None if config.gated_mlp else mlp_density or 0.5
+        plan = sparse_plan(config, attn_topk, batch, None, density, tp_size(mesh), ())
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh))
+    cache = kv_cache_abstract(config, batch, cache_len, dtype, mesh)
+    return make_decode_loop(graphdef, plan, mesh).lower(
+        state, routers, cache, rows, rows, np.int32(1)).compile().as_text()
+
+
+def decode_collectives(hf: dict, dtype, mesh, batch: int, cache_len: int, attn_topk: float,
+                       mlp_density: float | None, int8_mlp_up: bool = False) -> dict:
+    """{"dense": ..., "sparse": ...}: the `collectives.StepCollectives` of `step_hlo`'s
+    program, compiled at one and two layers."""
+    from polar_jax.bench import collectives
+
+    return {mode: collectives.step_collectives(
+        lambda n, sparse=mode == "sparse": step_hlo(hf, n, sparse, dtype, mesh, batch, cache_len,
+                                                     attn_topk, mlp_density, int8_mlp_up))
+        for mode in ("dense", "sparse")}
+
+
+def _format_collectives(mode: str, found) -> str:
+    """One line: a step's collectives per layer and outside the layers, with their sizes."""
+    def part(items) -> str:
+        kinds = sorted({c.kind for c in items})
+        return ", ".join(f"{kind} {sum(c.kind == kind for c in items)} ("
+                         + " + ".join(f"{c.bytes} B" for c in items if c.kind == kind) + ")"
+                         for kind in kinds) or "none"
+    return (f"  {mode:<6} per layer: {part(found.per_layer)}; outside the layers: "
+            f"{part(found.outside)}")
 
 
 def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
@@ -544,6 +595,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a paged KV cache of pages of this many tokens (the server's "
                              "layout; each sequence's pages scattered over the pool); default: "
                              "contiguous")
+    parser.add_argument("--collectives", action="store_true",
+                        help="with --tp or --dp: count the collectives of the compiled dense and "
+                             "sparse step, per layer and outside the layers, by type and size "
+                             "(compiled at one and two layers, nothing timed), and exit")
     parser.add_argument("--json", type=bench.OUTPUT_FILE, help="write the rows here")
     parser.add_argument("--plot", type=bench.OUTPUT_FILE, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -558,6 +613,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batch_sizes = args.batch_sizes or [args.dp * b for b in
                                             ([1, 4] if tiny else [1, 16, 64, 128, 256])]
     args.context_lens = args.context_lens or ([64, 256] if tiny else [1024, 2048, 4096])
+    if args.collectives and args.tp * args.dp == 1:
+        parser.error("argument --collectives: counts the collectives of a step split over "
+                     "devices; give --tp or --dp above 1")
+    if args.collectives and args.plot:
+        parser.error("argument --plot: --collectives times nothing, there is nothing to plot")
     if uneven := [b for b in args.batch_sizes if b % args.dp]:
         parser.error(f"argument --batch-sizes: each must be a multiple of --dp {args.dp}, got "
                      f"{', '.join(map(str, uneven))}")
@@ -583,6 +643,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if args.tp * args.dp > 1:  # refused in one line before anything runs
         mesh = make_mesh(args.tp, args.dp)
         check_split(config, mesh)
+    if args.collectives:
+        return run_collectives(args, hf, dtype, mesh, int8_mlp_up, log)
     peer = {}
     if args.peer == "auto" and mesh is not None:
         peer = {"mode": "skipped: it runs on one device, this run on a mesh"}
@@ -627,6 +689,26 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 tp=args.tp, dp=args.dp, router_weights=args.router_weights,
                 peer={k: v for k, v in peer.items() if k != "rows"})
     return {"meta": meta, "rows": rows}
+
+
+def run_collectives(args: argparse.Namespace, hf: dict, dtype, mesh, int8_mlp_up: bool,
+                    log) -> dict:
+    """{"meta": ..., "collectives": {"dense": ..., "sparse": ...}} (`decode_collectives` at the
+    first batch size and fraction of groups), each step's line logged."""
+    batch, fraction = args.batch_sizes[0], args.attn_topk[0]
+    cache_len = cache_length(max(args.context_lens) + 2 * args.steps + 1)
+    found = decode_collectives(hf, dtype, mesh, batch, cache_len, fraction, args.mlp_density,
+                               int8_mlp_up)
+    log(f"{args.arch or args.model}: collectives of the compiled decode step, --tp {args.tp} "
+        f"--dp {args.dp}, batch {batch}, {fraction:g} of the groups (jax {jax.__version__}, "
+        f"{jax.devices()[0].platform}):")
+    for mode, step in found.items():
+        log(_format_collectives(mode, step))
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=str(datetime.date.today()), dtype=args.dtype, tp=args.tp, dp=args.dp,
+                batch=batch, attn_topk=fraction, mlp_density=args.mlp_density,
+                router_weights=args.router_weights)
+    return {"meta": meta, "collectives": {mode: step.summary() for mode, step in found.items()}}
 
 
 def report(result: dict, json_path: Path | None, plot_path: Path | None, log=print) -> None:

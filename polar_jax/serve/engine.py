@@ -332,7 +332,8 @@ class Engine:
         out = model.forward(tokens, positions, ChunkOps(positions, valid), cache)
         index = jnp.arange(tokens.shape[0])
         logits = model.logits(out.hidden_states[index, last])
-        first = sample_rows(logits, sampling, seeds, positions[index, last] + 1)
+        first = sample_rows(logits, sampling, seeds, positions[index, last] + 1,
+                            self.decoder.mesh)
         chosen, top_ids, top_logp = self._choose(logits, first)
         prompt_logp = None
         if echo:
@@ -347,7 +348,8 @@ class Engine:
         """One `decode_step` over every slot: the next tokens `[S]`, their log-probabilities
         and alternatives, the pool."""
         model = nnx.merge(self.decoder.graphdef, state)
-        sample = lambda logits: sample_rows(logits, sampling, seeds, positions + 1)
+        sample = lambda logits: sample_rows(logits, sampling, seeds, positions + 1,
+                                             self.decoder.mesh)
         cache = PagedKVCache(pages, block_table)
         step = decode_step(model, DecodeState(tokens, positions, active, cache), sample,
                            router_state, plan, self.decoder.mesh)
