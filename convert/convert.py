@@ -25,8 +25,8 @@ from convert.checkpoint import (
     resolve_source,
     weight_files,
 )
-from convert.mapping import canonical_name, param_specs
-from models.config import ModelConfig, config_from_hf
+from models.config import ModelConfig
+from models.registry import canonical_name, config_from_hf, param_specs
 from polar_jax import validate
 from polar_jax.dtypes import DTYPES, parse_dtype
 from polar_jax.errors import PolarJaxError

@@ -4,7 +4,8 @@ A block computes its attention input u `[B, T, d]` (the output of its first norm
 routers read) and calls, by keyword,
 
     route = ops.route(layer=i, u=u)
-    o, kv, attn_record = ops.attention(layer=i, route=route, q=q, k=k, v=v, kv=kv, window=w)
+    o, kv, attn_record = ops.attention(layer=i, route=route, q=q, k=k, v=v, kv=kv, window=w,
+                                       logit_softcap=c)
     y, mlp_record = ops.mlp(layer=i, route=route, x=x, mlp=mlp)
 
 The projections around them run through `ops.matmul` (`models.layers.xla_matmul`'s
@@ -65,10 +66,12 @@ class Ops(Protocol):
         """What this layer's attention and MLP select, from its attention input u `[B, T, d]`."""
 
     def attention(self, *, layer: int, route: Any, q: jax.Array, k: jax.Array, v: jax.Array,
-                  kv: LayerKV | None, window: int | None
+                  kv: LayerKV | None, window: int | None, logit_softcap: float | None
                   ) -> tuple[jax.Array, LayerKV | None, Record]:
         """q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` (rotated), the layer's cache or None ->
-        (o `[B, T, Hq, D]`, the cache with k, v written, record)."""
+        (o `[B, T, Hq, D]`, the cache with k, v written, record). `window`: the sliding
+        window (None: full attention); `logit_softcap` c: scores s become c tanh(s / c)
+        (None: off)."""
 
     def mlp(self, *, layer: int, route: Any, x: jax.Array, mlp: MLP) -> tuple[jax.Array, Record]:
         """x `[B, T, d]` (the second norm's output) -> (`[B, T, d]`, record)."""
@@ -83,7 +86,13 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float | None = None):
+def softcap(scores, logit_softcap: float | None):
+    """`c tanh(s / c)` of the scaled scores (Gemma 2's attention soft-capping); None: as they are."""
+    return scores if logit_softcap is None else logit_softcap * jnp.tanh(scores / logit_softcap)
+
+
+def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float | None = None,
+                     logit_softcap: float | None = None):
     """Causal softmax attention over one sequence block, grouped-query aware (XLA).
 
     q `[B, T, Hq, D]`; k, v `[B, T, Hkv, D]`; key_valid `[B, T]` (False at padding).
@@ -94,7 +103,8 @@ def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float
     hkv = k.shape[2]
     scale = d**-0.5 if scale is None else scale
     q = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * scale
+    scores = softcap(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * scale,
+                     logit_softcap)
     i = jnp.arange(t)[:, None]
     j = jnp.arange(t)[None, :]
     visible = j <= i
@@ -108,7 +118,7 @@ def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float
 
 
 def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
-                     scale: float | None = None):
+                     scale: float | None = None, logit_softcap: float | None = None):
     """One query token per sequence against its KV cache (dense, XLA).
 
     q `[B, Hq, D]`; k_cache, v_cache `[B, Hkv, S, D]`; row b attends to cache positions
@@ -119,7 +129,8 @@ def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     scale = d**-0.5 if scale is None else scale
     q = q.reshape(b, hkv, hq // hkv, d)
-    scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=F32) * scale
+    scores = softcap(jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=F32) * scale,
+                     logit_softcap)
     pos = jnp.arange(s)[None, :]
     visible = pos < lengths[:, None]
     if window is not None:
@@ -170,19 +181,20 @@ class DenseOps:
         return None
 
     @jax.named_scope(scopes.ATTENTION)
-    def attention(self, *, layer, route, q, k, v, kv, window):
+    def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
         if kv is not None:
             write = lambda c, x: jax.lax.dynamic_update_slice(
                 c, x.swapaxes(1, 2).astype(c.dtype), (0, 0, 0, 0))
             kv = LayerKV(write(kv.k, k), write(kv.v, v))
-        return causal_attention(q, k, v, self.key_valid, window), kv, NO_RECORD
+        o = causal_attention(q, k, v, self.key_valid, window, logit_softcap=logit_softcap)
+        return o, kv, NO_RECORD
 
     def mlp(self, *, layer, route, x, mlp):
         return mlp(x), NO_RECORD
 
 
 def chunk_attention(q, k_cache, v_cache, positions, window: int | None = None,
-                    scale: float | None = None):
+                    scale: float | None = None, logit_softcap: float | None = None):
     """A chunk of T query tokens per sequence against its cache, which already holds them
     (XLA): query t of row b, at `positions[b, t]`, sees cache positions p <= it (and, with a
     window W, positions[b, t] - p < W). q `[B, T, Hq, D]`; caches `[B, Hkv, S, D]`."""
@@ -190,7 +202,8 @@ def chunk_attention(q, k_cache, v_cache, positions, window: int | None = None,
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     scale = d**-0.5 if scale is None else scale
     q = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache, preferred_element_type=F32) * scale
+    scores = softcap(jnp.einsum("btkgd,bksd->bkgts", q, k_cache, preferred_element_type=F32)
+                     * scale, logit_softcap)
     key_pos = jnp.arange(s)[None, None, :]
     query_pos = positions[:, :, None]
     visible = key_pos <= query_pos
@@ -217,13 +230,14 @@ class ChunkOps:
         return None
 
     @jax.named_scope(scopes.ATTENTION)
-    def attention(self, *, layer, route, q, k, v, kv, window):
+    def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
         rows = jnp.arange(q.shape[0])[:, None]
         seq = kv.k.shape[2]
         at = jnp.where(self.valid, self.positions, seq)  # seq: dropped
         write = lambda c, x: c.at[rows, :, at].set(x.astype(c.dtype), mode="drop")
         kv = LayerKV(write(kv.k, k), write(kv.v, v))
-        return chunk_attention(q, kv.k, kv.v, self.positions, window), kv, NO_RECORD
+        o = chunk_attention(q, kv.k, kv.v, self.positions, window, logit_softcap=logit_softcap)
+        return o, kv, NO_RECORD
 
     def mlp(self, *, layer, route, x, mlp):
         return mlp(x), NO_RECORD
@@ -257,12 +271,12 @@ class DenseDecodeOps:
         return y.reshape(*x.shape[:-contract], *out_dims)
 
     @jax.named_scope(scopes.ATTENTION)
-    def attention(self, *, layer, route, q, k, v, kv, window):
-        o, kv = self.attend(q, k, v, kv, window, kernel=on_gpu())
+    def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
+        o, kv = self.attend(q, k, v, kv, window, logit_softcap, kernel=on_gpu())
         return o, kv, NO_RECORD
 
-    def attend(self, q, k, v, kv: LayerKV, window, kernel: bool, group_logits=None,
-               keep: int | None = None):
+    def attend(self, q, k, v, kv: LayerKV, window, logit_softcap, kernel: bool,
+               group_logits=None, keep: int | None = None):
         """(o `[B, 1, Hq, D]`, the cache with the token written). With `group_logits [B, Hkv]`
         each row reads only its top-`keep` groups (per shard: its top `keep` of the shard's
         groups). `kernel`: the Pallas kernel (which reads only up to each row's length), else
@@ -278,11 +292,13 @@ class DenseDecodeOps:
                 with jax.named_scope(scopes.ATTN_ROUTER):
                     group_idx = topk_indices(group_logits, keep)
                 o = sparse_decode_attention(q, kv.k, kv.v, lengths, group_idx,
-                                            sliding_window=window)
+                                            sliding_window=window, logit_softcap=logit_softcap)
             elif kernel:
-                o = sparse_decode_attention(q, kv.k, kv.v, lengths, sliding_window=window)
+                o = sparse_decode_attention(q, kv.k, kv.v, lengths, sliding_window=window,
+                                            logit_softcap=logit_softcap)
             else:
-                o = decode_attention(q, kv.k, kv.v, lengths, window)
+                o = decode_attention(q, kv.k, kv.v, lengths, window,
+                                     logit_softcap=logit_softcap)
             return o, kv.k, kv.v
 
         heads = P(DATA, MODEL, None)
