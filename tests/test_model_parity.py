@@ -83,8 +83,11 @@ VARIANTS = {
     "gemma2-gqa": ("Gemma2Config", "Gemma2ForCausalLM", dict(
         _GEMMA, num_key_value_heads=2, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
         final_logit_softcapping=10.0)),
+    # Gemma 3's 5 : 1 pattern of local and global layers cut to 2 : 1 (the default pattern:
+    # tests/test_config_validation.py).
     "gemma3-mha-untied": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        _GEMMA, num_hidden_layers=6, num_key_value_heads=4, tie_word_embeddings=False,
+        _GEMMA, num_hidden_layers=3, num_key_value_heads=4, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
                                                 rope_theta=100000.0),
                          "sliding_attention": dict(rope_type="default", rope_theta=1000.0)})),
