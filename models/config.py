@@ -112,8 +112,7 @@ class Fields:
     def nested(self, key: str) -> "Fields":
         """The object at `key` (empty when absent)."""
         return Fields(validate.mapping(self.name(key), self.get(key, {})), self.model_type,
-                       f"{self.prefix}{key}.")
-
+                      f"{self.prefix}{key}.")
 
     def floats(self, key: str, length: int) -> tuple[float, ...]:
         """A list of `length` finite numbers > 0 (required)."""
