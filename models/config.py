@@ -60,6 +60,13 @@ class ModelConfig:
         """Query heads per KV group (G)."""
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def longrope_switch(self) -> int | None:
+        """The length past which longrope's long factors apply (None: no such switch). Hugging
+        Face recomputes the cache there and rotates a whole prompt past it with the long
+        factors; decoding here refuses to cross it and serving stops before it."""
+        return None
+
 
 _REQUIRED = object()  # a `Fields` default: the field must be present
 

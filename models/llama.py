@@ -41,6 +41,11 @@ class LlamaConfig(ModelConfig):
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
     qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head before the rotation
 
+    @property
+    def longrope_switch(self) -> int | None:
+        rope = self.rope
+        return rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+
 
 def _sliding_windows(fields: Fields, num_layers: int) -> tuple[int | None, ...]:
     """Per layer, the attention window (None: full attention)."""

@@ -289,6 +289,7 @@ class Decoder:
 
     def check_lengths(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
         limit = self.config.max_position_embeddings
+        switch = self.config.longrope_switch
         for i, n in enumerate(prompt_lengths):
             if n == 0:
                 raise PolarJaxError(f"prompt {i} is empty")
@@ -299,6 +300,12 @@ class Decoder:
                 raise PolarJaxError(
                     f"prompt {i} ({n} tokens) plus {max_new_tokens} new tokens exceeds the "
                     f"model's {limit} learned positions; lower --max-new-tokens")
+            if switch is not None and n <= switch < n + max_new_tokens:
+                raise PolarJaxError(
+                    f"prompt {i} ({n} tokens) plus {max_new_tokens} new tokens crosses the "
+                    f"model's longrope switch at {switch} positions, which needs the cache "
+                    f"recomputed with the long factors (not supported); lower --max-new-tokens "
+                    f"to {switch - n} or give a prompt longer than {switch} tokens")
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      sampling: SamplingParams = SamplingParams(), seed: int = 0,

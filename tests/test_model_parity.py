@@ -76,7 +76,7 @@ VARIANTS = {
     "phi3-mha-sliding": ("Phi3Config", "Phi3ForCausalLM", dict(
         _PHI3, num_key_value_heads=4, sliding_window=100, tie_word_embeddings=True)),
     "phi3.5-longrope-gqa": ("Phi3Config", "Phi3ForCausalLM", dict(
-        _PHI3, num_key_value_heads=2, original_max_position_embeddings=256,
+        _PHI3, num_key_value_heads=2, original_max_position_embeddings=100,
         rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
                              short_factor=[1.0 + 0.1 * i for i in range(10)],
                              long_factor=[1.0 + 0.5 * i for i in range(10)]))),
