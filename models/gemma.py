@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -172,8 +171,8 @@ class GemmaModel(CausalLM):
         return self.final_norm(x)
 
     def logits(self, hidden_states):
-        with jax.named_scope("final_softcap"):
-            return softcap(super().logits(hidden_states), self.config.final_logit_softcap)
+        """Final hidden states -> float32 logits, soft-capped (Gemma 2)."""
+        return softcap(super().logits(hidden_states), self.config.final_logit_softcap)
 
 
 def param_specs(c: GemmaConfig) -> hfm.Specs:
