@@ -26,8 +26,8 @@ from convert.checkpoint import (
     resolve_source,
     weight_files,
 )
-from convert.mapping import canonical_name, param_specs
-from models.config import ModelConfig, config_from_hf, eos_token_ids
+from models.config import ModelConfig, eos_token_ids
+from models.registry import canonical_name, config_from_hf, param_specs
 from polar_jax import validate
 from polar_jax.dtypes import DTYPES, parse_dtype
 from polar_jax.errors import PolarJaxError

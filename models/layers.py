@@ -46,15 +46,22 @@ def _maybe(flag: bool, shape, dtype, fill: float = 0.0):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = _param((dim,), dtype, 1.0)
+    """`x / rms(x) * (offset + weight)` over the last axis, in float32 (Gemma stores the
+    scale less one: `offset` 1)."""
+
+    def __init__(self, dim: int, eps: float, dtype, offset: float = 0.0):
+        self.weight = _param((dim,), dtype, 1.0 - offset)
         self.eps = eps
+        self.offset = offset
 
     @jax.named_scope(scopes.NORM)
     def __call__(self, x):
         x32 = x.astype(F32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.weight[...].astype(F32) * x32).astype(x.dtype)
+        scale = self.weight[...].astype(F32)
+        if self.offset:
+            scale = scale + self.offset
+        return (scale * x32).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):

@@ -4,7 +4,8 @@ A block computes its attention input u `[B, T, d]` (the output of its first norm
 routers read) and calls, by keyword,
 
     route = ops.route(layer=i, u=u)
-    o, kv, attn_record = ops.attention(layer=i, route=route, q=q, k=k, v=v, kv=kv, window=w)
+    o, kv, attn_record = ops.attention(layer=i, route=route, q=q, k=k, v=v, kv=kv, window=w,
+                                       logit_softcap=c)
     y, mlp_record = ops.mlp(layer=i, route=route, x=x, mlp=mlp)
 
 The projections around them run through `ops.matmul` (`models.layers.xla_matmul`'s
@@ -64,10 +65,13 @@ class Ops(Protocol):
         """What this layer's attention and MLP select, from its attention input u `[B, T, d]`."""
 
     def attention(self, *, layer: int, route: Any, q: jax.Array, k: jax.Array, v: jax.Array,
-                  kv: LayerKV | PagedLayerKV | None, window: int | None
+                  kv: LayerKV | PagedLayerKV | None, window: int | None,
+                  logit_softcap: float | None
                   ) -> tuple[jax.Array, LayerKV | PagedLayerKV | None, Record]:
         """q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` (rotated), the layer's cache or None ->
-        (o `[B, T, Hq, D]`, the cache with k, v written, record)."""
+        (o `[B, T, Hq, D]`, the cache with k, v written, record). `window`: the sliding
+        window (None: full attention); `logit_softcap` c: scores s become c tanh(s / c)
+        (None: off)."""
 
     def mlp(self, *, layer: int, route: Any, x: jax.Array, mlp: MLP) -> tuple[jax.Array, Record]:
         """x `[B, T, d]` (the second norm's output) -> (`[B, T, d]`, record)."""
@@ -82,7 +86,13 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float | None = None):
+def softcap(scores, logit_softcap: float | None):
+    """`c tanh(s / c)` of the scaled scores (Gemma 2's attention soft-capping); None: as they are."""
+    return scores if logit_softcap is None else logit_softcap * jnp.tanh(scores / logit_softcap)
+
+
+def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float | None = None,
+                     logit_softcap: float | None = None):
     """Causal softmax attention over one sequence block, grouped-query aware (XLA).
 
     q `[B, T, Hq, D]`; k, v `[B, T, Hkv, D]`; key_valid `[B, T]` (False at padding).
@@ -93,7 +103,8 @@ def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float
     hkv = k.shape[2]
     scale = d**-0.5 if scale is None else scale
     q = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * scale
+    scores = softcap(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * scale,
+                     logit_softcap)
     i = jnp.arange(t)[:, None]
     j = jnp.arange(t)[None, :]
     visible = j <= i
@@ -107,7 +118,7 @@ def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float
 
 
 def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
-                     scale: float | None = None):
+                     scale: float | None = None, logit_softcap: float | None = None):
     """One query token per sequence against its KV cache (dense, XLA).
 
     q `[B, Hq, D]`; k_cache, v_cache `[B, Hkv, S, D]`; row b attends to cache positions
@@ -118,7 +129,8 @@ def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     scale = d**-0.5 if scale is None else scale
     q = q.reshape(b, hkv, hq // hkv, d)
-    scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=F32) * scale
+    scores = softcap(jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=F32) * scale,
+                     logit_softcap)
     pos = jnp.arange(s)[None, :]
     visible = pos < lengths[:, None]
     if window is not None:
@@ -162,12 +174,13 @@ class DenseOps:
         return None
 
     @jax.named_scope(scopes.ATTENTION)
-    def attention(self, *, layer, route, q, k, v, kv, window):
+    def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
         if kv is not None:
             write = lambda c, x: jax.lax.dynamic_update_slice(
                 c, x.swapaxes(1, 2).astype(c.dtype), (0, 0, 0, 0))
             kv = LayerKV(write(kv.k, k), write(kv.v, v))
-        return causal_attention(q, k, v, self.key_valid, window), kv, NO_RECORD
+        o = causal_attention(q, k, v, self.key_valid, window, logit_softcap=logit_softcap)
+        return o, kv, NO_RECORD
 
     def mlp(self, *, layer, route, x, mlp):
         return mlp(x), NO_RECORD
@@ -182,24 +195,34 @@ def flash_attention_backend(dtype, head_dim: int) -> str:
 
 
 def chunk_attention(q, k_cache, v_cache, positions, window: int | None = None,
-                    scale: float | None = None):
+                    scale: float | None = None, logit_softcap: float | None = None):
     """A chunk of T query tokens per sequence against its cache, which already holds them:
     query t of row b, at `positions[b, t]`, sees cache positions p <= it (and, with a window W,
     positions[b, t] - p < W). q `[B, T, Hq, D]`; caches `[B, Hkv, S, D]` (a paged cache's
     `dense()` gather). Through `jax.nn.dot_product_attention` with the causal-with-offset
-    mask spelled out (`flash_attention_backend`: cuDNN's flash kernel on a GPU)."""
-    d = q.shape[-1]
-    s = k_cache.shape[2]
+    mask spelled out (`flash_attention_backend`: cuDNN's flash kernel on a GPU); with a
+    `logit_softcap`, which neither takes, XLA's einsums."""
+    b, t, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    scale = d**-0.5 if scale is None else scale
     key_pos = jnp.arange(s)[None, None, :]
     query_pos = positions[:, :, None]
     visible = key_pos <= query_pos
     if window is not None:
         visible = visible & (query_pos - key_pos < window)
-    keys, values = k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2)  # [B, S, Hkv, D]
-    o = jax.nn.dot_product_attention(
-        q, keys, values, mask=visible[:, None], scale=d**-0.5 if scale is None else scale,
-        implementation=flash_attention_backend(q.dtype, d))
-    return o.astype(q.dtype)
+    if logit_softcap is None:
+        keys, values = k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2)  # [B, S, Hkv, D]
+        o = jax.nn.dot_product_attention(q, keys, values, mask=visible[:, None], scale=scale,
+                                         implementation=flash_attention_backend(q.dtype, d))
+        return o.astype(q.dtype)
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = softcap(jnp.einsum("btkgd,bksd->bkgts", q, k_cache, preferred_element_type=F32)
+                     * scale, logit_softcap)
+    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v_cache.dtype), v_cache,
+                   preferred_element_type=F32)
+    return o.reshape(b, t, hq, d).astype(q.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,10 +240,11 @@ class ChunkOps:
         return None
 
     @jax.named_scope(scopes.ATTENTION)
-    def attention(self, *, layer, route, q, k, v, kv, window):
+    def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
         with jax.named_scope(scopes.KV_WRITE):
             kv = kv.write_chunk(k, v, self.positions, self.valid)
-        return chunk_attention(q, *kv.dense(), self.positions, window), kv, NO_RECORD
+        o = chunk_attention(q, *kv.dense(), self.positions, window, logit_softcap=logit_softcap)
+        return o, kv, NO_RECORD
 
     def mlp(self, *, layer, route, x, mlp):
         return mlp(x), NO_RECORD
@@ -254,11 +278,11 @@ class DenseDecodeOps:
         return y.reshape(*x.shape[:-contract], *out_dims)
 
     @jax.named_scope(scopes.ATTENTION)
-    def attention(self, *, layer, route, q, k, v, kv, window):
-        o, kv = self.attend(q, k, v, kv, window, kernel=on_gpu())
+    def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
+        o, kv = self.attend(q, k, v, kv, window, logit_softcap, kernel=on_gpu())
         return o, kv, NO_RECORD
 
-    def attend(self, q, k, v, kv: LayerKV | PagedLayerKV, window, kernel: bool,
+    def attend(self, q, k, v, kv: LayerKV | PagedLayerKV, window, logit_softcap, kernel: bool,
                group_logits=None, keep: int | None = None):
         """(o `[B, 1, Hq, D]`, the cache with the token written). With `group_logits [B, Hkv]`
         each row reads only its top-`keep` groups (per shard: its top `keep` of the shard's
@@ -278,9 +302,11 @@ class DenseDecodeOps:
                     with jax.named_scope(scopes.ATTN_ROUTER):
                         group_idx = topk_indices(group_logits, keep)
                 o = sparse_decode_attention(q, kv.k, kv.v, lengths, group_idx,
-                                            block_table=kv.block_table, sliding_window=window)
+                                            block_table=kv.block_table, sliding_window=window,
+                                            logit_softcap=logit_softcap)
             else:
-                o = decode_attention(q, *kv.dense(), lengths, window)
+                o = decode_attention(q, *kv.dense(), lengths, window,
+                                     logit_softcap=logit_softcap)
             return o, kv
 
         heads = P(DATA, MODEL, None)

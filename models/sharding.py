@@ -43,7 +43,8 @@ RULES: dict[str, str | None] = {
 }
 
 # A parameter's logical axes, by its path in the model's state (the module's attribute name,
-# then the parameter's); `embedding` of `pos_embed` (learned positions) stays replicated.
+# then the parameter's), for the parameters the families share; a family's own (OPT's learned
+# positions and embedding projections) are in its registry record (`Family.param_axes`).
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "w_qkv": ("embed", "kv_heads", "qkv", "head_dim"),
     "b_qkv": ("kv_heads", "qkv", "head_dim"),
@@ -59,8 +60,6 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "pos_embed/embedding": ("positions", "embed"),
     "weight": ("embed",),  # norms
     "bias": ("embed",),
-    "project_in": ("embed", "embed"),
-    "project_out": ("embed", "embed"),
 }
 # One layer's routers (`routers.model.LayerRouters`): only the neuron-major second projection
 # of the MLP router (and its int8 scales) splits, with the neurons it scores.
@@ -129,9 +128,13 @@ def param_axes(path: tuple) -> tuple[str, ...]:
     """The logical axes of the parameter at `path` (its keys in the model's state)."""
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     names = [n for n in names if n != "value"]
+    # Imported here: the registry imports the family modules, which import this one.
+    from models.registry import FAMILY_PARAM_AXES
+
     for key in ("/".join(names[-2:]), names[-1]):
-        if key in PARAM_AXES:
-            return PARAM_AXES[key]
+        for table in (FAMILY_PARAM_AXES, PARAM_AXES):
+            if key in table:
+                return table[key]
     raise KeyError(f"no sharding rule for parameter {'/'.join(names)}")
 
 

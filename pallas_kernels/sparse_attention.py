@@ -63,7 +63,8 @@ def gather_pages(pages, block_table):
 
 
 def sparse_decode_attention_reference(q, k_cache, v_cache, lengths, group_idx=None, *,
-                                      block_table=None, sm_scale=None, sliding_window=None):
+                                      block_table=None, sm_scale=None, sliding_window=None,
+                                      logit_softcap=None):
     """Pure-`jnp` reference with the same semantics (float32 softmax, `q.dtype` output)."""
     if block_table is not None:
         k_cache, v_cache = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
@@ -74,6 +75,8 @@ def sparse_decode_attention_reference(q, k_cache, v_cache, lengths, group_idx=No
     qf = q.astype(jnp.float32).reshape(B, Hkv, G, D)
     s = jnp.einsum("bhgd,bhsd->bhgs", qf, k_cache.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST) * scale
+    if logit_softcap is not None:
+        s = logit_softcap * jnp.tanh(s / logit_softcap)
     pos = jnp.arange(S)
     L = jnp.clip(lengths.astype(jnp.int32), 0, S)[:, None]
     lo = jnp.zeros_like(L) if sliding_window is None else jnp.maximum(L - sliding_window, 0)
@@ -136,7 +139,7 @@ def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, inte
 # --------------------------------------------------------------------------------------------
 
 def _attn_kernel(len_ref, gidx_ref, bt_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, PS, MP, G,
-                 Gp, D, Dp, BK, NS, W, scale_log2, mode, evict, interpret):
+                 Gp, D, Dp, BK, NS, W, scale_log2, cap_log2, mode, evict, interpret):
     if mode == "direct":
         _, o_ref = refs
     elif mode == "kernel":
@@ -186,6 +189,8 @@ def _attn_kernel(len_ref, gidx_ref, bt_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, 
         kt = masked_load(k_ref, at, kv_ok, 0.0, interpret=interpret, evict_first=evict)
         sc = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=prec,
                              preferred_element_type=jnp.float32) * scale_log2
+        if cap_log2 is not None:  # soft-capping c tanh(s / c), on the base-2 scores
+            sc = cap_log2 * jnp.tanh(sc / cap_log2)
         sc = jnp.where(ok[None, :], sc, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -242,9 +247,10 @@ def _attn_kernel(len_ref, gidx_ref, bt_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, 
             lax.fori_loop(0, G, lambda r, c: (one_row(r), c)[1], 0)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "interpret", "cfg"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "logit_softcap", "interpret",
+                                             "cfg"))
 def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table=None, out_init=None,
-                      *, sm_scale, window, interpret, cfg):
+                      *, sm_scale, window, interpret, cfg, logit_softcap=None):
     """The kernel call. `out_init` (default zeros) is the buffer the kernel writes the selected
     heads into; tests pass a poisoned one to check what the kernel writes and what it leaves."""
     cfg = dict(cfg)
@@ -266,8 +272,9 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table=None,
     mode = "direct" if NS == 1 else cfg["combine"]
     kernel = functools.partial(
         _attn_kernel, K=K, Hkv=Hkv, S=S, PS=PS, MP=MP, G=G, Gp=Gp, D=D, Dp=Dp, BK=BK, NS=NS,
-        W=window,
-        scale_log2=float(sm_scale * LOG2E), mode=mode, evict=cfg["evict_first"],
+        W=window, scale_log2=float(sm_scale * LOG2E),
+        cap_log2=None if logit_softcap is None else float(logit_softcap * LOG2E), mode=mode,
+        evict=cfg["evict_first"],
         interpret=interpret)
     grid = (B * K * NS,)
     full = pl.BlockSpec()
@@ -315,7 +322,8 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table=None,
 # Public wrapper
 # --------------------------------------------------------------------------------------------
 
-def _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_window):
+def _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_window,
+                logit_softcap):
     for name, x, nd in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
         if getattr(x, "ndim", None) != nd:
             raise ValueError(f"{name} must have {nd} dimensions, got shape {getattr(x, 'shape', None)}")
@@ -365,10 +373,15 @@ def _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_wi
     if sliding_window is not None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
             raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    if logit_softcap is not None and (isinstance(logit_softcap, bool)
+                                      or not isinstance(logit_softcap, (int, float))
+                                      or not 0 < logit_softcap < math.inf):
+        raise ValueError(f"logit_softcap must be a finite number > 0 or None, got {logit_softcap!r}")
 
 
 def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, block_table=None,
-                            sm_scale=None, sliding_window=None, interpret=None, block_k=None,
+                            sm_scale=None, sliding_window=None, logit_softcap=None,
+                            interpret=None, block_k=None,
                             num_splits=None, num_warps=None, num_stages=None, combine=None,
                             evict_first=None):
     """Decode attention over the selected KV groups of each row.
@@ -384,6 +397,8 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, blo
         clamped into range inside the kernel (a range check would need a host sync).
       sm_scale: softmax scale, default `1/sqrt(D)`.
       sliding_window: W, or None for no window.
+      logit_softcap: c, the scores s (after the scale) become `c tanh(s / c)` before the
+        softmax (Gemma 2); None: off.
       interpret: run the Pallas interpreter (None: when the default backend is the CPU).
       block_k, num_splits, num_warps, num_stages, combine, evict_first: tuning knobs, None =
         heuristic. `combine` is "kernel" (last split combines in the kernel) or "xla";
@@ -392,7 +407,8 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, blo
     Returns:
       `[B, Hq, D]` in `q.dtype`; exactly zero for unselected heads and rows of length 0.
     """
-    _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_window)
+    _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_window,
+                logit_softcap)
     B, Hq, D = q.shape
     if block_table is None:
         Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -406,5 +422,6 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, blo
                            block_k=block_k, num_splits=num_splits, num_warps=num_warps,
                            num_stages=num_stages, combine=combine, evict_first=evict_first)
     return _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table, sm_scale=scale,
-                             window=sliding_window, interpret=interpret,
+                             window=sliding_window, logit_softcap=logit_softcap,
+                             interpret=interpret,
                              cfg=tuple(sorted(cfg.items())))

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from models import ModelConfig
 from models.kv_cache import KVCache
+from models.registry import learned_positions
 from models.sharding import (
     batch_sharding, check_split, dp_size, global_array, kv_cache_shardings, param_shardings,
     replicated, router_shardings, to_host, tp_size,
@@ -289,16 +290,23 @@ class Decoder:
 
     def check_lengths(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
         limit = self.config.max_position_embeddings
+        switch = self.config.longrope_switch
         for i, n in enumerate(prompt_lengths):
             if n == 0:
                 raise PolarJaxError(f"prompt {i} is empty")
             if n > limit:
                 raise PolarJaxError(
                     f"prompt {i} has {n} tokens; the model's maximum is {limit} positions")
-            if self.config.model_type == "opt" and n + max_new_tokens > limit:
+            if learned_positions(self.config) and n + max_new_tokens > limit:
                 raise PolarJaxError(
-                    f"prompt {i} ({n} tokens) plus {max_new_tokens} new tokens exceeds OPT's "
-                    f"{limit} learned positions; lower --max-new-tokens")
+                    f"prompt {i} ({n} tokens) plus {max_new_tokens} new tokens exceeds the "
+                    f"model's {limit} learned positions; lower --max-new-tokens")
+            if switch is not None and n <= switch < n + max_new_tokens:
+                raise PolarJaxError(
+                    f"prompt {i} ({n} tokens) plus {max_new_tokens} new tokens crosses the "
+                    f"model's longrope switch at {switch} positions, which needs the cache "
+                    f"recomputed with the long factors (not supported); lower --max-new-tokens "
+                    f"to {switch - n} or give a prompt longer than {switch} tokens")
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      sampling: SamplingParams = SamplingParams(), seed: int = 0,

@@ -129,9 +129,9 @@ class SparseDecodeOps(DenseDecodeOps):
                 jax.lax.optimization_barrier(u[:, 0]), routers.w_in, routers.attn_b))
 
     @jax.named_scope(scopes.ATTENTION)
-    def attention(self, *, layer, route, q, k, v, kv, window):
+    def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
         keep = self.plan.attn_groups[layer]
-        o, kv = self.attend(q, k, v, kv, window, kernel=True,
+        o, kv = self.attend(q, k, v, kv, window, logit_softcap, kernel=True,
                             group_logits=None if keep is None else route.group_logits, keep=keep)
         return o, kv, NO_RECORD
 
@@ -200,8 +200,9 @@ class MaskedOps(DenseOps):
             return None
         return self.routers[layer].scores(u)
 
-    def attention(self, *, layer, route, q, k, v, kv, window):
-        o, kv, _ = super().attention(layer=layer, route=route, q=q, k=k, v=v, kv=kv, window=window)
+    def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
+        o, kv, _ = super().attention(layer=layer, route=route, q=q, k=k, v=v, kv=kv, window=window,
+                                     logit_softcap=logit_softcap)
         keep = self.plan.attn_groups[layer]
         if keep is None:
             return o, kv, NO_RECORD

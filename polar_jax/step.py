@@ -47,10 +47,13 @@ def prefill(model: CausalLM, tokens, lengths, kv_cache: KVCache):
     """Dense causal pass over right-padded prompts tokens `[B, T]` of `lengths [B]`, their K/V
     written to cache positions `[0, T)`: (float32 logits `[B, V]` after each prompt's last
     token, the cache)."""
-    batch, length = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    out = model.forward(tokens, positions, DenseOps(positions < lengths[:, None]), kv_cache)
-    last = out.hidden_states[jnp.arange(batch), jnp.maximum(lengths - 1, 0)]
+    steps = jnp.arange(tokens.shape[1])[None]
+    valid = steps < lengths[:, None]
+    # Padding takes its row's last position, so that a row's positions end where its prompt
+    # does: longrope chooses its factors by a row's last position.
+    positions = jnp.where(valid, steps, jnp.maximum(lengths[:, None] - 1, 0))
+    out = model.forward(tokens, positions, DenseOps(valid), kv_cache)
+    last = out.hidden_states[jnp.arange(tokens.shape[0]), jnp.maximum(lengths - 1, 0)]
     return model.logits(last), out.kv_cache
 
 

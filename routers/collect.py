@@ -44,8 +44,9 @@ class RecordingOps(DenseOps):
     def route(self, *, layer, u):
         return u
 
-    def attention(self, *, layer, route, q, k, v, kv, window):
-        o, kv, _ = super().attention(layer=layer, route=route, q=q, k=k, v=v, kv=kv, window=window)
+    def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
+        o, kv, _ = super().attention(layer=layer, route=route, q=q, k=k, v=v, kv=kv, window=window,
+                                     logit_softcap=logit_softcap)
         grouped = group_outputs(o.astype(F32), self.num_kv_heads)
         return o, kv, {"u": route, "group_norm": jnp.sqrt(jnp.sum(grouped**2, axis=-1))}
 

@@ -23,6 +23,12 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                "original_max_position_embeddings": 32}
 QWEN2 = dict(LLAMA, model_type="qwen2", use_sliding_window=True, sliding_window=16,
              max_window_layers=1, layer_types=["full_attention", "sliding_attention"])
+PHI3 = dict(LLAMA, model_type="phi3", max_position_embeddings=256,
+            original_max_position_embeddings=64,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                             "short_factor": [1.0] * 4, "long_factor": [2.0] * 4})
+GEMMA2 = dict(LLAMA, model_type="gemma2", head_dim=8, hidden_activation="gelu_pytorch_tanh",
+              query_pre_attn_scalar=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
 OPT = dict(model_type="opt", vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
            do_layer_norm_before=True, activation_function="relu")
@@ -96,6 +102,26 @@ BAD = {
                            "sliding_attention"),
     "negative window layers": (QWEN2, dict(max_window_layers=-1), "'max_window_layers'", ">= 0"),
     "sliding flag a string": (QWEN2, dict(use_sliding_window="yes"), "'use_sliding_window'", "true"),
+    "partial rotary": (PHI3, dict(partial_rotary_factor=0.75), "'partial_rotary_factor'", "only 1.0"),
+    "longrope factors too short": (PHI3, dict(rope_parameters={**PHI3["rope_parameters"],
+                                                               "short_factor": [1.0] * 3}),
+                                   "'rope_parameters.short_factor'", "4 items"),
+    "longrope factor negative": (PHI3, dict(rope_parameters={**PHI3["rope_parameters"],
+                                                             "long_factor": [2.0, -1.0, 2.0, 2.0]}),
+                                 "'rope_parameters.long_factor[1]'", "> 0"),
+    "phi3 llama3 rope": (PHI3, dict(rope_parameters=LLAMA3_ROPE), "'rope_parameters.rope_type'",
+                         "longrope"),
+    "negative softcap": (GEMMA2, dict(attn_logit_softcapping=-1.0), "'attn_logit_softcapping'", "> 0"),
+    "softcap a string": (GEMMA2, dict(final_logit_softcapping="30"), "'final_logit_softcapping'",
+                         "finite number"),
+    "zero pre-attention scalar": (GEMMA2, dict(query_pre_attn_scalar=0), "'query_pre_attn_scalar'",
+                                  "> 0"),
+    "bidirectional gemma": (dict(GEMMA2, model_type="gemma3_text"),
+                            dict(use_bidirectional_attention=True),
+                            "'use_bidirectional_attention'", "causal"),
+    "gemma3 layer type unknown": (dict(GEMMA2, model_type="gemma3_text"),
+                                  dict(layer_types=["global", "full_attention"]),
+                                  "'layer_types[0]'", "sliding_attention"),
 }
 
 

@@ -30,8 +30,9 @@ def rng():
     return np.random.default_rng(seed)
 
 
-def attention_f64(q, k, v, lengths, group_idx, sm_scale=None, window=None):
-    """float64 numpy: per row, per selected group, per query head of the group."""
+def attention_f64(q, k, v, lengths, group_idx, sm_scale=None, window=None, softcap=None):
+    """float64 numpy: per row, per selected group, per query head of the group (`softcap` c:
+    scores s -> c tanh(s / c))."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     B, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -47,6 +48,8 @@ def attention_f64(q, k, v, lengths, group_idx, sm_scale=None, window=None):
         for g in groups:
             for h in range(g * G, (g + 1) * G):
                 s = k[b, g, lo:L] @ q[b, h] * scale
+                if softcap is not None:
+                    s = softcap * np.tanh(s / softcap)
                 p = np.exp(s - s.max())
                 out[b, h] = p @ v[b, g, lo:L] / p.sum()
     return out
@@ -207,6 +210,34 @@ def test_argument_errors(mutate, exc, match):
 def test_bad_window(window):
     with pytest.raises(ValueError, match="sliding_window"):
         sparse_decode_attention(*_args(), sliding_window=window)
+
+
+@pytest.mark.parametrize("dtype, window, over", [
+    (jnp.float32, None, {}),
+    (jnp.float32, 9, dict(num_splits=4)),
+    (jnp.bfloat16, None, dict(num_splits=2, combine="xla")),
+])
+def test_logit_softcap(rng, dtype, window, over):
+    """Gemma 2's soft-capping (c tanh(s / c) of the scaled scores) in the kernel, whatever the
+    splits, against the reference and float64; at c = 2 it changes the output."""
+    B, Hq, Hkv, S, D, k = 3, 8, 4, 50, 64, 2
+    q, kc, vc, lens, gi = make_inputs(rng, B, Hq, Hkv, S, D, k, dtype, [50, 7, 33])
+    q = q * 3  # scores well past the cap
+    out = sparse_decode_attention(q, kc, vc, lens, gi, sliding_window=window, logit_softcap=2.0,
+                                  **over)
+    ref = sparse_decode_attention_reference(q, kc, vc, lens, gi, sliding_window=window,
+                                            logit_softcap=2.0)
+    args = (q, kc, vc, np.asarray(lens), np.asarray(gi), None, window)
+    exact = attention_f64(*args, softcap=2.0)
+    assert rel_err(out, exact) < TOL[dtype]
+    assert rel_err(ref, exact) < TOL[dtype]
+    assert rel_err(attention_f64(*args), exact) > 0.05
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("inf"), True, "50"])
+def test_bad_logit_softcap(cap):
+    with pytest.raises(ValueError, match="logit_softcap"):
+        sparse_decode_attention(*_args(), logit_softcap=cap)
 
 
 def page_table(rng, B, S, page_size, spare_pages=3):

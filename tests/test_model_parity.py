@@ -31,6 +31,11 @@ TOL = 1e-4  # max |ours - HF| relative to the largest HF logit
 
 _LLAMA = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5)
+_PHI3 = dict(vocab_size=512, hidden_size=80, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=2048, bos_token_id=1,
+             eos_token_id=2, pad_token_id=0)
+_GEMMA = dict(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, head_dim=16, max_position_embeddings=2048, sliding_window=100)
 _LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, low_freq_factor=1.0,
                     high_freq_factor=4.0, original_max_position_embeddings=64)
 
@@ -63,6 +68,29 @@ VARIANTS = {
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
     "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(
         _LLAMA, num_key_value_heads=2, sliding_window=100, tie_word_embeddings=False)),
+    # The newer families at hidden sizes that are not powers of two.
+    "qwen3-gqa-sliding": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        _LLAMA, hidden_size=80, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=100, max_window_layers=1,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    "phi3-mha-sliding": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _PHI3, num_key_value_heads=4, sliding_window=100, tie_word_embeddings=True)),
+    "phi3.5-longrope-gqa": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _PHI3, num_key_value_heads=2, original_max_position_embeddings=100,
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                             short_factor=[1.0 + 0.1 * i for i in range(10)],
+                             long_factor=[1.0 + 0.5 * i for i in range(10)]))),
+    "gemma2-gqa": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        _GEMMA, num_key_value_heads=2, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0)),
+    # Gemma 3's 5 : 1 pattern of local and global layers cut to 2 : 1 (the default pattern:
+    # tests/test_config_validation.py).
+    "gemma3-mha-untied": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        _GEMMA, num_hidden_layers=3, num_key_value_heads=4, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
+                                                rope_theta=100000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1000.0)})),
 }
 
 

@@ -14,8 +14,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from conftest import fixture_path, run_cli
-from convert.mapping import param_specs
 from models import config_from_hf
+from models.registry import param_specs
 from models.sharding import make_mesh, param_shardings
 from polar_jax.bench.decode import random_state
 from polar_jax.errors import PolarJaxError

@@ -31,7 +31,8 @@ def _random_model(name: str, tmp_path_factory):
     return config, model, routers
 
 
-@pytest.fixture(scope="module", params=["opt-pre-ln", "mistral-sliding-window"])
+@pytest.fixture(scope="module", params=["opt-pre-ln", "mistral-sliding-window", "qwen3-gqa-sliding",
+                                        "phi3.5-longrope-gqa", "gemma2-gqa", "gemma3-mha-untied"])
 def random_model(request, tmp_path_factory):
     return _random_model(request.param, tmp_path_factory)
 

@@ -28,6 +28,14 @@ GQA_CONFIG = config_from_hf(dict(
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, hidden_act="silu",
     rms_norm_eps=1e-5, tie_word_embeddings=False))
 
+# Gemma 2: soft-capped scores and logits, a window of 4 on its sliding layers, pre- and
+# post-norms, scaled embeddings.
+GEMMA2_CONFIG = config_from_hf(dict(
+    model_type="gemma2", vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20,
+    max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=3.0,
+    final_logit_softcapping=8.0))
+
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kv_cache_shapes_and_bytes(dtype):
@@ -53,7 +61,8 @@ def _model(config, seed):
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["xla", "kernels"])
-@pytest.mark.parametrize("config", [CONFIG, GQA_CONFIG], ids=["opt", "llama-gqa"])
+@pytest.mark.parametrize("config", [CONFIG, GQA_CONFIG, GEMMA2_CONFIG],
+                         ids=["opt", "llama-gqa", "gemma2"])
 def test_prefill_and_decode_step_over_slots_equal_the_full_forward(config, kernels, monkeypatch):
     """Three slots with ragged prompts; the middle one inactive. Prefill's logits and the
     active slots' next-token logits equal the full-sequence forward pass of prompt + fed
@@ -153,3 +162,30 @@ def test_layer_norm_one_and_two_pass_equal_float64(rows):
         np.float32) + bias.astype(np.float32)
     got = np.asarray(norm(jnp.asarray(x, jnp.float32)), np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_xla_attention_functions_soft_cap_as_float64(window):
+    """`causal_attention` (a whole sequence), `chunk_attention` (its last 4 tokens against a
+    cache holding it) and `decode_attention` (its last token) with Gemma 2's soft-capping,
+    against float64 numpy: c tanh(s / c) of the scaled scores before the softmax."""
+    rng = np.random.default_rng()
+    b, t, hq, hkv, d, cap = 2, 12, 4, 2, 8, 2.0
+    q = rng.standard_normal((b, t, hq, d)) * 3
+    k, v = rng.standard_normal((2, b, t, hkv, d))
+    s = np.einsum("btkgd,bskd->bkgts", q.reshape(b, t, hkv, hq // hkv, d), k) / np.sqrt(d)
+    s = cap * np.tanh(s / cap)
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    s = np.where((j <= i) & (window is None or i - j < (window or 0)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    exact = np.einsum("bkgts,bskd->btkgd", p / p.sum(-1, keepdims=True), v).reshape(b, t, hq, d)
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    cache = lambda x: x.swapaxes(1, 2)  # [B, Hkv, S, D]
+    full = ops.causal_attention(q, k, v, jnp.ones((b, t), bool), window, logit_softcap=cap)
+    chunk = ops.chunk_attention(q[:, -4:], cache(k), cache(v), jnp.tile(jnp.arange(t - 4, t), (b, 1)),
+                                window, logit_softcap=cap)
+    last = ops.decode_attention(q[:, -1], cache(k), cache(v), jnp.full(b, t, jnp.int32), window,
+                                logit_softcap=cap)
+    np.testing.assert_allclose(full, exact, atol=1e-5)
+    np.testing.assert_allclose(chunk, exact[:, -4:], atol=1e-5)
+    np.testing.assert_allclose(last, exact[:, -1], atol=1e-5)

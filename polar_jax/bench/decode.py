@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from models.kv_cache import KVCache, PagedKVCache
+from models.registry import BENCH_SHAPES as ARCHS  # the --arch shapes of every family
 from models.sharding import (
     batch_sharding,
     check_split,
@@ -66,38 +67,6 @@ from polar_jax.settings import ROUTER_WEIGHTS
 from polar_jax.validate import cli_list
 
 RANDOM_ROUTER_RANK = 1024  # of the random routers timed where no trained ones are given
-
-_OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048,
-            activation_function="relu", do_layer_norm_before=True)
-_LLAMA = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False)
-ARCHS = {
-    "tiny": dict(_OPT, vocab_size=512, hidden_size=64, ffn_dim=256, num_hidden_layers=2,
-                 num_attention_heads=4),
-    "opt-6.7b": dict(_OPT, hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32),
-    "opt-13b": dict(_OPT, hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40),
-    "opt-30b": dict(_OPT, hidden_size=7168, ffn_dim=28672, num_hidden_layers=48, num_attention_heads=56),
-    "llama-2-7b": dict(_LLAMA, vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                       max_position_embeddings=4096, rope_theta=10000.0),
-    "llama-3-8b": dict(_LLAMA, vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       max_position_embeddings=8192, rope_theta=500000.0),
-    "llama-3.1-70b": dict(_LLAMA, vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                          max_position_embeddings=131072,
-                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                            high_freq_factor=4.0,
-                                            original_max_position_embeddings=8192),
-                          rope_theta=500000.0),
-    "qwen2-7b": dict(_LLAMA, model_type="qwen2", vocab_size=152064, hidden_size=3584,
-                     intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
-                     rms_norm_eps=1e-6),
-    "mistral-7b": dict(_LLAMA, model_type="mistral", vocab_size=32000, hidden_size=4096,
-                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, max_position_embeddings=32768, sliding_window=4096,
-                       rope_theta=10000.0),
-}
 
 
 def arch_hf_config(name: str, max_len: int, layers: int | None = None) -> dict:

@@ -212,7 +212,8 @@ class Engine:
         self.decoder, self.config = decoder, config
         self.max_slots = validate.integer("--max-slots", max_slots, low=1,
                                           high=CALIBRATION_BATCH_SIZES[-1])
-        limit = config.max_position_embeddings
+        # A longrope model's sequences stop before its switch (`ModelConfig.longrope_switch`).
+        limit = config.longrope_switch or config.max_position_embeddings
         max_len = validate.integer("--max-len", limit if max_len is None else max_len, low=2,
                                    high=limit)
         self.max_len = max_len  # a sequence's positions, prompt and completion together
