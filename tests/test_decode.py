@@ -257,13 +257,15 @@ def test_cli_generate_errors(tmp_path, capsys):
 
 
 def test_package_level_generate(tmp_path):
-    """`polar_jax.generate` is the documented Python entry point."""
+    """`polar_jax.generate` is the documented Python entry point (given a path or a
+    `Decoder`)."""
     import polar_jax
 
     src = fixture_path("fixtures", "tiny-opt")
     decoder = Decoder.load(str(src), jnp.float32)
-    for prompts in (["The history of", "Once upon"], [[5, 6, 7], [9, 8]]):
-        out = polar_jax.generate(str(src), prompts, max_new_tokens=6, dtype=jnp.float32)
+    for model, dtype, prompts in ((str(src), jnp.float32, ["The history of", "Once upon"]),
+                                  (decoder, None, [[5, 6, 7], [9, 8]])):  # (its compile shared)
+        out = polar_jax.generate(model, prompts, max_new_tokens=6, dtype=dtype)
         greedy = decoder.generate(prompts, 6)
         assert [c.tokens for c in out.completions] == [c.tokens for c in greedy.completions]
         assert [c.prompt for c in out.completions] == [p if isinstance(p, str) else None
