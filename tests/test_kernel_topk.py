@@ -75,6 +75,7 @@ def test_topk_matches_references(rng, dtype, N, chunk):
         np.testing.assert_array_equal(got, np.asarray(topk_indices_reference(jnp.asarray(x), k)))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_topk_public_wrapper_dtypes_and_1d(rng, dtype):
     N = int(rng.integers(50, 3000))
     k = int(rng.integers(1, N + 1))
