@@ -63,8 +63,47 @@ COSTLIEST_FIRST = ("routers:tiny-opt", "routers:tiny-llama", "test_decode.py", "
                    "test_perplexity.py")
 
 
+# `pytest -m quick`: a few cheap tests of every package (kernels, models, convert, routers,
+# decoding, the engine, the server's parsing, the CLI), for iteration. Per file, test names:
+# a function's name takes all its cases, `name[id]` one case. A name that matches nothing in a
+# collected file is an error (a renamed test must not drop out silently).
+QUICK = {
+    "test_imports.py": ("test_imports_flow_one_way",),
+    "test_kernel_kv_write.py": ("test_write_matches_references[3-5-17-24-bfloat16]",
+                                "test_bad_arguments"),
+    "test_kernel_sparse_attention.py": ("test_all_groups_default_and_jit", "test_argument_errors"),
+    "test_kernel_selective_mlp.py": ("test_order_of_indices_does_not_matter_and_jit",
+                                     "test_argument_errors"),
+    "test_kernel_neuron_scores.py": ("test_quantize_rows", "test_bad_arguments"),
+    "test_kernel_skinny_matmul.py": ("test_skinny_matmul_refuses_bad_arguments",),
+    "test_kernel_topk.py": ("test_topk_matches_references[float32-100]", "test_topk_bad_arguments"),
+    "test_config_validation.py": ("test_bad_field_is_named_in_one_line",
+                                  "test_parsed_fields_agree_with_transformers"),
+    "test_model_parity.py": ("test_padded_batch[opt-pre-ln]", "test_padded_batch[llama-3.1-gqa]"),
+    "test_step.py": ("test_kv_cache_shapes_and_bytes",
+                     "test_prefill_and_decode_step_over_slots_equal_the_full_forward[llama-gqa-xla]"),
+    "test_convert_errors.py": ("test_unsupported_model_type_lists_supported_types",
+                               "test_missing_tensor_is_named", "test_sharded_safetensors_matches_hf"),
+    "test_files_safety.py": ("test_finite_checks_against_numpy",),
+    "test_model_dir.py": ("test_everything_is_read_once",),
+    "test_routers.py": ("test_batch_neuron_scores_break_ties_by_probability",
+                        "test_calibration_against_brute_force", "test_unstack_int8_mlp_up"),
+    "test_router_training_errors.py": ("test_damaged_metadata_is_refused_in_one_line[negative k]",),
+    "test_decode.py": ("test_greedy_equals_hf_on_ragged_batch[llama-3.1-gqa]",
+                       "test_filtered_logits_against_numpy", "test_bucketing"),
+    "test_sparsity.py": ("test_teacher_forced_decode_equals_sparse_evaluation[opt-pre-ln-1-False]",),
+    "test_engine.py": ("test_bad_requests_are_refused_in_one_line",),
+    "test_api_errors.py": ("test_bad_prompts", "test_bad_settings"),
+    "test_serve.py": ("test_chat_prompt_applies_the_template",),
+    "test_perplexity.py": ("test_windows_keep_a_last_window_of_at_least_two_tokens",),
+    "test_bench_args.py": ("test_bad_argument_is_refused_in_one_line",),
+    "test_cli_usability.py": ("test_version", "test_usage_errors_are_one_line"),
+}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "routers(name): the trained_routers fixture the test uses")
+    config.addinivalue_line("markers", "quick: in the quick subset (`pytest -m quick`, QUICK)")
     # `--dist loadgroup` would reorder the groups by their number of tests (most first): keep
     # the order `pytest_collection_finish` gives them.
     if hasattr(config.option, "loadscopereorder"):
@@ -87,13 +126,22 @@ def pytest_collection_modifyitems(config, items):
     """GPU tests skip on a CPU. Under pytest-xdist (`-n 2 --dist loadgroup`), the tests that
     use the routers `trained_routers` trains on one fixture are one group, so those routers are
     trained once, and each file's other tests are one group, so its module fixtures are built
-    once."""
+    once. The tests QUICK names are marked `quick`."""
     on_gpu = jax.default_backend() == "gpu"
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU; the default JAX backend is CPU")
+    quick = set()  # (file, name) of the QUICK entries met
     for item in items:
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip)
         item.add_marker(pytest.mark.xdist_group(_group(item)))
+        names = {item.name, item.originalname} & set(QUICK.get(item.path.name, ()))
+        if names:
+            item.add_marker(pytest.mark.quick)
+            quick |= {(item.path.name, name) for name in names}
+    if all("::" not in arg for arg in config.args):  # whole files collected
+        files = {item.path.name for item in items} & QUICK.keys()
+        if missing := {(file, name) for file in files for name in QUICK[file]} - quick:
+            raise pytest.UsageError(f"conftest.QUICK names tests that do not exist: {sorted(missing)}")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's hook, which sends the collection
