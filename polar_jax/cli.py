@@ -46,7 +46,8 @@ def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str) -> None:
                              f"{_default(SparsitySettings.attn_topk)}")
     parser.add_argument("--dense-layers", type=settings.cli_type("dense_layers", settings.parse_layers),
                         help=f"{needs}: comma-separated layers whose attention stays dense "
-                             f"{_default(SparsitySettings.dense_layers)}")
+                             "(default: 0, or none with routers that carry a calibrated "
+                             "per-layer budget)")
     parser.add_argument("--router-weights", choices=settings.ROUTER_WEIGHTS,
                         help=f"{needs}: the MLP router's second projection in the compute dtype, "
                              f"or int8 with a float32 scale per neuron (half the bytes of "
@@ -101,6 +102,13 @@ def _sparsity(args, **extra) -> SparsitySettings:
     return SparsitySettings(**settings.given(attn_topk=args.attn_topk,
                                              dense_layers=args.dense_layers,
                                              router_weights=args.router_weights, **extra))
+
+
+def _dense_layers_text(dense_layers) -> str:
+    """--dense-layers as given, for messages (None: the default)."""
+    if dense_layers is None:
+        return "default (0, or none with a calibrated budget)"
+    return ",".join(map(str, dense_layers)) or "none"
 
 
 def _refuse(args, dests: tuple[str, ...], needs: str) -> None:
@@ -161,7 +169,9 @@ def _cmd_eval_perplexity(args) -> int:
         make_ops = lambda key_valid, routers: MaskedOps(key_valid, args.mode, plan,
                                                         config.num_kv_heads, routers)
         result = run(make_ops=make_ops, routers=routers)
-        result.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers),
+        result.update(attn_topk=sparsity.attn_topk, dense_layers=sparsity.dense_layers,
+                      attn_groups_per_layer=[config.num_kv_heads if k is None else k * plan.shards
+                                             for k in plan.attn_groups],
                       mlp_batch_size=sparsity.mlp_batch_size,
                       router_weights=sparsity.router_weights,
                       mlp_neurons_per_layer=list(plan.mlp_neurons))
@@ -211,7 +221,7 @@ def _cmd_generate(args) -> int:
                "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3),
                "tp": args.tp, "dp": args.dp}
     if decoder.sparse:
-        summary.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers),
+        summary.update(attn_topk=sparsity.attn_topk, dense_layers=sparsity.dense_layers,
                        router_weights=sparsity.router_weights)
     if args.json:
         for c in result.completions:
@@ -227,7 +237,7 @@ def _cmd_generate(args) -> int:
     mode = summary["mode"]
     if decoder.sparse:
         mode += (f" (attn-topk {sparsity.attn_topk:g}, dense layers "
-                 f"{','.join(map(str, sparsity.dense_layers)) or 'none'})")
+                 f"{_dense_layers_text(sparsity.dense_layers)})")
     print(f"=== summary: {mode}, {summary['new_tokens']} new tokens at batch size "
           f"{summary['batch_size']}: {summary['tokens_per_second']:.1f} tokens/s "
           f"({summary['seconds']:.2f} s, plus {summary['compile_seconds']:.1f} s compiling)")
@@ -256,7 +266,7 @@ def _cmd_serve(args) -> int:
     mode = "dense"
     if args.routers:
         mode = (f"sparse: attn-topk {sparsity.attn_topk:g}, dense layers "
-                f"{','.join(map(str, sparsity.dense_layers)) or 'none'}"
+                f"{_dense_layers_text(sparsity.dense_layers)}"
                 + (", int8 MLP router" if sparsity.int8_mlp_up else ""))
     mesh = None
     if args.tp > 1:
@@ -288,9 +298,14 @@ def _cmd_train_routers(args) -> int:
     inputs = {"the model": args.model, "the text file": args.text}
     check_destination(args.out, force=args.force, inputs=inputs)  # before anything is read
     text = read_text(args.text)
-    train_settings = TrainSettings(attn_topk=args.attn_topk, mlp_rank=args.mlp_rank,
+    if not args.attn_rank:
+        _refuse(args, ("attn_activation",), "with --attn-rank (the low-rank attention router)")
+    train_settings = TrainSettings(attn_topk=args.attn_topk, attn_budget=args.attn_budget,
+                                   attn_rank=args.attn_rank,
+                                   attn_loss=args.attn_loss, mlp_rank=args.mlp_rank,
                                    epochs=args.epochs, batch_size=args.batch_size,
-                                   learning_rate=args.lr, seed=args.seed)
+                                   learning_rate=args.lr, seed=args.seed,
+                                   **settings.given(attn_activation=args.attn_activation))
     mesh = _mesh(args)  # joins the other processes before anything starts JAX's backend
     dtype = settings.compute_dtype(args.dtype)
     model_dir = ModelDir.open(args.model)
@@ -299,7 +314,8 @@ def _cmd_train_routers(args) -> int:
     summary = train_routers(model, config, ids, args.out, train_settings, seq_len=args.seq_len,
                             progress=not args.quiet, force=args.force, inputs=inputs, mesh=mesh)
     if args.json:
-        keys = ("attn_recall_mean", "attn_recall_per_layer", "mlp_recall_mean",
+        keys = ("attn_recall_mean", "attn_recall_per_layer", "attn_groups_per_layer",
+                "attn_recall_per_layer_budget", "mlp_recall_mean",
                 "mlp_recall_per_layer", "mlp_topk", "tokens_train", "tokens_heldout", "attn_topk",
                 "attn_groups_kept", "seconds")
         print(json.dumps({k: summary[k] for k in keys} | {"out": args.out}))
@@ -448,6 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     # The defaults of TrainSettings and train_routers (not imported here: --help stays fast).
     tr.add_argument("--attn-topk", type=settings.cli_type("attn_topk", float), default=0.5,
                     help="fraction of KV groups kept per token (labels and metrics)")
+    tr.add_argument("--attn-budget", choices=("uniform", "adaptive"), default="uniform",
+                    help="groups kept per layer: --attn-topk of every layer's, or calibrated per "
+                         "layer on held-out tokens (averaging --attn-topk; multiples of --tp), "
+                         "stored with the routers for decoding, evaluation and serving")
+    tr.add_argument("--attn-rank", type=_positive,
+                    help="the attention router's form: a low-rank two-layer router of this rank "
+                         "(default: linear, d -> KV groups)")
+    tr.add_argument("--attn-activation", choices=("relu", "silu"),
+                    help="with --attn-rank: the low-rank router's activation (default: relu)")
+    tr.add_argument("--attn-loss", choices=("bce", "rank"), default="bce",
+                    help="attention router loss: BCE on the top-k groups, or pairwise ranking "
+                         "of the groups' output norms")
     tr.add_argument("--mlp-rank", type=_positive, default=1024, help="MLP router rank (capped at d)")
     tr.add_argument("--epochs", type=_positive, default=10, help="at most; early stopping")
     tr.add_argument("--batch-size", type=_positive, default=64, help="tokens per step")

@@ -90,11 +90,12 @@ class GenerationSettings(_Checked):
 @dataclasses.dataclass(frozen=True)
 class SparsitySettings(_Checked):
     """Polar Sparsity with routers: the fraction of KV groups each sequence reads, the layers
-    whose attention stays dense, (evaluation) the batch size whose calibrated MLP k is used,
-    and how the MLP router's second projection is stored (`ROUTER_WEIGHTS`)."""
+    whose attention stays dense (None: layer 0, or none where the routers carry a calibrated
+    per-layer budget), (evaluation) the batch size whose calibrated MLP k is used, and how the
+    MLP router's second projection is stored (`ROUTER_WEIGHTS`)."""
 
     attn_topk: float = 0.5
-    dense_layers: tuple[int, ...] = (0,)
+    dense_layers: tuple[int, ...] | None = None
     mlp_batch_size: int = 1
     router_weights: str = "compute"
 

@@ -14,12 +14,21 @@ import numpy as np
 from jax.sharding import Mesh
 
 from models import ModelConfig
+from models.sharding import tp_size
 from pallas_kernels.selection import groups_to_keep, mlp_topk_step
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import Staging, atomic_output, check_destination
+from routers.budget import calibrate_attn_budget
 from routers.collect import collect
 from routers.model import model_fingerprint, write_routers
-from routers.train import TrainSettings, calibrate_mlp_topk, check_batch_split, evaluate, train
+from routers.train import (
+    TrainSettings,
+    calibrate_mlp_topk,
+    check_batch_split,
+    evaluate,
+    train,
+    uniform_groups,
+)
 
 HELDOUT_FRACTION = 0.2
 
@@ -77,7 +86,16 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
             for name, part in zip(("train", "calib", "metric"), parts))
         collect_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        routers, history = train(config, train_data, calib_data, settings, progress, mesh)
+        uniform = uniform_groups(config, settings.attn_topk)
+        attn_groups, budget_costs = uniform, None
+        if settings.attn_budget == "adaptive":
+            attn_groups, budget_costs = calibrate_attn_budget(
+                model, config, parts[1], settings.attn_topk, tp_size(mesh), seq_len,
+                collect_batch_size, progress)
+        budget_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        routers, history = train(config, train_data, calib_data, settings, progress, mesh,
+                                 attn_groups)
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         mlp_topk = None
@@ -85,12 +103,21 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
             mlp_topk = calibrate_mlp_topk(routers, config, calib_data, seed=settings.seed,
                                           progress=progress)
         calibrate_seconds = time.perf_counter() - start
-        metrics = evaluate(routers, config, metric_data, settings.attn_topk,
+        metrics = evaluate(routers, config, metric_data, uniform,
                            None if mlp_topk is None else mlp_topk[1])
+        if budget_costs is not None:  # recall at the calibrated counts
+            metrics["attn_recall_per_layer_budget"] = evaluate(
+                routers, config, metric_data, attn_groups, None)["attn_recall_per_layer"]
         summary = {
             "model": model_fingerprint(config),
             "attn_topk": settings.attn_topk,
             "attn_groups_kept": groups_to_keep(settings.attn_topk, config.num_kv_heads),
+            "attn_budget": settings.attn_budget,
+            "attn_groups_per_layer": None if budget_costs is None else list(attn_groups),
+            "attn_budget_nll_increase": None if budget_costs is None else [
+                [None if np.isnan(c) else round(float(c), 5) for c in row] for row in budget_costs],
+            "attn_rank": settings.attn_rank,
+            "attn_activation": settings.attn_activation,
             "mlp_rank": min(settings.mlp_rank, config.hidden_size),
             **metrics,
             "mlp_topk": None if mlp_topk is None else {str(b): k for b, k in mlp_topk.items()},
@@ -100,7 +127,8 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray, out: str | Path,
             "tokens_calibration": calib_data.num_tokens,
             "history": history,
             "settings": dataclasses.asdict(settings),
-            "seconds": {"collect": round(collect_seconds, 2), "train": round(train_seconds, 2),
+            "seconds": {"collect": round(collect_seconds, 2), "budget": round(budget_seconds, 2),
+                        "train": round(train_seconds, 2),
                         "calibrate": round(calibrate_seconds, 2)},
         }
         write_routers(routers, summary, staging.path)
