@@ -145,7 +145,7 @@ def _cmd_eval_perplexity(args) -> int:
     if not args.routers:
         _refuse(args, ("mlp_batch_size",), "with --routers (it picks their calibrated MLP k)")
     if args.mode != "sparse":
-        _refuse(args, ("router_weights",), "with --mode sparse (the routers' scores)")
+        _refuse(args, ("router_weights", "with_oracle"), "with --mode sparse (the routers' scores)")
     sparsity = _sparsity(args, mlp_batch_size=args.mlp_batch_size)
     text = read_text(args.text)
     mesh = _mesh(args)  # joins the other processes before anything starts JAX's backend
@@ -175,7 +175,11 @@ def _cmd_eval_perplexity(args) -> int:
                       mlp_batch_size=sparsity.mlp_batch_size,
                       router_weights=sparsity.router_weights,
                       mlp_neurons_per_layer=list(plan.mlp_neurons))
-        if args.with_dense:
+        if args.with_oracle:
+            oracle_ops = lambda key_valid, routers: MaskedOps(key_valid, "oracle", plan,
+                                                              config.num_kv_heads, routers)
+            result["oracle_perplexity"] = run(make_ops=oracle_ops)["perplexity"]
+        if args.with_dense or args.with_oracle:
             result["dense_perplexity"] = run()["perplexity"]
     result.update(mode=args.mode, model=args.model, dtype=jnp.dtype(dtype).name,
                   seq_len=args.seq_len, tp=args.tp, dp=args.dp,
@@ -187,7 +191,13 @@ def _cmd_eval_perplexity(args) -> int:
         print(f"perplexity {result['perplexity']:.4f}{extra} over {result['tokens']} tokens "
               f"({result['windows']} windows of {args.seq_len}, {result['dtype']}, "
               f"{result['seconds']:.1f} s)")
-        if "dense_perplexity" in result:
+        if "oracle_perplexity" in result:
+            dense, oracle, sparse = (result[key] for key in
+                                     ("dense_perplexity", "oracle_perplexity", "perplexity"))
+            print(f"dense {dense:.4f}  oracle {oracle:.4f} ({oracle / dense - 1:+.2%})  sparse "
+                  f"{sparse:.4f} ({sparse / dense - 1:+.2%}; {sparse / oracle - 1:+.2%} against "
+                  f"the oracle), on the same windows")
+        elif "dense_perplexity" in result:
             print(f"dense perplexity {result['dense_perplexity']:.4f}")
     return 0
 
@@ -386,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{_default(SparsitySettings.mlp_batch_size)}")
     ppl.add_argument("--with-dense", action="store_true",
                      help="with --mode sparse or oracle: also report the dense perplexity")
+    ppl.add_argument("--with-oracle", action="store_true",
+                     help="with --mode sparse: also the oracle's and the dense perplexity, on the "
+                          "same windows (the sparse path's gap to the oracle in one command)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device_args(ppl)
     ppl.set_defaults(run=_cmd_eval_perplexity)

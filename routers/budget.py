@@ -22,7 +22,7 @@ from tqdm import tqdm
 from models import ModelConfig
 from models.ops import NO_RECORD, DenseOps, group_output_energy, keep_groups
 from polar_jax.errors import PolarJaxError
-from polar_jax.windows import make_windows
+from polar_jax.windows import stream_windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +74,17 @@ def budget_total(config: ModelConfig, attn_topk: float, shards: int) -> int:
     return max(total, shards * config.num_layers)
 
 
-def calibrate_attn_budget(model, config: ModelConfig, ids: np.ndarray, attn_topk: float,
+def calibrate_attn_budget(model, config: ModelConfig, ids: np.ndarray | list[np.ndarray],
+                          attn_topk: float,
                           shards: int = 1, seq_len: int = 512, batch_size: int = 8,
                           progress: bool = False) -> tuple[tuple[int, ...], np.ndarray]:
     """(groups kept per layer, the costs `[L, Hkv + 1]`: mean NLL increases, NaN where not
-    measured) on the held-out token ids `ids`, cut into windows of `seq_len`."""
+    measured) on the held-out token ids `ids` (one stream or several), cut into windows of
+    `seq_len`."""
     groups = config.num_kv_heads
     if groups % shards:
         raise PolarJaxError(f"--tp {shards} must divide the model's {groups} KV groups")
-    tokens, mask = make_windows(ids, seq_len)
+    tokens, mask = stream_windows(ids, seq_len)
     if len(tokens) == 0:
         raise PolarJaxError("the adaptive attention budget needs at least 2 held-out tokens")
     batch_size = min(batch_size, len(tokens))

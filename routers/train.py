@@ -318,10 +318,10 @@ def calibrate_mlp_topk(routers: Routers, config: ModelConfig, data: Collected,
 
 def evaluate(routers: Routers, config: ModelConfig, data: Collected,
              attn_groups: tuple[int, ...], mlp_topk_batch1: list[int] | None,
-             batch_size: int = 4096) -> dict:
-    """Held-out recall per layer: of the oracle top-k groups by the router's top-k (k =
-    `attn_groups[layer]`), and (MLP) of the active neurons by the router's top-k at the
-    batch-1 calibrated k."""
+             batch_size: int = 4096, tokens: range | None = None) -> dict:
+    """Held-out recall per layer over the `tokens` of `data` (default: all): of the oracle
+    top-k groups by the router's top-k (k = `attn_groups[layer]`), and (MLP) of the active
+    neurons by the router's top-k at the batch-1 calibrated k."""
     k = np.asarray(attn_groups, np.int32)[:, None, None]
     L, n = config.num_layers, config.mlp_dim
 
@@ -340,11 +340,12 @@ def evaluate(routers: Routers, config: ModelConfig, data: Collected,
         return out
 
     totals: dict[str, np.ndarray] = {}
-    for start in range(0, data.num_tokens, batch_size):
-        idx = np.arange(start, min(start + batch_size, data.num_tokens))
+    tokens = range(data.num_tokens) if tokens is None else tokens
+    for start in range(tokens.start, tokens.stop, batch_size):
+        idx = np.arange(start, min(start + batch_size, tokens.stop))
         for key, value in hits(_read(data, idx)).items():
             totals[key] = totals.get(key, 0) + np.asarray(value, np.float64)
-    attn = totals["attn"] / (k[:, 0, 0] * data.num_tokens)
+    attn = totals["attn"] / (k[:, 0, 0] * len(tokens))
     result = {"attn_recall_per_layer": attn.round(4).tolist(),
               "attn_recall_mean": float(attn[1:].mean() if L > 1 else attn.mean())}
     if mlp_topk_batch1 is not None:
