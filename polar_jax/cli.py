@@ -21,6 +21,18 @@ from polar_jax.settings import EvalSettings, GenerationSettings, SparsitySetting
 _positive = validate.cli_type(validate.integer, int, low=1)
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    """--text-weights: "3,1" -> (3.0, 1.0), each a positive number."""
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: give comma-separated positive "
+                                         "numbers, e.g. 3,1") from None
+    if not all(0 < w < float("inf") for w in weights):
+        raise argparse.ArgumentTypeError(f"{text!r}: every weight must be a positive number")
+    return weights
+
+
 def _default(value) -> str:
     """ "(default: VALUE)" for the help of an option that defaults to None until checked."""
     if isinstance(value, tuple):
@@ -300,14 +312,19 @@ def _cmd_train_routers(args) -> int:
 
     from polar_jax.evaluate import read_text
     from polar_jax.loading import ModelDir
-    from routers.pipeline import train_routers
+    from routers.pipeline import mix_corpora, train_routers
     from routers.train import TrainSettings
 
     from polar_jax.files import check_destination
 
-    inputs = {"the model": args.model, "the text file": args.text}
+    if len(set(args.text)) < len(args.text):
+        raise PolarJaxError(f"--text names a file twice ({', '.join(args.text)}): give each "
+                            "corpus once and weigh them with --text-weights")
+    if len(args.text) == 1:
+        _refuse(args, ("text_weights",), "with several --text files")
+    inputs = {"the model": args.model, **{f"the text file {path}": path for path in args.text}}
     check_destination(args.out, force=args.force, inputs=inputs)  # before anything is read
-    text = read_text(args.text)
+    texts = {path: read_text(path) for path in args.text}
     if not args.attn_rank:
         _refuse(args, ("attn_activation",), "with --attn-rank (the low-rank attention router)")
     train_settings = TrainSettings(attn_topk=args.attn_topk, attn_budget=args.attn_budget,
@@ -320,13 +337,16 @@ def _cmd_train_routers(args) -> int:
     dtype = settings.compute_dtype(args.dtype)
     model_dir = ModelDir.open(args.model)
     config, model, tokenizer = model_dir.config, model_dir.load(dtype, mesh), model_dir.tokenizer
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
-    summary = train_routers(model, config, ids, args.out, train_settings, seq_len=args.seq_len,
+    corpora = mix_corpora({path: np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"],
+                                            np.int32) for path, text in texts.items()},
+                          args.text_weights, args.max_tokens)
+    summary = train_routers(model, config, corpora, args.out, train_settings, seq_len=args.seq_len,
                             progress=not args.quiet, force=args.force, inputs=inputs, mesh=mesh)
     if args.json:
         keys = ("attn_recall_mean", "attn_recall_per_layer", "attn_groups_per_layer",
                 "attn_recall_per_layer_budget", "mlp_recall_mean",
-                "mlp_recall_per_layer", "mlp_topk", "tokens_train", "tokens_heldout", "attn_topk",
+                "mlp_recall_per_layer", "mlp_topk", "tokens_train", "tokens_heldout",
+                "tokens_per_corpus", "attn_recall_per_corpus", "attn_topk",
                 "attn_groups_kept", "seconds")
         print(json.dumps({k: summary[k] for k in keys} | {"out": args.out}))
         return 0
@@ -346,6 +366,15 @@ def _cmd_train_routers(args) -> int:
     print(f"{'mean*':>5} {summary['attn_recall_mean']:>11.4f} "
           f"{'-' if mean_mlp is None else f'{mean_mlp:.4f}':>10}   (*layers after the first; "
           f"attention at {summary['attn_groups_kept']} of {config.num_kv_heads} groups)")
+    if len(summary["attn_recall_per_corpus"]) > 1:
+        for name, recall in summary["attn_recall_per_corpus"].items():
+            print(f"attention recall* {recall:.4f} on {name} "
+                  f"({summary['tokens_per_corpus'][name]} tokens)")
+    if summary["attn_groups_per_layer"] is not None:
+        print("adaptive budget, groups kept per layer: "
+              + " ".join(map(str, summary["attn_groups_per_layer"]))
+              + f" (of {config.num_kv_heads}); recall at these counts: "
+              + " ".join(f"{r:.4f}" for r in summary["attn_recall_per_layer_budget"]))
     return 0
 
 
@@ -470,10 +499,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "layer's routers together (Optax AdamW, weighted BCE), calibrate the MLP "
                     "top-k per batch size, measure held-out recall and save the routers.")
     _add_model_args(tr)
-    tr.add_argument("--text", required=True, help="UTF-8 training text (e.g. WikiText-2 valid)")
+    tr.add_argument("--text", required=True, action="append",
+                    help="UTF-8 training text (e.g. WikiText-2 valid); repeat to mix corpora, "
+                         "each held out in the same proportions, recall reported per corpus")
+    tr.add_argument("--text-weights", type=_weights,
+                    help="with several --text: comma-separated shares of the tokens drawn from "
+                         "each (default: weighted by tokens, each file's own share)")
     tr.add_argument("--out", required=True, help="routers directory to write")
     tr.add_argument("--max-tokens", type=settings.cli_type("max_tokens"),
-                    help="use the first N tokens (default: all)")
+                    help="use N tokens, the first of each text by its share (default: all, or "
+                         "the most the texts supply at --text-weights)")
     # The defaults of TrainSettings and train_routers (not imported here: --help stays fast).
     tr.add_argument("--attn-topk", type=settings.cli_type("attn_topk", float), default=0.5,
                     help="fraction of KV groups kept per token (labels and metrics)")

@@ -51,6 +51,7 @@ def mix_corpora(corpora: Mapping[str, np.ndarray], weights: Sequence[float] | No
     names, lengths = list(corpora), np.array([len(ids) for ids in corpora.values()], np.int64)
     if weights is None:
         weights = lengths
+        max_tokens = None if max_tokens is None else min(max_tokens, int(lengths.sum()))
     elif len(weights) != len(names):
         raise PolarJaxError(f"--text-weights has {len(weights)} weights for {len(names)} --text "
                             "files: give one weight per file")
