@@ -55,7 +55,8 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
 def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str) -> None:
     parser.add_argument("--attn-topk", type=settings.cli_type("attn_topk", float),
                         help=f"{needs}: fraction of KV groups each token reads "
-                             f"{_default(SparsitySettings.attn_topk)}")
+                             "(default: 0.5, or the routers' own where they carry a "
+                             "calibrated per-layer budget)")
     parser.add_argument("--dense-layers", type=settings.cli_type("dense_layers", settings.parse_layers),
                         help=f"{needs}: comma-separated layers whose attention stays dense "
                              "(default: 0, or none with routers that carry a calibrated "
@@ -116,6 +117,11 @@ def _sparsity(args, **extra) -> SparsitySettings:
                                              router_weights=args.router_weights, **extra))
 
 
+def _topk_text(attn_topk) -> str:
+    """--attn-topk as given, for messages (None: the default)."""
+    return "default (0.5, or the routers' calibrated budget)" if attn_topk is None else f"{attn_topk:g}"
+
+
 def _dense_layers_text(dense_layers) -> str:
     """--dense-layers as given, for messages (None: the default)."""
     if dense_layers is None:
@@ -146,7 +152,7 @@ def _cmd_eval_perplexity(args) -> int:
 
     from polar_jax.evaluate import perplexity, read_text
     from polar_jax.loading import ModelDir
-    from polar_jax.sparsity import MaskedOps, SparsityPlan
+    from polar_jax.sparsity import MaskedOps, SparsityPlan, attn_topk_of
     from routers.model import load_routers
 
     if args.mode == "dense":
@@ -176,12 +182,13 @@ def _cmd_eval_perplexity(args) -> int:
     if args.mode == "dense":
         result = run()
     else:
-        plan = SparsityPlan.build(config, metadata, sparsity.attn_topk, sparsity.dense_layers,
+        attn_topk = attn_topk_of(metadata, sparsity.attn_topk)
+        plan = SparsityPlan.build(config, metadata, attn_topk, sparsity.dense_layers,
                                   sparsity.mlp_batch_size, shards=args.tp)
         make_ops = lambda key_valid, routers: MaskedOps(key_valid, args.mode, plan,
                                                         config.num_kv_heads, routers)
         result = run(make_ops=make_ops, routers=routers)
-        result.update(attn_topk=sparsity.attn_topk, dense_layers=sparsity.dense_layers,
+        result.update(attn_topk=attn_topk, dense_layers=sparsity.dense_layers,
                       attn_groups_per_layer=[config.num_kv_heads if k is None else k * plan.shards
                                              for k in plan.attn_groups],
                       mlp_batch_size=sparsity.mlp_batch_size,
@@ -199,7 +206,7 @@ def _cmd_eval_perplexity(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        extra = "" if args.mode == "dense" else f" ({args.mode}, {sparsity.attn_topk:g} of KV groups)"
+        extra = "" if args.mode == "dense" else f" ({args.mode}, {result['attn_topk']:g} of KV groups)"
         print(f"perplexity {result['perplexity']:.4f}{extra} over {result['tokens']} tokens "
               f"({result['windows']} windows of {args.seq_len}, {result['dtype']}, "
               f"{result['seconds']:.1f} s)")
@@ -258,7 +265,7 @@ def _cmd_generate(args) -> int:
         print(f"=== completion {i} of {count} ({len(c.tokens)} tokens)\n{bold[0]}{c.text}{bold[1]}")
     mode = summary["mode"]
     if decoder.sparse:
-        mode += (f" (attn-topk {sparsity.attn_topk:g}, dense layers "
+        mode += (f" (attn-topk {_topk_text(sparsity.attn_topk)}, dense layers "
                  f"{_dense_layers_text(sparsity.dense_layers)})")
     print(f"=== summary: {mode}, {summary['new_tokens']} new tokens at batch size "
           f"{summary['batch_size']}: {summary['tokens_per_second']:.1f} tokens/s "
@@ -287,7 +294,7 @@ def _cmd_serve(args) -> int:
     sparsity = _sparsity(args)
     mode = "dense"
     if args.routers:
-        mode = (f"sparse: attn-topk {sparsity.attn_topk:g}, dense layers "
+        mode = (f"sparse: attn-topk {_topk_text(sparsity.attn_topk)}, dense layers "
                 f"{_dense_layers_text(sparsity.dense_layers)}"
                 + (", int8 MLP router" if sparsity.int8_mlp_up else ""))
     mesh = None

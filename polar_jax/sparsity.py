@@ -43,8 +43,19 @@ from pallas_kernels.selection import (
     shard_topk_mask,
 )
 from polar_jax import validate
+from polar_jax.settings import DEFAULT_ATTN_TOPK
 from polar_jax.errors import PolarJaxError
 from routers.model import LayerRouters
+
+
+def attn_topk_of(metadata: dict | None, attn_topk: float | None) -> float:
+    """The fraction of KV groups kept: `attn_topk` as given, else the routers' own where they
+    carry a calibrated per-layer budget, else `DEFAULT_ATTN_TOPK`."""
+    if attn_topk is not None:
+        return attn_topk
+    if (metadata or {}).get("attn_groups_per_layer") is not None:
+        return metadata["attn_topk"]
+    return DEFAULT_ATTN_TOPK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +69,16 @@ class SparsityPlan:
     shards: int = 1
 
     @classmethod
-    def build(cls, config: ModelConfig, metadata: dict | None, attn_topk: float,
+    def build(cls, config: ModelConfig, metadata: dict | None, attn_topk: float | None = None,
               dense_layers=None, mlp_batch_size: int | None = 1, shards: int = 1) -> "SparsityPlan":
         """From a routers directory's metadata (as `read_metadata` checked it): k groups per
-        layer from `attn_topk`, or the routers' calibrated per-layer budget
+        layer from `attn_topk` (`attn_topk_of`), or the routers' calibrated per-layer budget
         (`attn_groups_per_layer`, for their own `attn_topk` only), and the MLP k calibrated for
         `mlp_batch_size` (the nearest calibrated size at or above it; a size beyond the largest
         calibrated one is refused), each split over `shards` (`selection.per_shard_k`; `shards`
         divides the groups). `dense_layers` stay dense (None: layer 0 for a uniform budget,
         none for a calibrated one)."""
+        attn_topk = attn_topk_of(metadata, attn_topk)
         if not 0 < attn_topk <= 1:
             raise PolarJaxError(f"--attn-topk must be in (0, 1], got {attn_topk}")
         if mlp_batch_size is not None:
