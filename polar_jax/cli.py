@@ -249,8 +249,9 @@ def _cmd_generate(args) -> int:
                "batch_size": result.batch_size, "new_tokens": result.new_tokens,
                "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3),
                "tp": args.tp, "dp": args.dp}
-    if decoder.sparse:
-        summary.update(attn_topk=sparsity.attn_topk, dense_layers=sparsity.dense_layers,
+    if decoder.sparse:  # the layers whose attention the plan keeps whole
+        dense_layers = [i for i, k in enumerate(decoder.plan_for_batch(1).attn_groups) if k is None]
+        summary.update(attn_topk=sparsity.attn_topk, dense_layers=dense_layers,
                        router_weights=sparsity.router_weights)
     if args.json:
         for c in result.completions:
@@ -266,7 +267,7 @@ def _cmd_generate(args) -> int:
     mode = summary["mode"]
     if decoder.sparse:
         mode += (f" (attn-topk {_topk_text(sparsity.attn_topk)}, dense layers "
-                 f"{_dense_layers_text(sparsity.dense_layers)})")
+                 f"{','.join(map(str, summary['dense_layers'])) or 'none'})")
     print(f"=== summary: {mode}, {summary['new_tokens']} new tokens at batch size "
           f"{summary['batch_size']}: {summary['tokens_per_second']:.1f} tokens/s "
           f"({summary['seconds']:.2f} s, plus {summary['compile_seconds']:.1f} s compiling)")
@@ -329,7 +330,9 @@ def _cmd_train_routers(args) -> int:
                             "corpus once and weigh them with --text-weights")
     if len(args.text) == 1:
         _refuse(args, ("text_weights",), "with several --text files")
-    inputs = {"the model": args.model, **{f"the text file {path}": path for path in args.text}}
+    inputs = {"the model": args.model, **({"the text file": args.text[0]} if len(args.text) == 1
+                                           else {f"text file {i + 1}": path
+                                                 for i, path in enumerate(args.text)})}
     check_destination(args.out, force=args.force, inputs=inputs)  # before anything is read
     texts = {path: read_text(path) for path in args.text}
     if not args.attn_rank:
@@ -503,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser(
         "train-routers", help="train the attention-group and MLP routers of a model",
         description="Collect router data by running the dense model over a text, train every "
-                    "layer's routers together (Optax AdamW, weighted BCE), calibrate the MLP "
+                    "layer's routers together (Optax AdamW, weighted BCE or a ranking loss), "
+                    "calibrate the attention budget (adaptive) and the MLP "
                     "top-k per batch size, measure held-out recall and save the routers.")
     _add_model_args(tr)
     tr.add_argument("--text", required=True, action="append",

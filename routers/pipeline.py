@@ -175,7 +175,8 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray | Mapping[str, np.
             "tokens_per_corpus": {name: len(c) for name, c in corpora.items()},
             "history": history,
             "settings": dataclasses.asdict(settings),
-            "seconds": {"collect": round(collect_seconds, 2), "budget": round(budget_seconds, 2),
+            "seconds": {"collect": round(collect_seconds, 2),
+                        **({} if budget_costs is None else {"budget": round(budget_seconds, 2)}),
                         "train": round(train_seconds, 2),
                         "calibrate": round(calibrate_seconds, 2)},
         }
