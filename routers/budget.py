@@ -75,9 +75,8 @@ def budget_total(config: ModelConfig, attn_topk: float, shards: int) -> int:
 
 
 def calibrate_attn_budget(model, config: ModelConfig, ids: np.ndarray | list[np.ndarray],
-                          attn_topk: float,
-                          shards: int = 1, seq_len: int = 512, batch_size: int = 8,
-                          progress: bool = False) -> tuple[tuple[int, ...], np.ndarray]:
+                          attn_topk: float, shards: int = 1, seq_len: int = 512,
+                          batch_size: int = 8, progress: bool = False) -> tuple[tuple[int, ...], np.ndarray]:
     """(groups kept per layer, the costs `[L, Hkv + 1]`: mean NLL increases, NaN where not
     measured) on the held-out token ids `ids` (one stream or several), cut into windows of
     `seq_len`."""
