@@ -152,9 +152,8 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray | Mapping[str, np.
                 routers, config, metric_data, uniform, None,
                 tokens=range(first, first + count))["attn_recall_mean"]
             first += count
-        if budget_costs is not None:  # recall at the calibrated counts
-            metrics["attn_recall_per_layer_budget"] = evaluate(
-                routers, config, metric_data, attn_groups, None)["attn_recall_per_layer"]
+        metrics["attn_recall_per_layer_budget"] = None if budget_costs is None else evaluate(
+            routers, config, metric_data, attn_groups, None)["attn_recall_per_layer"]
         summary = {
             "model": model_fingerprint(config),
             "attn_topk": settings.attn_topk,
