@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from models.kv_cache import KVCache, PagedKVCache
@@ -56,6 +57,16 @@ class CausalLM(nnx.Module):
     def logits(self, hidden_states):
         """Final hidden states `[..., d_out]` -> float32 logits `[..., V]`."""
         return (self.lm_head or self.embed).attend(hidden_states)
+
+    def nll(self, tokens, mask, ops: Ops):
+        """(summed negative log-likelihood float32, count) of every token after the first of
+        each row of tokens `[B, T]` whose mask `[B, T]` is set, the blocks run by `ops`."""
+        hidden_states = self.forward(tokens, positions_from_mask(mask), ops).hidden_states
+        logits = self.logits(hidden_states[:, :-1])
+        scored = mask[:, 1:].astype(bool)
+        logp = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+        token_nll = jax.nn.logsumexp(logits, axis=-1) - logp
+        return jnp.sum(jnp.where(scored, token_nll, 0.0)), jnp.sum(scored)
 
     def __call__(self, tokens, attention_mask):
         """tokens, attention_mask `[B, T]` -> float32 logits `[B, T, V]`."""

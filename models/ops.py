@@ -45,6 +45,7 @@ from models.kv_cache import LayerKV, PagedLayerKV
 from models.layers import F32, MLP, xla_matmul
 from models.sharding import DATA, MODEL, layer_kv_specs
 from pallas_kernels._common import NEG_INF
+from pallas_kernels.selection import shard_topk_mask
 from pallas_kernels.skinny_matmul import skinny_matmul
 from pallas_kernels.sparse_attention import sparse_decode_attention
 from pallas_kernels.topk_select import topk_indices
@@ -161,6 +162,21 @@ def group_outputs(o, num_kv_heads: int):
     """o `[B, T, Hq, D]` -> `[B, T, Hkv, (Hq / Hkv) D]`: each KV group's query heads together."""
     b, t, hq, d = o.shape
     return o.reshape(b, t, num_kv_heads, (hq // num_kv_heads) * d)
+
+
+def keep_groups(o, scores, keep, shards: int = 1):
+    """Attention outputs o `[B, T, Hq, D]` with each position's KV groups outside the top
+    `keep` of `scores` `[B, T, Hkv]` zeroed, the top taken within each of `shards` slices
+    (`shard_topk_mask`); `keep` may be traced."""
+    grouped = group_outputs(o, scores.shape[-1])
+    selected = shard_topk_mask(scores, keep, shards)
+    return jnp.where(selected[..., None], grouped, 0).reshape(o.shape)
+
+
+def group_output_energy(o, num_kv_heads: int):
+    """Each KV group's summed squared attention outputs `[B, T, Hkv]` float32 (the oracle's
+    selection score), of o `[B, T, Hq, D]`."""
+    return jnp.sum(jnp.square(group_outputs(o, num_kv_heads).astype(F32)), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

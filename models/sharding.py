@@ -66,6 +66,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 ROUTER_AXES: dict[str, tuple[str, ...]] = {
     "w_in": ("embed", "router_out"),
     "attn_b": ("router_out",),
+    "attn_hidden_b": ("router_out",),
+    "attn_up": ("rank", "router_out"),
     "mlp_up": ("neurons", "rank"),
     "mlp_up_scale": ("neurons",),
 }

@@ -21,6 +21,18 @@ from polar_jax.settings import EvalSettings, GenerationSettings, SparsitySetting
 _positive = validate.cli_type(validate.integer, int, low=1)
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    """--text-weights: "3,1" -> (3.0, 1.0), each a positive number."""
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: give comma-separated positive "
+                                         "numbers, e.g. 3,1") from None
+    if not all(0 < w < float("inf") for w in weights):
+        raise argparse.ArgumentTypeError(f"{text!r}: every weight must be a positive number")
+    return weights
+
+
 def _default(value) -> str:
     """ "(default: VALUE)" for the help of an option that defaults to None until checked."""
     if isinstance(value, tuple):
@@ -43,10 +55,12 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
 def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str) -> None:
     parser.add_argument("--attn-topk", type=settings.cli_type("attn_topk", float),
                         help=f"{needs}: fraction of KV groups each token reads "
-                             f"{_default(SparsitySettings.attn_topk)}")
+                             "(default: 0.5, or the routers' own where they carry a "
+                             "calibrated per-layer budget)")
     parser.add_argument("--dense-layers", type=settings.cli_type("dense_layers", settings.parse_layers),
                         help=f"{needs}: comma-separated layers whose attention stays dense "
-                             f"{_default(SparsitySettings.dense_layers)}")
+                             "(default: 0, or none with routers that carry a calibrated "
+                             "per-layer budget)")
     parser.add_argument("--router-weights", choices=settings.ROUTER_WEIGHTS,
                         help=f"{needs}: the MLP router's second projection in the compute dtype, "
                              f"or int8 with a float32 scale per neuron (half the bytes of "
@@ -108,6 +122,18 @@ def _sparsity(args, **extra) -> SparsitySettings:
                                              router_weights=args.router_weights, **extra))
 
 
+def _topk_text(attn_topk) -> str:
+    """--attn-topk as given, for messages (None: the default)."""
+    return "default (0.5, or the routers' calibrated budget)" if attn_topk is None else f"{attn_topk:g}"
+
+
+def _dense_layers_text(dense_layers) -> str:
+    """--dense-layers as given, for messages (None: the default)."""
+    if dense_layers is None:
+        return "default (0, or none with a calibrated budget)"
+    return ",".join(map(str, dense_layers)) or "none"
+
+
 def _refuse(args, dests: tuple[str, ...], needs: str) -> None:
     """Refuses those options among `dests` that were given although they apply only `needs`."""
     settings.refuse_unused({f"--{dest.replace('_', '-')}": getattr(args, dest) for dest in dests},
@@ -131,7 +157,7 @@ def _cmd_eval_perplexity(args) -> int:
 
     from polar_jax.evaluate import perplexity, read_text
     from polar_jax.loading import ModelDir
-    from polar_jax.sparsity import MaskedOps, SparsityPlan
+    from polar_jax.sparsity import MaskedOps, SparsityPlan, attn_topk_of
     from routers.model import load_routers
 
     if args.mode == "dense":
@@ -142,7 +168,7 @@ def _cmd_eval_perplexity(args) -> int:
     if not args.routers:
         _refuse(args, ("mlp_batch_size",), "with --routers (it picks their calibrated MLP k)")
     if args.mode != "sparse":
-        _refuse(args, ("router_weights",), "with --mode sparse (the routers' scores)")
+        _refuse(args, ("router_weights", "with_oracle"), "with --mode sparse (the routers' scores)")
     sparsity = _sparsity(args, mlp_batch_size=args.mlp_batch_size)
     text = read_text(args.text)
     mesh = _mesh(args)  # joins the other processes before anything starts JAX's backend
@@ -161,16 +187,23 @@ def _cmd_eval_perplexity(args) -> int:
     if args.mode == "dense":
         result = run()
     else:
-        plan = SparsityPlan.build(config, metadata, sparsity.attn_topk, sparsity.dense_layers,
+        attn_topk = attn_topk_of(metadata, sparsity.attn_topk)
+        plan = SparsityPlan.build(config, metadata, attn_topk, sparsity.dense_layers,
                                   sparsity.mlp_batch_size, shards=args.tp)
         make_ops = lambda key_valid, routers: MaskedOps(key_valid, args.mode, plan,
                                                         config.num_kv_heads, routers)
         result = run(make_ops=make_ops, routers=routers)
-        result.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers),
+        result.update(attn_topk=attn_topk, dense_layers=sparsity.dense_layers,
+                      attn_groups_per_layer=[config.num_kv_heads if k is None else k * plan.shards
+                                             for k in plan.attn_groups],
                       mlp_batch_size=sparsity.mlp_batch_size,
                       router_weights=sparsity.router_weights,
                       mlp_neurons_per_layer=list(plan.mlp_neurons))
-        if args.with_dense:
+        if args.with_oracle:
+            oracle_ops = lambda key_valid, routers: MaskedOps(key_valid, "oracle", plan,
+                                                              config.num_kv_heads, routers)
+            result["oracle_perplexity"] = run(make_ops=oracle_ops)["perplexity"]
+        if args.with_dense or args.with_oracle:
             result["dense_perplexity"] = run()["perplexity"]
     result.update(mode=args.mode, model=args.model, dtype=jnp.dtype(dtype).name,
                   seq_len=args.seq_len, tp=args.tp, dp=args.dp,
@@ -178,11 +211,17 @@ def _cmd_eval_perplexity(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        extra = "" if args.mode == "dense" else f" ({args.mode}, {sparsity.attn_topk:g} of KV groups)"
+        extra = "" if args.mode == "dense" else f" ({args.mode}, {result['attn_topk']:g} of KV groups)"
         print(f"perplexity {result['perplexity']:.4f}{extra} over {result['tokens']} tokens "
               f"({result['windows']} windows of {args.seq_len}, {result['dtype']}, "
               f"{result['seconds']:.1f} s)")
-        if "dense_perplexity" in result:
+        if "oracle_perplexity" in result:
+            dense, oracle, sparse = (result[key] for key in
+                                     ("dense_perplexity", "oracle_perplexity", "perplexity"))
+            print(f"dense {dense:.4f}  oracle {oracle:.4f} ({oracle / dense - 1:+.2%})  sparse "
+                  f"{sparse:.4f} ({sparse / dense - 1:+.2%}; {sparse / oracle - 1:+.2%} against "
+                  f"the oracle), on the same windows")
+        elif "dense_perplexity" in result:
             print(f"dense perplexity {result['dense_perplexity']:.4f}")
     return 0
 
@@ -215,8 +254,9 @@ def _cmd_generate(args) -> int:
                "batch_size": result.batch_size, "new_tokens": result.new_tokens,
                "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3),
                "tp": args.tp, "dp": args.dp}
-    if decoder.sparse:
-        summary.update(attn_topk=sparsity.attn_topk, dense_layers=list(sparsity.dense_layers),
+    if decoder.sparse:  # the layers whose attention the plan keeps whole
+        dense_layers = [i for i, k in enumerate(decoder.plan_for_batch(1).attn_groups) if k is None]
+        summary.update(attn_topk=sparsity.attn_topk, dense_layers=dense_layers,
                        router_weights=sparsity.router_weights)
     if args.json:
         for c in result.completions:
@@ -231,8 +271,8 @@ def _cmd_generate(args) -> int:
         print(f"=== completion {i} of {count} ({len(c.tokens)} tokens)\n{bold[0]}{c.text}{bold[1]}")
     mode = summary["mode"]
     if decoder.sparse:
-        mode += (f" (attn-topk {sparsity.attn_topk:g}, dense layers "
-                 f"{','.join(map(str, sparsity.dense_layers)) or 'none'})")
+        mode += (f" (attn-topk {_topk_text(sparsity.attn_topk)}, dense layers "
+                 f"{','.join(map(str, summary['dense_layers'])) or 'none'})")
     print(f"=== summary: {mode}, {summary['new_tokens']} new tokens at batch size "
           f"{summary['batch_size']}: {summary['tokens_per_second']:.1f} tokens/s "
           f"({summary['seconds']:.2f} s, plus {summary['compile_seconds']:.1f} s compiling)")
@@ -278,8 +318,8 @@ def _cmd_serve(args) -> int:
     sparsity = _sparsity(args)
     mode = "dense"
     if args.routers:
-        mode = (f"sparse: attn-topk {sparsity.attn_topk:g}, dense layers "
-                f"{','.join(map(str, sparsity.dense_layers)) or 'none'}"
+        mode = (f"sparse: attn-topk {_topk_text(sparsity.attn_topk)}, dense layers "
+                f"{_dense_layers_text(sparsity.dense_layers)}"
                 + (", int8 MLP router" if sparsity.int8_mlp_up else ""))
     mesh = None
     if args.tp > 1:
@@ -310,28 +350,44 @@ def _cmd_train_routers(args) -> int:
 
     from polar_jax.evaluate import read_text
     from polar_jax.loading import ModelDir
-    from routers.pipeline import train_routers
+    from routers.pipeline import mix_corpora, train_routers
     from routers.train import TrainSettings
 
     from polar_jax.files import check_destination
 
-    inputs = {"the model": args.model, "the text file": args.text}
+    if len(set(args.text)) < len(args.text):
+        raise PolarJaxError(f"--text names a file twice ({', '.join(args.text)}): give each "
+                            "corpus once and weigh them with --text-weights")
+    if len(args.text) == 1:
+        _refuse(args, ("text_weights",), "with several --text files")
+    inputs = {"the model": args.model, **({"the text file": args.text[0]} if len(args.text) == 1
+                                           else {f"text file {i + 1}": path
+                                                 for i, path in enumerate(args.text)})}
     check_destination(args.out, force=args.force, inputs=inputs)  # before anything is read
-    text = read_text(args.text)
-    train_settings = TrainSettings(attn_topk=args.attn_topk, mlp_rank=args.mlp_rank,
+    texts = {path: read_text(path) for path in args.text}
+    if not args.attn_rank:
+        _refuse(args, ("attn_activation",), "with --attn-rank (the low-rank attention router)")
+    train_settings = TrainSettings(attn_topk=args.attn_topk, attn_budget=args.attn_budget,
+                                   attn_rank=args.attn_rank,
+                                   attn_loss=args.attn_loss, mlp_rank=args.mlp_rank,
                                    epochs=args.epochs, batch_size=args.batch_size,
-                                   learning_rate=args.lr, seed=args.seed)
+                                   learning_rate=args.lr, seed=args.seed,
+                                   **settings.given(attn_activation=args.attn_activation))
     mesh = _mesh(args)  # joins the other processes before anything starts JAX's backend
     dtype = settings.compute_dtype(args.dtype)
     model_dir = ModelDir.open(args.model)
     model_dir.config.check_seq_len(args.seq_len)  # before the model loads
     config, model, tokenizer = model_dir.config, model_dir.load(dtype, mesh), model_dir.tokenizer
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)[:args.max_tokens]
-    summary = train_routers(model, config, ids, args.out, train_settings, seq_len=args.seq_len,
+    corpora = mix_corpora({path: np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"],
+                                            np.int32) for path, text in texts.items()},
+                          args.text_weights, args.max_tokens)
+    summary = train_routers(model, config, corpora, args.out, train_settings, seq_len=args.seq_len,
                             progress=not args.quiet, force=args.force, inputs=inputs, mesh=mesh)
     if args.json:
-        keys = ("attn_recall_mean", "attn_recall_per_layer", "mlp_recall_mean",
-                "mlp_recall_per_layer", "mlp_topk", "tokens_train", "tokens_heldout", "attn_topk",
+        keys = ("attn_recall_mean", "attn_recall_per_layer", "attn_groups_per_layer",
+                "attn_recall_per_layer_budget", "mlp_recall_mean",
+                "mlp_recall_per_layer", "mlp_topk", "tokens_train", "tokens_heldout",
+                "tokens_per_corpus", "attn_recall_per_corpus", "attn_topk",
                 "attn_groups_kept", "seconds")
         print(json.dumps({k: summary[k] for k in keys} | {"out": args.out}))
         return 0
@@ -351,6 +407,15 @@ def _cmd_train_routers(args) -> int:
     print(f"{'mean*':>5} {summary['attn_recall_mean']:>11.4f} "
           f"{'-' if mean_mlp is None else f'{mean_mlp:.4f}':>10}   (*layers after the first; "
           f"attention at {summary['attn_groups_kept']} of {config.num_kv_heads} groups)")
+    if len(summary["attn_recall_per_corpus"]) > 1:
+        for name, recall in summary["attn_recall_per_corpus"].items():
+            print(f"attention recall* {recall:.4f} on {name} "
+                  f"({summary['tokens_per_corpus'][name]} tokens)")
+    if summary["attn_groups_per_layer"] is not None:
+        print("adaptive budget, groups kept per layer: "
+              + " ".join(map(str, summary["attn_groups_per_layer"]))
+              + f" (of {config.num_kv_heads}); recall at these counts: "
+              + " ".join(f"{r:.4f}" for r in summary["attn_recall_per_layer_budget"]))
     return 0
 
 
@@ -401,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{_default(SparsitySettings.mlp_batch_size)}")
     ppl.add_argument("--with-dense", action="store_true",
                      help="with --mode sparse or oracle: also report the dense perplexity")
+    ppl.add_argument("--with-oracle", action="store_true",
+                     help="with --mode sparse: also the oracle's and the dense perplexity, on the "
+                          "same windows (the sparse path's gap to the oracle in one command)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device_args(ppl)
     ppl.set_defaults(run=_cmd_eval_perplexity)
@@ -488,16 +556,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser(
         "train-routers", help="train the attention-group and MLP routers of a model",
         description="Collect router data by running the dense model over a text, train every "
-                    "layer's routers together (Optax AdamW, weighted BCE), calibrate the MLP "
+                    "layer's routers together (Optax AdamW, weighted BCE or a ranking loss), "
+                    "calibrate the attention budget (adaptive) and the MLP "
                     "top-k per batch size, measure held-out recall and save the routers.")
     _add_model_args(tr)
-    tr.add_argument("--text", required=True, help="UTF-8 training text (e.g. WikiText-2 valid)")
+    tr.add_argument("--text", required=True, action="append",
+                    help="UTF-8 training text (e.g. WikiText-2 valid); repeat to mix corpora, "
+                         "each held out in the same proportions, recall reported per corpus")
+    tr.add_argument("--text-weights", type=_weights,
+                    help="with several --text: comma-separated shares of the tokens drawn from "
+                         "each (default: weighted by tokens, each file's own share)")
     tr.add_argument("--out", required=True, help="routers directory to write")
     tr.add_argument("--max-tokens", type=settings.cli_type("max_tokens"),
-                    help="use the first N tokens (default: all)")
+                    help="use N tokens, the first of each text by its share (default: all, or "
+                         "the most the texts supply at --text-weights)")
     # The defaults of TrainSettings and train_routers (not imported here: --help stays fast).
     tr.add_argument("--attn-topk", type=settings.cli_type("attn_topk", float), default=0.5,
                     help="fraction of KV groups kept per token (labels and metrics)")
+    tr.add_argument("--attn-budget", choices=("uniform", "adaptive"), default="uniform",
+                    help="groups kept per layer: --attn-topk of every layer's, or calibrated per "
+                         "layer on held-out tokens (averaging --attn-topk; multiples of --tp), "
+                         "stored with the routers for decoding, evaluation and serving")
+    tr.add_argument("--attn-rank", type=_positive,
+                    help="the attention router's form: a low-rank two-layer router of this rank "
+                         "(default: linear, d -> KV groups)")
+    tr.add_argument("--attn-activation", choices=("relu", "silu"),
+                    help="with --attn-rank: the low-rank router's activation (default: relu)")
+    tr.add_argument("--attn-loss", choices=("bce", "rank"), default="bce",
+                    help="attention router loss: BCE on the top-k groups, or pairwise ranking "
+                         "of the groups' output norms")
     tr.add_argument("--mlp-rank", type=_positive, default=1024, help="MLP router rank (capped at d)")
     tr.add_argument("--epochs", type=_positive, default=10, help="at most; early stopping")
     tr.add_argument("--batch-size", type=_positive, default=64, help="tokens per step")

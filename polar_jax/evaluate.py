@@ -12,12 +12,10 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from models.layers import positions_from_mask
 from models.sharding import batch_sharding, dp_size, global_array, replicated, to_host
 from models.ops import DenseOps
 from polar_jax.errors import PolarJaxError
@@ -57,14 +55,7 @@ def _nll_fn(model, make_ops=None, routers=None, mesh=None):
     @functools.partial(jax.jit, out_shardings=out_shardings)
     def nll(state, routers, tokens, mask):
         model = nnx.merge(graphdef, state)
-        ops = DenseOps(mask) if make_ops is None else make_ops(mask, routers)
-        hidden_states = model.forward(tokens, positions_from_mask(mask), ops).hidden_states
-        logits = model.logits(hidden_states[:, :-1])
-        targets = tokens[:, 1:]
-        scored = mask[:, 1:].astype(bool)
-        logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        token_nll = jax.nn.logsumexp(logits, axis=-1) - logp
-        return jnp.sum(jnp.where(scored, token_nll, 0.0)), jnp.sum(scored)
+        return model.nll(tokens, mask, DenseOps(mask) if make_ops is None else make_ops(mask, routers))
 
     return lambda tokens, mask: nll(state, routers, place(tokens), place(mask))
 

@@ -21,6 +21,7 @@ INT32_MAX = 2**31 - 1  # token counts and top-k travel as int32
 # The MLP router's second projection: in the compute dtype, or int8 rows with a float32 scale
 # per neuron (`Routers.unstack(int8_mlp_up=True)`).
 ROUTER_WEIGHTS = ("compute", "int8")
+DEFAULT_ATTN_TOPK = 0.5  # of the KV groups, for routers without a calibrated per-layer budget
 
 
 def layers(name: str, value: Any) -> tuple[int, ...]:
@@ -89,12 +90,14 @@ class GenerationSettings(_Checked):
 
 @dataclasses.dataclass(frozen=True)
 class SparsitySettings(_Checked):
-    """Polar Sparsity with routers: the fraction of KV groups each sequence reads, the layers
-    whose attention stays dense, (evaluation) the batch size whose calibrated MLP k is used,
-    and how the MLP router's second projection is stored (`ROUTER_WEIGHTS`)."""
+    """Polar Sparsity with routers: the fraction of KV groups each sequence reads (None:
+    `DEFAULT_ATTN_TOPK`, or the routers' own where they carry a calibrated per-layer budget),
+    the layers whose attention stays dense (None: layer 0, or none with a calibrated budget),
+    (evaluation) the batch size whose calibrated MLP k is used, and how the MLP router's
+    second projection is stored (`ROUTER_WEIGHTS`)."""
 
-    attn_topk: float = 0.5
-    dense_layers: tuple[int, ...] = (0,)
+    attn_topk: float | None = None
+    dense_layers: tuple[int, ...] | None = None
     mlp_batch_size: int = 1
     router_weights: str = "compute"
 

@@ -23,7 +23,15 @@ from models import ModelConfig, scopes
 from models.layers import F32
 from jax.sharding import PartitionSpec as P
 
-from models.ops import NO_RECORD, DenseDecodeOps, DenseOps, group_outputs, per_shard, psum
+from models.ops import (
+    NO_RECORD,
+    DenseDecodeOps,
+    DenseOps,
+    group_output_energy,
+    keep_groups,
+    per_shard,
+    psum,
+)
 from models.sharding import DATA, MODEL
 from pallas_kernels import neuron_scores, selective_mlp, topk_indices
 from pallas_kernels.selection import (
@@ -35,8 +43,19 @@ from pallas_kernels.selection import (
     shard_topk_mask,
 )
 from polar_jax import validate
+from polar_jax.settings import DEFAULT_ATTN_TOPK
 from polar_jax.errors import PolarJaxError
 from routers.model import LayerRouters
+
+
+def attn_topk_of(metadata: dict | None, attn_topk: float | None) -> float:
+    """The fraction of KV groups kept: `attn_topk` as given, else the routers' own where they
+    carry a calibrated per-layer budget, else `DEFAULT_ATTN_TOPK`."""
+    if attn_topk is not None:
+        return attn_topk
+    if (metadata or {}).get("attn_groups_per_layer") is not None:
+        return metadata["attn_topk"]
+    return DEFAULT_ATTN_TOPK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,23 +69,35 @@ class SparsityPlan:
     shards: int = 1
 
     @classmethod
-    def build(cls, config: ModelConfig, metadata: dict | None, attn_topk: float,
-              dense_layers=(0,), mlp_batch_size: int | None = 1, shards: int = 1) -> "SparsityPlan":
+    def build(cls, config: ModelConfig, metadata: dict | None, attn_topk: float | None = None,
+              dense_layers=None, mlp_batch_size: int | None = 1, shards: int = 1) -> "SparsityPlan":
         """From a routers directory's metadata (as `read_metadata` checked it): k groups per
-        layer from `attn_topk`, and the MLP k calibrated for `mlp_batch_size` (the nearest
-        calibrated size at or above it; a size beyond the largest calibrated one is refused),
-        each split over `shards` (`selection.per_shard_k`; `shards` divides the groups)."""
+        layer from `attn_topk` (`attn_topk_of`), or the routers' calibrated per-layer budget
+        (`attn_groups_per_layer`, for their own `attn_topk` only), and the MLP k calibrated for
+        `mlp_batch_size` (the nearest calibrated size at or above it; a size beyond the largest
+        calibrated one is refused), each split over `shards` (`selection.per_shard_k`; `shards`
+        divides the groups). `dense_layers` stay dense (None: layer 0 for a uniform budget,
+        none for a calibrated one)."""
+        attn_topk = attn_topk_of(metadata, attn_topk)
         if not 0 < attn_topk <= 1:
             raise PolarJaxError(f"--attn-topk must be in (0, 1], got {attn_topk}")
         if mlp_batch_size is not None:
             validate.integer("the MLP batch size", mlp_batch_size, low=1)
+        budget = (metadata or {}).get("attn_groups_per_layer")
+        if budget is not None and attn_topk != metadata["attn_topk"]:
+            raise PolarJaxError(f"these routers' per-layer attention budget is calibrated for "
+                                f"--attn-topk {metadata['attn_topk']:g}, got {attn_topk:g}: use "
+                                f"{metadata['attn_topk']:g} or train routers for {attn_topk:g}")
+        if dense_layers is None:
+            dense_layers = () if budget is not None else (0,)
         bad = [i for i in dense_layers if not 0 <= i < config.num_layers]
         if bad:
             raise PolarJaxError(f"dense layers {bad} out of range: the model has {config.num_layers} layers")
         groups = config.num_kv_heads // shards
-        k = groups_to_keep(attn_topk, groups)
+        counts = budget or [groups_to_keep(attn_topk, groups) * shards] * config.num_layers
+        per_shard = [min(groups, per_shard_k(n, shards)) for n in counts]
         attn = tuple(None if i in dense_layers or k == groups else k
-                     for i in range(config.num_layers))
+                     for i, k in enumerate(per_shard))
         mlp: tuple[int | None, ...] = (None,) * config.num_layers
         table = (metadata or {}).get("mlp_topk")
         if table and mlp_batch_size is not None and not config.gated_mlp:
@@ -206,13 +237,8 @@ class MaskedOps(DenseOps):
         keep = self.plan.attn_groups[layer]
         if keep is None:
             return o, kv, NO_RECORD
-        grouped = group_outputs(o, self.num_kv_heads)
-        if self.mode == "sparse":
-            scores = route[0]
-        else:
-            scores = jnp.sum(jnp.square(grouped.astype(F32)), axis=-1)
-        selected = shard_topk_mask(scores, keep, self.plan.shards)  # [B, T, Hkv]
-        return jnp.where(selected[..., None], grouped, 0).reshape(o.shape), kv, NO_RECORD
+        scores = route[0] if self.mode == "sparse" else group_output_energy(o, self.num_kv_heads)
+        return keep_groups(o, scores, keep, self.plan.shards), kv, NO_RECORD
 
     def mlp(self, *, layer, route, x, mlp):
         keep = self.plan.mlp_neurons[layer]

@@ -17,3 +17,11 @@ def make_windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]
         tokens[row, :len(chunk)] = chunk
         mask[row, :len(chunk)] = 1
     return tokens, mask
+
+
+def stream_windows(streams: np.ndarray | list[np.ndarray], seq_len: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`make_windows` of one token stream, or of several one after the other (no window spans
+    two streams)."""
+    windows = [make_windows(s, seq_len) for s in ([streams] if isinstance(streams, np.ndarray) else streams)]
+    return np.concatenate([w[0] for w in windows]), np.concatenate([w[1] for w in windows])

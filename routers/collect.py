@@ -29,7 +29,7 @@ from models import ModelConfig
 from models.layers import F32, positions_from_mask
 from models.ops import NO_RECORD, DenseOps, group_outputs
 from models.sharding import batch_sharding, dp_size, global_array, replicated, to_host
-from polar_jax.windows import make_windows
+from polar_jax.windows import stream_windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,14 +101,16 @@ def _record_fn(model, config: ModelConfig, record_mlp: bool, mesh: Mesh | None):
     return lambda tokens, mask: jax.tree.map(to_host, record(state, place(tokens), place(mask)))
 
 
-def collect(model, config: ModelConfig, ids: np.ndarray, directory: Path, seq_len: int = 512,
-            batch_size: int = 8, progress: bool = False, mesh: Mesh | None = None) -> Collected:
-    """Runs the model over `ids` in windows of `seq_len` and stores every token's records.
+def collect(model, config: ModelConfig, ids: np.ndarray | list[np.ndarray], directory: Path,
+            seq_len: int = 512, batch_size: int = 8, progress: bool = False,
+            mesh: Mesh | None = None) -> Collected:
+    """Runs the model over `ids` (one token stream, or several, each cut into its own windows
+    and stored one after the other) in windows of `seq_len` and stores every token's records.
     With a `mesh` (the model loaded onto it), each batch of windows (rounded up to a multiple
     of the `data` size) is split over `data`."""
     directory.mkdir(parents=True, exist_ok=True)
     record_mlp = not config.gated_mlp
-    tokens, mask = make_windows(ids, seq_len)
+    tokens, mask = stream_windows(ids, seq_len)
     data = dp_size(mesh)
     batch_size = -(-batch_size // data) * data
     total = int(mask.sum())

@@ -1,7 +1,9 @@
 """Router modules, all layers stacked on a leading layer axis so one jitted step trains them
 all, plus saving and loading with a check that the routers belong to the model.
 
-- attention router (every model): `Linear(d, Hkv)` with bias, one score per KV group;
+- attention router (every model), one score per KV group: `Linear(d, Hkv)` with bias (the
+  linear form), or with `attn_rank` r_a the low-rank form `Linear(d, r_a) -> ReLU or SiLU ->
+  Linear(r_a, Hkv)`, both with bias;
 - MLP router (models whose MLP is not gated): `Linear(d, r) -> Linear(r, N)`, no bias and no
   activation between (the original's low-rank predictor).
 """
@@ -31,6 +33,7 @@ F32 = jnp.float32
 FORMAT_VERSION = 1
 METADATA_FILE = "routers.json"
 PARAMS_DIR = "params"
+ATTN_ACTIVATIONS = {"relu": jax.nn.relu, "silu": jax.nn.silu}  # the low-rank attention router's
 
 
 def _uniform(key, shape, fan_in):
@@ -39,24 +42,46 @@ def _uniform(key, shape, fan_in):
     return jax.random.uniform(key, shape, F32, -bound, bound)
 
 
+def attn_group_logits(z, hidden_b, up, b, activation: str):
+    """The attention router's group logits `[..., Hkv]` float32 from its input projection z
+    `[..., Hkv]` (linear form: `up` and `hidden_b` None) or `[..., r_a]` (low-rank form:
+    `activation(z + hidden_b) @ up`, up `[r_a, Hkv]`), plus the bias b `[Hkv]`."""
+    if up is None:
+        return z.astype(F32) + b
+    h = ATTN_ACTIVATIONS[activation](z.astype(F32) + hidden_b)
+    return jnp.einsum("...r,rh->...h", h, up.astype(F32), preferred_element_type=F32) + b
+
+
 class Routers(nnx.Module):
-    """Every layer's routers; params `attn_w [L, d, Hkv]`, `attn_b [L, Hkv]`,
-    `mlp_down [L, d, r]`, `mlp_up [L, r, N]` (the last two only for non-gated MLPs)."""
+    """Every layer's routers; params `attn_w [L, d, Hkv]` (linear form) or `[L, d, r_a]`
+    (low-rank form, with `attn_hidden_b [L, r_a]` and `attn_up [L, r_a, Hkv]`), `attn_b
+    [L, Hkv]`, `mlp_down [L, d, r]`, `mlp_up [L, r, N]` (the last two only for non-gated MLPs)."""
 
     def __init__(self, num_layers: int, d: int, num_groups: int, mlp_dim: int | None,
-                 mlp_rank: int, key):
+                 mlp_rank: int, key, attn_rank: int | None = None, attn_activation: str = "relu"):
         keys = jax.random.split(key, 4)
-        self.attn_w = nnx.Param(_uniform(keys[0], (num_layers, d, num_groups), d))
-        self.attn_b = nnx.Param(_uniform(keys[1], (num_layers, num_groups), d))
+        if attn_activation not in ATTN_ACTIVATIONS:
+            raise PolarJaxError(f"unknown attention router activation {attn_activation!r}; "
+                                f"choose {' or '.join(ATTN_ACTIVATIONS)}")
+        self.attn_activation = attn_activation
+        self.attn_w = nnx.Param(_uniform(keys[0], (num_layers, d, attn_rank or num_groups), d))
+        hidden_key, up_key = jax.random.split(jax.random.fold_in(key, 1))
+        self.attn_hidden_b = nnx.Param(_uniform(hidden_key, (num_layers, attn_rank), d)) if attn_rank else None
+        self.attn_up = (nnx.Param(_uniform(up_key, (num_layers, attn_rank, num_groups), attn_rank))
+                        if attn_rank else None)
+        self.attn_b = nnx.Param(_uniform(keys[1], (num_layers, num_groups), attn_rank or d))
         self.mlp_down = nnx.Param(_uniform(keys[2], (num_layers, d, mlp_rank), d)) if mlp_dim else None
         self.mlp_up = (nnx.Param(_uniform(keys[3], (num_layers, mlp_rank, mlp_dim), mlp_rank))
                        if mlp_dim else None)
 
     @classmethod
-    def for_model(cls, config: ModelConfig, mlp_rank: int = 1024, seed: int = 0) -> "Routers":
+    def for_model(cls, config: ModelConfig, mlp_rank: int = 1024, seed: int = 0,
+                  attn_rank: int | None = None, attn_activation: str = "relu") -> "Routers":
+        """`attn_rank` None: the linear attention router; else the low-rank form of that rank."""
         mlp_dim = None if config.gated_mlp else config.mlp_dim
         return cls(config.num_layers, config.hidden_size, config.num_kv_heads, mlp_dim,
-                   min(mlp_rank, config.hidden_size), jax.random.key(seed))
+                   min(mlp_rank, config.hidden_size), jax.random.key(seed), attn_rank,
+                   attn_activation)
 
     @property
     def has_mlp(self) -> bool:
@@ -66,8 +91,12 @@ class Routers(nnx.Module):
         """Group logits: u `[L, ..., d]` -> `[L, ..., Hkv]`, or for one `layer`, `[..., d]` -> `[..., Hkv]`."""
         if layer is not None:
             return self.layer(layer).scores(u)[0]
-        w, b = self.attn_w[...], self.attn_b[...]
-        return jnp.einsum("l...d,ldh->l...h", u, w.astype(u.dtype), preferred_element_type=F32) + b[:, None]
+        param = lambda p: None if p is None else p[...]
+        z = jnp.einsum("l...d,ldh->l...h", u, self.attn_w[...].astype(u.dtype),
+                       preferred_element_type=F32)
+        logits = lambda z, hidden_b, up, b: attn_group_logits(z, hidden_b, up, b,
+                                                              self.attn_activation)
+        return jax.vmap(logits)(z, param(self.attn_hidden_b), param(self.attn_up), self.attn_b[...])
 
     def mlp_scores(self, u, layer: int | None = None):
         """Neuron logits: u `[L, ..., d]` -> `[L, ..., N]`, or for one `layer`, `[..., d]` -> `[..., N]`."""
@@ -84,7 +113,11 @@ class Routers(nnx.Module):
         w = self.attn_w[i]
         if self.mlp_down is not None:
             w = jnp.concatenate([w, self.mlp_down[i]], axis=1)
-        return LayerRouters(w, self.attn_b[i], None if self.mlp_up is None else self.mlp_up[i].T)
+        low_rank = self.attn_up is not None
+        return LayerRouters(w, self.attn_b[i], None if self.mlp_up is None else self.mlp_up[i].T,
+                            attn_hidden_b=self.attn_hidden_b[i] if low_rank else None,
+                            attn_up=self.attn_up[i] if low_rank else None,
+                            attn_activation=self.attn_activation)
 
     def check_int8_mlp_up(self) -> None:
         """Refuses int8 router weights for routers without an MLP router (gated MLPs)."""
@@ -109,8 +142,11 @@ class Routers(nnx.Module):
                 up, scale = quantize_rows(up)
             elif up is not None:
                 up = cast(up)
-            return jax.tree.map(jnp.copy, LayerRouters(cast(layer.w_in), cast(layer.attn_b), up,
-                                                       scale))
+            low_rank = layer.attn_up is not None
+            return jax.tree.map(jnp.copy, dataclasses.replace(
+                layer, w_in=cast(layer.w_in), attn_b=cast(layer.attn_b), mlp_up=up,
+                mlp_up_scale=scale, attn_hidden_b=cast(layer.attn_hidden_b) if low_rank else None,
+                attn_up=cast(layer.attn_up) if low_rank else None))
 
         return tuple(one(i) for i in range(self.attn_w.shape[0]))
 
@@ -118,24 +154,30 @@ class Routers(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerRouters:
-    """One layer's routers: `w_in [d, Hkv + r]` (the attention router's columns, then the MLP
-    router's first projection; r = 0 for gated MLPs), `attn_b [Hkv]`, `mlp_up [N, r]` (the
-    second projection, neuron-major as the `neuron_scores` kernel reads it; None for gated
-    MLPs) and, where `mlp_up` is int8, `mlp_up_scale [N]` float32 (neuron n's weights are
-    `mlp_up[n] * mlp_up_scale[n]`)."""
+    """One layer's routers: `w_in [d, w + r]` (the attention router's input projection, w = Hkv
+    columns for the linear form or r_a for the low-rank one, then the MLP router's first
+    projection; r = 0 for gated MLPs), `attn_b [Hkv]`, `mlp_up [N, r]` (the second projection,
+    neuron-major as the `neuron_scores` kernel reads it; None for gated MLPs) and, where
+    `mlp_up` is int8, `mlp_up_scale [N]` float32 (neuron n's weights are `mlp_up[n] *
+    mlp_up_scale[n]`); the low-rank attention router's `attn_hidden_b [r_a]`, `attn_up
+    [r_a, Hkv]` and `attn_activation` (None, None for the linear form)."""
 
     w_in: jax.Array
     attn_b: jax.Array
     mlp_up: jax.Array | None
     mlp_up_scale: jax.Array | None = None
+    attn_hidden_b: jax.Array | None = None
+    attn_up: jax.Array | None = None
+    attn_activation: str = dataclasses.field(default="relu", metadata=dict(static=True))
 
     def project(self, u, matmul: Matmul = xla_matmul):
         """(group logits `[..., Hkv]` float32, the MLP router's hidden state `[..., r]` in u's
         dtype or None) of u `[..., d]`: one `matmul` for both routers' first projections."""
         z = matmul(u, self.w_in.astype(u.dtype))
-        hkv = self.attn_b.shape[0]
-        hidden = None if self.mlp_up is None else z[..., hkv:].astype(u.dtype)
-        return z[..., :hkv] + self.attn_b, hidden
+        width = self.attn_b.shape[0] if self.attn_up is None else self.attn_up.shape[0]
+        hidden = None if self.mlp_up is None else z[..., width:].astype(u.dtype)
+        return attn_group_logits(z[..., :width], self.attn_hidden_b, self.attn_up, self.attn_b,
+                                 self.attn_activation), hidden
 
     def neuron_logits(self, hidden):
         """Neuron logits `[..., N]` float32 of the hidden state `[..., r]`: the second projection
@@ -181,7 +223,9 @@ def save_routers(routers: Routers, metadata: dict, out: str | Path, *, force: bo
 def _checked_metadata(metadata: object, meta_file: Path) -> dict:
     """`metadata` (routers.json) with every key that loading and decoding read checked, each
     refusal naming the file and the key: format, model fingerprint, mlp_rank, attn_topk and
-    the mlp_topk table (batch-size strings -> per layer, a k in [1, N])."""
+    the mlp_topk table (batch-size strings -> per layer, a k in [1, N]), and the low-rank
+    attention router's attn_rank and attn_activation and the per-layer attention budget
+    attn_groups_per_layer (a k in [1, Hkv] per layer) where given."""
     validate.mapping(str(meta_file), metadata)
     if metadata.get("format") != FORMAT_VERSION:
         raise PolarJaxError(
@@ -199,7 +243,17 @@ def _checked_metadata(metadata: object, meta_file: Path) -> dict:
     num_layers, mlp_dim = (validate.integer(f"{name}[{key!r}]", model.get(key), low=1)
                            for key in ("num_layers", "mlp_dim"))
     validate.integer(*field("mlp_rank"), low=1)
+    if metadata.get("attn_rank") is not None:  # absent: the linear attention router
+        validate.integer(f"{meta_file}: 'attn_rank'", metadata["attn_rank"], low=1)
+        validate.string(f"{meta_file}: 'attn_activation'", metadata.get("attn_activation"),
+                        choices=tuple(ATTN_ACTIVATIONS))
     validate.number(*field("attn_topk"), low=0, high=1, low_open=True)
+    budget = metadata.get("attn_groups_per_layer")  # absent or None: a uniform budget
+    if budget is not None:
+        for layer, k in enumerate(validate.listing(f"{meta_file}: 'attn_groups_per_layer'",
+                                                   budget, num_layers)):
+            validate.integer(f"{meta_file}: 'attn_groups_per_layer'[{layer}]", k, low=1,
+                             high=model.get("num_kv_heads"))
     name, table = field("mlp_topk")
     if table is not None:
         if not validate.mapping(name, table):
@@ -235,7 +289,9 @@ def load_routers(path: str | Path, config: ModelConfig) -> tuple[Routers, dict]:
             f"the routers in {path} belong to another model: they were trained for {found}, "
             f"but this model is {expected}"
         )
-    abstract = nnx.eval_shape(lambda: Routers.for_model(config, metadata["mlp_rank"]))
+    abstract = nnx.eval_shape(lambda: Routers.for_model(
+        config, metadata["mlp_rank"], attn_rank=metadata.get("attn_rank"),
+        attn_activation=metadata.get("attn_activation", "relu")))
     graphdef, state = nnx.split(abstract)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restore_arrays(Path(path), PARAMS_DIR, target))

@@ -37,17 +37,26 @@ from pallas_kernels.selection import (
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
 from routers.collect import Collected
-from routers.model import Routers
+from routers.model import ATTN_ACTIVATIONS, Routers
 
 F32 = jnp.float32
 MLP_NEG_WEIGHT_OFFSET = 0.005
+ATTN_LOSSES = ("bce", "rank")
+ATTN_BUDGETS = ("uniform", "adaptive")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """Router training settings, checked on construction."""
+    """Router training settings, checked on construction. `attn_rank`: None for the linear
+    attention router, else the rank of the low-rank form (with `attn_activation`); `attn_loss`:
+    "bce" on the top-k labels or "rank", pairwise on the groups' output norms; `attn_budget`:
+    "uniform" (every layer keeps `attn_topk` of its groups) or "adaptive" (`routers.budget`)."""
 
     attn_topk: float = 0.5
+    attn_budget: str = "uniform"
+    attn_rank: int | None = None
+    attn_activation: str = "relu"
+    attn_loss: str = "bce"
     mlp_rank: int = 1024
     epochs: int = 10
     batch_size: int = 64
@@ -64,6 +73,11 @@ class TrainSettings:
         for name in ("mlp_rank", "epochs", "batch_size", "patience", "device_budget_bytes"):
             validate.integer(name, getattr(self, name), low=1)
         validate.integer("seed", self.seed, low=0)
+        if self.attn_rank is not None:
+            validate.integer("attn_rank", self.attn_rank, low=1)
+        validate.string("attn_activation", self.attn_activation, choices=tuple(ATTN_ACTIVATIONS))
+        validate.string("attn_loss", self.attn_loss, choices=ATTN_LOSSES)
+        validate.string("attn_budget", self.attn_budget, choices=ATTN_BUDGETS)
 
 
 def check_batch_split(settings: TrainSettings, mesh: Mesh | None) -> None:
@@ -103,16 +117,28 @@ def _weighted_bce(logits, labels, neg_weight):
     return jnp.mean(per, axis=(1, 2))
 
 
+def _pairwise_rank_loss(logits, group_norm):
+    """Per layer, the mean over tokens of the pairwise logistic loss over the group pairs (i, j)
+    with norm_i > norm_j, each pair weighted by (norm_i - norm_j) / the token's summed norms
+    (misordering groups of near-equal norm costs little): logits, group_norm `[L, n, Hkv]`."""
+    gap = group_norm[..., :, None] - group_norm[..., None, :]
+    weight = jnp.maximum(gap, 0) / (jnp.sum(group_norm, axis=-1)[..., None, None] + 1e-9)
+    margin = logits[..., :, None] - logits[..., None, :]
+    return jnp.mean(jnp.sum(weight * -jax.nn.log_sigmoid(margin), axis=(-2, -1)), axis=1)
+
+
 class _Trainer:
     """The routers' parameters and optimizer state (replicated over `mesh`, if any) and the
     jitted training pass and loss."""
 
     def __init__(self, routers: Routers, config: ModelConfig, settings: TrainSettings,
-                 mlp_neg_weight: np.ndarray | None, mesh: Mesh | None = None):
+                 attn_groups: tuple[int, ...], mlp_neg_weight: np.ndarray | None,
+                 mesh: Mesh | None = None):
         self.config = config
-        self.k = groups_to_keep(settings.attn_topk, config.num_kv_heads)
+        self.attn_loss = settings.attn_loss
         # Host constants of the jitted loss (a closure may not hold arrays of other processes).
-        self.attn_neg_weight = np.full((config.num_layers,), self.k / config.num_kv_heads, np.float32)
+        self.k = np.asarray(attn_groups, np.int32)[:, None, None]  # [L, 1, 1]: per layer
+        self.attn_neg_weight = np.asarray(attn_groups, np.float32) / config.num_kv_heads
         self.mlp_neg_weight = None if mlp_neg_weight is None else np.asarray(mlp_neg_weight, np.float32)
         self.whole_sharding = None if mesh is None else replicated(mesh)
         # Chunks `[L, steps, batch, ...]`: every step's tokens split over `data`.
@@ -128,8 +154,11 @@ class _Trainer:
     def _loss_impl(self, params, batch):
         routers = nnx.merge(self.graphdef, params)
         u = batch["u"].astype(F32)  # routers train in float32; the data is stored in bf16
-        labels = topk_mask(batch["group_norm"], self.k)
-        loss = _weighted_bce(routers.attn_scores(u), labels, self.attn_neg_weight)
+        if self.attn_loss == "rank":
+            loss = _pairwise_rank_loss(routers.attn_scores(u), batch["group_norm"])
+        else:
+            labels = topk_mask(batch["group_norm"], self.k)
+            loss = _weighted_bce(routers.attn_scores(u), labels, self.attn_neg_weight)
         if routers.has_mlp:
             active = _unpack(batch["active"], self.config.mlp_dim)
             loss = loss + _weighted_bce(routers.mlp_scores(u), active, self.mlp_neg_weight)
@@ -189,22 +218,30 @@ def mlp_positive_rate(data: Collected, n: int, max_tokens: int = 20000) -> np.nd
     return np.asarray(jnp.mean(_unpack(jnp.asarray(data.active[:, idx]), n), axis=(1, 2)))
 
 
+def uniform_groups(config: ModelConfig, attn_topk: float) -> tuple[int, ...]:
+    """Every layer's KV groups kept at `attn_topk`: `groups_to_keep` of Hkv."""
+    return (groups_to_keep(attn_topk, config.num_kv_heads),) * config.num_layers
+
+
 def train(config: ModelConfig, train_data: Collected, calib_data: Collected,
-          settings: TrainSettings, progress: bool = False, mesh: Mesh | None = None
-          ) -> tuple[Routers, list[dict]]:
+          settings: TrainSettings, progress: bool = False, mesh: Mesh | None = None,
+          attn_groups: tuple[int, ...] | None = None) -> tuple[Routers, list[dict]]:
     """Trains all layers' routers together; keeps the parameters of the epoch with the lowest
-    loss on the calibration split, stopping after `patience` epochs without improvement. With
-    a `mesh`, data parallel over its `data` axis; the routers return on the default device."""
+    loss on the calibration split, stopping after `patience` epochs without improvement. BCE
+    labels: each layer's top `attn_groups[layer]` groups (default: `uniform_groups`). With a
+    `mesh`, data parallel over its `data` axis; the routers return on the default device."""
     check_batch_split(settings, mesh)
     if train_data.num_tokens < settings.batch_size or calib_data.num_tokens < 1:
         raise PolarJaxError(
             f"router training needs at least batch_size ({settings.batch_size}) training tokens "
             f"and one held-out token, got {train_data.num_tokens} and {calib_data.num_tokens}")
-    routers = Routers.for_model(config, settings.mlp_rank, settings.seed)
+    routers = Routers.for_model(config, settings.mlp_rank, settings.seed, settings.attn_rank,
+                                settings.attn_activation)
     neg = None
     if routers.has_mlp:
         neg = mlp_positive_rate(train_data, config.mlp_dim) + MLP_NEG_WEIGHT_OFFSET
-    trainer = _Trainer(routers, config, settings, neg, mesh)
+    trainer = _Trainer(routers, config, settings,
+                       attn_groups or uniform_groups(config, settings.attn_topk), neg, mesh)
     rng = np.random.default_rng(settings.seed)
     # The first step donates the initial parameters: what is kept is a copy of a better epoch's.
     initial = best = trainer.heldout_loss(calib_data)
@@ -279,11 +316,13 @@ def calibrate_mlp_topk(routers: Routers, config: ModelConfig, data: Collected,
     return table
 
 
-def evaluate(routers: Routers, config: ModelConfig, data: Collected, attn_topk: float,
-             mlp_topk_batch1: list[int] | None, batch_size: int = 4096) -> dict:
-    """Held-out recall per layer: of the oracle top-k groups by the router's top-k, and (MLP) of
-    the active neurons by the router's top-k at the batch-1 calibrated k."""
-    k = groups_to_keep(attn_topk, config.num_kv_heads)
+def evaluate(routers: Routers, config: ModelConfig, data: Collected,
+             attn_groups: tuple[int, ...], mlp_topk_batch1: list[int] | None,
+             batch_size: int = 4096, tokens: range | None = None) -> dict:
+    """Held-out recall per layer over the `tokens` of `data` (default: all): of the oracle
+    top-k groups by the router's top-k (k = `attn_groups[layer]`), and (MLP) of the active
+    neurons by the router's top-k at the batch-1 calibrated k."""
+    k = np.asarray(attn_groups, np.int32)[:, None, None]
     L, n = config.num_layers, config.mlp_dim
 
     @jax.jit
@@ -301,11 +340,12 @@ def evaluate(routers: Routers, config: ModelConfig, data: Collected, attn_topk: 
         return out
 
     totals: dict[str, np.ndarray] = {}
-    for start in range(0, data.num_tokens, batch_size):
-        idx = np.arange(start, min(start + batch_size, data.num_tokens))
+    tokens = range(data.num_tokens) if tokens is None else tokens
+    for start in range(tokens.start, tokens.stop, batch_size):
+        idx = np.arange(start, min(start + batch_size, tokens.stop))
         for key, value in hits(_read(data, idx)).items():
             totals[key] = totals.get(key, 0) + np.asarray(value, np.float64)
-    attn = totals["attn"] / (k * data.num_tokens)
+    attn = totals["attn"] / (k[:, 0, 0] * len(tokens))
     result = {"attn_recall_per_layer": attn.round(4).tolist(),
               "attn_recall_mean": float(attn[1:].mean() if L > 1 else attn.mean())}
     if mlp_topk_batch1 is not None:

@@ -157,17 +157,19 @@ def pytest_collection_finish(session):
 
 @pytest.fixture(scope="session")
 def trained_routers(tmp_path_factory):
-    """`trained_routers(name)` -> (metrics, routers dir): `polar-jax train-routers` on a fixture
-    with the first 60,000 tokens of WikiText-2 valid, run once per session per fixture. Two
-    epochs at learning rate 1e-3: on tiny-opt a lower held-out loss (2.27-2.28 over seeds 0-2)
-    than the defaults' ten epochs at 1e-4 (2.32), in a fifth of the training time."""
+    """`trained_routers(name, *options)` -> (metrics, routers dir): `polar-jax train-routers` on
+    a fixture with the first 60,000 tokens of WikiText-2 valid (the same split for every
+    router form) and the extra `options` (e.g. another router form), run once per session per
+    fixture and options. Two epochs at learning rate 1e-3: on tiny-opt a lower held-out loss
+    (2.27-2.28 over seeds 0-2) than the defaults' ten epochs at 1e-4 (2.32), in a fifth of
+    the training time."""
     from polar_jax.cli import main
 
-    cache: dict[str, tuple[dict, Path]] = {}
+    cache: dict[tuple[str, ...], tuple[dict, Path]] = {}
 
-    def train(name: str):
+    def train(name: str, *options: str):
         assert name in ROUTER_FIXTURES, name
-        if name not in cache:
+        if (name, *options) not in cache:
             model = fixture_path("fixtures", name)
             text = fixture_path("data", "wikitext2_valid.txt")
             out = tmp_path_factory.mktemp(name) / "routers"
@@ -175,9 +177,9 @@ def trained_routers(tmp_path_factory):
             with contextlib.redirect_stdout(buffer):
                 assert main(["train-routers", "--model", str(model), "--text", str(text),
                              "--max-tokens", "60000", "--lr", "1e-3", "--epochs", "2",
-                             "--out", str(out), "--json"]) == 0
-            cache[name] = json.loads(buffer.getvalue().strip().splitlines()[-1]), out
-        return cache[name]
+                             "--out", str(out), "--json", *options]) == 0
+            cache[name, *options] = json.loads(buffer.getvalue().strip().splitlines()[-1]), out
+        return cache[name, *options]
 
     return train
 

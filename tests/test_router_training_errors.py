@@ -30,6 +30,7 @@ from routers.train import (
     _Trainer,
     mlp_positive_rate,
     train,
+    uniform_groups,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -300,7 +301,8 @@ def test_training_returns_the_best_epoch(tiny, synthetic):
     routers, history = train(config, train_data, calib_data, settings)
     assert len(history) == 4 and all(math.isfinite(h["train_loss"]) for h in history)
     neg = mlp_positive_rate(train_data, N) + MLP_NEG_WEIGHT_OFFSET
-    measured = _Trainer(routers, config, settings, neg).heldout_loss(calib_data)
+    measured = _Trainer(routers, config, settings, uniform_groups(config, settings.attn_topk),
+                        neg).heldout_loss(calib_data)
     assert measured == pytest.approx(min(h["heldout_loss"] for h in history), rel=1e-6)
 
 

@@ -3,6 +3,7 @@ reference, training quality on the fixtures, and save/load with the model check.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import jax
@@ -17,8 +18,10 @@ from pallas_kernels.selection import batch_neuron_scores
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import ModelDir, load_model
 from routers.collect import Collected, collect
+from routers.budget import allocate
 from routers.model import Routers, load_routers
-from routers.train import calibrate_mlp_topk
+from routers.pipeline import mix_corpora
+from routers.train import _pairwise_rank_loss, calibrate_mlp_topk
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +166,20 @@ def test_tiny_llama_attention_recall(llama_routers):
         load_routers(llama_dir, _config("tiny-opt"))
 
 
+@pytest.mark.routers("tiny-llama")
+def test_tiny_llama_low_rank_router_beats_linear(llama_routers, trained_routers):
+    """The low-rank SiLU router (rank 64) against the linear one, trained on the same split
+    with the same settings and seed: held-out recall 0.8840 against 0.8805 (measured; the
+    ranking loss and rank 256 land within 0.878-0.884, docs/BENCHMARKS.md)."""
+    linear, _ = llama_routers
+    low_rank, routers_dir = trained_routers("tiny-llama", "--attn-rank", "64",
+                                            "--attn-activation", "silu")
+    assert low_rank["tokens_train"] == linear["tokens_train"]
+    assert low_rank["attn_recall_mean"] > linear["attn_recall_mean"] + 0.002
+    routers, metadata = load_routers(routers_dir, _config("tiny-llama"))
+    assert metadata["attn_rank"] == 64 and routers.attn_up.shape == (6, 64, 4)
+
+
 @pytest.mark.routers("tiny-opt")
 def test_tiny_opt_attention_and_mlp(opt_routers):
     """Attention recall 0.769-0.771 over seeds 0-2; MLP recall 0.9900-0.9906 (the calibration
@@ -190,3 +207,84 @@ def test_save_load_and_model_check(opt_routers):
         load_routers(opt_dir, _config("tiny-llama"))
     with pytest.raises(PolarJaxError, match="not a routers directory"):
         load_routers(opt_dir.parent, opt_config)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_low_rank_attention_router_against_numpy(activation):
+    """The low-rank attention router, stacked (training) and per layer (decoding, in float32
+    and bfloat16), against float64 numpy: act(u W + c) U + b."""
+    rng = np.random.default_rng()
+    routers = Routers(3, 16, 4, 40, 8, jax.random.key(rng.integers(1 << 30)), attn_rank=6,
+                      attn_activation=activation)
+    u = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    w, c, up, b = (np.asarray(p[...], np.float64) for p in
+                   (routers.attn_w, routers.attn_hidden_b, routers.attn_up, routers.attn_b))
+    z = np.einsum("ltd,ldr->ltr", u, w) + c[:, None]
+    act = np.maximum(z, 0) if activation == "relu" else z / (1 + np.exp(-z))
+    expected = np.einsum("ltr,lrh->lth", act, up) + b[:, None]
+    np.testing.assert_allclose(routers.attn_scores(jnp.asarray(u)), expected, rtol=1e-5, atol=1e-5)
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+        layers = routers.unstack(dtype)
+        for layer in range(3):
+            groups, neurons = layers[layer].scores(jnp.asarray(u[layer], dtype))
+            assert groups.dtype == jnp.float32 and neurons.shape == (5, 40)
+            np.testing.assert_allclose(groups, expected[layer], rtol=tol, atol=tol)
+
+
+def test_pairwise_rank_loss_against_numpy():
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    norms = rng.random((2, 3, 5)).astype(np.float32)
+    expected = np.zeros(2)
+    for layer in range(2):
+        for t in range(3):
+            n, s = norms[layer, t].astype(np.float64), logits[layer, t].astype(np.float64)
+            for i in range(5):
+                for j in range(5):
+                    if n[i] > n[j]:
+                        expected[layer] += (n[i] - n[j]) / n.sum() * np.log1p(np.exp(s[j] - s[i])) / 3
+    np.testing.assert_allclose(_pairwise_rank_loss(jnp.asarray(logits), jnp.asarray(norms)),
+                               expected, rtol=1e-5)
+
+
+def test_budget_allocation_against_brute_force():
+    """`allocate` finds the cheapest counts at the total, multiples of the step, whatever the
+    costs (not convex ones either)."""
+    rng = np.random.default_rng()
+    for _ in range(40):
+        num_layers, groups = int(rng.integers(1, 5)), int(rng.choice([2, 4, 8]))
+        step = int(rng.choice([s for s in (1, 2, 4) if groups % s == 0]))
+        costs = np.full((num_layers, groups + 1), np.inf)
+        costs[:, step::step] = rng.random((num_layers, groups // step))
+        costs[:, groups] = 0
+        total = int(rng.integers(num_layers, num_layers * groups // step + 1)) * step
+        options = [ks for ks in itertools.product(range(step, groups + 1, step), repeat=num_layers)
+                   if sum(ks) == total]
+        best = min(sum(costs[layer, k] for layer, k in enumerate(ks)) for ks in options)
+        got = allocate(costs, total, step)
+        assert sum(got) == total and all(k % step == 0 for k in got)
+        assert sum(costs[layer, k] for layer, k in enumerate(got)) == pytest.approx(best, abs=1e-12)
+
+
+def test_mix_corpora_proportions():
+    """The tokens drawn from each corpus match the weights (to one token), add up to the total,
+    and are each corpus's first ones; without weights, each corpus's own share."""
+    rng = np.random.default_rng()
+    corpora = {f"c{i}": rng.integers(0, 100, int(rng.integers(2000, 5000))) for i in range(3)}
+    weights = rng.random(3) + 0.1
+    total = int(rng.integers(1000, 1900))
+    mixed = mix_corpora(corpora, list(weights), total)
+    counts = np.array([len(ids) for ids in mixed.values()])
+    assert counts.sum() == total
+    assert np.abs(counts - weights / weights.sum() * total).max() < 1
+    assert all(np.array_equal(mixed[name], corpora[name][:len(mixed[name])]) for name in corpora)
+    lengths = np.array([len(ids) for ids in corpora.values()])
+    by_tokens = np.array([len(ids) for ids in mix_corpora(corpora, None, total).values()])
+    assert by_tokens.sum() == total and np.abs(by_tokens - lengths / lengths.sum() * total).max() < 1
+    # Without a total: the most that the corpora supply at the weights.
+    most = np.array([len(ids) for ids in mix_corpora(corpora, list(weights)).values()])
+    assert (most <= lengths).all() and (most == lengths).any()
+    with pytest.raises(PolarJaxError, match="has 2 weights for 3 --text files"):
+        mix_corpora(corpora, [1.0, 2.0], total)
+    with pytest.raises(PolarJaxError, match=r"c0 has \d+ tokens; its share of 20000 tokens needs"):
+        mix_corpora(corpora, [10.0, 1.0, 1.0], 20000)

@@ -20,6 +20,7 @@ from polar_jax.cli import main
 from polar_jax.decode import Decoder
 from polar_jax.sparsity import MaskedOps, SparsityPlan
 from polar_jax.step import DecodeState, decode_step
+from routers.budget import budget_total
 from routers.model import Routers
 from test_model_parity import VARIANTS, random_hf_model
 
@@ -85,21 +86,48 @@ def test_sparse_path_with_everything_kept_equals_dense(random_model):
     assert [c.tokens for c in kernels.completions] == [c.tokens for c in plain.completions]
 
 
-@pytest.mark.parametrize("tp, int8", [(1, False), (2, False), (2, True)])
-def test_teacher_forced_decode_equals_sparse_evaluation(random_model, tp, int8):
+def random_budget(config, attn_topk: float, shards: int, rng) -> list[int]:
+    """Random per-layer group counts, multiples of `shards` in [shards, Hkv], summing to the
+    budget of `attn_topk` (`budget_total`)."""
+    counts = [shards] * config.num_layers
+    for _ in range((budget_total(config, attn_topk, shards) - sum(counts)) // shards):
+        room = [i for i, k in enumerate(counts) if k < config.num_kv_heads]
+        counts[rng.choice(room)] += shards
+    return counts
+
+
+@pytest.mark.parametrize("tp, int8, budget", [(1, False, False), (2, False, False),
+                                              (2, True, False), (2, False, True)])
+def test_teacher_forced_decode_equals_sparse_evaluation(random_model, tp, int8, budget):
     """The decode path (Pallas kernels, interpret mode on CPU) and the masked evaluation give
     the same next-token log-probabilities at every position; at tp 2 the decode runs split over
     two devices, each selecting among its own groups and neurons, and the evaluation applies
     the same per-shard rule on one device. `int8`: both read the MLP router's second
-    projection as int8 rows and scales (split over the devices with the neurons)."""
+    projection as int8 rows and scales (split over the devices with the neurons). `budget`:
+    low-rank SiLU attention routers with a calibrated per-layer budget in their metadata (a
+    random one averaging 0.75 of the groups, multiples of tp), which the plan follows."""
     config, model, routers = random_model
     if int8 and config.gated_mlp:
         pytest.skip("int8 router weights apply to an MLP router (non-gated MLPs)")
+    rng = np.random.default_rng()
+    metadata = {"mlp_topk": {"1": [config.mlp_dim // 4] * config.num_layers}}
+    topk, dense_layers = 0.5, (0,)
+    if budget:
+        routers = Routers.for_model(config, mlp_rank=32, seed=int(rng.integers(1 << 30)),
+                                    attn_rank=8, attn_activation="silu")
+        topk, dense_layers = 0.75, None
+        counts = random_budget(config, topk, tp, rng)
+        metadata.update(attn_topk=topk, attn_groups_per_layer=counts)
     router_state = routers.unstack(int8_mlp_up=int8)
-    plan = SparsityPlan.build(config, {"mlp_topk": {"1": [config.mlp_dim // 4] * config.num_layers}},
-                              attn_topk=0.5, dense_layers=(0,), mlp_batch_size=1, shards=tp)
-    # (Mistral's 2 groups at tp 2: one per device, nothing to select: the sharded kernels run dense.)
-    assert any(k is not None for k in plan.attn_groups) == (config.num_kv_heads // tp > 1)
+    plan = SparsityPlan.build(config, metadata, attn_topk=topk, dense_layers=dense_layers,
+                              mlp_batch_size=1, shards=tp)
+    if budget:
+        groups = config.num_kv_heads // tp
+        assert plan.attn_groups == tuple(None if k // tp == groups else k // tp for k in counts)
+    else:
+        # (Mistral's 2 groups at tp 2: one per device, nothing to select: the sharded kernels
+        # run dense.)
+        assert any(k is not None for k in plan.attn_groups) == (config.num_kv_heads // tp > 1)
     assert config.gated_mlp or all(k == config.mlp_dim // 4 // tp for k in plan.mlp_neurons)
     tokens = np.random.default_rng().integers(0, config.vocab_size, size=32)
     decoded = _teacher_forced(model, config, tokens, router_state, plan,
