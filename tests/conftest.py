@@ -91,7 +91,7 @@ QUICK = {
     "test_router_training_errors.py": ("test_damaged_metadata_is_refused_in_one_line[negative k]",),
     "test_decode.py": ("test_greedy_equals_hf_on_ragged_batch[llama-3.1-gqa]",
                        "test_filtered_logits_against_numpy", "test_bucketing"),
-    "test_sparsity.py": ("test_teacher_forced_decode_equals_sparse_evaluation[opt-pre-ln-1-False]",),
+    "test_sparsity.py": ("test_teacher_forced_decode_equals_sparse_evaluation[opt-pre-ln-1-False-False]",),
     "test_engine.py": ("test_bad_requests_are_refused_in_one_line",),
     "test_api_errors.py": ("test_bad_prompts", "test_bad_settings"),
     "test_serve.py": ("test_chat_prompt_applies_the_template",),
