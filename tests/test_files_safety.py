@@ -620,7 +620,7 @@ def test_routers_replace_existing_out_with_force(tiny_model, tmp_path, monkeypat
     out = tmp_path / "routers"
     collected = []
 
-    def fake_train(config, train_data, calib_data, settings, progress, mesh):
+    def fake_train(config, train_data, calib_data, settings, progress, mesh, attn_groups):
         collected.extend(data.directory for data in (train_data, calib_data))
         return Routers.for_model(config, settings.mlp_rank), []
 
