@@ -201,6 +201,34 @@ def rope_config(fields: Fields, max_positions: int, head_dim: int, types: tuple[
     )
 
 
+def gated_decoder_fields(fields: Fields, *, head_dim: int | None = None,
+                         max_positions: Any = _REQUIRED, activation: str = "hidden_act",
+                         default_activation: str = "silu", tie_word_embeddings: bool = False,
+                         rms_norm_eps: float = 1e-6) -> dict[str, Any]:
+    """The `ModelConfig` fields every rotary, gated-MLP family (Llama, Phi-3, Gemma) reads
+    alike from config.json, as keyword arguments: sizes, the attention shape (`attention_shape`,
+    `head_dim` the family's default), the MLP and its `activation` key, the tied head and the
+    RMSNorm epsilon, each with the family's default."""
+    hidden = fields.int("hidden_size")
+    layers = fields.int("num_hidden_layers")
+    heads, kv_heads, head_dim = attention_shape(fields, hidden, grouped=True, head_dim=head_dim)
+    return dict(
+        model_type=fields.model_type,
+        vocab_size=fields.int("vocab_size"),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        mlp_dim=fields.int("intermediate_size"),
+        max_position_embeddings=fields.int("max_position_embeddings", max_positions),
+        activation=fields.str(activation, default_activation, ACTIVATION_NAMES),
+        gated_mlp=True,
+        tie_word_embeddings=fields.bool("tie_word_embeddings", tie_word_embeddings),
+        rms_norm_eps=fields.float("rms_norm_eps", rms_norm_eps),
+    )
+
+
 def attention_shape(fields: Fields, hidden: int, grouped: bool,
                     head_dim: int | None = None) -> tuple[int, int, int]:
     """(num_heads, num_kv_heads, head_dim). `grouped` (rotary families): `num_key_value_heads`

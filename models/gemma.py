@@ -17,12 +17,11 @@ from flax import nnx
 from models import hf_mapping as hfm
 from models.causal_lm import CausalLM
 from models.config import (
-    ACTIVATION_NAMES,
     LAYER_TYPES,
     Fields,
     ModelConfig,
     RopeConfig,
-    attention_shape,
+    gated_decoder_fields,
     rope_config,
 )
 from models.family import Family, Positions
@@ -67,12 +66,11 @@ def _ropes(fields: Fields, max_positions: int, head_dim: int) -> tuple[RopeConfi
 
 
 def parse_config(fields: Fields) -> GemmaConfig:
-    model_type = fields.model_type
-    gemma2 = model_type == "gemma2"
-    hidden = fields.int("hidden_size")
-    layers = fields.int("num_hidden_layers")
-    heads, kv_heads, head_dim = attention_shape(fields, hidden, grouped=True, head_dim=256)
-    max_positions = fields.int("max_position_embeddings", 8192 if gemma2 else 131072)
+    gemma2 = fields.model_type == "gemma2"
+    base = gated_decoder_fields(fields, head_dim=256, max_positions=8192 if gemma2 else 131072,
+                                activation="hidden_activation",
+                                default_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    layers = base["num_layers"]
     if fields.bool("use_bidirectional_attention", False):
         raise PolarJaxError("config.json: 'use_bidirectional_attention' is true (an embedding "
                             "model); only causal Gemma models are supported")
@@ -81,23 +79,11 @@ def parse_config(fields: Fields) -> GemmaConfig:
         "sliding_attention" if (i + 1) % pattern else "full_attention"
         for i in range(layers)], layers, LAYER_TYPES)
     window = fields.int("sliding_window", 4096)
-    rope, local_rope = _ropes(fields, max_positions, head_dim)
+    rope, local_rope = _ropes(fields, base["max_position_embeddings"], base["head_dim"])
     cap = lambda key, default: (
         (fields.float(key) if fields.has(key) else None) if key in fields.hf else default)
     return GemmaConfig(
-        model_type=model_type,
-        vocab_size=fields.int("vocab_size"),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        mlp_dim=fields.int("intermediate_size"),
-        max_position_embeddings=max_positions,
-        activation=fields.str("hidden_activation", "gelu_pytorch_tanh", ACTIVATION_NAMES),
-        gated_mlp=True,
-        tie_word_embeddings=fields.bool("tie_word_embeddings", True),
-        rms_norm_eps=fields.float("rms_norm_eps", 1e-6),
+        **base,
         rope=rope,
         local_rope=local_rope,
         sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),

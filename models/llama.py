@@ -13,12 +13,11 @@ from flax import nnx
 from models import hf_mapping as hfm
 from models.causal_lm import CausalLM
 from models.config import (
-    ACTIVATION_NAMES,
     LAYER_TYPES,
     Fields,
     ModelConfig,
     RopeConfig,
-    attention_shape,
+    gated_decoder_fields,
     rope_config,
 )
 from models.family import Family, Positions
@@ -65,33 +64,18 @@ def _sliding_windows(fields: Fields, num_layers: int) -> tuple[int | None, ...]:
 
 def parse_config(fields: Fields) -> LlamaConfig:
     model_type = fields.model_type
-    hidden = fields.int("hidden_size")
-    layers = fields.int("num_hidden_layers")
     # Qwen3's head_dim is 128 unless config.json says otherwise (transformers' default).
-    heads, kv_heads, head_dim = attention_shape(fields, hidden, grouped=True,
-                                                head_dim=128 if model_type == "qwen3" else None)
-    max_positions = fields.int("max_position_embeddings")
+    base = gated_decoder_fields(fields, head_dim=128 if model_type == "qwen3" else None)
     attention_bias = fields.bool("attention_bias", model_type == "qwen2")
     return LlamaConfig(
-        model_type=model_type,
-        vocab_size=fields.int("vocab_size"),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        mlp_dim=fields.int("intermediate_size"),
-        max_position_embeddings=max_positions,
-        activation=fields.str("hidden_act", "silu", ACTIVATION_NAMES),
-        gated_mlp=True,
-        tie_word_embeddings=fields.bool("tie_word_embeddings", False),
-        rms_norm_eps=fields.float("rms_norm_eps", 1e-6),
-        rope=rope_config(fields, max_positions, head_dim, POSITIONS.rope_types),
+        **base,
+        rope=rope_config(fields, base["max_position_embeddings"], base["head_dim"],
+                         POSITIONS.rope_types),
         attention_bias=attention_bias,
         # Llama and Qwen3 put `attention_bias` on o_proj too; Qwen2 and Mistral never do.
         out_proj_bias=attention_bias and model_type in ("llama", "qwen3"),
         mlp_bias=fields.bool("mlp_bias", False),
-        sliding_windows=_sliding_windows(fields, layers),
+        sliding_windows=_sliding_windows(fields, base["num_layers"]),
         qk_norm=model_type == "qwen3",
     )
 

@@ -6,7 +6,7 @@ where config.json sets one. The family's config and Hugging Face mapping."""
 from __future__ import annotations
 
 from models import hf_mapping as hfm
-from models.config import ACTIVATION_NAMES, Fields, attention_shape, rope_config
+from models.config import Fields, gated_decoder_fields, rope_config
 from models.family import Family, Positions
 from models.llama import LlamaConfig, LlamaModel, top_specs
 from polar_jax.errors import PolarJaxError
@@ -16,10 +16,7 @@ POSITIONS = Positions(rope_types=("default", "longrope"),
 
 
 def parse_config(fields: Fields) -> LlamaConfig:
-    hidden = fields.int("hidden_size")
-    layers = fields.int("num_hidden_layers")
-    heads, kv_heads, head_dim = attention_shape(fields, hidden, grouped=True)
-    max_positions = fields.int("max_position_embeddings")
+    base = gated_decoder_fields(fields, rms_norm_eps=1e-5)
     for where in (fields, fields.nested("rope_parameters"), fields.nested("rope_scaling")):
         if where.has("partial_rotary_factor"):
             partial = where.float("partial_rotary_factor")
@@ -28,22 +25,10 @@ def parse_config(fields: Fields) -> LlamaConfig:
                                     f"1.0 (every dimension rotated) is supported")
     window = fields.int("sliding_window", None)
     return LlamaConfig(
-        model_type="phi3",
-        vocab_size=fields.int("vocab_size"),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        mlp_dim=fields.int("intermediate_size"),
-        max_position_embeddings=max_positions,
-        activation=fields.str("hidden_act", "silu", ACTIVATION_NAMES),
-        gated_mlp=True,
-        tie_word_embeddings=fields.bool("tie_word_embeddings", False),
-        rms_norm_eps=fields.float("rms_norm_eps", 1e-5),
-        rope=rope_config(fields, max_positions, head_dim, POSITIONS.rope_types,
-                         POSITIONS.rope_aliases),
-        sliding_windows=(window,) * layers,
+        **base,
+        rope=rope_config(fields, base["max_position_embeddings"], base["head_dim"],
+                         POSITIONS.rope_types, POSITIONS.rope_aliases),
+        sliding_windows=(window,) * base["num_layers"],
     )
 
 
