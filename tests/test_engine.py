@@ -135,7 +135,7 @@ def test_cancel_frees_the_slot_a_full_queue_is_busy_and_a_failure_ends_streams()
         """A program that fails ends every stream ("error") and turns new requests away."""
         def broken(*args, **kwargs):
             raise RuntimeError("device lost")
-        engine._decode = broken
+        engine.runner.decode_program = broken
         events = [event async for event in engine.submit(Request(prompt, 5))]
         assert events[-1] == Done("error") and engine.failure == "RuntimeError: device lost"
         with pytest.raises(EngineBusy, match="engine failed"):
@@ -204,6 +204,8 @@ class _Counts:
 
     def pool(self, pages):
         self.pages = pages
+
+    def prefix_cache(self, queries, hits): pass
 
 
 def _teacher_forced_logprobs(decoder, prompts, completions):

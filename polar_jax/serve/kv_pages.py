@@ -2,13 +2,18 @@
 the device's page pool before anything large is allocated.
 
 Pure Python and numpy (no device work): the engine asks `plan_pages` how many pages fit, then
-allocates one `PagedKVCache` pool of that many pages per layer, and hands pages to sequences
-with a `PagePool` as their tokens fill them.
+allocates one `PagedKVCache` pool of that many pages per layer; its scheduler hands pages to
+sequences with a `PagePool` as their tokens fill them, and finds a new prompt's cached prefix
+by `page_hashes`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+
+import numpy as np
 
 from polar_jax.errors import PolarJaxError
 from polar_jax.memory import GiB
@@ -22,30 +27,98 @@ def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-class PagePool:
-    """Which of `num_pages` pages are free. Pages are handed out lowest id first and returned
-    in any order; the engine keeps each sequence's list (its block table row)."""
+def page_hashes(tokens, page_size: int, count: int) -> list[bytes]:
+    """The prefix hashes of the first `count` full pages of `tokens`: page i's hash covers
+    every token of pages 0..i (a chain, as vLLM's block hashes), so equal hashes mean equal
+    prefixes, and so equal keys and values."""
+    hashes, parent = [], b""
+    for i in range(count):
+        page = np.asarray(tokens[i * page_size:(i + 1) * page_size], np.int64).tobytes()
+        parent = hashlib.blake2b(parent + page, digest_size=16).digest()
+        hashes.append(parent)
+    return hashes
 
-    def __init__(self, num_pages: int):
+
+class PagePool:
+    """The pool's pages on the host: each is free, held (by one or more sequences, counted),
+    or cached: free, but still holding a full page of prefill whose prefix hash is known, so a
+    later request with the same prefix takes it instead of computing it again (prefix caching;
+    `prefix_cache=False` keeps no hashes). A fresh page is a never-hashed free page if there is
+    one, else the least recently released cached page (evicted: its hash forgotten). A held
+    page is never evicted."""
+
+    def __init__(self, num_pages: int, prefix_cache: bool = True):
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() gives the lowest
+        self.prefix_cache = prefix_cache
+        self._plain = list(range(num_pages - 1, -1, -1))  # a stack: pop() gives the lowest
+        self._cached: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU first
+        self._refs = [0] * num_pages
+        self._hash_of: dict[int, bytes] = {}
+        self._page_of: dict[bytes, int] = {}
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Pages a request may take: never-hashed free pages and cached ones."""
+        return len(self._plain) + len(self._cached)
 
     @property
     def used(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.free
+
+    @property
+    def cached(self) -> int:
+        return len(self._cached)
 
     def allocate(self, count: int) -> list[int]:
-        """`count` pages, or a `PolarJaxError` (nothing taken) when fewer are free."""
-        if count > len(self._free):
-            raise PolarJaxError(f"{count} KV pages asked, {len(self._free)} free")
-        return [self._free.pop() for _ in range(count)]
+        """`count` fresh pages (held once), or a `PolarJaxError` (nothing taken) when fewer
+        are free."""
+        if count > self.free:
+            raise PolarJaxError(f"{count} KV pages asked, {self.free} free")
+        pages = []
+        for _ in range(count):
+            if self._plain:
+                page = self._plain.pop()
+            else:
+                page, _ = self._cached.popitem(last=False)
+                del self._page_of[self._hash_of.pop(page)]
+            self._refs[page] = 1
+            pages.append(page)
+        return pages
+
+    def match(self, hashes: list[bytes]) -> list[int]:
+        """The cached pages of the longest run of `hashes` from the first, each now held once
+        more (taken out of the eviction order while held)."""
+        pages = []
+        for h in hashes:
+            page = self._page_of.get(h)
+            if page is None:
+                break
+            if self._refs[page] == 0:
+                del self._cached[page]
+            self._refs[page] += 1
+            pages.append(page)
+        return pages
+
+    def contains(self, h: bytes) -> bool:
+        return h in self._page_of
+
+    def commit(self, page: int, h: bytes) -> None:
+        """Held `page` now holds the full page of prefix hash `h` (its keys and values are
+        written by the programs dispatched so far). A second page of the same prefix stays
+        unhashed."""
+        if self.prefix_cache and h not in self._page_of and page not in self._hash_of:
+            self._page_of[h], self._hash_of[page] = page, h
 
     def release(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        """Drops one hold of each page; a page no longer held becomes cached (if hashed; the
+        later pages of a sequence are evicted before its first) or free."""
+        for page in reversed(pages):
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if page in self._hash_of:
+                    self._cached[page] = None
+                else:
+                    self._plain.append(page)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,347 @@
+"""The serving engine's device side: the page pool, the per-slot state, and the compiled
+programs that the scheduler's iterations run on them.
+
+Everything a decode step reads lives on the device (`Slots`: each slot's latest token,
+position, stop position, sampling settings, seed and block-table row) and is updated there:
+the decode step advances its rows and stops a row itself at EOS, at `max_tokens` and at the
+context; a prefill that finishes a prompt puts the sampled first token into the row. The host
+sends only what changed, rows rewritten by `SlotEdits` (an admission, a move, a new page, a
+freed slot) and the prompt chunks, each in one explicit transfer counted in `transfers`: a
+decode step with nothing changed transfers nothing to the device (the engine's thread runs
+under `jax.transfer_guard_host_to_device("disallow")`, so nothing is copied implicitly).
+
+Programs, each compiled once at `warm_up` (every shape is fixed): the decode step per batch
+bucket (with its sparsity plan: the bucket is the plan's batch size), the prefill of
+`prefill_rows` chunks of `prefill_chunk` tokens (with and without the prompt's
+log-probabilities for `echo`), and the edit of up to every slot's row. The pool and the
+slots are donated to each program and replaced by its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.kv_cache import PagedKVCache
+from models.ops import ChunkOps
+from models.sharding import kv_cache_shardings, tp_size
+from polar_jax.decode import Decoder
+from polar_jax.memory import available_bytes
+from polar_jax.sampling import SamplingParams, sample_rows
+from polar_jax.serve.kv_pages import MemoryPlan, plan_pages
+from polar_jax.serve.scheduler import PrefillChunk, SlotEdit
+from polar_jax.step import DecodeState, decode_step
+
+TOP_LOGPROBS = 5  # alternatives computed per token (the OpenAI completions API's maximum)
+
+
+def pow2_sizes(limit: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below `limit`, then `limit`."""
+    sizes = [1 << i for i in range(limit.bit_length()) if 1 << i < limit]
+    return (*sizes, limit)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """Per slot `[S]` on the device: the latest token (the next step's input), its position,
+    whether the device decodes it, `end` (the position it stops before), the sampling
+    settings and seed, and the block-table row `[S, pages_per_seq]` (the pool size past a
+    sequence's pages: writes there are dropped, reads never reach them)."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    active: jax.Array
+    end: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    seeds: jax.Array
+    block_table: jax.Array
+
+    def replace(self, **changes) -> "Slots":
+        return dataclasses.replace(self, **changes)
+
+    def rows(self, index) -> "Slots":
+        return jax.tree.map(lambda x: x[index], self)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotEdits:
+    """Rows to rewrite `[E]`: `target` (the slot count: padding, dropped), `source` (the row
+    whose token and position it keeps, -1: none), `keep` (whether it may stay active: the
+    device's flag of `source` then decides), and the host's fields of the new row."""
+
+    target: np.ndarray
+    source: np.ndarray
+    keep: np.ndarray
+    end: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    seeds: np.ndarray
+    block_table: np.ndarray
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefillBatch:
+    """`prefill_rows` chunks: tokens, positions, valid, `next_ids` (each position's following
+    prompt token, -1 where none) `[P, C]`; per row its slot (the slot count: padding), its
+    last valid index, whether it finishes its prompt, and `resume` (after a preemption: the
+    token the row resumes with, else -1)."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    valid: np.ndarray
+    next_ids: np.ndarray
+    slot: np.ndarray
+    last: np.ndarray
+    finishes: np.ndarray
+    resume: np.ndarray
+
+
+def _choose(logits, next_tokens):
+    """(log-probability of each row's `next_tokens`, the `TOP_LOGPROBS` best ids and their
+    log-probabilities) of float32 logits `[B, V]`."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, next_tokens[:, None], axis=-1)[:, 0]
+    top_logp, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
+    return chosen, top_ids, top_logp
+
+
+class Runner:
+    """The device state and programs of an engine over `decoder` (see the module docstring)."""
+
+    def __init__(self, decoder: Decoder, *, max_slots: int, max_len: int, page_size: int,
+                 prefill_rows: int, prefill_chunk: int, buckets: tuple[int, ...],
+                 eos_ids: tuple[int, ...]):
+        self.decoder, self.config = decoder, decoder.config
+        self.max_slots, self.max_len, self.page_size = max_slots, max_len, page_size
+        self.prefill_rows, self.prefill_chunk, self.buckets = prefill_rows, prefill_chunk, buckets
+        self.pages_per_seq = -(-max_len // page_size)
+        self.eos_ids = np.asarray(eos_ids or (-1,), np.int32)
+        self.plans = {b: decoder.plan_for_batch(b) if decoder.sparse else None for b in buckets}
+        self.transfers = 0  # explicit host-to-device transfers, since the start
+        self.pages = self.slots = None
+        self.num_pages = 0
+        self.prefill_program = jax.jit(self._prefill_program, static_argnames=("echo",),
+                                       donate_argnames=("pages", "slots"))
+        self.decode_program = jax.jit(self._decode_program, static_argnames=("bucket", "plan"),
+                                      donate_argnames=("pages", "slots"))
+        self.edit_program = jax.jit(self._edit_program, donate_argnames=("slots",))
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def transient_bytes(self) -> int:
+        """An upper estimate of the largest program's buffers besides the weights and the pool,
+        per device: prefill's activations over `prefill_rows` x `prefill_chunk` tokens (float32
+        projections and MLP, a layer's keys and values gathered per row, the attention mask and
+        its bias, the logits, all positions' with `echo`), or the decode step's over the slots
+        (the XLA attention's gathered cache where no kernel runs)."""
+        c, tp = self.config, tp_size(self.decoder.mesh)
+        item = jnp.dtype(self.decoder.dtype).itemsize
+        span = self.pages_per_seq * self.page_size
+        width = 4 * (8 * c.hidden_size + (3 * c.mlp_dim + (c.num_heads + 2 * c.num_kv_heads)
+                                          * c.head_dim) // tp)
+        rows, tokens = self.prefill_rows, self.prefill_rows * self.prefill_chunk
+        gathered = 2 * c.num_kv_heads // tp * span * c.head_dim * item
+        prefill = (tokens * width + 2 * rows * gathered + tokens * span * (1 + 4 * c.num_heads
+                                                                            // tp)
+                   + 3 * tokens * c.vocab_size * 4)
+        decode = self.max_slots * (width + 4 * 4 * c.vocab_size + 2 * gathered)
+        return int(1.25 * max(prefill, decode)) + 256 * 2**20
+
+    def plan_memory(self, kv_pages: int | None, fraction: float) -> MemoryPlan:
+        """The pool's pages from what this device has free now (the weights loaded): on a GPU
+        the allocator's limit less what is in use, on a CPU `fraction` of the free memory."""
+        device = min(jax.tree.leaves(self.decoder.state)[0].devices(), key=lambda d: d.id)
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and "bytes_limit" in stats:
+            budget = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        else:
+            budget = int(fraction * (available_bytes(device) or 0))
+        page_bytes = PagedKVCache.page_bytes(self.config, self.page_size, self.decoder.dtype)
+        return plan_pages(budget=budget, transient=self.transient_bytes(),
+                          page_bytes=page_bytes // tp_size(self.decoder.mesh),
+                          page_size=self.page_size, max_len=self.max_len,
+                          max_pages=self.max_slots * self.pages_per_seq, kv_pages=kv_pages)
+
+    def allocate(self, num_pages: int) -> None:
+        """The pool of `num_pages` pages and empty slots, placed as every program's outputs
+        are (an uncommitted first pool would make warm-up compile a variant that serving never
+        calls): on the weights' device, or by KV group over the model's devices."""
+        abstract = PagedKVCache.abstract(self.config, num_pages, self.page_size, self.max_slots,
+                                         self.pages_per_seq, self.decoder.dtype)
+        mesh = self.decoder.mesh
+        placement = (jax.tree.leaves(self.decoder.state)[0].sharding if mesh is None
+                     else kv_cache_shardings(abstract, mesh).pages)
+        self.pages = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                                  abstract.pages), out_shardings=placement)()
+        self.num_pages = num_pages
+        S, P = self.max_slots, self.pages_per_seq
+        self.slots = self._put(Slots(
+            tokens=np.zeros(S, np.int32), positions=np.zeros(S, np.int32),
+            active=np.zeros(S, bool), end=np.zeros(S, np.int32),
+            temperature=np.zeros(S, np.float32), top_k=np.zeros(S, np.int32),
+            top_p=np.ones(S, np.float32), seeds=np.zeros(S, np.uint32),
+            block_table=np.full((S, P), num_pages, np.int32)))
+
+    def release(self) -> None:
+        self.pages = self.slots = None
+
+    def _put(self, tree):
+        """One explicit host-to-device transfer of `tree`, replicated beside the slots."""
+        self.transfers += 1
+        if self.decoder.mesh is None:
+            return jax.device_put(tree, jax.tree.leaves(self.decoder.state)[0].sharding)
+        return jax.device_put(tree, jax.sharding.NamedSharding(self.decoder.mesh,
+                                                               jax.sharding.PartitionSpec()))
+
+    # -- the programs ------------------------------------------------------------------------
+
+    def _is_eos(self, tokens):
+        return jnp.isin(tokens, jnp.asarray(self.eos_ids))
+
+    def _edit_program(self, slots: Slots, edits: SlotEdits) -> Slots:
+        has = edits.source >= 0
+        source = slots.rows(jnp.maximum(edits.source, 0))
+        new = Slots(tokens=jnp.where(has, source.tokens, 0),
+                    positions=jnp.where(has, source.positions, 0),
+                    active=edits.keep & has & source.active, end=edits.end,
+                    temperature=edits.temperature, top_k=edits.top_k, top_p=edits.top_p,
+                    seeds=edits.seeds, block_table=edits.block_table)
+        return jax.tree.map(lambda x, row: x.at[edits.target].set(row, mode="drop"), slots, new)
+
+    def _prefill_program(self, state, pages, slots: Slots, batch: PrefillBatch, *, echo: bool):
+        """The chunks written into their pages; each row's next token sampled after its last
+        one; rows finishing their prompt put it (or their `resume` token) into their slot,
+        which decodes from there. Returns (the sampled tokens, their log-probabilities and
+        alternatives, with `echo` each position's log-probability of its next prompt token and
+        the alternatives), the slots, the pool."""
+        model = nnx.merge(self.decoder.graphdef, state)
+        padding = batch.slot >= self.max_slots
+        rows = slots.rows(jnp.minimum(batch.slot, self.max_slots - 1))
+        block_table = jnp.where(padding[:, None], self.num_pages, rows.block_table)
+        out = model.forward(batch.tokens, batch.positions, ChunkOps(batch.positions, batch.valid),
+                            PagedKVCache(pages, block_table))
+        index = jnp.arange(batch.tokens.shape[0])
+        logits = model.logits(out.hidden_states[index, batch.last])
+        position = batch.positions[index, batch.last] + 1
+        first = sample_rows(logits, rows.sampling(), rows.seeds, position, self.decoder.mesh)
+        chosen, top_ids, top_logp = _choose(logits, first)
+        prompt_logp = None
+        if echo:
+            logp = jax.nn.log_softmax(model.logits(out.hidden_states), axis=-1)
+            following = jnp.maximum(batch.next_ids, 0)[..., None]
+            prompt_logp = (jnp.take_along_axis(logp, following, -1)[..., 0],
+                           *jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))[::-1])
+        resumed = batch.resume >= 0
+        target = jnp.where(batch.finishes & ~padding, batch.slot, self.max_slots)
+        active = (position < rows.end) & (resumed | ~self._is_eos(first))
+        slots = slots.replace(
+            tokens=slots.tokens.at[target].set(jnp.where(resumed, batch.resume, first), mode="drop"),
+            positions=slots.positions.at[target].set(position, mode="drop"),
+            active=slots.active.at[target].set(active, mode="drop"))
+        return (first, chosen, top_ids, top_logp, prompt_logp), slots, out.kv_cache.pages
+
+    def _decode_program(self, state, router_state, pages, slots: Slots, *, bucket: int, plan):
+        """One `decode_step` over slots `[0, bucket)`: the next tokens `[bucket]`, their
+        log-probabilities and alternatives; the slots advanced (stopped at EOS and `end`); the
+        pool."""
+        model = nnx.merge(self.decoder.graphdef, state)
+        rows = slots.rows(slice(0, bucket))
+        mesh = self.decoder.mesh
+        sample = lambda logits: sample_rows(logits, rows.sampling(), rows.seeds,
+                                             rows.positions + 1, mesh)
+        step = decode_step(model, DecodeState(rows.tokens, rows.positions, rows.active,
+                                              PagedKVCache(pages, rows.block_table)),
+                           sample, router_state, plan, mesh)
+        after = step.state
+        active = after.active & (after.positions < rows.end) & ~self._is_eos(step.next_tokens)
+        slots = slots.replace(tokens=slots.tokens.at[:bucket].set(after.tokens),
+                              positions=slots.positions.at[:bucket].set(after.positions),
+                              active=slots.active.at[:bucket].set(active))
+        return (step.next_tokens, *_choose(step.logits, step.next_tokens)), slots, after.kv_cache.pages
+
+    # -- dispatch (asynchronous: each returns the device outputs, not yet read) ---------------
+
+    def edit(self, edits: list[SlotEdit]) -> None:
+        """Rewrites the rows of `edits` (one per slot at most)."""
+        S, P = self.max_slots, self.pages_per_seq
+        E = S
+        rows = SlotEdits(target=np.full(E, S, np.int32), source=np.full(E, -1, np.int32),
+                         keep=np.zeros(E, bool), end=np.zeros(E, np.int32),
+                         temperature=np.zeros(E, np.float32), top_k=np.zeros(E, np.int32),
+                         top_p=np.ones(E, np.float32), seeds=np.zeros(E, np.uint32),
+                         block_table=np.full((E, P), self.num_pages, np.int32))
+        for i, edit in enumerate(edits):
+            rows.target[i], rows.source[i] = edit.slot, edit.source
+            sequence = edit.sequence
+            if sequence is not None:
+                rows.keep[i], rows.end[i] = True, sequence.end
+                (rows.temperature[i], rows.top_k[i], rows.top_p[i],
+                 rows.seeds[i]) = sequence.sampling
+                rows.block_table[i, :len(sequence.pages)] = sequence.pages
+        self.slots = self.edit_program(self.slots, self._put(rows))
+
+    def prefill(self, chunks: list[PrefillChunk], echo: bool):
+        """Dispatches the prefill of `chunks` (at most `prefill_rows`); its outputs."""
+        P, C, S = self.prefill_rows, self.prefill_chunk, self.max_slots
+        batch = PrefillBatch(tokens=np.zeros((P, C), np.int32),
+                             positions=np.tile(np.arange(C, dtype=np.int32), (P, 1)),
+                             valid=np.zeros((P, C), bool), next_ids=np.full((P, C), -1, np.int32),
+                             slot=np.full(P, S, np.int32), last=np.zeros(P, np.int32),
+                             finishes=np.zeros(P, bool), resume=np.full(P, -1, np.int32))
+        for i, chunk in enumerate(chunks):
+            sequence, start, n = chunk.sequence, chunk.start, chunk.length
+            batch.tokens[i, :n] = sequence.prefill_ids[start:start + n]
+            following = sequence.prompt[start + 1:start + n + 1]
+            batch.next_ids[i, :len(following)] = following
+            batch.valid[i, :n] = True
+            batch.positions[i] += start
+            batch.slot[i], batch.last[i], batch.finishes[i] = sequence.slot, n - 1, chunk.finishes
+            if chunk.finishes and sequence.resumed:
+                batch.resume[i] = sequence.generated[-1]
+        out, self.slots, self.pages = self.prefill_program(
+            self.decoder.state, self.pages, self.slots, self._put(batch), echo=echo)
+        return out
+
+    def decode(self, bucket: int):
+        """Dispatches one decode step over slots `[0, bucket)`; its outputs."""
+        out, self.slots, self.pages = self.decode_program(
+            self.decoder.state, self.decoder.router_state, self.pages, self.slots,
+            bucket=bucket, plan=self.plans[bucket])
+        return out
+
+    def warm_up(self, progress: Callable[[str], None] | None = None) -> int:
+        """Compiles every program the engine can call by running it on empty slots (both
+        prefill variants, the decode step per bucket, the edit); returns how many.
+        `progress(line)` hears of each, with its seconds."""
+        count = 0
+
+        def timed(name, run):
+            nonlocal count
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            count += 1
+            if progress is not None:
+                progress(f"compiled {name} in {time.perf_counter() - start:.1f} s")
+
+        for echo in (False, True):
+            timed(f"prefill ({self.prefill_rows} x {self.prefill_chunk} tokens"
+                  f"{', echo' if echo else ''})", lambda: self.prefill([], echo))
+        for bucket in self.buckets:
+            timed(f"decode step (batch {bucket})", lambda: self.decode(bucket))
+        timed("slot edit", lambda: self.edit([]))
+        return count
