@@ -32,11 +32,12 @@ import asyncio
 import collections
 import collections.abc
 import dataclasses
+import functools
 import logging
 import numbers
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -365,19 +366,28 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def warm_up(self) -> int:
+    def warm_up(self, progress: Callable[[str], None] | None = None) -> int:
         """Compiles every program the schedule can call (each prefill variant, the decode
-        step for each distinct plan) by running it once on empty slots; returns how many."""
-        plans = list(dict.fromkeys(self._plans.values())) or [None]
-        for echo in (False, True):
-            self._run_prefill([], echo=echo)
-        for plan in plans:
-            self._run_decode(plan)
-        return 2 + len(plans)
+        step for each distinct plan) by running it once on empty slots; returns how many.
+        `progress` hears of each, e.g. "prefill (1 of 3) in 2.1 s"."""
+        largest = {plan: min(size, self.max_slots) for size, plan in self._plans.items()}
+        programs = [(f"prefill{' with echo' * echo}", functools.partial(
+            self._run_prefill, [], echo=echo)) for echo in (False, True)]
+        programs += [("decode step" + (f" (MLP k for up to {largest[plan]} sequences)"
+                                       if plan is not None else ""),
+                      functools.partial(self._run_decode, plan))
+                     for plan in list(largest) or [None]]
+        for i, (name, run) in enumerate(programs):
+            start = time.perf_counter()
+            run()
+            if progress is not None:
+                progress(f"{name} ({i + 1} of {len(programs)}) in "
+                         f"{time.perf_counter() - start:.1f} s")
+        return len(programs)
 
-    def start(self) -> None:
-        """Compiles (`warm_up`) and starts the scheduling thread."""
-        self.warm_up()
+    def start(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compiles (`warm_up`, telling `progress`) and starts the scheduling thread."""
+        self.warm_up(progress)
         self._accepting = True
         self._thread = threading.Thread(target=self._serve, name="polar-jax-engine", daemon=True)
         self._thread.start()
