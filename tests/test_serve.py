@@ -772,6 +772,22 @@ def test_an_exception_is_a_counted_500_and_one_log_line(caplog):
                                    "tokenizer broke on two lines") and not record.exc_info
 
 
+def test_serve_modules_import_one_way():
+    """server -> api -> protocol and text -> engine: each serve module imports only those
+    below it (text may use protocol's errors)."""
+    from test_imports import project_imports
+
+    below = {"server": {"api", "protocol", "engine", "metrics"},
+             "api": {"protocol", "text", "engine", "metrics"}, "text": {"protocol", "engine"},
+             "protocol": {"engine"}}
+    for name, allowed in below.items():
+        source = (ROOT / "polar_jax" / "serve" / f"{name}.py").read_text()
+        imported = {m.removeprefix("polar_jax.serve.") for m in
+                    project_imports(source, "polar_jax.serve") if m.startswith("polar_jax.serve.")}
+        assert imported <= allowed, (name, imported - allowed)
+        assert len(source.splitlines()) <= 400, name
+
+
 def test_a_port_is_bound_once():
     """Two servers starting at the same moment: the second bind fails (both bound before
     either listened used to share the port, and uvloop ignored the loser's listen)."""
