@@ -209,8 +209,9 @@ class Body:
                                 f"{validate.describe(value)}", "n")
         n = value or 1
         if prompts * n > max_queue:
-            raise ApiError(400, f"{prompts} prompts x n {n} = {prompts * n} choices; this server "
-                                f"queues at most {max_queue} (--max-queue): ask for fewer", "n")
+            asked = f"{prompts} prompts x n {n} = {prompts * n}" if prompts > 1 else f"n {n}"
+            raise ApiError(400, f"{asked} choices; this server queues at most {max_queue} "
+                                "(--max-queue): ask for fewer", "n")
         return n
 
     def sampling(self, max_tokens: int | None) -> Sampling:
