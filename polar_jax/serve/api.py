@@ -206,13 +206,12 @@ class Api:
             return Response(status_code=499)
         out = []
         for choice in choices:
-            tokens, start = choice.tokens, len(prefix(choice))
+            tokens = choice.tokens
             if req.echo and req.logprobs is not None:
-                tokens = choice.prompt_tokens() + [
-                    dataclasses.replace(t, offset=start + t.offset) for t in tokens]
-                start = 0
+                tokens = choice.prompt_tokens() + [dataclasses.replace(
+                    t, offset=len(prefix(choice)) + t.offset) for t in tokens]
             out.append(protocol.completion_choice(choice.index, prefix(choice) + choice.text,
-                                                  choice.finish_reason, logprobs(tokens, start)))
+                                                  choice.finish_reason, logprobs(tokens, 0)))
         return JSONResponse(head | {"choices": out, "usage": self._usage(choices, req.n)})
 
     async def chat(self, request: HttpRequest) -> Response:
