@@ -280,7 +280,7 @@ def _cmd_generate(args) -> int:
 
 
 SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client")  # the [serve] extra
-# The server's limits (`polar_jax.serve.server.Limits`, whose defaults these are: not imported
+# The server's limits (`polar_jax.serve.protocol.Limits`, whose defaults these are: not imported
 # here, so that --help stays fast): (name, type, default, help).
 _positive_number = validate.cli_type(validate.number, float, low=0, low_open=True)
 SERVE_LIMITS = {
@@ -289,6 +289,7 @@ SERVE_LIMITS = {
                                                "at most (then 413)"),
     "max_stops": (_positive, 16, "stop strings per request, at most (then 400)"),
     "max_stop_chars": (_positive, 1000, "characters per stop string, at most (then 400)"),
+    "max_n": (_positive, 16, "choices per prompt (a request's n), at most (then 400)"),
     "max_json_depth": (validate.cli_type(validate.integer, int, low=2, high=500), 64,
                        "arrays and objects nested in a request body, at most (then 400)"),
     "head_timeout": (_positive_number, 10.0, "seconds a connection may take to send a request "
@@ -304,7 +305,8 @@ def _cmd_serve(args) -> int:
     import os
 
     try:
-        from polar_jax.serve import server
+        from polar_jax.serve import server, text
+        from polar_jax.serve.protocol import Limits
     except ModuleNotFoundError as err:
         if err.name not in SERVE_MODULES:
             raise
@@ -327,6 +329,14 @@ def _cmd_serve(args) -> int:
 
         mesh = make_mesh(args.tp)
         mode += f", tp {args.tp}"
+    # The key: the flag, else the environment's (an empty one is none), as vLLM's.
+    api_key = args.api_key if args.api_key is not None else (
+        os.environ.get("POLAR_JAX_API_KEY") or None)
+    chat_template = None
+    if args.chat_template is not None:  # checked before the model loads
+        from polar_jax.loading import load_tokenizer
+
+        chat_template = text.read_chat_template(args.chat_template, load_tokenizer(args.model))
     load = lambda: Decoder.load(args.model, args.dtype, routers=args.routers,
                                 attn_topk=args.attn_topk, dense_layers=args.dense_layers,
                                 mesh=mesh, router_weights=args.router_weights)
@@ -335,13 +345,17 @@ def _cmd_serve(args) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.gpu_memory_fraction:g}")
     server.serve(load, host=args.host, port=args.port,
                  model_name=args.served_model_name or os.path.basename(os.path.abspath(args.model)),
-                 mode=mode, access_log=not args.quiet,
-                 limits=server.Limits(**{name: getattr(args, name) for name in SERVE_LIMITS}),
+                 mode=mode, access_log=not args.quiet, progress=not args.quiet,
+                 api_key=api_key, chat_template=chat_template,
+                 limits=Limits(**{name: getattr(args, name) for name in SERVE_LIMITS}),
                  engine_options=dict(max_slots=args.max_slots, max_len=args.max_len,
                                      prefill_chunk=args.prefill_chunk,
                                      prefill_rows=args.prefill_rows, max_queue=args.max_queue,
                                      page_size=args.page_size, kv_pages=args.kv_pages,
-                                     gpu_memory_fraction=args.gpu_memory_fraction))
+                                     gpu_memory_fraction=args.gpu_memory_fraction,
+                                     max_batched_tokens=args.max_batched_tokens,
+                                     prefix_cache=not args.no_prefix_cache,
+                                     batch_buckets=args.batch_buckets))
     return 0
 
 
@@ -510,8 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "in --gpu-memory-fraction of the device after the weights, or --kv-pages); "
                     "a request waits until its prompt's pages are free, and when pages run out "
                     "the newest request is preempted and recomputed later. Prompts are "
-                    "prefilled in chunks of --prefill-chunk tokens between decode steps. Every "
-                    "program compiles before the server listens; it prints one line when ready. "
+                    "prefilled in chunks of --prefill-chunk tokens between decode steps, within "
+                    "--max-batched-tokens an iteration; full pages of a prompt are cached, and a "
+                    "later prompt with the same prefix takes them instead of computing them "
+                    "(--no-prefix-cache: off). The host schedules the next step while the "
+                    "device runs this one; the decode step runs in the smallest of "
+                    "--batch-buckets that holds the running requests. Every "
+                    "program compiles before the server listens (each one's time on stderr); "
+                    "it prints one line on stdout when ready. "
                     "SIGTERM ends in-flight requests (finish_reason \"abort\") and exits 0.")
     srv.add_argument("--model", required=True, help="converted or Hugging Face model directory")
     srv.add_argument("--dtype", choices=tuple(DTYPES),
@@ -535,6 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens per KV-cache page")
     srv.add_argument("--kv-pages", type=_positive,
                      help="KV-cache pages in the pool (default: as many as fit)")
+    srv.add_argument("--max-batched-tokens", type=_positive,
+                     help="tokens an iteration computes at most: the decoding sequences' and "
+                          "the prompt chunks' (default: --prefill-rows x --prefill-chunk + "
+                          "--max-slots; at least --max-slots + 1)")
+    srv.add_argument("--no-prefix-cache", action="store_true",
+                     help="compute every prompt in full (default: reuse cached prefix pages)")
+    srv.add_argument("--batch-buckets", type=validate.cli_list(_positive),
+                     help="comma-separated batch sizes the decode step is compiled for "
+                          "(default: 1, 2, 4, ... up to --max-slots; --max-slots is always one)")
     srv.add_argument("--gpu-memory-fraction",
                      type=validate.cli_type(validate.number, float, low=0.0, high=1.0,
                                             low_open=True), default=0.9,
@@ -548,7 +577,16 @@ def build_parser() -> argparse.ArgumentParser:
         limits.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text)
     srv.add_argument("--served-model-name",
                      help="the model's name in the API (default: the --model directory's name)")
-    srv.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    srv.add_argument("--api-key",
+                     help="every /v1/ request must send 'Authorization: Bearer KEY' (else 401; "
+                          "/health and /metrics stay open); default: $POLAR_JAX_API_KEY if set, "
+                          "else no key")
+    srv.add_argument("--chat-template", metavar="FILE",
+                     help="a Jinja chat template for /v1/chat/completions, checked at start "
+                          "(default: the tokenizer's own; a model without one answers chat "
+                          "requests 400)")
+    srv.add_argument("--quiet", action="store_true",
+                     help="no startup progress and no access log on stderr")
     srv.add_argument("--tp", type=_positive, default=1,
                      help="tensor parallel: split the model over N devices of this host")
     srv.set_defaults(run=_cmd_serve)

@@ -68,7 +68,7 @@ def test_version(capsys):
 
 
 @pytest.mark.parametrize("command", [[], ["convert"], ["eval"], ["eval", "perplexity"],
-                                     ["generate"], ["train-routers"]])
+                                     ["generate"], ["train-routers"], ["serve"]])
 def test_every_help_page_shows_defaults(capsys, command):
     rc, out, err = run_cli(capsys, [*command, "--help"])
     assert rc == 0 and err == "" and out.startswith("usage: polar-jax")
@@ -145,6 +145,8 @@ def test_defaults_are_the_apis():
      ("argument --lr: must be a finite number > 0",)),
     (["train-routers", "--model", "m", "--text", "t", "--out", "o", "--epochs", "0"],
      ("argument --epochs",)),
+    (["serve", "--model", "m", "--max-n", "0"], ("argument --max-n: must be an integer >= 1, "
+                                                 "got 0",)),
 ])
 def test_usage_errors_are_one_line(capsys, argv, needles):
     _assert_one_line_error(capsys, argv, *needles)

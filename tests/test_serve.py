@@ -1,11 +1,13 @@
 """`polar-jax serve`: one server process on the tiny-opt fixture (float32, 4 slots of 256
-positions, prefill chunks of 16, a queue of 12), driven through the official `openai` client and
-raw HTTP. Its greedy completions equal `Decoder.generate`'s (16 requests joining and leaving a
-running batch), streams join to the same text, echo's log-probabilities equal the dense
-model's own log-softmax, stop strings cut at their first occurrence, bad requests answer 4xx
-in OpenAI's format and the server keeps serving, a full queue answers 503, a client that
-disconnects frees its slot, and SIGTERM ends a running stream and exits 0 (the module's last
-test). A second server decodes tiny-llama with trained routers as sparse `generate` does.
+positions, prefill chunks of 16, a queue of 12, an API key from the environment, a chat template
+file), driven through the official `openai` client and raw HTTP. Its greedy completions equal
+`Decoder.generate`'s (16 requests joining and leaving a running batch), streams join to the
+same text, echo's log-probabilities equal the dense model's own log-softmax, stop strings cut
+at their first occurrence, n choices each equal one request with their seed, chat goes through
+the template, bad requests answer 4xx in OpenAI's format and the server keeps serving, /v1/
+needs the key, a full queue answers 503, a client that disconnects frees its slot, startup
+progress is on stderr, and SIGTERM ends a running stream and exits 0 (the module's last test).
+A second server decodes tiny-llama with trained routers as sparse `generate` does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import select
 import signal
 import socket
@@ -42,23 +45,33 @@ READY = re.compile(r"serving (\S+) \((.*)\) at (http://127\.0\.0\.1:\d+)/v1: ")
 ARGS = ("--dtype", "float32", "--max-slots", 4, "--max-len", 256, "--prefill-chunk", 16,
         "--kv-pages", 40, "--max-queue", 12, "--max-body-mb", 0.25, "--max-prompt-chars", 4000,
         "--max-stops", 4, "--max-stop-chars", 40, "--max-json-depth", 32, "--head-timeout", 2,
-        "--body-timeout", 2, "--max-connections", 40)
+        "--body-timeout", 2, "--max-connections", 40, "--max-n", 4, "--batch-buckets", 2)
 MAX_TOKENS = 12
+API_KEY = secrets.token_urlsafe(16)  # the module server's (POLAR_JAX_API_KEY)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# A chat template for tiny-opt (whose tokenizer has none), and what it makes of `CHAT`.
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT = [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "The history "},
+                                     {"type": "text", "text": "of"}]}]
+CHAT_TEXT = "<system>Be brief.\n<user>The history of\n<assistant>"
 
 
 class Server:
     """A `polar-jax serve` process on a free port, started at once (its compilation overlaps
-    the caller's work); `wait()` gives its base URL once it serves; killed by `stop()`."""
+    the caller's work); `wait()` gives its base URL once it serves; killed by `stop()`. `env`:
+    more environment variables."""
 
-    def __init__(self, tmp_path: Path, *argv):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    def __init__(self, tmp_path: Path, *argv, quiet: bool = True, env: dict | None = None):
+        env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
             filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
         self.out, self.err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
         with open(self.out, "w") as stdout, open(self.err, "w") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "polar_jax.cli", "serve", "--port", "0", "--quiet",
-                 *map(str, argv)], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                env=env, cwd=ROOT)
+                [sys.executable, "-m", "polar_jax.cli", "serve", "--port", "0",
+                 *(["--quiet"] if quiet else []), *map(str, argv)], stdout=stdout,
+                stderr=stderr, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
         self.base = None
 
     def wait(self, timeout: float = 300) -> str:
@@ -87,11 +100,13 @@ class Server:
         self.stop()
 
 
-def request(method: str, url: str, body: bytes | dict | None = None) -> tuple[int, dict | str]:
-    """(status, the JSON answer or the text) of one HTTP request."""
+def request(method: str, url: str, body: bytes | dict | None = None,
+            headers: dict = AUTH) -> tuple[int, dict | str]:
+    """(status, the JSON answer or the text) of one HTTP request (with the module server's
+    key unless `headers` say otherwise)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **headers})
     try:
         with urllib.request.urlopen(req, timeout=120) as answer:
             status, text = answer.status, answer.read().decode()
@@ -129,7 +144,11 @@ def opt_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def server(opt_dir, tmp_path_factory):
-    with Server(tmp_path_factory.mktemp("serve"), "--model", opt_dir, *ARGS) as started:
+    """Not --quiet: its stderr has the startup progress (and the access log)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "chat.jinja").write_text(TEMPLATE)
+    with Server(tmp, "--model", opt_dir, *ARGS, "--chat-template", tmp / "chat.jinja",
+                quiet=False, env={"POLAR_JAX_API_KEY": API_KEY}) as started:
         yield started
 
 
@@ -140,7 +159,7 @@ def base(server) -> str:
 
 @pytest.fixture(scope="module")
 def client(base):
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +195,10 @@ def test_serve_help_and_defaults_are_the_engines(capsys):
 
     rc, out, _ = run_cli(capsys, ["serve", "--help"])
     assert rc == 0 and "OpenAI" in out and "(default: 8000)" in out
-    from polar_jax.serve.server import Limits
+    for needle in ("--api-key", "POLAR_JAX_API_KEY", "--chat-template FILE",
+                   "a model without one answers chat requests 400"):
+        assert needle in " ".join(out.split()), needle
+    from polar_jax.serve.protocol import Limits
 
     args = build_parser().parse_args(["serve", "--model", "m"])
     engine = inspect.signature(Engine).parameters
@@ -202,6 +224,14 @@ def test_serve_refusals_are_one_line_before_loading(capsys, monkeypatch):
 
     rc, _, err = run_cli(capsys, ["serve", "--model", "m", "--max-body-mb", "0"])
     assert rc == 2 and "--max-body-mb: must be a finite number > 0, got 0" in err
+    # The key: the flag over the environment's (each refused when not a header's characters).
+    monkeypatch.setenv("POLAR_JAX_API_KEY", "a key")
+    for flag in ([], ["--api-key", ""], ["--api-key", "sécret"]):
+        rc, out, err = run_cli(capsys, ["serve", "--model", "/nonexistent", "--port", 0, *flag])
+        assert (rc, out) == (2, "") and err == (
+            "polar-jax: error: the API key (--api-key or POLAR_JAX_API_KEY) must be one or more "
+            "visible ASCII characters, no spaces\n")
+    monkeypatch.delenv("POLAR_JAX_API_KEY")
     import resource
 
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (256, 256))
@@ -210,11 +240,37 @@ def test_serve_refusals_are_one_line_before_loading(capsys, monkeypatch):
                                "this process may open 256 (ulimit -Hn): lower --max-connections\n")
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "fastapi", None)  # the [serve] extra missing
-    monkeypatch.delitem(sys.modules, "polar_jax.serve.server", raising=False)
-    monkeypatch.delattr(polar_jax.serve, "server", raising=False)
+    for name in ("server", "api", "text", "protocol"):  # the modules that import fastapi
+        monkeypatch.delitem(sys.modules, f"polar_jax.serve.{name}", raising=False)
+        monkeypatch.delattr(polar_jax.serve, name, raising=False)
     rc, _, err = run_cli(capsys, ["serve", "--model", "m"])
     assert rc == 2 and err == ("polar-jax: error: polar-jax serve needs fastapi: install the serve "
                                "extra: pip install 'polar-jax[serve]'\n")
+
+
+def test_a_bad_chat_template_is_refused_before_loading(capsys, monkeypatch, opt_dir, tmp_path):
+    from polar_jax.loading import ModelDir
+
+    monkeypatch.setattr(ModelDir, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    files = {"syntax.jinja": ("{% for m in messages %}{{ m['content'] }}",
+                              "does not render a one-message chat: TemplateSyntaxError: "),
+             "raises.jinja": ("{{ raise_exception('system message first') }}",
+                              "does not render a one-message chat: TemplateError: system "
+                              "message first"),
+             "blank.jinja": ("{% if false %}x{% endif %}", "renders a one-message chat as "
+                                                           "empty text"),
+             "empty.jinja": ("", "is empty: give a Jinja chat template"),
+             "latin1.jinja": ("\xe9".encode("latin-1"), "cannot be read as UTF-8 text")}
+    for name, (content, needle) in files.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        rc, out, err = run_cli(capsys, ["serve", "--model", opt_dir, "--chat-template", path])
+        assert (rc, out) == (2, "") and err.count("\n") == 1, (name, err)
+        assert err.startswith(f"polar-jax: error: --chat-template {path} ") and needle in err, err
+    rc, _, err = run_cli(capsys, ["serve", "--model", opt_dir, "--chat-template", tmp_path])
+    assert rc == 2 and f"--chat-template {tmp_path} is not a regular file" in err, err
+    rc, _, err = run_cli(capsys, ["serve", "--model", opt_dir, "--chat-template", tmp_path / "no"])
+    assert rc == 2 and err == f"polar-jax: error: --chat-template {tmp_path / 'no'} does not exist\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,37 +355,107 @@ def test_stop_strings_and_max_tokens(client, prompts):
     assert answer.usage.completion_tokens == 5 and answer.choices[0].finish_reason == "length"
 
 
-def test_chat_needs_a_template(base, opt_dir):
-    status, answer = request("POST", f"{base}/v1/chat/completions",
-                             {"model": "tiny-opt", "messages": [{"role": "user", "content": "Hi"}]})
-    assert status == 400 and "no chat template" in answer["error"]["message"]
+def test_n_choices_each_equal_one_request_with_their_seed(client, prompts):
+    """n = 3 at temperature 1: choice i is what one request with seed + i gets; the prompt is
+    counted once in the usage."""
+    seed = int(np.random.default_rng().integers(2**31))
+    kwargs = dict(model="tiny-opt", prompt=prompts[9], max_tokens=MAX_TOKENS, temperature=1.0,
+                  logprobs=1)
+    answer = client.completions.create(n=3, seed=seed, **kwargs)
+    singles = [client.completions.create(seed=seed + i, **kwargs) for i in range(3)]
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    for choice, single in zip(answer.choices, singles):
+        (one,) = single.choices
+        assert (choice.text, choice.finish_reason) == (one.text, one.finish_reason)
+        assert choice.logprobs.tokens == one.logprobs.tokens
+        np.testing.assert_allclose(choice.logprobs.token_logprobs, one.logprobs.token_logprobs,
+                                   atol=1e-5)
+    assert len({c.text for c in answer.choices}) > 1  # three seeds, not one
+    assert answer.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert answer.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+
+
+def test_n_streams_interleave_their_indexes(client, decoder, prompts):
+    """Two prompts x n = 2 streamed: indexes 0 to 3 (prompt i // 2), each joining to the
+    non-streamed choice with the same seed; the usage chunk counts each prompt once."""
+    seed = int(np.random.default_rng().integers(2**31))
+    kwargs = dict(model="tiny-opt", prompt=prompts[10:12], n=2, seed=seed, max_tokens=MAX_TOKENS,
+                  temperature=1.0)
+    whole = client.completions.create(**kwargs)
+    texts, reasons, order = [""] * 4, [None] * 4, []
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                            **kwargs))
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        order.append(choice.index)
+        texts[choice.index] += choice.text
+        reasons[choice.index] = choice.finish_reason
+    assert texts == [c.text for c in whole.choices] and reasons == [c.finish_reason
+                                                                    for c in whole.choices]
+    assert set(order) == {0, 1, 2, 3} and order != sorted(order)  # interleaved
+    assert chunks[-1].usage == whole.usage
+    assert whole.usage.prompt_tokens == sum(len(decoder.tokenizer(p)["input_ids"])
+                                            for p in prompts[10:12])
+
+
+def test_chat_goes_through_the_template_file(client, decoder):
+    """The chat (text parts joined) is rendered by --chat-template: its greedy answer is the
+    completion of the rendered ids; n = 2 streamed carries both indexes, each with its role."""
+    ids = decoder.tokenizer(CHAT_TEXT, add_special_tokens=False)["input_ids"]
+    chat = client.chat.completions.create(model="tiny-opt", messages=CHAT, max_tokens=MAX_TOKENS,
+                                          temperature=0)
+    completion = client.completions.create(model="tiny-opt", prompt=ids, max_tokens=MAX_TOKENS,
+                                           temperature=0)
+    assert chat.choices[0].message.content == completion.choices[0].text
+    assert chat.usage == completion.usage and chat.usage.prompt_tokens == len(ids)
+    kwargs = dict(model="tiny-opt", messages=CHAT, max_tokens=MAX_TOKENS, n=2, temperature=1.0,
+                  seed=int(np.random.default_rng().integers(2**31)))
+    whole = client.chat.completions.create(**kwargs)
+    texts, roles = ["", ""], [None, None]
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        roles[choice.index] = roles[choice.index] or choice.delta.role
+    assert texts == [c.message.content for c in whole.choices] and roles == ["assistant"] * 2
+
+
+def test_chat_without_a_template_answers_400():
+    """A tokenizer without a template and no --chat-template: 400 (the in-process app)."""
+    app, _ = _stub_app(lambda text: pytest.fail("tokenized"), None)
+    status, answer = asyncio.run(_call(app, "POST", "/v1/chat/completions",
+                                       {"messages": [{"role": "user", "content": "Hi"}]}))
+    assert status == 400 and answer["error"]["message"].startswith(
+        "this model has no chat template (none in its tokenizer_config.json, and the server was "
+        "started without --chat-template)")
 
 
 def test_chat_prompt_applies_the_template(opt_dir):
     from polar_jax.loading import load_tokenizer
-    from polar_jax.serve.server import ApiError, chat_prompt
+    from polar_jax.serve.protocol import ApiError, Body, Limits
+    from polar_jax.serve.text import chat_prompt
+
+    def messages(value, max_chars: int = 4000) -> list[dict]:
+        body = json.dumps({"messages": value}).encode()
+        return Body(body, Limits(max_prompt_chars=max_chars), "m").messages()
 
     tokenizer = load_tokenizer(opt_dir)
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
-                               "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Hi "},
-                                             {"type": "text", "text": "there"}]}]
-    assert chat_prompt(tokenizer, messages) == tokenizer(
-        "<system>Be brief.\n<user>Hi there\n<assistant>", add_special_tokens=False)["input_ids"]
+    expected = tokenizer(CHAT_TEXT, add_special_tokens=False)["input_ids"]
+    assert chat_prompt(tokenizer, messages(CHAT), TEMPLATE) == expected
+    tokenizer.chat_template = TEMPLATE  # the tokenizer's own, when none is given
+    assert chat_prompt(tokenizer, messages(CHAT)) == expected
     for bad in ([], [{"content": "no role"}], [{"role": "user", "content": 3}],
                 [{"role": "user", "content": [{"type": "text", "text": 5}]}],
                 [{"role": "user", "content": "a lone \ud800"}]):
         with pytest.raises(ApiError, match="messages") as caught:
-            chat_prompt(tokenizer, bad)
+            messages(bad)
         assert caught.value.status == 400 and "\n" not in str(caught.value)
-    with pytest.raises(ApiError, match=r"the messages have 27 characters; at most 26 "
+    assert messages(CHAT, max_chars=33) == messages(CHAT)
+    with pytest.raises(ApiError, match=r"the messages have 33 characters; at most 32 "
                                        r"\(--max-prompt-chars\)") as caught:
-        chat_prompt(tokenizer, messages, max_chars=26)  # roles and contents
+        messages(CHAT, max_chars=32)  # roles and contents
     assert caught.value.status == 413
-    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(ApiError, match="roles must alternate"):
-        chat_prompt(tokenizer, messages)
+        chat_prompt(tokenizer, messages(CHAT), "{{ raise_exception('roles must alternate') }}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +472,10 @@ BAD_REQUESTS = [
     ({"prompt": "x", "top_p": 0}, 400, "top_p must be"),
     ({"prompt": "x", "logprobs": 6}, 400, "logprobs must be an integer in [0, 5]"),
     ({"prompt": "x", "echo": "yes"}, 400, "echo must be true or false"),
-    ({"prompt": "x", "n": 2}, 400, "n must be 1"),
+    ({"prompt": "x", "n": 5}, 400, "n must be an integer in [1, 4] (--max-n), got 5"),
+    ({"prompt": "x", "n": 0}, 400, "n must be an integer in [1, 4]"),
+    ({"prompt": ["x"] * 4, "n": 4}, 400, "4 prompts x n 4 = 16 choices; this server queues at "
+                                         "most 12 (--max-queue)"),
     ({"prompt": "x", "stop": [""]}, 400, "stop must be"),
     ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
     ({"prompt": [5, 99999]}, 400, "token id 99999 is outside the vocabulary"),
@@ -362,8 +491,7 @@ BAD_REQUESTS = [
     (b'{"prompt": "ab\\ud800"}', 400, "prompt holds a lone surrogate ('\\ud800' at character 2)"),
     (b'{"prompt": ["x", "\\udfff"]}', 400, "prompt 1 holds a lone surrogate"),
     ({"prompt": "x", "stop": ["\ud800"]}, 400, "stop holds a lone surrogate"),
-    ({"prompt": "x", "n": True}, 400, "n must be 1 (one choice per prompt: send several prompts), "
-                                      "got True"),
+    ({"prompt": "x", "n": True}, 400, "n must be an integer in [1, 4] (--max-n), got True"),
     ({"prompt": ["x"] * 13}, 400, "prompt holds 13 prompts; this server queues at most 12 "
                                   "(--max-queue)"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop holds 5 strings; at most 4 "
@@ -395,6 +523,45 @@ def test_unknown_routes_answer_in_openais_format(base):
     assert status == 404 and "Not Found" in answer["error"]["message"]
     status, answer = request("GET", f"{base}/v1/completions")
     assert status == 405 and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_v1_routes_need_the_api_key(base):
+    """Without the key or with a wrong one: 401 in OpenAI's format (also for an unknown /v1/
+    route), counted; /health and /metrics stay open."""
+    refused = 'polar_jax_requests_total{code="401",endpoint="/v1/completions"}'
+    before = metric(base, refused)
+    body = {"prompt": "The", "max_tokens": 2}
+    for headers, reason in (({}, "no API key"), ({"Authorization": "Bearer " + API_KEY[:-1]},
+                                                 "a wrong API key"),
+                            ({"Authorization": API_KEY}, "a wrong API key")):
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"),
+                             ("GET", "/v1/nothing")):
+            status, answer = request(method, base + path, body if method == "POST" else None,
+                                     headers)
+            assert status == 401, (headers, path, answer)
+            assert answer["error"]["message"].startswith(reason + ": send the header")
+            assert answer["error"]["code"] == "invalid_api_key"
+    assert metric(base, refused) == before + 3
+    status, answer = request("POST", f"{base}/v1/completions", body)
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+    for path in ("/health", "/metrics"):
+        assert request("GET", base + path, headers={})[0] == 200
+
+
+def test_startup_progress_on_stderr(server, base, decoder):
+    """Loading (with the weights' size), each program compiled with its time, in order."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(decoder.state))
+    progress = [line.removeprefix("polar-jax serve: ") for line in
+                server.err.read_text().splitlines() if line.startswith("polar-jax serve: ")]
+    assert progress[:3] == ["loading tiny-opt ...", progress[1], "compiling the programs ..."]
+    assert re.fullmatch(rf"loaded in \d+\.\d s \({weights / 2**20:.1f} MiB of weights\)",
+                        progress[1]), progress[1]
+    compiled = [re.fullmatch(r"compiled (.+) \((\d) of 5\) in \d+\.\d s", line)
+                for line in progress[3:]]
+    assert all(compiled) and len(compiled) == 5, progress
+    assert [(m.group(1), int(m.group(2))) for m in compiled] == [
+        ("prefill", 1), ("prefill with echo", 2), ("decode step (batch 2)", 3),
+        ("decode step (batch 4)", 4), ("slot edit", 5)]  # --batch-buckets 2 and --max-slots 4
 
 
 def test_full_queue_answers_503_and_disconnects_free_slots(base, client):
@@ -509,7 +676,7 @@ def test_slow_clients_are_timed_out_and_connections_capped(base):
 
 def test_slow_bodies_get_408_and_clients_gone_mid_body_log_nothing(base, server):
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n")
+            b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n")
     with _connect(base) as sock:
         sock.sendall(head + b'{"prompt": ')
         data, _ = _answer(sock, 6)
@@ -552,7 +719,7 @@ async def _call(app, method: str, path: str, body: dict | None = None) -> tuple[
 def _stub_app(tokenizer, submit):
     """The application over a stand-in engine (no model, nothing compiled)."""
     from polar_jax.serve.metrics import Metrics
-    from polar_jax.serve.server import create_app
+    from polar_jax.serve.api import create_app
 
     engine = types.SimpleNamespace(decoder=types.SimpleNamespace(tokenizer=tokenizer), max_len=64,
                                    max_queue=4, active_slots=0, queue_length=0, submit=submit)
@@ -606,6 +773,22 @@ def test_an_exception_is_a_counted_500_and_one_log_line(caplog):
                                    "tokenizer broke on two lines") and not record.exc_info
 
 
+def test_serve_modules_import_one_way():
+    """server -> api -> protocol and text -> engine: each serve module imports only those
+    below it (text may use protocol's errors)."""
+    from test_imports import project_imports
+
+    below = {"server": {"api", "protocol", "engine", "metrics"},
+             "api": {"protocol", "text", "engine", "metrics"}, "text": {"protocol", "engine"},
+             "protocol": {"engine"}}
+    for name, allowed in below.items():
+        source = (ROOT / "polar_jax" / "serve" / f"{name}.py").read_text()
+        imported = {m.removeprefix("polar_jax.serve.") for m in
+                    project_imports(source, "polar_jax.serve") if m.startswith("polar_jax.serve.")}
+        assert imported <= allowed, (name, imported - allowed)
+        assert len(source.splitlines()) <= 400, name
+
+
 def test_a_port_is_bound_once():
     """Two servers starting at the same moment: the second bind fails (both bound before
     either listened used to share the port, and uvloop ignored the loser's listen)."""
@@ -643,6 +826,7 @@ def test_sparse_server_equals_sparse_generate(trained_routers, tmp_path, prompts
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda p: sparse.completions.create(
                 model="llama", prompt=p, max_tokens=MAX_TOKENS, temperature=0), ids))
+    assert "polar-jax serve:" not in server.err.read_text()  # --quiet: no startup progress
     assert [a.choices[0].text for a in answers] == [r.text for r in reference]
     assert [a.usage.completion_tokens for a in answers] == [len(r.tokens) for r in reference]
 
@@ -676,7 +860,8 @@ def test_lm_evaluation_harness_local_completions(base, decoder, opt_dir, tmp_pat
         f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
         "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
         "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "OPENAI_API_KEY": API_KEY}  # what local-completions sends as its bearer token
     run = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
          f"model=tiny-opt,base_url={base}/v1/completions,tokenizer={opt_dir},"

@@ -328,20 +328,18 @@ class Runner:
         """Compiles every program the engine can call by running it on empty slots (both
         prefill variants, the decode step per bucket, the edit); returns how many.
         `progress(line)` hears of each, with its seconds."""
-        count = 0
-
-        def timed(name, run):
-            nonlocal count
+        programs = [("prefill", lambda: self.prefill([], False)),
+                    ("prefill with echo", lambda: self.prefill([], True))]
+        for bucket in self.buckets:
+            plan = self.plans[bucket]
+            detail = "" if plan is None else f", MLP k for up to {bucket} sequences"
+            programs.append((f"decode step (batch {bucket}{detail})",
+                             lambda bucket=bucket: self.decode(bucket)))
+        programs.append(("slot edit", lambda: self.edit([])))
+        for i, (name, run) in enumerate(programs):
             start = time.perf_counter()
             jax.block_until_ready(run())
-            count += 1
             if progress is not None:
-                progress(f"compiled {name} in {time.perf_counter() - start:.1f} s")
-
-        for echo in (False, True):
-            timed(f"prefill ({self.prefill_rows} x {self.prefill_chunk} tokens"
-                  f"{', echo' if echo else ''})", lambda: self.prefill([], echo))
-        for bucket in self.buckets:
-            timed(f"decode step (batch {bucket})", lambda: self.decode(bucket))
-        timed("slot edit", lambda: self.edit([]))
-        return count
+                progress(f"compiled {name} ({i + 1} of {len(programs)}) in "
+                         f"{time.perf_counter() - start:.1f} s")
+        return len(programs)
