@@ -186,11 +186,12 @@ def test_echo_gives_the_models_prompt_logprobs(dense):
 
 
 class _Counts:
-    """An engine observer keeping the largest number of running requests and the
-    preemptions."""
+    """An engine observer keeping the largest number of running requests, the preemptions and
+    the prefix cache's lookups and hits."""
 
     def __init__(self):
         self.most_running, self.preemptions, self.pages = 0, 0, None
+        self.queries = self.hits = 0
 
     def admitted(self, prompt_tokens): pass
     def first_token(self, seconds): pass
@@ -205,7 +206,8 @@ class _Counts:
     def pool(self, pages):
         self.pages = pages
 
-    def prefix_cache(self, queries, hits): pass
+    def prefix_cache(self, queries, hits):
+        self.queries, self.hits = self.queries + queries, self.hits + hits
 
 
 def _teacher_forced_logprobs(decoder, prompts, completions):

@@ -10,12 +10,18 @@ output length. An asyncio driver submits them to the serving engine
 (`polar_jax.serve.engine`, no HTTP) at Poisson arrivals of `--rate` requests per second and
 records when each token arrives.
 
+`--shared-prefix N` starts every prompt with the same N tokens (a system prompt; the engine's
+prefix cache computes them once, `--no-prefix-cache` every time).
+
 Per mode: output tokens per second over the wall time (first arrival to last token), the
 mean active slots (requests between their first and last token, averaged over the wall
-time), time to first token (from the request's scheduled
-arrival) and time per output token after the first, at p50/p90/p99; the engine's mean decode
-step (its program, inputs to results) at its mean batch; the XLA compilations while serving
-(0: the engine compiled every program before). Then the same prompts decoded by static
+time), time to first token (from the request's scheduled arrival) and time per output token
+after the first, at p50/p90/p99; the engine's mean decode step (iterations with a decode step
+alone, dispatch to dispatch: the device's time per step while the host keeps up) at its mean
+batch and context, with the host-to-device transfers those steps made and the steps per batch
+bucket; the share of wall time in iterations with prefill, the prompt tokens found in the
+prefix cache; the XLA compilations while serving (0: the engine compiled every program
+before). Then the same prompts decoded by static
 batching, all at once (`Decoder.generate`, to the longest output length, then a timed second
 run): tokens/s counts the requested output tokens only, and how many requests' tokens equal
 the engine's (all, greedy and dense, up to rounding; sparse picks MLP neurons per batch, so
@@ -106,16 +112,18 @@ def cut_prompts(tokenizer, text: str, lengths, rng, vocab_size: int) -> list[tup
 
 
 def make_loads(tokenizer, text: str, vocab_size: int, count: int, rate: float, prompt_lens,
-               output_lens, seed: int) -> list[Load]:
+               output_lens, seed: int, shared_prefix: int = 0) -> list[Load]:
     """`count` requests: lengths uniform in the (low, high) ranges, Poisson arrivals at `rate`
-    per second, the first at 0."""
+    per second, the first at 0; each prompt after the same `shared_prefix` tokens (a system
+    prompt) where given."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(prompt_lens[0], prompt_lens[1] + 1, count)
     outputs = rng.integers(output_lens[0], output_lens[1] + 1, count)
     gaps = rng.exponential(1 / rate, count)
     arrivals = np.cumsum(gaps) - gaps[0]
     prompts = cut_prompts(tokenizer, text, lengths, rng, vocab_size)
-    return [Load(p, int(n), float(t)) for p, n, t in zip(prompts, outputs, arrivals)]
+    system = cut_prompts(tokenizer, text, [shared_prefix], rng, vocab_size)[0] if shared_prefix else ()
+    return [Load(system + p, int(n), float(t)) for p, n, t in zip(prompts, outputs, arrivals)]
 
 
 async def drive(engine, loads: list[Load]) -> tuple[list[Served], float]:
@@ -155,7 +163,9 @@ def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]],
                     prefill_chunk=min(args.prefill_chunk, args.max_len),
                     prefill_rows=args.prefill_rows, max_queue=len(loads),
                     page_size=args.page_size, kv_pages=args.kv_pages,
-                    gpu_memory_fraction=args.gpu_memory_fraction)
+                    gpu_memory_fraction=args.gpu_memory_fraction,
+                    max_batched_tokens=args.max_batched_tokens,
+                    prefix_cache=not args.no_prefix_cache, batch_buckets=args.batch_buckets)
     log(f"KV cache: {engine.memory.describe()}")
     if decoder.sparse:
         log(f"sparse: attention {args.attn_topk:g} of KV groups; MLP neurons kept per layer at "
@@ -183,7 +193,7 @@ def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]],
                                 ttft_ms=None if ttft is None else round(ttft * 1e3, 3),
                                 tpot_ms=None if tpot is None else round(tpot * 1e3, 3)))
     output_tokens = sum(len(s.tokens) for s in served)
-    stats, prefill = engine.decode_stats, engine.prefill_stats
+    stats, prefill, prefix = engine.decode_stats, engine.prefill_stats, engine.scheduler.prefix
     row = dict(completed=sum(r["generated"] == r["output_len"] and r["reason"] == "length"
                              for r in per_request),
                output_tokens=output_tokens, wall_s=round(wall, 3),
@@ -193,11 +203,17 @@ def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]],
                **_percentiles("ttft", ttfts), **_percentiles("tpot", tpots),
                decode_steps=stats.steps, decode_tokens=stats.rows,
                decode_batch_mean=round(stats.rows / stats.steps, 2) if stats.steps else None,
+               decode_context_mean=(round(stats.positions / stats.decoded, 1) if stats.decoded
+                                    else None),
                decode_step_ms=round(stats.seconds / stats.steps * 1e3, 4) if stats.steps else None,
-               prefill_tokens=prefill.rows, prefill_s=round(prefill.seconds, 3),
+               decode_transfers=stats.transfers,
+               decode_buckets={str(b): n for b, n in sorted(engine.runner.decode_calls.items())},
+               prefill_iterations=prefill.steps, prefill_tokens=prefill.rows,
+               prefill_s=round(prefill.seconds, 3),
                prefill_tokens_per_s=(round(prefill.rows / prefill.seconds, 1)
                                      if prefill.seconds else None),
                prefill_share=round(prefill.seconds / wall, 3),
+               prefix_cache_queries=prefix.queries, prefix_cache_hits=prefix.hits,
                kv_pages=engine.memory.num_pages, preemptions=engine.preemptions,
                warmup_s=round(warmup_s, 2), compiles_after_warmup=len(compiles))
     return row, [s.tokens for s in served], per_request
@@ -280,7 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         required=True, help="mean requests per second (Poisson arrivals)")
     parser.add_argument("--requests", type=bench.COUNT, required=True, help="requests in all")
     parser.add_argument("--prompt-lens", type=_range, required=True,
-                        help="A,B: prompt tokens, uniform in [A, B]")
+                        help="A,B: prompt tokens, uniform in [A, B] (after --shared-prefix)")
+    parser.add_argument("--shared-prefix", type=cli_type(integer, int, low=0), default=0,
+                        help="tokens of one system prompt every request starts with")
     parser.add_argument("--output-lens", type=_range, required=True,
                         help="A,B: output tokens, uniform in [A, B]")
     parser.add_argument("--max-slots", type=cli_type(integer, int, low=1,
@@ -296,6 +314,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=bench.COUNT, default=16, help="tokens per KV page")
     parser.add_argument("--kv-pages", type=bench.COUNT, default=None,
                         help="KV pages in the pool (default: as many as fit)")
+    parser.add_argument("--max-batched-tokens", type=bench.COUNT, default=None,
+                        help="tokens an engine iteration computes at most (default: "
+                             "--prefill-rows x --prefill-chunk + --max-slots)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="compute every prompt in full")
+    parser.add_argument("--batch-buckets", type=cli_list(bench.COUNT), default=None,
+                        help="the decode step's batch sizes (default 1, 2, 4, ... --max-slots)")
     parser.add_argument("--gpu-memory-fraction", type=cli_type(number, float, low=0, high=1,
                                                                low_open=True), default=0.9,
                         help="share of the device the engine's pool is cut from (on a CPU, of "
@@ -318,12 +343,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("argument --routers: needs --model (--arch uses random routers)")
     if args.tokenizer is not None and args.model is not None:
         parser.error("argument --tokenizer: applies to --arch (--model uses its own)")
-    longest = args.prompt_lens[1] + args.output_lens[1]
+    longest = args.shared_prefix + args.prompt_lens[1] + args.output_lens[1]
     if args.max_len is None:
         args.max_len = longest
     elif args.max_len < longest:
         parser.error(f"argument --max-len: must hold the longest prompt plus the longest output "
-                     f"({args.prompt_lens[1]} + {args.output_lens[1]}), got {args.max_len}")
+                     f"({args.shared_prefix} + {args.prompt_lens[1]} + {args.output_lens[1]}), "
+                     f"got {args.max_len}")
     args.modes = list(dict.fromkeys(args.modes))
     return args
 
@@ -350,7 +376,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             raise PolarJaxError(f"--max-len {args.max_len} exceeds the {positions} positions of "
                                 f"{args.model} (it defaults to the longest prompt plus output)")
     loads = make_loads(tokenizer, text, config.vocab_size, args.requests, args.rate,
-                       args.prompt_lens, args.output_lens, args.seed)
+                       args.prompt_lens, args.output_lens, args.seed, args.shared_prefix)
     model = (nnx.merge(*random_state(config, dtype)) if args.model is None
              else model_dir.load(dtype))
     # All made first, so that bad routers are refused before anything runs (the weights are
@@ -374,6 +400,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 output_lens=list(args.output_lens), max_slots=args.max_slots,
                 max_len=args.max_len, prefill_chunk=min(args.prefill_chunk, args.max_len),
                 prefill_rows=args.prefill_rows, page_size=args.page_size,
+                shared_prefix=args.shared_prefix, prefix_cache=not args.no_prefix_cache,
+                max_batched_tokens=args.max_batched_tokens, batch_buckets=args.batch_buckets,
                 attn_topk=args.attn_topk, mlp_density=args.mlp_density, seed=args.seed,
                 text=str(args.text))
     return {"meta": meta, "rows": rows}
@@ -391,15 +419,18 @@ def report(result: dict, json_path: Path | None, log=print) -> None:
         f"{meta['rate']:g}/s, prompt lengths {meta['prompt_lens']}, output lengths "
         f"{meta['output_lens']}, {meta['max_slots']} slots")
     log(f"{'mode':<7} {'done':>7} {'tok/s':>9} {'slots':>6} {'TTFT ms p50/90/99':>22} "
-        f"{'TPOT ms p50/90/99':>20} {'wall s':>7} {'step ms':>8} {'batch':>6} "
-        f"{'static tok/s':>12} {'compiles':>8}")
+        f"{'TPOT ms p50/90/99':>20} {'wall s':>7} {'step ms':>8} {'batch':>6} {'context':>7} "
+        f"{'prefill':>7} {'hits':>7} {'static tok/s':>12} {'compiles':>8}")
     for r in result["rows"]:
         static_tps = f"{r['static_tokens_per_s']:.1f}" if "static_tokens_per_s" in r else "-"
         step = "-" if r["decode_step_ms"] is None else f"{r['decode_step_ms']:.3f}"
         batch = "-" if r["decode_batch_mean"] is None else f"{r['decode_batch_mean']:.1f}"
+        context = "-" if r["decode_context_mean"] is None else f"{r['decode_context_mean']:.0f}"
+        hits = r["prefix_cache_hits"] / max(1, r["prefix_cache_queries"])
         log(f"{r['mode']:<7} {r['completed']:>3}/{len(r['per_request']):<3} "
             f"{r['tokens_per_s']:>9.1f} {r['mean_active_slots']:>6.2f} {_ms3(r, 'ttft'):>22} "
-            f"{_ms3(r, 'tpot'):>20} {r['wall_s']:>7.2f} {step:>8} {batch:>6} {static_tps:>12} "
+            f"{_ms3(r, 'tpot'):>20} {r['wall_s']:>7.2f} {step:>8} {batch:>6} {context:>7} "
+            f"{r['prefill_share']:>7.1%} {hits:>7.1%} {static_tps:>12} "
             f"{r['compiles_after_warmup']:>8}")
         if "static_skipped" in r:
             log(f"{r['mode']}: static batching skipped: {r['static_skipped']}")

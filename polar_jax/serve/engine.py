@@ -114,17 +114,21 @@ class ProgramStats:
     """Totals over the engine's iterations of one kind since `start`: decode (a decode step
     alone) or prefill (prefill chunks, and a decode step when sequences decode): iterations,
     rows summed over them (decoding sequences; prefill tokens), seconds (from an iteration's
-    dispatch to the next one's: with the device busy, the device's time per iteration) and
-    explicit host-to-device transfers."""
+    dispatch to the next one's: with the device busy, the device's time per iteration),
+    explicit host-to-device transfers, and the decoding sequences' positions summed over the
+    iterations (their mean context is `positions / decoded`)."""
 
     steps: int = 0
     rows: int = 0
     seconds: float = 0.0
     transfers: int = 0
+    decoded: int = 0
+    positions: int = 0
 
-    def add(self, seconds: float, rows: int, transfers: int) -> None:
+    def add(self, seconds: float, rows: int, transfers: int, decoded: int, positions: int) -> None:
         self.steps, self.rows = self.steps + 1, self.rows + rows
         self.seconds, self.transfers = self.seconds + seconds, self.transfers + transfers
+        self.decoded, self.positions = self.decoded + decoded, self.positions + positions
 
 
 class _NoObserver:
@@ -393,7 +397,7 @@ class Engine:
     def _loop(self) -> None:
         """Until `shutdown`: schedule, dispatch, then read the previous iteration's tokens."""
         in_flight: collections.deque[_Dispatched] = collections.deque()
-        last = None  # the previous iteration: (its stats, when it was dispatched, its rows)
+        last = None  # the previous iteration: its stats, when it was dispatched, its counts
         while True:
             with self._wake:
                 while not (self._stopping or self._inbox or self.scheduler.pending or in_flight):
@@ -417,8 +421,8 @@ class Engine:
                 continue
             now = time.perf_counter()
             if last is not None:
-                stats, started, rows, transfers = last
-                stats.add(now - started, rows, transfers)
+                stats, started, *counts = last
+                stats.add(now - started, *counts)
                 self.observer.step(now - started, len(self.scheduler.running),
                                    self.queue_length, self.pool.used)
             last = None
@@ -427,7 +431,10 @@ class Engine:
                 in_flight.append(self._dispatch(iteration))
                 stats, rows = ((self.prefill_stats, sum(c.length for c in iteration.prefill))
                                if iteration.prefill else (self.decode_stats, len(iteration.decode)))
-                last = (stats, now, rows, self.runner.transfers - transfers)
+                if iteration.prefill or iteration.decode:  # not edits alone
+                    last = (stats, now, rows, self.runner.transfers - transfers,
+                            len(iteration.decode),
+                            sum(s.position for s in iteration.decode.values()))
             while len(in_flight) > (0 if iteration.empty else 1):
                 self._read(in_flight.popleft())
             if iteration.empty and not in_flight:  # nothing can run until a request comes

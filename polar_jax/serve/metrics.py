@@ -1,6 +1,6 @@
 """The server's Prometheus metrics, in a registry of their own: an engine `Observer` (tokens,
 requests running and waiting, KV pages, preemptions, step time, time to first token, time per
-output token; named like vLLM's where vLLM has one, so that its dashboards read them) and the
+output token, prefix-cache lookups and hits; named like vLLM's where vLLM has one, so that its dashboards read them) and the
 HTTP requests answered and completions finished. Part of the `[serve]` extra
 (prometheus_client)."""
 
@@ -39,8 +39,12 @@ class Metrics:
         self.preemptions = Counter(f"{prefix}_num_preemptions", "Requests preempted (pages "
                                    "freed, recomputed later) when the pool ran out",
                                    registry=registry)
+        self.prefix_queries = Counter(f"{prefix}_prefix_cache_queries", "Prompt tokens looked "
+                                      "up in the prefix cache", registry=registry)
+        self.prefix_hits = Counter(f"{prefix}_prefix_cache_hits", "Prompt tokens found in the "
+                                   "prefix cache (not computed again)", registry=registry)
         self.step_seconds = Histogram(f"{prefix}_step_seconds", "Engine iteration (prefill "
-                                      "chunks and one decode step)", buckets=STEP_BUCKETS,
+                                      "chunks and one decode step), dispatch to dispatch", buckets=STEP_BUCKETS,
                                       registry=registry)
         self.ttft_seconds = Histogram(f"{prefix}_time_to_first_token_seconds", "From submission "
                                       "to the first token", buckets=LATENCY_BUCKETS,
@@ -73,6 +77,10 @@ class Metrics:
 
     def pool(self, pages: int) -> None:
         self.pages_total.set(pages)
+
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        self.prefix_queries.inc(queries)
+        self.prefix_hits.inc(hits)
 
     # -- the server's ------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ slots are donated to each program and replaced by its outputs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable
@@ -133,6 +134,7 @@ class Runner:
         self.eos_ids = np.asarray(eos_ids or (-1,), np.int32)
         self.plans = {b: decoder.plan_for_batch(b) if decoder.sparse else None for b in buckets}
         self.transfers = 0  # explicit host-to-device transfers, since the start
+        self.decode_calls: collections.Counter[int] = collections.Counter()  # by bucket, served
         self.pages = self.slots = None
         self.num_pages = 0
         self.prefill_program = jax.jit(self._prefill_program, static_argnames=("echo",),
@@ -322,6 +324,7 @@ class Runner:
         out, self.slots, self.pages = self.decode_program(
             self.decoder.state, self.decoder.router_state, self.pages, self.slots,
             bucket=bucket, plan=self.plans[bucket])
+        self.decode_calls[bucket] += 1
         return out
 
     def warm_up(self, progress: Callable[[str], None] | None = None) -> int:
@@ -342,4 +345,5 @@ class Runner:
             if progress is not None:
                 progress(f"compiled {name} ({i + 1} of {len(programs)}) in "
                          f"{time.perf_counter() - start:.1f} s")
+        self.decode_calls.clear()
         return len(programs)
