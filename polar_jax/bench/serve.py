@@ -17,8 +17,9 @@ Per mode: output tokens per second over the wall time (first arrival to last tok
 mean active slots (requests between their first and last token, averaged over the wall
 time), time to first token (from the request's scheduled arrival) and time per output token
 after the first, at p50/p90/p99; the engine's mean decode step (iterations with a decode step
-alone, dispatch to dispatch: the device's time per step while the host keeps up) at its mean
-batch and context, with the host-to-device transfers those steps made and the steps per batch
+alone, from one iteration's results to the next's: the device's time per step while the host
+keeps up; of it, the host's wait for the results: near 0, the host is the bottleneck) at its
+mean batch and context, with the host-to-device transfers those steps made and the steps per batch
 bucket; the share of wall time in iterations with prefill, the prompt tokens found in the
 prefix cache; the XLA compilations while serving (0: the engine compiled every program
 before). Then the same prompts decoded by static
@@ -206,6 +207,7 @@ def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]],
                decode_context_mean=(round(stats.positions / stats.decoded, 1) if stats.decoded
                                     else None),
                decode_step_ms=round(stats.seconds / stats.steps * 1e3, 4) if stats.steps else None,
+               decode_wait_ms=round(stats.waited / stats.steps * 1e3, 4) if stats.steps else None,
                decode_transfers=stats.transfers,
                decode_buckets={str(b): n for b, n in sorted(engine.runner.decode_calls.items())},
                prefill_iterations=prefill.steps, prefill_tokens=prefill.rows,

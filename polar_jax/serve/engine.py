@@ -43,7 +43,7 @@ from polar_jax.decode import Decoder
 from polar_jax.errors import PolarJaxError
 from polar_jax.sampling import SamplingParams
 from polar_jax.serve.kv_pages import DEFAULT_GPU_MEMORY_FRACTION, DEFAULT_PAGE_SIZE, PagePool
-from polar_jax.serve.runner import TOP_LOGPROBS, Runner, pow2_sizes
+from polar_jax.serve.runner import TOP_LOGPROBS, Runner, pow2_sizes, unpack_sampled
 from polar_jax.serve.scheduler import Iteration, PrefillChunk, Scheduler, Sequence
 
 
@@ -113,10 +113,12 @@ class Observer(Protocol):
 class ProgramStats:
     """Totals over the engine's iterations of one kind since `start`: decode (a decode step
     alone) or prefill (prefill chunks, and a decode step when sequences decode): iterations,
-    rows summed over them (decoding sequences; prefill tokens), seconds (from an iteration's
-    dispatch to the next one's: with the device busy, the device's time per iteration),
-    explicit host-to-device transfers, and the decoding sequences' positions summed over the
-    iterations (their mean context is `positions / decoded`)."""
+    rows summed over them (decoding sequences; prefill tokens), seconds (from the previous
+    iteration's results to this one's, while the engine is busy: the device's time per
+    iteration when the host keeps up), `waited` (of those seconds, the host's wait for the
+    results: near 0, the host is the bottleneck), explicit host-to-device transfers, and the
+    decoding sequences' positions summed over the iterations (their mean context is
+    `positions / decoded`)."""
 
     steps: int = 0
     rows: int = 0
@@ -124,11 +126,23 @@ class ProgramStats:
     transfers: int = 0
     decoded: int = 0
     positions: int = 0
+    waited: float = 0.0
 
-    def add(self, seconds: float, rows: int, transfers: int, decoded: int, positions: int) -> None:
-        self.steps, self.rows = self.steps + 1, self.rows + rows
-        self.seconds, self.transfers = self.seconds + seconds, self.transfers + transfers
-        self.decoded, self.positions = self.decoded + decoded, self.positions + positions
+    def add(self, seconds: float, waited: float, counts: "_Counts") -> None:
+        self.steps, self.rows = self.steps + 1, self.rows + counts.rows
+        self.seconds, self.waited = self.seconds + seconds, self.waited + waited
+        self.transfers += counts.transfers
+        self.decoded, self.positions = self.decoded + counts.decoded, self.positions + counts.positions
+
+
+@dataclasses.dataclass(frozen=True)
+class _Counts:
+    """What an iteration adds to its `ProgramStats` besides its time."""
+
+    rows: int
+    transfers: int
+    decoded: int
+    positions: int
 
 
 class _NoObserver:
@@ -152,11 +166,8 @@ class Stream:
         self._live: _Live | None = None
         self._done = False
 
-    def _put(self, event) -> None:  # from the engine's thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # its event loop has closed: nobody is listening
-            pass
+    def _put(self, event) -> None:  # from the engine's thread, delivered by `Engine._flush`
+        self._engine._outbox.append((self, event))
 
     def __aiter__(self):
         return self
@@ -193,13 +204,20 @@ class _Live:
 @dataclasses.dataclass
 class _Dispatched:
     """An iteration on the device, its outputs not read yet: the prefill chunks (each with
-    its sequence's admission count then, and whether it samples the sequence's first token)
-    and the decode step's sequences by slot."""
+    its sequence's admission count then, and whether it samples the sequence's first token),
+    the decode step's sequences by slot, and where its time is counted (None: edits alone)."""
 
     prefill: list[tuple[PrefillChunk, int, bool]]
     prefill_out: tuple | None
     decode: dict[int, Sequence]
     decode_out: tuple | None
+    stats: ProgramStats | None
+    counts: _Counts
+
+
+def _deliver(events) -> None:
+    for queue, event in events:
+        queue.put_nowait(event)
 
 
 class Engine:
@@ -264,6 +282,8 @@ class Engine:
                                    prefill_rows=prefill_rows, prefill_chunk=prefill_chunk,
                                    max_batched_tokens=max_batched_tokens, buckets=buckets)
         self._inbox: list[Sequence] = []  # submitted, not yet handed to the scheduler
+        self._outbox: list[tuple[Stream, Token | Done]] = []  # events, not yet delivered
+        self._last_ready: float | None = None  # when the last iteration's results came
         self._wake = threading.Condition()
         self._accepting = False
         self._stopping = False
@@ -393,15 +413,28 @@ class Engine:
                 self._inbox.clear()
             for sequence in sequences:
                 self._finish(sequence, reason)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Delivers the events of the iteration to their streams: one wake-up per event loop
+        (not per token)."""
+        by_loop = collections.defaultdict(list)
+        for stream, event in self._outbox:
+            by_loop[stream._loop].append((stream._queue, event))
+        self._outbox.clear()
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # its event loop has closed: nobody is listening
+                pass
 
     def _loop(self) -> None:
         """Until `shutdown`: schedule, dispatch, then read the previous iteration's tokens."""
         in_flight: collections.deque[_Dispatched] = collections.deque()
-        last = None  # the previous iteration: its stats, when it was dispatched, its counts
         while True:
             with self._wake:
                 while not (self._stopping or self._inbox or self.scheduler.pending or in_flight):
-                    last = None
+                    self._last_ready = None  # idle: the next iteration's time starts afresh
                     self._wake.wait()
                 if self._stopping:
                     return
@@ -419,28 +452,15 @@ class Engine:
                 while in_flight:
                     self._read(in_flight.popleft())
                 continue
-            now = time.perf_counter()
-            if last is not None:
-                stats, started, *counts = last
-                stats.add(now - started, *counts)
-                self.observer.step(now - started, len(self.scheduler.running),
-                                   self.queue_length, self.pool.used)
-            last = None
             if not iteration.empty:
-                transfers = self.runner.transfers
                 in_flight.append(self._dispatch(iteration))
-                stats, rows = ((self.prefill_stats, sum(c.length for c in iteration.prefill))
-                               if iteration.prefill else (self.decode_stats, len(iteration.decode)))
-                if iteration.prefill or iteration.decode:  # not edits alone
-                    last = (stats, now, rows, self.runner.transfers - transfers,
-                            len(iteration.decode),
-                            sum(s.position for s in iteration.decode.values()))
             while len(in_flight) > (0 if iteration.empty else 1):
                 self._read(in_flight.popleft())
+            self._flush()
             if iteration.empty and not in_flight:  # nothing can run until a request comes
+                self._last_ready = None
                 with self._wake:
                     self._wake.wait(0.01)
-                last = None
 
     def _report(self, prefix, preemptions: int) -> None:
         """Tells the observer of the prefix-cache lookups and preemptions of a schedule."""
@@ -452,6 +472,7 @@ class Engine:
 
     def _dispatch(self, iteration: Iteration) -> _Dispatched:
         runner = self.runner
+        transfers = runner.transfers
         if iteration.edits:
             runner.edit(iteration.edits)
         prefill_out = decode_out = None
@@ -465,12 +486,26 @@ class Engine:
             prefill_out = runner.prefill(iteration.prefill, echo)
         if iteration.decode:
             decode_out = runner.decode(iteration.bucket)
-        return _Dispatched(prefill, prefill_out, dict(iteration.decode), decode_out)
+        stats, rows = ((self.prefill_stats, sum(c.length for c in iteration.prefill))
+                       if iteration.prefill else (self.decode_stats, len(iteration.decode)))
+        counts = _Counts(rows, runner.transfers - transfers, len(iteration.decode),
+                         sum(s.position for s in iteration.decode.values()))
+        return _Dispatched(prefill, prefill_out, dict(iteration.decode), decode_out,
+                           stats if iteration.prefill or iteration.decode else None, counts)
 
     def _read(self, dispatched: _Dispatched) -> None:
         """Streams the tokens of a dispatched iteration (waiting for them) and ends the
         requests they end."""
+        waiting = time.perf_counter()
         prefill_out, decode_out = jax.device_get((dispatched.prefill_out, dispatched.decode_out))
+        ready = time.perf_counter()
+        if dispatched.stats is not None:
+            if self._last_ready is not None:
+                dispatched.stats.add(ready - self._last_ready, ready - waiting, dispatched.counts)
+                self.observer.step(ready - self._last_ready, len(self.scheduler.running),
+                                   self.queue_length, self.pool.used)
+            self._last_ready = ready
+        first_tokens = None if prefill_out is None else unpack_sampled(prefill_out[0])
         for i, (chunk, admissions, first) in enumerate(dispatched.prefill):
             sequence = chunk.sequence
             if sequence.finished or sequence.admissions != admissions:
@@ -478,7 +513,7 @@ class Engine:
             live = sequence.payload
             if sequence.echo and not sequence.resumed:
                 following = min(chunk.length, len(sequence.prompt) - 1 - chunk.start)
-                chosen, ids, logps = (x[i, :following] for x in prefill_out[4])
+                chosen, ids, logps = (x[i, :following] for x in prefill_out[1])
                 live.prompt_logprobs.extend(chosen.tolist())
                 n = live.request.logprobs
                 live.prompt_top_logprobs.extend(tuple(zip(a[:n].tolist(), b[:n].tolist()))
@@ -486,7 +521,9 @@ class Engine:
             if first:
                 live.first_token_at = time.perf_counter()
                 self.observer.first_token(live.first_token_at - live.submitted)
-                self._emit(sequence, *(x[i] for x in prefill_out[:4]))
+                self._emit(sequence, *(x[i] for x in first_tokens))
+        if decode_out is not None:
+            decode_out = unpack_sampled(decode_out)
         for slot, sequence in dispatched.decode.items():
             if not sequence.finished:
                 self._emit(sequence, *(x[slot] for x in decode_out))

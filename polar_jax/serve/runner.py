@@ -5,7 +5,7 @@ Everything a decode step reads lives on the device (`Slots`: each slot's latest 
 position, stop position, sampling settings, seed and block-table row) and is updated there:
 the decode step advances its rows and stops a row itself at EOS, at `max_tokens` and at the
 context; a prefill that finishes a prompt puts the sampled first token into the row. The host
-sends only what changed, rows rewritten by `SlotEdits` (an admission, a move, a new page, a
+sends only what changed, rows rewritten by slot edits (an admission, a move, a new page, a
 freed slot) and the prompt chunks, each in one explicit transfer counted in `transfers`: a
 decode step with nothing changed transfers nothing to the device (the engine's thread runs
 under `jax.transfer_guard_host_to_device("disallow")`, so nothing is copied implicitly).
@@ -76,22 +76,17 @@ class Slots:
         return SamplingParams(self.temperature, self.top_k, self.top_p)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SlotEdits:
-    """Rows to rewrite `[E]`: `target` (the slot count: padding, dropped), `source` (the row
-    whose token and position it keeps, -1: none), `keep` (whether it may stay active: the
-    device's flag of `source` then decides), and the host's fields of the new row."""
+# The columns of a slot edit: one int32 row per rewritten slot, so that an edit is one transfer.
+# `target`: the slot (the slot count: padding, dropped); `source`: the row whose token and
+# position it keeps (-1: none); `keep`: whether it may stay active (the device's flag of
+# `source` then decides); then the host's fields of the new row (floats and the seed as their
+# bits), then its block-table row.
+EDIT_TARGET, EDIT_SOURCE, EDIT_KEEP, EDIT_END, EDIT_TEMPERATURE, EDIT_TOP_K, EDIT_TOP_P, \
+    EDIT_SEED, EDIT_BLOCKS = range(9)
 
-    target: np.ndarray
-    source: np.ndarray
-    keep: np.ndarray
-    end: np.ndarray
-    temperature: np.ndarray
-    top_k: np.ndarray
-    top_p: np.ndarray
-    seeds: np.ndarray
-    block_table: np.ndarray
+
+def _bits(x, dtype):
+    return jax.lax.bitcast_convert_type(x, dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -112,13 +107,22 @@ class PrefillBatch:
     resume: np.ndarray
 
 
-def _choose(logits, next_tokens):
-    """(log-probability of each row's `next_tokens`, the `TOP_LOGPROBS` best ids and their
-    log-probabilities) of float32 logits `[B, V]`."""
+def _sampled(logits, tokens):
+    """int32 `[B, 2 + 2 K]` of float32 logits `[B, V]` and the tokens sampled from them: per
+    row the token, its log-probability, the K = `TOP_LOGPROBS` best ids and their
+    log-probabilities (floats as their bits: one transfer to the host; `unpack_sampled`)."""
     logp = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logp, next_tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)
     top_logp, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
-    return chosen, top_ids, top_logp
+    return jnp.concatenate([tokens[:, None], _bits(chosen, jnp.int32), top_ids,
+                            _bits(top_logp, jnp.int32)], axis=1)
+
+
+def unpack_sampled(rows: np.ndarray):
+    """(tokens, their log-probabilities, the best ids, their log-probabilities) of
+    `_sampled`'s rows, on the host."""
+    k = (rows.shape[1] - 2) // 2
+    return rows[:, 0], rows[:, 1].view(np.float32), rows[:, 2:2 + k], rows[:, 2 + k:].view(np.float32)
 
 
 class Runner:
@@ -133,6 +137,10 @@ class Runner:
         self.pages_per_seq = -(-max_len // page_size)
         self.eos_ids = np.asarray(eos_ids or (-1,), np.int32)
         self.plans = {b: decoder.plan_for_batch(b) if decoder.sparse else None for b in buckets}
+        # The weights and routers as flat lists: a call flattens a list of arrays in C++, the
+        # model's nested state (hundreds of variables) only in Python.
+        self._weights, self._weights_def = jax.tree.flatten(decoder.state)
+        self._routers, self._routers_def = jax.tree.flatten(decoder.router_state)
         self.transfers = 0  # explicit host-to-device transfers, since the start
         self.decode_calls: collections.Counter[int] = collections.Counter()  # by bucket, served
         self.pages = self.slots = None
@@ -215,23 +223,29 @@ class Runner:
     def _is_eos(self, tokens):
         return jnp.isin(tokens, jnp.asarray(self.eos_ids))
 
-    def _edit_program(self, slots: Slots, edits: SlotEdits) -> Slots:
-        has = edits.source >= 0
-        source = slots.rows(jnp.maximum(edits.source, 0))
-        new = Slots(tokens=jnp.where(has, source.tokens, 0),
-                    positions=jnp.where(has, source.positions, 0),
-                    active=edits.keep & has & source.active, end=edits.end,
-                    temperature=edits.temperature, top_k=edits.top_k, top_p=edits.top_p,
-                    seeds=edits.seeds, block_table=edits.block_table)
-        return jax.tree.map(lambda x, row: x.at[edits.target].set(row, mode="drop"), slots, new)
+    def _edit_program(self, slots: Slots, edits) -> Slots:
+        """`slots` with the rows of `edits` int32 `[E, EDIT_BLOCKS + pages_per_seq]` rewritten
+        (the columns `EDIT_*`)."""
+        source = edits[:, EDIT_SOURCE]
+        has = source >= 0
+        old = slots.rows(jnp.maximum(source, 0))
+        new = Slots(tokens=jnp.where(has, old.tokens, 0),
+                    positions=jnp.where(has, old.positions, 0),
+                    active=(edits[:, EDIT_KEEP] > 0) & has & old.active, end=edits[:, EDIT_END],
+                    temperature=_bits(edits[:, EDIT_TEMPERATURE], jnp.float32),
+                    top_k=edits[:, EDIT_TOP_K], top_p=_bits(edits[:, EDIT_TOP_P], jnp.float32),
+                    seeds=_bits(edits[:, EDIT_SEED], jnp.uint32),
+                    block_table=edits[:, EDIT_BLOCKS:])
+        target = edits[:, EDIT_TARGET]
+        return jax.tree.map(lambda x, row: x.at[target].set(row, mode="drop"), slots, new)
 
-    def _prefill_program(self, state, pages, slots: Slots, batch: PrefillBatch, *, echo: bool):
+    def _prefill_program(self, weights, pages, slots: Slots, batch: PrefillBatch, *, echo: bool):
         """The chunks written into their pages; each row's next token sampled after its last
         one; rows finishing their prompt put it (or their `resume` token) into their slot,
-        which decodes from there. Returns (the sampled tokens, their log-probabilities and
-        alternatives, with `echo` each position's log-probability of its next prompt token and
-        the alternatives), the slots, the pool."""
-        model = nnx.merge(self.decoder.graphdef, state)
+        which decodes from there. Returns (the sampled tokens with their log-probabilities
+        and alternatives, `_sampled`; with `echo` each position's log-probability of its next
+        prompt token and the alternatives), the slots, the pool."""
+        model = nnx.merge(self.decoder.graphdef, jax.tree.unflatten(self._weights_def, weights))
         padding = batch.slot >= self.max_slots
         rows = slots.rows(jnp.minimum(batch.slot, self.max_slots - 1))
         block_table = jnp.where(padding[:, None], self.num_pages, rows.block_table)
@@ -241,7 +255,6 @@ class Runner:
         logits = model.logits(out.hidden_states[index, batch.last])
         position = batch.positions[index, batch.last] + 1
         first = sample_rows(logits, rows.sampling(), rows.seeds, position, self.decoder.mesh)
-        chosen, top_ids, top_logp = _choose(logits, first)
         prompt_logp = None
         if echo:
             logp = jax.nn.log_softmax(model.logits(out.hidden_states), axis=-1)
@@ -255,46 +268,44 @@ class Runner:
             tokens=slots.tokens.at[target].set(jnp.where(resumed, batch.resume, first), mode="drop"),
             positions=slots.positions.at[target].set(position, mode="drop"),
             active=slots.active.at[target].set(active, mode="drop"))
-        return (first, chosen, top_ids, top_logp, prompt_logp), slots, out.kv_cache.pages
+        return (_sampled(logits, first), prompt_logp), slots, out.kv_cache.pages
 
-    def _decode_program(self, state, router_state, pages, slots: Slots, *, bucket: int, plan):
-        """One `decode_step` over slots `[0, bucket)`: the next tokens `[bucket]`, their
-        log-probabilities and alternatives; the slots advanced (stopped at EOS and `end`); the
-        pool."""
-        model = nnx.merge(self.decoder.graphdef, state)
+    def _decode_program(self, weights, routers, pages, slots: Slots, *, bucket: int, plan):
+        """One `decode_step` over slots `[0, bucket)`: the next tokens with their
+        log-probabilities and alternatives (`_sampled`); the slots advanced (stopped at EOS
+        and `end`); the pool."""
+        model = nnx.merge(self.decoder.graphdef, jax.tree.unflatten(self._weights_def, weights))
+        routers = jax.tree.unflatten(self._routers_def, routers)
         rows = slots.rows(slice(0, bucket))
         mesh = self.decoder.mesh
         sample = lambda logits: sample_rows(logits, rows.sampling(), rows.seeds,
                                              rows.positions + 1, mesh)
         step = decode_step(model, DecodeState(rows.tokens, rows.positions, rows.active,
                                               PagedKVCache(pages, rows.block_table)),
-                           sample, router_state, plan, mesh)
+                           sample, routers, plan, mesh)
         after = step.state
         active = after.active & (after.positions < rows.end) & ~self._is_eos(step.next_tokens)
         slots = slots.replace(tokens=slots.tokens.at[:bucket].set(after.tokens),
                               positions=slots.positions.at[:bucket].set(after.positions),
                               active=slots.active.at[:bucket].set(active))
-        return (step.next_tokens, *_choose(step.logits, step.next_tokens)), slots, after.kv_cache.pages
+        return _sampled(step.logits, step.next_tokens), slots, after.kv_cache.pages
 
     # -- dispatch (asynchronous: each returns the device outputs, not yet read) ---------------
 
     def edit(self, edits: list[SlotEdit]) -> None:
-        """Rewrites the rows of `edits` (one per slot at most)."""
-        S, P = self.max_slots, self.pages_per_seq
-        E = S
-        rows = SlotEdits(target=np.full(E, S, np.int32), source=np.full(E, -1, np.int32),
-                         keep=np.zeros(E, bool), end=np.zeros(E, np.int32),
-                         temperature=np.zeros(E, np.float32), top_k=np.zeros(E, np.int32),
-                         top_p=np.ones(E, np.float32), seeds=np.zeros(E, np.uint32),
-                         block_table=np.full((E, P), self.num_pages, np.int32))
+        """Rewrites the rows of `edits` (one per slot at most), in one transfer."""
+        rows = np.zeros((self.max_slots, EDIT_BLOCKS + self.pages_per_seq), np.int32)
+        rows[:, EDIT_TARGET], rows[:, EDIT_SOURCE] = self.max_slots, -1
+        rows[:, EDIT_BLOCKS:] = self.num_pages
         for i, edit in enumerate(edits):
-            rows.target[i], rows.source[i] = edit.slot, edit.source
-            sequence = edit.sequence
+            row, sequence = rows[i], edit.sequence
+            row[EDIT_TARGET], row[EDIT_SOURCE] = edit.slot, edit.source
             if sequence is not None:
-                rows.keep[i], rows.end[i] = True, sequence.end
-                (rows.temperature[i], rows.top_k[i], rows.top_p[i],
-                 rows.seeds[i]) = sequence.sampling
-                rows.block_table[i, :len(sequence.pages)] = sequence.pages
+                temperature, top_k, top_p, seed = sequence.sampling
+                row[EDIT_KEEP], row[EDIT_END], row[EDIT_TOP_K] = 1, sequence.end, top_k
+                row[[EDIT_TEMPERATURE, EDIT_TOP_P]] = np.float32([temperature, top_p]).view(np.int32)
+                row[EDIT_SEED] = np.uint32(seed).view(np.int32)
+                row[EDIT_BLOCKS:EDIT_BLOCKS + len(sequence.pages)] = sequence.pages
         self.slots = self.edit_program(self.slots, self._put(rows))
 
     def prefill(self, chunks: list[PrefillChunk], echo: bool):
@@ -316,14 +327,14 @@ class Runner:
             if chunk.finishes and sequence.resumed:
                 batch.resume[i] = sequence.generated[-1]
         out, self.slots, self.pages = self.prefill_program(
-            self.decoder.state, self.pages, self.slots, self._put(batch), echo=echo)
+            self._weights, self.pages, self.slots, self._put(batch), echo=echo)
         return out
 
     def decode(self, bucket: int):
         """Dispatches one decode step over slots `[0, bucket)`; its outputs."""
         out, self.slots, self.pages = self.decode_program(
-            self.decoder.state, self.decoder.router_state, self.pages, self.slots,
-            bucket=bucket, plan=self.plans[bucket])
+            self._weights, self._routers, self.pages, self.slots, bucket=bucket,
+            plan=self.plans[bucket])
         self.decode_calls[bucket] += 1
         return out
 
