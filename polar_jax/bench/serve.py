@@ -333,6 +333,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="sparse: the fraction of MLP neurons kept (non-gated MLPs); "
                              "default: the routers' calibrated k, or a dense MLP with random "
                              "routers")
+    parser.add_argument("--no-static", action="store_true",
+                        help="skip the static-batching comparison")
     parser.add_argument("--modes", type=cli_list(_mode), default="dense,sparse",
                         help="comma-separated, in this order")
     parser.add_argument("--seed", type=settings.cli_type("seed"), default=0,
@@ -388,7 +390,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     for mode in args.modes:
         decoder = decoders.pop(mode)
         row, tokens, per_request = serve(decoder, loads, args, log)
-        static_row, static_tokens = static(decoder, loads)
+        static_row, static_tokens = ({"static_skipped": "--no-static"}, None) if args.no_static \
+            else static(decoder, loads)
         row = dict(mode=mode, **row, **static_row)
         if static_tokens is not None:
             row["serve_vs_static"] = round(row["tokens_per_s"] / row["static_tokens_per_s"], 3)
