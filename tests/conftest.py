@@ -59,7 +59,7 @@ ROUTER_EPOCHS = {"tiny-opt": 1, "tiny-llama": 2}  # trained_routers's training e
 # xdist groups, the costliest first; the rest follow in collection order. xdist hands a worker
 # the next group when it is nearly done with its own: a long group handed out last would keep
 # one worker busy while the other has nothing left.
-COSTLIEST_FIRST = ("routers:tiny-opt", "routers:tiny-llama", "test_decode.py", "test_sparsity.py",
+COSTLIEST_FIRST = ("routers:tiny-opt", "routers:tiny-llama", "test_sparsity.py", "test_decode.py",
                    "test_kernel_topk.py", "test_model_parity.py", "test_engine.py",
                    "test_perplexity.py")
 
