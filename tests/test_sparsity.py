@@ -72,9 +72,12 @@ def _full_plan(config):
 
 
 def test_sparse_path_with_everything_kept_equals_dense(random_model):
+    """Teacher-forced against the dense forward pass of the whole sequence (the dense decode
+    step equals it: test_step), then generation against dense generation."""
     config, model, routers = random_model
     tokens = np.random.default_rng().integers(0, config.vocab_size, size=40)
-    dense = _teacher_forced(model, config, tokens)
+    forward = jax.jit(lambda model, tokens, mask: jax.nn.log_softmax(model(tokens, mask)[0]))
+    dense = np.asarray(forward(model, jnp.asarray(tokens)[None], jnp.ones((1, len(tokens)), jnp.int32)))
     sparse = _teacher_forced(model, config, tokens, routers.unstack(), _full_plan(config))
     # float32: within 1e-5 of the largest logit (the kernels sum in another order than XLA)
     np.testing.assert_allclose(sparse, dense, atol=1e-5 * np.abs(dense).max(), rtol=0)
@@ -109,6 +112,9 @@ def test_teacher_forced_decode_equals_sparse_evaluation(random_model, tp, int8, 
     config, model, routers = random_model
     if int8 and config.gated_mlp:
         pytest.skip("int8 router weights apply to an MLP router (non-gated MLPs)")
+    if budget and config.gated_mlp and config.num_kv_heads == tp:
+        pytest.skip(f"{config.num_kv_heads} KV groups at tp {tp} and a gated MLP: the budget "
+                    "leaves nothing to select, the plain tp 2 case runs the same dense path")
     rng = np.random.default_rng()
     metadata = {"mlp_topk": {"1": [config.mlp_dim // 4] * config.num_layers}}
     topk, dense_layers = 0.5, (0,)
@@ -159,15 +165,15 @@ def _eval(name: str, routers_dir, mode: str, *extra: str) -> dict:
     pytest.param("tiny-llama", 1.14, marks=pytest.mark.routers("tiny-llama")),
     pytest.param("tiny-opt", 1.20, marks=pytest.mark.routers("tiny-opt"))])
 def test_fixture_sparse_perplexity_bounds(name, bound, trained_routers):
-    """Against the dense perplexity over the same 16,352 tokens (`--with-dense`): sparse 1.076
-    (tiny-llama) and 1.161 (tiny-opt) times it, at routers seed 0 (over 65,408 tokens: 1.056
-    and 1.146)."""
+    """Against the dense perplexity over the same 16,352 tokens: sparse 1.076 (tiny-llama) and
+    1.166 (tiny-opt, its routers' one epoch; two: 1.161) times it, at routers seed 0 (over
+    65,408 tokens, two epochs: 1.056 and 1.146); the oracle's at most the sparse one. One evaluation (`--with-oracle`: dense, oracle and sparse
+    on the same windows, each equal to its own run: test_router_budget)."""
     _, routers_dir = trained_routers(name)
-    sparse = _eval(name, routers_dir, "sparse", "--with-dense")
-    oracle = _eval(name, routers_dir, "oracle")
-    assert sparse["tokens"] == oracle["tokens"] == 16352
-    assert oracle["perplexity"] <= sparse["perplexity"] <= bound * sparse["dense_perplexity"]
-    assert sparse["mode"] == "sparse" and sparse["attn_topk"] == 0.5
+    result = _eval(name, routers_dir, "sparse", "--with-oracle")
+    assert result["tokens"] == 16352
+    assert result["oracle_perplexity"] <= result["perplexity"] <= bound * result["dense_perplexity"]
+    assert result["mode"] == "sparse" and result["attn_topk"] == 0.5
 
 
 def test_bench_decode_smoke(tmp_path, capsys):
