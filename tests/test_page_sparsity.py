@@ -366,3 +366,45 @@ def test_every_page_evaluated_is_dense(random_models):
     for mode in ("sparse", "oracle"):
         everything = masked(model, config, tokens, plan, None, page_size, mode)
         np.testing.assert_allclose(everything, dense, atol=1e-5, rtol=0)
+
+
+# --- bad values -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--page-topk", "0"], ("argument --page-topk: must be a finite number in (0, 1], got 0.0",)),
+    (["--page-topk", "1.5"], ("argument --page-topk",)),
+    (["--page-budget", "0"], ("argument --page-budget: must be an integer in [1, ",)),
+    (["--page-topk", "0.5", "--page-budget", "64"],
+     ("argument --page-budget: not allowed with argument --page-topk",)),
+    (["--page-min-context", "-1", "--page-topk", "0.5"], ("argument --page-min-context",)),
+    (["--page-size", "0", "--page-topk", "0.5"], ("argument --page-size",)),
+    (["--page-min-context", "64"],
+     ("--page-min-context=64 applies only with --page-topk or --page-budget",)),
+    (["--page-size", "8"], ("--page-size=8 applies only with --page-topk or --page-budget",)),
+    (["--page-topk", "0.5", "--attn-topk", "0.5"],
+     ("--attn-topk=0.5 applies only with --mode sparse or oracle",)),
+])
+@pytest.mark.parametrize("command", [["eval", "perplexity"], ["eval", "retrieval"]])
+def test_bad_page_values_are_refused_in_one_line(capsys, command, extra, needles):
+    from conftest import run_cli
+
+    rc, out, err = run_cli(capsys, [*command, "--model", "m", "--text", "t", *extra])
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("polar-jax: error: "), err
+    assert all(needle in lines[0] for needle in needles), lines[0]
+
+
+def test_page_rule_and_settings_refuse_bad_values():
+    from polar_jax.errors import PolarJaxError
+    from polar_jax.settings import PageSettings
+
+    with pytest.raises(ValueError, match="one of topk and budget"):
+        PageRule(topk=0.5, budget=64)
+    with pytest.raises(PolarJaxError, match="exclude each other"):
+        PageSettings(page_topk=0.5, page_budget=64)
+    with pytest.raises(PolarJaxError, match=r"page_topk must be a finite number in \(0, 1\]"):
+        PageSettings(page_topk=2.0)
+    with pytest.raises(PolarJaxError, match="page_size=8 applies only"):
+        PageSettings(page_size=8)
+    assert PageSettings(page_budget=64, page_min_context=0).rule() == PageRule(None, 64, 0)
