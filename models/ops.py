@@ -17,7 +17,8 @@ afresh for each call of the model, so nothing carries over between layers or ste
 kernel or backend runs is chosen here, never in the model:
 
 - `DenseOps`: full sequences (evaluation, prefill): causal attention among the given tokens,
-  their K/V written to the first T cache positions when a cache is given;
+  their K/V written to the first T cache positions when a cache is given (a paged one: the
+  valid tokens only);
 - `ChunkOps`: a chunk of each sequence's prompt continuing its cache, contiguous or paged
   (the server's chunked prefill), dense: flash attention (cuDNN) on a GPU;
 - `DenseDecodeOps`: one token per sequence, written at its position; attention over the
@@ -214,7 +215,10 @@ class DenseOps:
 
     @jax.named_scope(scopes.ATTENTION)
     def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
-        if kv is not None:
+        if isinstance(kv, PagedLayerKV):  # the valid tokens only: padding would enter summaries
+            positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
+            kv = kv.write_chunk(k, v, positions, self.key_valid.astype(bool))
+        elif kv is not None:
             write = lambda c, x: jax.lax.dynamic_update_slice(
                 c, x.swapaxes(1, 2).astype(c.dtype), (0, 0, 0, 0))
             kv = LayerKV(write(kv.k, k), write(kv.v, v))

@@ -342,14 +342,18 @@ def _cmd_generate(args) -> int:
     from polar_jax.decode import Decoder
     from polar_jax.sampling import SamplingParams
 
+    pages = _pages(args)
     if not args.routers:
-        _refuse(args, ("attn_topk", "dense_layers", "router_weights"),
-                "with --routers (sparse decoding)")
+        _refuse(args, ("attn_topk", "router_weights") + (() if pages.on else ("dense_layers",)),
+                "with --routers (sparse decoding)" + ("" if pages.on else
+                                                      " (--dense-layers: or page sparsity)"))
     sparsity = _sparsity(args)
     prompts = _read_prompts(args)
     decoder = Decoder.load(args.model, args.dtype, routers=args.routers,
                            attn_topk=args.attn_topk, dense_layers=args.dense_layers,
-                           mesh=_mesh(args), router_weights=args.router_weights)
+                           mesh=_mesh(args), router_weights=args.router_weights,
+                           page_topk=args.page_topk, page_budget=args.page_budget,
+                           page_min_context=args.page_min_context, page_size=args.page_size)
     result = decoder.generate(prompts, args.max_new_tokens,
                               SamplingParams(args.temperature, args.top_k, args.top_p), args.seed,
                               args.batch_size, progress=not args.quiet)
@@ -362,6 +366,10 @@ def _cmd_generate(args) -> int:
         dense_layers = [i for i, k in enumerate(decoder.plan_for_batch(1).attn_groups) if k is None]
         summary.update(attn_topk=sparsity.attn_topk, dense_layers=dense_layers,
                        router_weights=sparsity.router_weights)
+    if decoder.page_sparse:
+        rule = pages.rule()
+        summary.update(page_topk=rule.topk, page_budget=rule.budget,
+                       page_min_context=rule.min_context, page_size=decoder.page_size)
     if args.json:
         for c in result.completions:
             print(json.dumps({"prompt": c.prompt, "completion": c.text, "tokens": c.tokens}))
@@ -377,6 +385,11 @@ def _cmd_generate(args) -> int:
     if decoder.sparse:
         mode += (f" (attn-topk {_topk_text(sparsity.attn_topk)}, dense layers "
                  f"{','.join(map(str, summary['dense_layers'])) or 'none'})")
+    if decoder.page_sparse:
+        kept = (f"{summary['page_topk']:g} of" if summary["page_topk"] is not None
+                else f"{summary['page_budget']} tokens of")
+        mode += (f", page-sparse ({kept} {summary['page_size']}-token pages from "
+                 f"{summary['page_min_context']} tokens)")
     print(f"=== summary: {mode}, {summary['new_tokens']} new tokens at batch size "
           f"{summary['batch_size']}: {summary['tokens_per_second']:.1f} tokens/s "
           f"({summary['seconds']:.2f} s, plus {summary['compile_seconds']:.1f} s compiling)")
@@ -630,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompts decoded together (default: all)")
     gen.add_argument("--routers", help="routers directory: decode with Polar Sparsity")
     _add_sparsity_args(gen, "with --routers")
+    _add_page_args(gen)
     gen.add_argument("--json", action="store_true",
                      help="one JSON object per prompt, then a summary object")
     _add_device_args(gen)

@@ -408,3 +408,23 @@ def test_page_rule_and_settings_refuse_bad_values():
     with pytest.raises(PolarJaxError, match="page_size=8 applies only"):
         PageSettings(page_size=8)
     assert PageSettings(page_budget=64, page_min_context=0).rule() == PageRule(None, 64, 0)
+
+
+def test_generate_with_every_page_kept_follows_dense(random_models):
+    """The decoder's page-sparse path (a paged cache of its own, prefill writing the prompts'
+    valid tokens and their summaries, then page-sparse steps) with every page kept generates
+    the dense decoder's greedy tokens; with a quarter of the pages it runs and differs."""
+    from polar_jax.decode import Decoder
+
+    config, model, _ = random_models("mistral-sliding-window")
+    prompts = [np.random.default_rng().integers(0, config.vocab_size, size=n).tolist()
+               for n in (5, 30, 2)]
+    plain = Decoder(config, model).generate(prompts, 24)
+    plan = lambda topk: SparsityPlan.build(config, None, 1.0, dense_layers=(),
+                                           page_rule=PageRule(topk=topk, min_context=0))
+    every = Decoder(config, model, plan_for_batch=lambda batch: plan(1.0), page_size=3)
+    assert every.page_sparse and not every.sparse
+    assert ([c.tokens for c in every.generate(prompts, 24).completions]
+            == [c.tokens for c in plain.completions])
+    quarter = Decoder(config, model, plan_for_batch=lambda batch: plan(0.25), page_size=3)
+    assert all(len(c.tokens) == 24 for c in quarter.generate(prompts, 24).completions)
