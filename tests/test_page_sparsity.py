@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from models.kv_cache import PagedKVCache
+from models.sharding import kv_cache_shardings, make_mesh, param_shardings, router_shardings
 from models.ops import ChunkOps
 from pallas_kernels import sparse_decode_attention
 from pallas_kernels.page_selection import PageRule, keep_mask, select_pages, visible_pages
@@ -183,19 +184,26 @@ def paged_cache(config, length: int, page_size: int, dtype=jnp.float32):
                         jax.tree.map(poison, abstract.summaries))
 
 
-def teacher_forced(model, config, tokens, cache, router_state, plan, prompt: int = 0):
+def teacher_forced(model, config, tokens, cache, router_state, plan, prompt: int = 0,
+                   mesh=None):
     """Log-probabilities `[T, V]` of one sequence: its first `prompt` tokens prefilled in one
-    chunk (`ChunkOps`), then decoded one token at a time by `decode_step`, the true next token
-    fed at each step."""
+    chunk (`ChunkOps`), then decoded one token at a time by `decode_step` (over `mesh` if
+    given), the true next token fed at each step."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def step(state, router_state, decode):
         _, logits, decode = decode_step(nnx.merge(graphdef, state), decode,
-                                        lambda l: jnp.argmax(l, -1), router_state, plan)
+                                        lambda l: jnp.argmax(l, -1), router_state, plan, mesh)
         return jax.nn.log_softmax(logits[0]), decode.kv_cache
 
-    cache = jax.device_put(cache, jax.devices()[0])  # committed, as the step returns it
+    if mesh is None:
+        cache = jax.device_put(cache, jax.devices()[0])  # committed, as the step returns it
+    else:
+        state = jax.device_put(state, param_shardings(state, mesh))
+        cache = jax.device_put(cache, kv_cache_shardings(cache, mesh))
+        if router_state is not None:
+            router_state = jax.device_put(router_state, router_shardings(router_state, mesh))
     out = []
     if prompt:
         pos = jnp.arange(prompt)[None]
@@ -226,29 +234,31 @@ def masked(model, config, tokens, plan, router_state, page_size, mode="sparse"):
     return np.asarray(run(state, router_state, jnp.asarray(tokens)[None]))
 
 
-@pytest.mark.parametrize("name, page_size, groups", [("mistral-sliding-window", 1, False),
-                                                     ("gemma2-gqa", 3, True),
-                                                     ("mistral-sliding-window", 16, True)])
+@pytest.mark.parametrize("name, page_size, groups, tp", [("mistral-sliding-window", 1, False, 1),
+                                                         ("gemma2-gqa", 3, True, 1),
+                                                         ("mistral-sliding-window", 16, True, 1),
+                                                         ("llama-2-mha", 4, True, 2)])
 def test_teacher_forced_page_sparse_decode_equals_masked_evaluation(random_models, name,
-                                                                    page_size, groups):
+                                                                    page_size, groups, tp):
     """The kernel path (group top-k by the routers, then each kept group's pages by the
     selector from the cache's summaries) gives the next-token log-probabilities the masked
     evaluation gives, within 1e-4 (float32). Page sparsity alone: the first tokens are
     prefilled in one chunk (dense, as below min_context), so the summaries come from chunk and
     token writes; with groups every token is decoded (prefill keeps every group). Sequences
-    cross the models' sliding window (Gemma 2: every other layer); unowned pages are NaN."""
+    cross the models' sliding window (Gemma 2: every other layer); unowned pages are NaN. At
+    tp 2 each device selects the pages of its own groups (summaries split with them)."""
     config, model, routers = random_models(name)
     T = 2 * WINDOW + 9
     prompt = 0 if groups else 9
     rule = PageRule(topk=0.3, min_context=max(prompt + 1, 2 * page_size))
     metadata = {"mlp_topk": {"1": [config.mlp_dim // 4] * config.num_layers}}
     plan = SparsityPlan.build(config, metadata if groups else None, 0.5 if groups else 1.0,
-                              dense_layers=(), page_rule=rule)
+                              dense_layers=(), page_rule=rule, shards=tp)
     assert plan.needs_routers == groups
     router_state = routers.unstack() if groups else None
     tokens = np.random.default_rng().integers(0, config.vocab_size, size=T)
     decoded = teacher_forced(model, config, tokens, paged_cache(config, T, page_size),
-                             router_state, plan, prompt)
+                             router_state, plan, prompt, make_mesh(tp) if tp > 1 else None)
     evaluated = masked(model, config, tokens, plan, router_state, page_size)
     np.testing.assert_allclose(decoded, evaluated, atol=1e-4, rtol=0)
     dense = np.asarray(jax.nn.log_softmax(model(jnp.asarray(tokens)[None],
@@ -428,3 +438,23 @@ def test_generate_with_every_page_kept_follows_dense(random_models):
             == [c.tokens for c in plain.completions])
     quarter = Decoder(config, model, plan_for_batch=lambda batch: plan(0.25), page_size=3)
     assert all(len(c.tokens) == 24 for c in quarter.generate(prompts, 24).completions)
+
+
+def test_bench_decode_times_group_by_page_and_counts_its_bytes(tmp_path):
+    """`bench decode --page-topk`: each row times dense, group-only and group x page in one
+    call; the page rule's bytes: at 4096 positions of 16-token pages, 25% keeps 64 of 256
+    pages and the summaries add 1/16 of a page's bytes per page."""
+    import json
+
+    from polar_jax.bench.decode import main, page_fractions
+
+    assert page_fractions(PageRule(topk=0.25), 4095, 16) == (0.25, 1 / 256)
+    assert page_fractions(PageRule(budget=64), 4095, 16) == (64 / 4096, 1 / 256)
+    assert page_fractions(PageRule(topk=0.25), 1000, 16) == (1.0, 63 / 1001 / 16)  # < 1024
+    out = tmp_path / "rows.json"
+    assert main(["--arch", "tiny", "--batch-sizes", "2", "--context-lens", "200",
+                 "--attn-topk", "0.5", "--page-topk", "0.25", "--page-min-context", "64",
+                 "--steps", "2", "--repeats", "1", "--peer", "off", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["kv_layout"] == "paged 16" and row["page_topk"] == 0.25
+    assert row["paged_ms"] > 0 and row["paged_roofline_ms"] < row["sparse_roofline_ms"]
