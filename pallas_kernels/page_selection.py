@@ -12,11 +12,13 @@ else 0. Each of its kept KV groups keeps `PageRule.pages_kept` of them:
   heads), or, for the oracle bound, the true attention mass (evaluation);
 - every page while L < `min_context` (short sequences stay dense).
 
-Ties go to the lowest page (`selection.topk_mask`). `keep_mask` is the rule as a mask
-(masked evaluation); `select_pages` is the decode step's selector, the same mask turned into
-each (sequence, group)'s page list and its length for the attention kernel. A further policy
+Pages are ranked in one sort (`lax.top_k` over the row, ties to the lowest page; no loop of
+passes, so a decode step on a GPU pays one kernel for it) and the first k kept: `select_pages`
+(the decode step's selector) hands that order and k to the attention kernel as each
+(sequence, group)'s page list and its length, `keep_mask` (masked evaluation) turns the same
+order into a mask. A further policy
 is one new score function handed to `keep_mask`. Plain `jax.numpy`, traced values only (no
-host sync); imports only JAX and `selection`.
+host sync); imports only JAX.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from pallas_kernels.selection import topk_mask
+from jax import lax
 
 DEFAULT_MIN_CONTEXT = 1024  # sequences shorter than this (tokens) read every page
 
@@ -76,9 +78,11 @@ def quest_scores(q, kmin, kmax):
     return jnp.max(bound, axis=-2)
 
 
-def keep_mask(rule: PageRule, scores, lengths, page_size: int, window: int | None = None):
-    """The rule as a mask: scores float32 `[..., P]` of pages `0 .. P-1`, lengths `[...]`
-    (broadcast against the scores' leading axes) -> bool `[..., P]`, the kept pages."""
+def ranked_pages(rule: PageRule, scores, lengths, page_size: int, window: int | None = None):
+    """The rule's order: scores float32 `[..., P]` of pages `0 .. P-1`, lengths `[...]`
+    (broadcast against the scores' leading axes) -> (int32 `[..., P]` every page, the first
+    visible and the current first, then the other visible ones by score, then the rest; int32
+    `[...]` k, how many of them the rule keeps)."""
     first, last = visible_pages(lengths, page_size, window)
     first, last = first[..., None], last[..., None]
     page = jnp.arange(scores.shape[-1], dtype=jnp.int32)
@@ -86,15 +90,16 @@ def keep_mask(rule: PageRule, scores, lengths, page_size: int, window: int | Non
     forced = (page == first) | (page == last)
     ranked = jnp.where(forced, jnp.inf, jnp.where(visible, scores.astype(jnp.float32), -jnp.inf))
     k = rule.pages_kept(first, last, lengths[..., None], page_size)
-    ranked = jnp.broadcast_to(ranked, jnp.broadcast_shapes(ranked.shape, k.shape))
-    return topk_mask(ranked, jnp.broadcast_to(k, ranked.shape[:-1] + (1,))) & visible
+    shape = jnp.broadcast_shapes(ranked.shape, k.shape)
+    order = lax.top_k(jnp.broadcast_to(ranked, shape), shape[-1])[1].astype(jnp.int32)
+    return order, jnp.broadcast_to(k, shape[:-1] + (1,))[..., 0]
 
 
-def mask_to_pages(mask):
-    """bool `[..., P]` -> (int32 `[..., P]` the kept pages in ascending order, then the others;
-    int32 `[...]` how many are kept)."""
-    order = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
-    return order, jnp.sum(mask, axis=-1, dtype=jnp.int32)
+def keep_mask(rule: PageRule, scores, lengths, page_size: int, window: int | None = None):
+    """The rule as a mask (`ranked_pages`' first k): bool `[..., P]`, the kept pages."""
+    order, k = ranked_pages(rule, scores, lengths, page_size, window)
+    rank = jnp.argsort(order, axis=-1)  # each page's place in the order
+    return rank < k[..., None]
 
 
 def select_pages(rule: PageRule, q, kmin, kmax, lengths, page_size: int,
@@ -102,9 +107,10 @@ def select_pages(rule: PageRule, q, kmin, kmax, lengths, page_size: int,
     """The decode step's selector: q `[B, K, G, D]` (each kept group's query heads), kmin,
     kmax `[B, K, P, D]` (that group's page summaries, the sequence's pages in order), lengths
     `[B]` -> (page_idx int32 `[B, K, P]`, page_count int32 `[B, K]`) for
-    `sparse_decode_attention`."""
+    `sparse_decode_attention`: the kept pages first (the window's first page leading), in the
+    rule's order."""
     scores = quest_scores(q[:, :, None], kmin, kmax)[:, :, 0]
-    return mask_to_pages(keep_mask(rule, scores, lengths[:, None], page_size, window))
+    return ranked_pages(rule, scores, lengths[:, None], page_size, window)
 
 
 def page_summaries(keys, valid, page_size: int):
@@ -123,5 +129,5 @@ def page_summaries(keys, valid, page_size: int):
     return kmin, kmax
 
 
-__all__ = ["DEFAULT_MIN_CONTEXT", "PageRule", "visible_pages", "quest_scores", "keep_mask",
-           "mask_to_pages", "select_pages", "page_summaries"]
+__all__ = ["DEFAULT_MIN_CONTEXT", "PageRule", "visible_pages", "quest_scores", "ranked_pages",
+           "keep_mask", "select_pages", "page_summaries"]
