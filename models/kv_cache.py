@@ -8,6 +8,10 @@ Two layouts, each a registered pytree with per-layer views that the ops call:
   head_dim]` shared by every sequence, and one block table `[batch, pages_per_seq]` (int32,
   shared by the layers): token i of sequence b sits at page `block_table[b, i // page_size]`,
   offset `i % page_size`. The server uses it: a sequence holds only the pages its tokens fill.
+  With page sparsity it also keeps page summaries: per layer, page and KV head the per-channel
+  min and max of the page's keys, `kmin`, `kmax` `[kv_heads, pages, head_dim]` in the cache
+  dtype, updated by every write (a write at offset 0 starts the page afresh: pools reuse
+  pages); the decode step's page selector (`pallas_kernels.page_selection`) reads them.
 
 The per-layer views (`LayerKV`, `PagedLayerKV`) share what the ops need: `write_token`,
 `write_chunk` (in place inside a jit), `dense()` (the keys and values as `[batch, kv_heads,
@@ -67,20 +71,32 @@ class LayerKV:
         return self.k, self.v
 
 
+SUMMARY_AXES = ("kv_heads", "pages", "head_dim")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedLayerKV:
     """One layer's pages k, v `[kv_heads, pages, page_size, head_dim]` seen through the
-    `block_table [B, pages_per_seq]` of the sequences at hand."""
+    `block_table [B, pages_per_seq]` of the sequences at hand, and (page sparsity, else None)
+    its page summaries kmin, kmax `[kv_heads, pages, head_dim]`."""
 
     k: jax.Array
     v: jax.Array
     block_table: jax.Array
+    kmin: jax.Array | None = None
+    kmax: jax.Array | None = None
 
     AXES: ClassVar[dict[str, tuple[str, ...]]] = {
         "k": ("kv_heads", "pages", "page", "head_dim"),
         "v": ("kv_heads", "pages", "page", "head_dim"),
-        "block_table": ("batch", "pages_per_seq")}
+        "block_table": ("batch", "pages_per_seq"),
+        "kmin": SUMMARY_AXES,
+        "kmax": SUMMARY_AXES}
+
+    @property
+    def summaries(self) -> bool:
+        return self.kmin is not None
 
     @property
     def page_size(self) -> int:
@@ -101,10 +117,19 @@ class PagedLayerKV:
         return page, positions % self.page_size
 
     def _write(self, k, v, page, offset) -> "PagedLayerKV":
-        """k, v `[*idx, Hkv, D]` at pages and offsets of shape idx."""
+        """k, v `[*idx, Hkv, D]` at pages and offsets of shape idx; the summaries of the pages
+        written: reset where a key lands at offset 0, then min / max with the keys."""
         heads_first = lambda x: jnp.moveaxis(x, -2, 0)
         write = lambda c, x: c.at[:, page, offset].set(heads_first(x).astype(c.dtype), mode="drop")
-        return PagedLayerKV(write(self.k, k), write(self.v, v), self.block_table)
+        out = PagedLayerKV(write(self.k, k), write(self.v, v), self.block_table)
+        if not self.summaries:
+            return out
+        keys = heads_first(k).astype(self.kmin.dtype)
+        fresh = jnp.where(offset == 0, page, self.k.shape[1])  # the others: dropped
+        big = jnp.finfo(self.kmin.dtype).max
+        kmin = self.kmin.at[:, fresh].set(big, mode="drop").at[:, page].min(keys, mode="drop")
+        kmax = self.kmax.at[:, fresh].set(-big, mode="drop").at[:, page].max(keys, mode="drop")
+        return dataclasses.replace(out, kmin=kmin, kmax=kmax)
 
     def write_token(self, k, v, positions, *, kernel: bool = False) -> "PagedLayerKV":
         del kernel  # one XLA scatter of B rows (a page's rows are not contiguous per group)
@@ -165,40 +190,57 @@ class KVCache:
 class PagedKVCache:
     """Every layer's page pool (`pages`: (k, v) pairs of `[kv_heads, pages, page_size,
     head_dim]`) and the sequences' `block_table [batch, pages_per_seq]`, whose unused entries
-    are never read (a sequence reads only below its length)."""
+    are never read (a sequence reads only below its length); with page sparsity every layer's
+    page `summaries` ((kmin, kmax) pairs of `[kv_heads, pages, head_dim]`), else None."""
 
     pages: tuple[tuple[jax.Array, jax.Array], ...]
     block_table: jax.Array
+    summaries: tuple[tuple[jax.Array, jax.Array], ...] | None = None
 
     @staticmethod
     def page_shape(config, num_pages: int, page_size: int, dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((config.num_kv_heads, num_pages, page_size, config.head_dim),
                                     jnp.dtype(dtype))
 
+    @staticmethod
+    def summary_shape(config, num_pages: int, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((config.num_kv_heads, num_pages, config.head_dim),
+                                    jnp.dtype(dtype))
+
     @classmethod
     def abstract(cls, config, num_pages: int, page_size: int, batch: int, pages_per_seq: int,
-                 dtype) -> "PagedKVCache":
+                 dtype, summaries: bool = False) -> "PagedKVCache":
+        """Shapes only; `summaries`: with page summaries (page sparsity)."""
         shape = cls.page_shape(config, num_pages, page_size, dtype)
+        summary = cls.summary_shape(config, num_pages, dtype)
         return cls(tuple((shape, shape) for _ in range(config.num_layers)),
-                   jax.ShapeDtypeStruct((batch, pages_per_seq), jnp.int32))
+                   jax.ShapeDtypeStruct((batch, pages_per_seq), jnp.int32),
+                   tuple((summary, summary) for _ in range(config.num_layers)) if summaries
+                   else None)
 
     @classmethod
-    def page_bytes(cls, config, page_size: int, dtype) -> int:
-        """Bytes one page takes over every layer, keys and values."""
-        return 2 * config.num_layers * _bytes(cls.page_shape(config, 1, page_size, dtype))
+    def page_bytes(cls, config, page_size: int, dtype, summaries: bool = False) -> int:
+        """Bytes one page takes over every layer, keys and values (and its summaries)."""
+        per_layer = 2 * _bytes(cls.page_shape(config, 1, page_size, dtype))
+        if summaries:
+            per_layer += 2 * _bytes(cls.summary_shape(config, 1, dtype))
+        return config.num_layers * per_layer
 
     def layer(self, i: int) -> PagedLayerKV:
-        return PagedLayerKV(*self.pages[i], self.block_table)
+        return PagedLayerKV(*self.pages[i], self.block_table,
+                            *(() if self.summaries is None else self.summaries[i]))
 
     def with_layers(self, layers) -> "PagedKVCache":
-        return PagedKVCache(tuple((layer.k, layer.v) for layer in layers), self.block_table)
+        summaries = None if self.summaries is None else tuple((l.kmin, l.kmax) for l in layers)
+        return PagedKVCache(tuple((layer.k, layer.v) for layer in layers), self.block_table,
+                            summaries)
 
     def with_block_table(self, block_table) -> "PagedKVCache":
-        return PagedKVCache(self.pages, block_table)
+        return dataclasses.replace(self, block_table=block_table)
 
     def bytes(self) -> int:
-        """Bytes of the page pools (the block table excluded)."""
-        return _bytes(self.pages)
+        """Bytes of the page pools and summaries (the block table excluded)."""
+        return _bytes(self.pages) + _bytes(self.summaries)
 
     @property
     def num_pages(self) -> int:

@@ -17,7 +17,8 @@ afresh for each call of the model, so nothing carries over between layers or ste
 kernel or backend runs is chosen here, never in the model:
 
 - `DenseOps`: full sequences (evaluation, prefill): causal attention among the given tokens,
-  their K/V written to the first T cache positions when a cache is given;
+  their K/V written to the first T cache positions when a cache is given (a paged one: the
+  valid tokens only);
 - `ChunkOps`: a chunk of each sequence's prompt continuing its cache, contiguous or paged
   (the server's chunked prefill), dense: flash attention (cuDNN) on a GPU;
 - `DenseDecodeOps`: one token per sequence, written at its position; attention over the
@@ -45,6 +46,7 @@ from models.kv_cache import LayerKV, PagedLayerKV
 from models.layers import F32, MLP, xla_matmul
 from models.sharding import DATA, MODEL, layer_kv_specs
 from pallas_kernels._common import NEG_INF
+from pallas_kernels.page_selection import PageRule, select_pages
 from pallas_kernels.selection import shard_topk_mask
 from pallas_kernels.skinny_matmul import skinny_matmul
 from pallas_kernels.sparse_attention import sparse_decode_attention
@@ -101,6 +103,18 @@ def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float
     Returns `[B, T, Hq, D]` in q's dtype; rows with no visible key hold unspecified values.
     """
     b, t, hq, d = q.shape
+    scores, visible = causal_scores(q, k, key_valid, window, scale, logit_softcap)
+    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=F32)
+    return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def causal_scores(q, k, key_valid, window: int | None = None, scale: float | None = None,
+                  logit_softcap: float | None = None):
+    """`causal_attention`'s float32 scores `[B, Hkv, G, T, T]` (scaled, soft-capped) and which
+    keys each query sees `[B, T, T]`."""
+    b, t, hq, d = q.shape
     hkv = k.shape[2]
     scale = d**-0.5 if scale is None else scale
     q = q.reshape(b, t, hkv, hq // hkv, d)
@@ -111,11 +125,7 @@ def causal_attention(q, k, v, key_valid, window: int | None = None, scale: float
     visible = j <= i
     if window is not None:
         visible = visible & (i - j < window)
-    visible = visible[None] & key_valid[:, None, :].astype(bool)
-    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=F32)
-    return o.reshape(b, t, hq, d).astype(q.dtype)
+    return scores, visible[None] & key_valid[:, None, :].astype(bool)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
@@ -142,6 +152,20 @@ def decode_attention(q, k_cache, v_cache, lengths, window: int | None = None,
                    preferred_element_type=F32)
     o = jnp.where((lengths > 0)[:, None, None, None], o, 0.0)
     return o.reshape(b, hq, d).astype(q.dtype)
+
+
+def kept_pages(rule: PageRule, q, kv: PagedLayerKV, lengths, group_idx, window):
+    """Each row's kept groups' pages by `select_pages` (Quest's bound from the summaries of
+    the row's pages): q `[B, Hq, D]`, group_idx `[B, k]` (None: every group) -> (page_idx
+    `[B, k, pages_per_seq]`, page_count `[B, k]`)."""
+    b, hq, d = q.shape
+    hkv = kv.k.shape[0]
+    if group_idx is None:
+        group_idx = jnp.broadcast_to(jnp.arange(hkv, dtype=jnp.int32), (b, hkv))
+    rows = jnp.arange(b)[:, None]
+    q = q.reshape(b, hkv, hq // hkv, d)[rows, group_idx]  # [B, k, G, D]
+    at = (group_idx[:, :, None], kv.block_table[:, None, :])  # [B, k, pages_per_seq]
+    return select_pages(rule, q, kv.kmin[at], kv.kmax[at], lengths, kv.page_size, window)
 
 
 def per_shard(mesh: Mesh | None, fn, in_specs, out_specs):
@@ -191,7 +215,10 @@ class DenseOps:
 
     @jax.named_scope(scopes.ATTENTION)
     def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
-        if kv is not None:
+        if isinstance(kv, PagedLayerKV):  # the valid tokens only: padding would enter summaries
+            positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
+            kv = kv.write_chunk(k, v, positions, self.key_valid.astype(bool))
+        elif kv is not None:
             write = lambda c, x: jax.lax.dynamic_update_slice(
                 c, x.swapaxes(1, 2).astype(c.dtype), (0, 0, 0, 0))
             kv = LayerKV(write(kv.k, k), write(kv.v, v))
@@ -299,11 +326,16 @@ class DenseDecodeOps:
         return o, kv, NO_RECORD
 
     def attend(self, q, k, v, kv: LayerKV | PagedLayerKV, window, logit_softcap, kernel: bool,
-               group_logits=None, keep: int | None = None):
+               group_logits=None, keep: int | None = None, pages: PageRule | None = None):
         """(o `[B, 1, Hq, D]`, the cache with the token written). With `group_logits [B, Hkv]`
         each row reads only its top-`keep` groups (per shard: its top `keep` of the shard's
-        groups). `kernel`: the Pallas kernel (which reads only up to each row's length, pages
-        through the block table), else XLA (all groups only)."""
+        groups); with a page rule `pages` (a paged cache with summaries), each of them only
+        the pages `select_pages` keeps. `kernel`: the Pallas kernel (which reads only up to
+        each row's length, pages through the block table), else XLA (all groups and pages
+        only)."""
+        if pages is not None and not (isinstance(kv, PagedLayerKV) and kv.summaries):
+            raise ValueError("page sparsity needs a PagedKVCache with page summaries "
+                             "(PagedKVCache.abstract(..., summaries=True))")
 
         def shard(q, k, v, kv, positions, active, group_logits):
             # An inactive row writes nothing (a position outside the cache) and reads nothing
@@ -312,14 +344,19 @@ class DenseDecodeOps:
             lengths = jnp.where(active, positions + 1, 0)
             with jax.named_scope(scopes.KV_WRITE):
                 kv = kv.write_token(k, v, writes, kernel=on_gpu())
-            if group_logits is not None or kernel:
-                group_idx = None
+            if group_logits is not None or pages is not None or kernel:
+                group_idx = page_idx = page_count = None
                 if group_logits is not None:
                     with jax.named_scope(scopes.ATTN_ROUTER):
                         group_idx = topk_indices(group_logits, keep)
+                if pages is not None:
+                    with jax.named_scope(scopes.PAGE_SELECT):
+                        page_idx, page_count = kept_pages(pages, q, kv, lengths, group_idx,
+                                                          window)
                 o = sparse_decode_attention(q, kv.k, kv.v, lengths, group_idx,
                                             block_table=kv.block_table, sliding_window=window,
-                                            logit_softcap=logit_softcap)
+                                            logit_softcap=logit_softcap, page_idx=page_idx,
+                                            page_count=page_count)
             else:
                 o = decode_attention(q, *kv.dense(), lengths, window,
                                      logit_softcap=logit_softcap)

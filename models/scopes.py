@@ -15,7 +15,8 @@ MLP = "mlp"
 LOGITS = "logits"
 ROUTERS = "routers"  # both routers' shared projection of the attention input
 ATTN_ROUTER = "attn_router"  # top-k KV groups per row
+PAGE_SELECT = "page_select"  # page sparsity: each kept group's pages by their summaries
 MLP_ROUTER = "mlp_router"  # the batch's top-k neurons
 
-ALL = (KV_WRITE, ROUTERS, ATTN_ROUTER, MLP_ROUTER, NORM, ROPE, QKV_PROJ, ATTENTION, OUT_PROJ,
+ALL = (KV_WRITE, ROUTERS, ATTN_ROUTER, PAGE_SELECT, MLP_ROUTER, NORM, ROPE, QKV_PROJ, ATTENTION, OUT_PROJ,
        MLP, LOGITS)

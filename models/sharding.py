@@ -74,8 +74,10 @@ ROUTER_AXES: dict[str, tuple[str, ...]] = {
 KV_CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")  # = models.kv_cache.KVCache.AXES
 # `models.kv_cache.PagedKVCache`'s leaves, by field: the pools split by KV group, like the
 # contiguous cache; the block table by sequence.
+# Page summaries (page sparsity) split with the pages' KV groups.
 PAGED_KV_CACHE_AXES = {"pages": ("kv_heads", "pages", "page", "head_dim"),
-                       "block_table": ("batch", "pages_per_seq")}
+                       "block_table": ("batch", "pages_per_seq"),
+                       "summaries": ("kv_heads", "pages", "head_dim")}
 
 
 def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
@@ -165,9 +167,11 @@ def kv_cache_shardings(kv_cache, mesh: Mesh):
 
 def layer_kv_specs(layer_kv, mesh: Mesh):
     """The PartitionSpecs of a per-layer cache view (`LayerKV`, `PagedLayerKV`), field by
-    field, as `shard_map` takes them: the placement `kv_cache_shardings` gives."""
+    field, as `shard_map` takes them: the placement `kv_cache_shardings` gives (an absent
+    field, a paged view's summaries without page sparsity, stays None)."""
     return type(layer_kv)(**{name: spec(axes, getattr(layer_kv, name).shape, mesh)
-                             for name, axes in layer_kv.AXES.items()})
+                             for name, axes in layer_kv.AXES.items()
+                             if getattr(layer_kv, name) is not None})
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

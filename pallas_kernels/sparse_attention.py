@@ -6,7 +6,9 @@ One decode step: each row `b` of the batch has one query token with `Hq` heads, 
 (`G = Hq // Hkv`). Only the selected groups are computed; the other heads' outputs are zero.
 The cache is contiguous (`[B, Hkv, S, D]`) or paged (a pool `[Hkv, pages, page_size, D]` read
 through a block table `[B, pages_per_seq]`: position i of row b is at page
-`block_table[b, i // page_size]`, offset `i % page_size`).
+`block_table[b, i // page_size]`, offset `i % page_size`). With page lists (page sparsity,
+`pallas_kernels.page_selection`), each (row, selected group slot) reads only the pages
+`page_idx[b, j, :page_count[b, j]]` (a sequence's logical pages, each `page_size` positions).
 
 Kernel layout (Triton lowering on NVIDIA GPUs, interpret mode on the CPU):
 
@@ -16,7 +18,9 @@ Kernel layout (Triton lowering on NVIDIA GPUs, interpret mode on the CPU):
   query heads at once: the G heads are the rows of the q tile (padded to 16 rows for the
   tensor-core dot);
 - online softmax in float32 (base 2) over `block_k`-token blocks; the loop runs only over the
-  blocks inside `[max(0, len - window), len)`, split evenly between the splits;
+  blocks inside `[max(0, len - window), len)`, split evenly between the splits; with a page
+  list, over the blocks of the concatenation of the listed pages (`page_count x page_size`
+  positions), each position masked to `[max(0, len - window), len)`;
 - one split: the program normalises and writes its G output rows straight into the output
   (which starts as zeros, so unselected heads and empty rows stay exactly zero);
 - several splits ("flash-decoding"): each split writes (o, m, l) partials; then either the last
@@ -62,12 +66,30 @@ def gather_pages(pages, block_table):
     return x.swapaxes(0, 1).reshape(b, hkv, n * p, d)
 
 
+def _listed_positions(page_idx, page_count, group_idx, page_size: int, num_kv: int, seq: int):
+    """[B, Hkv, S] bool: position s of row b is on a page listed for group h's slot."""
+    B, K, n = page_idx.shape
+    listed = jnp.arange(n) < page_count[:, :, None]  # [B, K, n]
+    page = jnp.arange(seq) // page_size
+    on = jnp.any((page_idx[:, :, :, None] == page) & listed[..., None], axis=2)  # [B, K, S]
+    if group_idx is None:
+        group_idx = jnp.broadcast_to(jnp.arange(num_kv, dtype=jnp.int32), (B, num_kv))
+    slot_of = group_idx[:, :, None] == jnp.arange(num_kv)  # [B, K, Hkv]
+    return jnp.any(slot_of[..., None] & on[:, :, None, :], axis=1)
+
+
 def sparse_decode_attention_reference(q, k_cache, v_cache, lengths, group_idx=None, *,
                                       block_table=None, sm_scale=None, sliding_window=None,
-                                      logit_softcap=None):
+                                      logit_softcap=None, page_idx=None, page_count=None,
+                                      page_size=None):
     """Pure-`jnp` reference with the same semantics (float32 softmax, `q.dtype` output)."""
+    listed = None
     if block_table is not None:
+        page_size = k_cache.shape[2]
         k_cache, v_cache = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
+    if page_idx is not None:
+        listed = _listed_positions(page_idx, page_count, group_idx, page_size, k_cache.shape[1],
+                                   k_cache.shape[2])
     B, Hq, D = q.shape
     _, Hkv, S, _ = k_cache.shape
     G = Hq // Hkv
@@ -80,13 +102,15 @@ def sparse_decode_attention_reference(q, k_cache, v_cache, lengths, group_idx=No
     pos = jnp.arange(S)
     L = jnp.clip(lengths.astype(jnp.int32), 0, S)[:, None]
     lo = jnp.zeros_like(L) if sliding_window is None else jnp.maximum(L - sliding_window, 0)
-    valid = (pos[None, :] >= lo) & (pos[None, :] < L)  # [B, S]
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    valid = ((pos[None, :] >= lo) & (pos[None, :] < L))[:, None]  # [B, 1 or Hkv, S]
+    if listed is not None:
+        valid = valid & listed
+    s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    v = jnp.where(valid[:, None, :, None], v_cache.astype(jnp.float32), 0.0)  # unread slots
+    v = jnp.where(valid[..., None], v_cache.astype(jnp.float32), 0.0)  # unread slots
     o = jnp.einsum("bhgs,bhsd->bhgd", p, v,
                    precision=lax.Precision.HIGHEST) / jnp.where(l > 0, l, 1.0)
     keep = _selected_groups_mask(group_idx, B, Hkv) & (L > 0)
@@ -138,8 +162,9 @@ def attention_config(batch, num_selected, seq_len, head_dim, group_size, *, inte
 # Kernel
 # --------------------------------------------------------------------------------------------
 
-def _attn_kernel(len_ref, gidx_ref, bt_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, S, PS, MP, G,
-                 Gp, D, Dp, BK, NS, W, scale_log2, cap_log2, mode, evict, interpret):
+def _attn_kernel(len_ref, gidx_ref, bt_ref, pidx_ref, pcnt_ref, q_ref, k_ref, v_ref, *refs, K,
+                 Hkv, S, PS, MP, LPS, NL, G, Gp, D, Dp, BK, NS, W, scale_log2, cap_log2, mode,
+                 evict, interpret):
     if mode == "direct":
         _, o_ref = refs
     elif mode == "kernel":
@@ -155,7 +180,15 @@ def _attn_kernel(len_ref, gidx_ref, bt_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, 
     g = jnp.clip(gidx_ref[b, j], 0, Hkv - 1)
     L = jnp.clip(len_ref[b], 0, S)
     lo = jnp.int32(0) if W is None else jnp.maximum(L - W, 0)
-    n_blk = (L - lo + BK - 1) // BK
+    if NL is None:  # every position of [lo, L)
+        n_blk = (L - lo + BK - 1) // BK
+    else:  # the listed pages' positions, concatenated, from `lo` where the first page holds
+        # it (lists in ascending order start at the window's first page): then a full list
+        # reads the blocks the unlisted path reads, in the same order
+        n_listed = jnp.clip(pcnt_ref[b, j], 0, NL) * LPS
+        start = pidx_ref[b, j, 0] * LPS
+        v0 = jnp.where((start <= lo) & (lo < start + LPS), lo - start, 0)
+        n_blk = (n_listed - v0 + BK - 1) // BK
     per = (n_blk + NS - 1) // NS
     blk0 = s * per
     blk1 = jnp.minimum(blk0 + per, n_blk)
@@ -180,10 +213,21 @@ def _attn_kernel(len_ref, gidx_ref, bt_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, 
                            interpret=interpret)
         return (g, page[:, None], (pos % PS)[:, None], cols[None, :])
 
+    def positions(blk):
+        """The positions block `blk` reads `[BK]` and which of them count."""
+        if NL is None:
+            pos = lo + blk * BK + offs
+            return pos, pos < L
+        at = v0 + blk * BK + offs
+        listed = at < n_listed
+        slot = jnp.minimum(at // LPS, NL - 1)
+        page = masked_load(pidx_ref, (b, j, slot), listed, 0, interpret=interpret)
+        pos = page * LPS + at % LPS
+        return pos, listed & (pos >= lo) & (pos < L)
+
     def body(blk, carry):
         acc, m, l = carry
-        pos = lo + blk * BK + offs
-        ok = pos < L
+        pos, ok = positions(blk)
         kv_ok = ok[:, None] & col_ok[None, :]
         at = kv_index(pos, ok)
         kt = masked_load(k_ref, at, kv_ok, 0.0, interpret=interpret, evict_first=evict)
@@ -248,9 +292,10 @@ def _attn_kernel(len_ref, gidx_ref, bt_ref, q_ref, k_ref, v_ref, *refs, K, Hkv, 
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "window", "logit_softcap", "interpret",
-                                             "cfg"))
+                                             "cfg", "page_size"))
 def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table=None, out_init=None,
-                      *, sm_scale, window, interpret, cfg, logit_softcap=None):
+                      page_idx=None, page_count=None, *, sm_scale, window, interpret, cfg,
+                      logit_softcap=None, page_size=None):
     """The kernel call. `out_init` (default zeros) is the buffer the kernel writes the selected
     heads into; tests pass a poisoned one to check what the kernel writes and what it leaves."""
     cfg = dict(cfg)
@@ -264,6 +309,11 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table=None,
         MP = block_table.shape[1]
         S = MP * PS
     K = group_idx.shape[1]
+    if page_idx is None:  # no page lists; the kernel's page-list inputs are dummies
+        NL = None
+        page_idx, page_count = jnp.zeros((B, K, 1), jnp.int32), jnp.zeros((B, K), jnp.int32)
+    else:
+        NL = page_idx.shape[2]
     G = Hq // Hkv
     Gp = max(16, next_pow2(G))
     Dp = max(16, next_pow2(D))
@@ -271,7 +321,8 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table=None,
     BK = cfg["block_k"]
     mode = "direct" if NS == 1 else cfg["combine"]
     kernel = functools.partial(
-        _attn_kernel, K=K, Hkv=Hkv, S=S, PS=PS, MP=MP, G=G, Gp=Gp, D=D, Dp=Dp, BK=BK, NS=NS,
+        _attn_kernel, K=K, Hkv=Hkv, S=S, PS=PS, MP=MP, LPS=page_size, NL=NL, G=G, Gp=Gp, D=D,
+        Dp=Dp, BK=BK, NS=NS,
         W=window, scale_log2=float(sm_scale * LOG2E),
         cap_log2=None if logit_softcap is None else float(logit_softcap * LOG2E), mode=mode,
         evict=cfg["evict_first"],
@@ -283,26 +334,26 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table=None,
     part_sds = [jax.ShapeDtypeStruct((B * K, NS, Gp, Dp), jnp.float32),
                 jax.ShapeDtypeStruct((B * K, NS, Gp), jnp.float32),
                 jax.ShapeDtypeStruct((B * K, NS, Gp), jnp.float32)]
-    args = [lengths, group_idx, block_table, q, k_cache, v_cache]
+    args = [lengths, group_idx, block_table, page_idx, page_count, q, k_cache, v_cache]
     zeros = jnp.zeros((B, Hq, D), q.dtype)
     if mode == "direct":
         out = pl.pallas_call(
-            kernel, grid=grid, in_specs=[full] * 7, out_specs=full, out_shape=out_sds,
-            input_output_aliases={6: 0}, compiler_params=params, interpret=interpret,
+            kernel, grid=grid, in_specs=[full] * 9, out_specs=full, out_shape=out_sds,
+            input_output_aliases={8: 0}, compiler_params=params, interpret=interpret,
             name="sparse_decode_attention",
         )(*args, zeros if out_init is None else out_init)
         return out
     if mode == "kernel":
         outs = pl.pallas_call(
-            kernel, grid=grid, in_specs=[full] * 8, out_specs=[full] * 5,
+            kernel, grid=grid, in_specs=[full] * 10, out_specs=[full] * 5,
             out_shape=[out_sds, jax.ShapeDtypeStruct((B * K,), jnp.int32), *part_sds],
-            input_output_aliases={6: 0, 7: 1}, compiler_params=params, interpret=interpret,
+            input_output_aliases={8: 0, 9: 1}, compiler_params=params, interpret=interpret,
             name="sparse_decode_attention_splitk",
         )(*args, zeros if out_init is None else out_init, jnp.zeros((B * K,), jnp.int32))
         return outs[0]
     # mode == "xla": partials from the kernel, combine and scatter in plain JAX.
     op, mp, lp = pl.pallas_call(
-        kernel, grid=grid, in_specs=[full] * 6, out_specs=[full] * 3, out_shape=part_sds,
+        kernel, grid=grid, in_specs=[full] * 8, out_specs=[full] * 3, out_shape=part_sds,
         compiler_params=params, interpret=interpret, name="sparse_decode_attention_partials",
     )(*args)
     op = op[:, :, :G, :D].reshape(B, K, NS, G, D)
@@ -321,6 +372,28 @@ def _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table=None,
 # --------------------------------------------------------------------------------------------
 # Public wrapper
 # --------------------------------------------------------------------------------------------
+
+def _check_page_list(page_idx, page_count, page_size, B: int, k: int, block_table) -> None:
+    if (page_idx is None) != (page_count is None):
+        raise ValueError("page_idx and page_count go together (page lists), or neither")
+    if page_idx is None:
+        if page_size is not None:
+            raise ValueError("page_size applies only with page lists (page_idx)")
+        return
+    if getattr(page_idx, "ndim", None) != 3 or page_idx.shape[:2] != (B, k):
+        raise ValueError(f"page_idx must have shape [B={B}, k={k}, n], got "
+                         f"{getattr(page_idx, 'shape', None)}")
+    if getattr(page_count, "shape", None) != (B, k):
+        raise ValueError(f"page_count must have shape [B={B}, k={k}], got "
+                         f"{getattr(page_count, 'shape', None)}")
+    if page_idx.dtype != jnp.int32 or page_count.dtype != jnp.int32:
+        raise TypeError(f"page_idx and page_count must be int32, got {page_idx.dtype}, "
+                        f"{page_count.dtype}")
+    if block_table is None and (isinstance(page_size, bool) or not isinstance(page_size, int)
+                                or page_size < 1):
+        raise ValueError(f"page lists over a contiguous cache need page_size, a positive int; "
+                         f"got {page_size!r}")
+
 
 def _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_window,
                 logit_softcap):
@@ -381,6 +454,7 @@ def _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_wi
 
 def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, block_table=None,
                             sm_scale=None, sliding_window=None, logit_softcap=None,
+                            page_idx=None, page_count=None, page_size=None,
                             interpret=None, block_k=None,
                             num_splits=None, num_warps=None, num_stages=None, combine=None,
                             evict_first=None):
@@ -399,6 +473,13 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, blo
       sliding_window: W, or None for no window.
       logit_softcap: c, the scores s (after the scale) become `c tanh(s / c)` before the
         softmax (Gemma 2); None: off.
+      page_idx, page_count: int32 `[B, k, n]` and `[B, k]` (None: every page): slot j of row b
+        reads only the positions of its logical pages `page_idx[b, j, :page_count[b, j]]`
+        (page p: positions `[p * page_size, (p + 1) * page_size)`, still within the row's
+        length and window); entries past the count are never read. Pages are not
+        range-checked.
+      page_size: the pages' size with page lists over a contiguous cache (a paged cache: its
+        pool's).
       interpret: run the Pallas interpreter (None: when the default backend is the CPU).
       block_k, num_splits, num_warps, num_stages, combine, evict_first: tuning knobs, None =
         heuristic. `combine` is "kernel" (last split combines in the kernel) or "xla";
@@ -410,6 +491,13 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, blo
     _check_args(q, k_cache, v_cache, lengths, group_idx, block_table, sliding_window,
                 logit_softcap)
     B, Hq, D = q.shape
+    _check_page_list(page_idx, page_count, page_size, B,
+                     (k_cache.shape[0 if block_table is not None else 1] if group_idx is None
+                      else group_idx.shape[1]), block_table)
+    if block_table is not None and page_idx is not None:
+        if page_size not in (None, k_cache.shape[2]):
+            raise ValueError(f"page_size {page_size} differs from the pool's {k_cache.shape[2]}")
+        page_size = k_cache.shape[2]
     if block_table is None:
         Hkv, S = k_cache.shape[1], k_cache.shape[2]
     else:
@@ -421,7 +509,7 @@ def sparse_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *, blo
     cfg = attention_config(B, group_idx.shape[1], S, D, Hq // Hkv, interpret=interpret,
                            block_k=block_k, num_splits=num_splits, num_warps=num_warps,
                            num_stages=num_stages, combine=combine, evict_first=evict_first)
-    return _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table, sm_scale=scale,
-                             window=sliding_window, logit_softcap=logit_softcap,
-                             interpret=interpret,
-                             cfg=tuple(sorted(cfg.items())))
+    return _sparse_attention(q, k_cache, v_cache, lengths, group_idx, block_table, None,
+                             page_idx, page_count, sm_scale=scale, window=sliding_window,
+                             logit_softcap=logit_softcap, interpret=interpret,
+                             cfg=tuple(sorted(cfg.items())), page_size=page_size)

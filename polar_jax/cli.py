@@ -16,7 +16,7 @@ import time
 from polar_jax import __version__, settings, validate
 from polar_jax.dtypes import DTYPES
 from polar_jax.errors import PolarJaxError
-from polar_jax.settings import EvalSettings, GenerationSettings, SparsitySettings
+from polar_jax.settings import EvalSettings, GenerationSettings, PageSettings, SparsitySettings
 
 _positive = validate.cli_type(validate.integer, int, low=1)
 
@@ -65,6 +65,36 @@ def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str) -> None:
                         help=f"{needs}: the MLP router's second projection in the compute dtype, "
                              f"or int8 with a float32 scale per neuron (half the bytes of "
                              f"bfloat16; non-gated MLPs) {_default(SparsitySettings.router_weights)}")
+
+
+def _add_page_args(parser: argparse.ArgumentParser, page_size: bool = True) -> None:
+    """--page-topk / --page-budget, --page-min-context and (`page_size`) --page-size: page
+    sparsity inside the kept KV groups."""
+    one = parser.add_mutually_exclusive_group()
+    one.add_argument("--page-topk", type=settings.cli_type("page_topk", float),
+                     help="page sparsity: fraction of its sequence's KV pages each kept group "
+                          "reads (top pages by Quest's bound from per-page key min/max; the "
+                          "first and the current page always)")
+    one.add_argument("--page-budget", type=settings.cli_type("page_budget"),
+                     help="page sparsity: tokens of KV pages each kept group reads (instead of "
+                          "--page-topk)")
+    parser.add_argument("--page-min-context", type=settings.cli_type("page_min_context"),
+                        help="with --page-topk or --page-budget: sequences shorter than this "
+                             f"many tokens read every page (default "
+                             f"{settings.DEFAULT_PAGE_MIN_CONTEXT})")
+    if page_size:
+        parser.add_argument("--page-size", type=settings.cli_type("page_size"),
+                            help="with --page-topk or --page-budget: tokens per KV page "
+                                 f"(default {settings.DEFAULT_PAGE_SIZE})")
+
+
+def _pages(args) -> PageSettings:
+    if args.page_topk is None and args.page_budget is None:
+        _refuse(args, tuple(d for d in ("page_min_context", "page_size") if hasattr(args, d)),
+                "with --page-topk or --page-budget")
+    return PageSettings(**settings.given(page_topk=args.page_topk, page_budget=args.page_budget,
+                                         page_min_context=args.page_min_context,
+                                         page_size=getattr(args, "page_size", None)))
 
 
 def _add_device_args(parser: argparse.ArgumentParser, data_only: bool = False) -> None:
@@ -150,6 +180,58 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _check_eval_mode(args) -> PageSettings:
+    """Refuses the options `--mode` (and page sparsity) do not take; the page settings."""
+    pages = _pages(args)
+    if args.mode == "dense":
+        group_only = ("routers", "attn_topk", "mlp_batch_size")
+        either = tuple(d for d in ("dense_layers", "with_dense") if hasattr(args, d))
+        _refuse(args, group_only + (() if pages.on else either),
+                "with --mode sparse or oracle" + ("" if pages.on else
+                                                  " (or page sparsity: --dense-layers, --with-dense)"))
+    elif args.mode == "sparse" and not args.routers:
+        raise PolarJaxError("--mode sparse needs --routers DIR (trained by `polar-jax train-routers`)")
+    return pages
+
+
+def _masked_ops(args, config, metadata, sparsity: SparsitySettings, pages: PageSettings,
+                shards: int = 1):
+    """(make_ops for `evaluate`, or None for dense; the plan's numbers for the report); the
+    plan per shard of a tensor-parallel split over `shards`."""
+    from polar_jax.sparsity import MaskedOps, SparsityPlan, attn_topk_of
+
+    if args.mode == "dense" and not pages.on:
+        return None, {}
+    mode = "sparse" if args.mode == "dense" else args.mode  # dense groups, sparse pages
+    attn_topk = 1.0 if args.mode == "dense" else attn_topk_of(metadata, sparsity.attn_topk)
+    plan = SparsityPlan.build(config, metadata, attn_topk, sparsity.dense_layers,
+                              sparsity.mlp_batch_size, shards=shards, page_rule=pages.rule())
+    report = dict(attn_topk=attn_topk, dense_layers=sparsity.dense_layers,
+                  attn_groups_per_layer=[config.num_kv_heads if k is None else k * plan.shards
+                                         for k in plan.attn_groups],
+                  mlp_batch_size=sparsity.mlp_batch_size, router_weights=sparsity.router_weights,
+                  mlp_neurons_per_layer=list(plan.mlp_neurons))
+    if pages.on:
+        report.update(page_topk=pages.page_topk, page_budget=pages.page_budget,
+                      page_min_context=pages.rule().min_context, page_size=pages.size)
+
+    def make_ops(key_valid, routers, mode=mode):
+        return MaskedOps(key_valid, mode, plan, config.num_kv_heads, routers, pages.size)
+
+    return make_ops, report
+
+
+def _mode_text(result) -> str:
+    """The sparsity of an evaluation, for messages."""
+    parts = [] if result["mode"] == "dense" else [f"{result['mode']}, {result['attn_topk']:g} "
+                                                  f"of KV groups"]
+    if result.get("page_topk") is not None:
+        parts.append(f"{result['page_topk']:g} of pages")
+    elif result.get("page_budget") is not None:
+        parts.append(f"{result['page_budget']} tokens of pages")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _cmd_eval_perplexity(args) -> int:
     import functools
 
@@ -157,13 +239,10 @@ def _cmd_eval_perplexity(args) -> int:
 
     from polar_jax.evaluate import perplexity, read_text
     from polar_jax.loading import ModelDir
-    from polar_jax.sparsity import MaskedOps, SparsityPlan, attn_topk_of
     from routers.model import load_routers
 
-    if args.mode == "dense":
-        _refuse(args, ("routers", "attn_topk", "dense_layers", "mlp_batch_size", "with_dense"),
-                "with --mode sparse or oracle")
-    elif args.mode == "sparse" and not args.routers:
+    pages = _check_eval_mode(args)
+    if args.mode == "sparse" and not args.routers:
         raise PolarJaxError("--mode sparse needs --routers DIR (trained by `polar-jax train-routers`)")
     if not args.routers:
         _refuse(args, ("mlp_batch_size",), "with --routers (it picks their calibrated MLP k)")
@@ -184,25 +263,15 @@ def _cmd_eval_perplexity(args) -> int:
     run = functools.partial(perplexity, model, config, tokenizer, text, seq_len=args.seq_len,
                             max_tokens=args.max_tokens, batch_size=args.batch_size,
                             progress=not args.quiet, mesh=mesh)
-    if args.mode == "dense":
+    make_ops, report = _masked_ops(args, config, metadata, sparsity, pages, args.tp)
+    if make_ops is None:
         result = run()
     else:
-        attn_topk = attn_topk_of(metadata, sparsity.attn_topk)
-        plan = SparsityPlan.build(config, metadata, attn_topk, sparsity.dense_layers,
-                                  sparsity.mlp_batch_size, shards=args.tp)
-        make_ops = lambda key_valid, routers: MaskedOps(key_valid, args.mode, plan,
-                                                        config.num_kv_heads, routers)
         result = run(make_ops=make_ops, routers=routers)
-        result.update(attn_topk=attn_topk, dense_layers=sparsity.dense_layers,
-                      attn_groups_per_layer=[config.num_kv_heads if k is None else k * plan.shards
-                                             for k in plan.attn_groups],
-                      mlp_batch_size=sparsity.mlp_batch_size,
-                      router_weights=sparsity.router_weights,
-                      mlp_neurons_per_layer=list(plan.mlp_neurons))
+        result.update(report)
         if args.with_oracle:
-            oracle_ops = lambda key_valid, routers: MaskedOps(key_valid, "oracle", plan,
-                                                              config.num_kv_heads, routers)
-            result["oracle_perplexity"] = run(make_ops=oracle_ops)["perplexity"]
+            oracle = lambda key_valid, routers: make_ops(key_valid, routers, mode="oracle")
+            result["oracle_perplexity"] = run(make_ops=oracle)["perplexity"]
         if args.with_dense or args.with_oracle:
             result["dense_perplexity"] = run()["perplexity"]
     result.update(mode=args.mode, model=args.model, dtype=jnp.dtype(dtype).name,
@@ -211,8 +280,7 @@ def _cmd_eval_perplexity(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        extra = "" if args.mode == "dense" else f" ({args.mode}, {result['attn_topk']:g} of KV groups)"
-        print(f"perplexity {result['perplexity']:.4f}{extra} over {result['tokens']} tokens "
+        print(f"perplexity {result['perplexity']:.4f}{_mode_text(result)} over {result['tokens']} tokens "
               f"({result['windows']} windows of {args.seq_len}, {result['dtype']}, "
               f"{result['seconds']:.1f} s)")
         if "oracle_perplexity" in result:
@@ -223,6 +291,42 @@ def _cmd_eval_perplexity(args) -> int:
                   f"the oracle), on the same windows")
         elif "dense_perplexity" in result:
             print(f"dense perplexity {result['dense_perplexity']:.4f}")
+    return 0
+
+
+def _cmd_eval_retrieval(args) -> int:
+    import jax.numpy as jnp
+
+    from polar_jax.evaluate import read_text, retrieval
+    from polar_jax.loading import ModelDir
+    from routers.model import load_routers
+
+    pages = _check_eval_mode(args)
+    if not args.routers:
+        _refuse(args, ("mlp_batch_size",), "with --routers (it picks their calibrated MLP k)")
+    sparsity = _sparsity(args, mlp_batch_size=args.mlp_batch_size)
+    text = read_text(args.text)
+    dtype = settings.compute_dtype(args.dtype)
+    start = time.perf_counter()
+    model_dir = ModelDir.open(args.model)
+    config, tokenizer = model_dir.config, model_dir.tokenizer
+    config.check_seq_len(args.seq_len)
+    routers = metadata = None
+    if args.routers:
+        routers, metadata = load_routers(args.routers, config)
+        routers = routers.unstack(dtype, sparsity.int8_mlp_up)
+    make_ops, report = _masked_ops(args, config, metadata, sparsity, pages)
+    result = retrieval(model_dir.load(dtype), config, tokenizer, text, args.trials, args.seq_len,
+                       args.batch_size, args.seed, make_ops, routers)
+    result.update(report, mode=args.mode, model=args.model, dtype=jnp.dtype(dtype).name,
+                  seconds=round(time.perf_counter() - start, 3))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"retrieval accuracy {result['accuracy']:.4f}{_mode_text(result)} over "
+              f"{result['scored']} repeated tokens ({args.trials} windows of {args.seq_len}; "
+              f"first occurrence, nothing to retrieve: {result['first_accuracy']:.4f}; "
+              f"{result['seconds']:.1f} s)")
     return 0
 
 
@@ -238,14 +342,18 @@ def _cmd_generate(args) -> int:
     from polar_jax.decode import Decoder
     from polar_jax.sampling import SamplingParams
 
+    pages = _pages(args)
     if not args.routers:
-        _refuse(args, ("attn_topk", "dense_layers", "router_weights"),
-                "with --routers (sparse decoding)")
+        _refuse(args, ("attn_topk", "router_weights") + (() if pages.on else ("dense_layers",)),
+                "with --routers (sparse decoding)" + ("" if pages.on else
+                                                      " (--dense-layers: or page sparsity)"))
     sparsity = _sparsity(args)
     prompts = _read_prompts(args)
     decoder = Decoder.load(args.model, args.dtype, routers=args.routers,
                            attn_topk=args.attn_topk, dense_layers=args.dense_layers,
-                           mesh=_mesh(args), router_weights=args.router_weights)
+                           mesh=_mesh(args), router_weights=args.router_weights,
+                           page_topk=args.page_topk, page_budget=args.page_budget,
+                           page_min_context=args.page_min_context, page_size=args.page_size)
     result = decoder.generate(prompts, args.max_new_tokens,
                               SamplingParams(args.temperature, args.top_k, args.top_p), args.seed,
                               args.batch_size, progress=not args.quiet)
@@ -258,6 +366,10 @@ def _cmd_generate(args) -> int:
         dense_layers = [i for i, k in enumerate(decoder.plan_for_batch(1).attn_groups) if k is None]
         summary.update(attn_topk=sparsity.attn_topk, dense_layers=dense_layers,
                        router_weights=sparsity.router_weights)
+    if decoder.page_sparse:
+        rule = pages.rule()
+        summary.update(page_topk=rule.topk, page_budget=rule.budget,
+                       page_min_context=rule.min_context, page_size=decoder.page_size)
     if args.json:
         for c in result.completions:
             print(json.dumps({"prompt": c.prompt, "completion": c.text, "tokens": c.tokens}))
@@ -273,6 +385,11 @@ def _cmd_generate(args) -> int:
     if decoder.sparse:
         mode += (f" (attn-topk {_topk_text(sparsity.attn_topk)}, dense layers "
                  f"{','.join(map(str, summary['dense_layers'])) or 'none'})")
+    if decoder.page_sparse:
+        kept = (f"{summary['page_topk']:g} of" if summary["page_topk"] is not None
+                else f"{summary['page_budget']} tokens of")
+        mode += (f", page-sparse ({kept} {summary['page_size']}-token pages from "
+                 f"{summary['page_min_context']} tokens)")
     print(f"=== summary: {mode}, {summary['new_tokens']} new tokens at batch size "
           f"{summary['batch_size']}: {summary['tokens_per_second']:.1f} tokens/s "
           f"({summary['seconds']:.2f} s, plus {summary['compile_seconds']:.1f} s compiling)")
@@ -433,6 +550,22 @@ def _cmd_train_routers(args) -> int:
     return 0
 
 
+def _add_eval_mode_args(parser: argparse.ArgumentParser) -> None:
+    """--mode, --routers, the group and page sparsity options of `eval`."""
+    parser.add_argument("--mode", choices=["dense", "sparse", "oracle"], default="dense",
+                        help="sparse: the routers' groups and neurons; oracle: the true top-k "
+                             "groups by output norm and the truly active neurons (with "
+                             "page sparsity: the true top pages by attention mass); dense with "
+                             "--page-topk or --page-budget: every group, sparse pages")
+    parser.add_argument("--routers", help="with --mode sparse (needed) or oracle: routers "
+                                          "directory (its calibrated MLP k)")
+    _add_sparsity_args(parser, "with --mode sparse or oracle")
+    parser.add_argument("--mlp-batch-size", type=settings.cli_type("mlp_batch_size"),
+                        help="with --routers: use the MLP k calibrated for this decode batch size "
+                             f"{_default(SparsitySettings.mlp_batch_size)}")
+    _add_page_args(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = validate.ArgumentParser(prog="polar-jax",
                      description="Polar Sparsity for batched LLM decoding in JAX and Pallas.")
@@ -469,23 +602,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="score the first N tokens of the text (default: all)")
     ppl.add_argument("--batch-size", type=settings.cli_type("batch_size"),
                      default=EvalSettings.batch_size, help="windows per step")
-    ppl.add_argument("--mode", choices=["dense", "sparse", "oracle"], default="dense",
-                     help="sparse: the routers' groups and neurons; oracle: the true top-k groups "
-                          "by output norm and the truly active neurons")
-    ppl.add_argument("--routers", help="with --mode sparse (needed) or oracle: routers directory "
-                                       "(its calibrated MLP k)")
-    _add_sparsity_args(ppl, "with --mode sparse or oracle")
-    ppl.add_argument("--mlp-batch-size", type=settings.cli_type("mlp_batch_size"),
-                     help="with --routers: use the MLP k calibrated for this decode batch size "
-                          f"{_default(SparsitySettings.mlp_batch_size)}")
+    _add_eval_mode_args(ppl)
     ppl.add_argument("--with-dense", action="store_true",
-                     help="with --mode sparse or oracle: also report the dense perplexity")
+                     help="with --mode sparse or oracle (or page sparsity): also report the "
+                          "dense perplexity")
     ppl.add_argument("--with-oracle", action="store_true",
                      help="with --mode sparse: also the oracle's and the dense perplexity, on the "
                           "same windows (the sparse path's gap to the oracle in one command)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device_args(ppl)
     ppl.set_defaults(run=_cmd_eval_perplexity)
+
+    ret = evals.add_parser(
+        "retrieval", help="long-context retrieval (induction) accuracy",
+        description="Long-context retrieval check: windows of --seq-len tokens of the text, each "
+                    "with a random token sequence of 64-128 tokens written twice, the copy "
+                    "500-900 positions after the first (cut to fit the window); reports the "
+                    "greedy accuracy of predicting the copy (served from the KV cache far back) "
+                    "and, for scale, the first occurrence (chance).")
+    _add_model_args(ret)
+    ret.add_argument("--text", required=True, help="UTF-8 text file (the filler)")
+    ret.add_argument("--seq-len", type=settings.cli_type("seq_len"), default=1024,
+                     help="tokens per window (at most the model's max_position_embeddings)")
+    ret.add_argument("--trials", type=settings.cli_type("batch_size"), default=16,
+                     help="windows")
+    ret.add_argument("--batch-size", type=settings.cli_type("batch_size"),
+                     default=EvalSettings.batch_size, help="windows per step")
+    ret.add_argument("--seed", type=settings.cli_type("seed"), default=0,
+                     help="the windows' random sequences and offsets")
+    _add_eval_mode_args(ret)
+    ret.add_argument("--json", action="store_true", help="print one JSON object")
+    ret.set_defaults(run=_cmd_eval_retrieval)
 
     gen = commands.add_parser(
         "generate", help="batched generation (greedy by default)",
@@ -510,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompts decoded together (default: all)")
     gen.add_argument("--routers", help="routers directory: decode with Polar Sparsity")
     _add_sparsity_args(gen, "with --routers")
+    _add_page_args(gen)
     gen.add_argument("--json", action="store_true",
                      help="one JSON object per prompt, then a summary object")
     _add_device_args(gen)

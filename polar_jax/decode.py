@@ -2,7 +2,8 @@
 all inside one jitted program per shape bucket.
 
 The KV cache is `[batch, kv_heads, max_len, head_dim]` per layer (head-major, the layout the
-decode kernels read). Prompts are right-padded, so a sequence's token i sits at cache slot i
+decode kernels read); with page sparsity a `PagedKVCache` with page summaries, each row owning
+its own run of pages (an identity block table). Prompts are right-padded, so a sequence's token i sits at cache slot i
 and its next token is written at slot `lengths[b]`. Shapes are bucketed (batch to a power of
 two, lengths to a few sizes) so a new batch of a similar size reuses a compiled program;
 sampling settings, the seed and the number of new tokens are traced values.
@@ -24,7 +25,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from models import ModelConfig
-from models.kv_cache import KVCache
+from models.kv_cache import KVCache, PagedKVCache
 from models.registry import learned_positions
 from models.sharding import (
     batch_sharding, check_split, dp_size, global_array, kv_cache_shardings, param_shardings,
@@ -35,7 +36,7 @@ from polar_jax.errors import PolarJaxError
 from polar_jax.loading import ModelDir
 from polar_jax.memory import check_fits
 from polar_jax.sampling import SamplingParams, next_token
-from polar_jax.settings import GenerationSettings, SparsitySettings
+from polar_jax.settings import GenerationSettings, PageSettings, SparsitySettings
 from polar_jax.sparsity import SparsityPlan
 from polar_jax.step import DecodeState, decode_step, prefill
 from routers.model import Routers, load_routers
@@ -122,14 +123,23 @@ class Decoder:
     def __init__(self, config: ModelConfig, model, tokenizer=None, eos_ids: Sequence[int] = (),
                  routers: Routers | None = None,
                  plan_for_batch: Callable[[int], SparsityPlan] | None = None,
-                 mesh: Mesh | None = None, router_weights: str = SparsitySettings.router_weights):
+                 mesh: Mesh | None = None, router_weights: str = SparsitySettings.router_weights,
+                 page_size: int = settings.DEFAULT_PAGE_SIZE):
         """With `routers`, decoding is sparse: `plan_for_batch(batch_bucket)` gives each layer's
         groups kept per sequence and MLP neurons kept for the batch (per shard, with a mesh),
         the MLP router's second projection stored as `router_weights` says (`SparsitySettings`).
+        A plan with a page rule (page sparsity; without routers where it selects no groups or
+        neurons) decodes from a paged cache of `page_size`-token pages with summaries.
         Prefill stays dense. With a `mesh` (`models.sharding.make_mesh`), the model, routers
         and KV cache are split over it: batch over `data`, groups and neurons over `model`."""
-        if (routers is None) != (plan_for_batch is None):
+        plan = None if plan_for_batch is None else plan_for_batch(1)
+        if (plan is None and routers is not None) or (plan is not None and routers is None
+                                                      and plan.needs_routers):
             raise ValueError("sparse decoding needs both routers and plan_for_batch")
+        self.page_size = None if plan is None or plan.pages is None else page_size
+        if self.page_size is not None and dp_size(mesh) > 1:
+            raise PolarJaxError("page sparsity in generate runs with --dp 1 (the page pool is "
+                                "not split over data)")
         int8_mlp_up = SparsitySettings(router_weights=router_weights).int8_mlp_up
         if mesh is not None:
             check_split(config, mesh)
@@ -153,21 +163,28 @@ class Decoder:
     def load(cls, directory: str | os.PathLike | ModelDir, dtype=None,
              routers: str | os.PathLike | None = None, attn_topk: float | None = None,
              dense_layers: Sequence[int] | None = None, mesh: Mesh | None = None,
-             router_weights: str | None = None) -> "Decoder":
+             router_weights: str | None = None, page_topk: float | None = None,
+             page_budget: int | None = None, page_min_context: int | None = None,
+             page_size: int | None = None) -> "Decoder":
         """The model of `directory` (converted or Hugging Face, a path or opened already)
         computing in `dtype` (a name or a jnp dtype; default: float32 on CPU, bfloat16 on an
         accelerator); with the routers directory `routers`, sparse decoding at `attn_topk` and
         `dense_layers`, the MLP router's second projection as `router_weights`
-        (`SparsitySettings`); split over `mesh` if given, each parameter loaded straight into
-        its shards. Every value is checked before the model loads."""
+        (`SparsitySettings`); with `page_topk` or `page_budget`, page sparsity inside the
+        kept groups (`PageSettings`; `dense_layers` keep every page too); split over `mesh` if
+        given, each parameter loaded straight into its shards. Every value is checked before
+        the model loads."""
         if not isinstance(directory, ModelDir):
             directory = settings.path("model", directory)
         dtype = settings.compute_dtype(dtype)
+        pages = PageSettings(**settings.given(page_topk=page_topk, page_budget=page_budget,
+                                              page_min_context=page_min_context,
+                                              page_size=page_size))
         if routers is None:
-            settings.refuse_unused({"attn_topk": attn_topk, "dense_layers": dense_layers,
-                                    "router_weights": router_weights},
+            settings.refuse_unused({"attn_topk": attn_topk, "router_weights": router_weights,
+                                    **({} if pages.on else {"dense_layers": dense_layers})},
                                    "with routers (sparse decoding)")
-            sparsity = SparsitySettings()
+            sparsity = SparsitySettings(**settings.given(dense_layers=dense_layers))
         else:
             routers = settings.path("routers", routers)
             sparsity = SparsitySettings(**settings.given(attn_topk=attn_topk,
@@ -175,21 +192,46 @@ class Decoder:
                                                          router_weights=router_weights))
         model_dir = directory if isinstance(directory, ModelDir) else ModelDir.open(directory)
         config = model_dir.config
-        router_module = plan_for_batch = None
+        router_module = plan_for_batch = metadata = None
         if routers is not None:
             router_module, metadata = load_routers(routers, config)
             if sparsity.int8_mlp_up:
                 router_module.check_int8_mlp_up()
-            build = functools.partial(SparsityPlan.build, config, metadata, sparsity.attn_topk,
-                                      sparsity.dense_layers, shards=tp_size(mesh))
+        if routers is not None or pages.on:
+            build = functools.partial(SparsityPlan.build, config, metadata,
+                                      1.0 if routers is None else sparsity.attn_topk,
+                                      sparsity.dense_layers, shards=tp_size(mesh),
+                                      page_rule=pages.rule())
             build(1)  # reject bad settings now, not at the first trace
             plan_for_batch = lambda batch: build(mlp_batch_size=batch)
         return cls(config, model_dir.load(dtype, mesh), model_dir.tokenizer, model_dir.eos_ids,
-                   router_module, plan_for_batch, mesh, sparsity.router_weights)
+                   router_module, plan_for_batch, mesh, sparsity.router_weights, pages.size)
 
     @property
     def sparse(self) -> bool:
         return self.router_state is not None
+
+    @property
+    def page_sparse(self) -> bool:
+        return self.page_size is not None
+
+    def _abstract_cache(self, shape: DecodeShape) -> KVCache | PagedKVCache:
+        """The cache of one program: contiguous, or (page sparsity) each row's own pages."""
+        if not self.page_sparse:
+            return KVCache.abstract(self.config, shape.batch, shape.cache_len, self.dtype)
+        per_row = -(-shape.cache_len // self.page_size)
+        return PagedKVCache.abstract(self.config, shape.batch * per_row, self.page_size,
+                                     shape.batch, per_row, self.dtype, summaries=True)
+
+    def _zero_cache(self, abstract):
+        """Zeros of the abstract cache; a paged one's block table gives row b pages
+        `[b * per_row, (b + 1) * per_row)`."""
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+        if isinstance(zeros, PagedKVCache):
+            table = zeros.block_table
+            zeros = zeros.with_block_table(jnp.arange(table.size, dtype=jnp.int32
+                                                      ).reshape(table.shape))
+        return zeros
 
     # -- the jitted program ------------------------------------------------------------------
 
@@ -201,7 +243,7 @@ class Decoder:
         and the cache.
         """
         model = nnx.merge(self.graphdef, state)
-        plan = self.plan_for_batch(shape.batch) if router_state is not None else None
+        plan = self.plan_for_batch(shape.batch) if self.plan_for_batch is not None else None
         key = jax.random.key(seed)
         logits, kv_cache = prefill(model, prompt_tokens, prompt_lengths, kv_cache)
         token = next_token(logits, sampling, jax.random.fold_in(key, 0), self.mesh)
@@ -233,8 +275,7 @@ class Decoder:
 
     def _check_memory(self, shape: DecodeShape) -> None:
         """Per device: its shard of the KV cache and of prefill's attention scores."""
-        kv_cache = KVCache.abstract(self.config, shape.batch, shape.cache_len, self.dtype)
-        kv_bytes = kv_cache.bytes() // (dp_size(self.mesh) * tp_size(self.mesh))
+        kv_bytes = self._abstract_cache(shape).bytes() // (dp_size(self.mesh) * tp_size(self.mesh))
         prefill_bytes = (shape.batch // dp_size(self.mesh) * self.config.num_heads
                          // tp_size(self.mesh) * shape.prompt_len**2 * 4)
         check_fits(f"batch size {shape.batch} with prompts up to {shape.prompt_len} tokens and a "
@@ -250,7 +291,7 @@ class Decoder:
         shape = bucket_shape(len(prompt_lengths), max(prompt_lengths), max_new_tokens,
                              dp_size(self.mesh))
         if shape not in self._compiled:
-            if self.sparse:
+            if self.plan_for_batch is not None:
                 self.plan_for_batch(shape.batch)
             self._check_memory(shape)
         return shape
@@ -269,20 +310,19 @@ class Decoder:
         if shape not in self._compiled:
             status(f"compiling (batch {shape.batch}, prompts {shape.prompt_len}, "
                    f"new tokens {shape.max_new})")
-            abstract = KVCache.abstract(self.config, shape.batch, shape.cache_len, self.dtype)
+            abstract = self._abstract_cache(shape)
             if self.mesh is None:
                 jitted = jax.jit(self._generate, static_argnames=("shape",),
                                  donate_argnames=("kv_cache",))
-                self._kv_cache[shape] = KVCache.zeros(self.config, shape.batch, shape.cache_len,
-                                                      self.dtype)
+                self._kv_cache[shape] = self._zero_cache(abstract)
             else:
                 cache = kv_cache_shardings(abstract, self.mesh)
                 everywhere = replicated(self.mesh)
                 jitted = jax.jit(self._generate, static_argnames=("shape",),
                                  donate_argnames=("kv_cache",),
                                  out_shardings=(everywhere, everywhere, cache))
-                zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
-                self._kv_cache[shape] = jax.jit(zeros, out_shardings=cache)()
+                self._kv_cache[shape] = jax.jit(lambda: self._zero_cache(abstract),
+                                                out_shardings=cache)()
             self._compiled[shape] = jitted.lower(
                 self.state, self.router_state, self._kv_cache[shape], *args, shape=shape).compile()
             status("decoding")
@@ -383,23 +423,26 @@ def generate(model: str | os.PathLike | Decoder,
              seed: int = GenerationSettings.seed, batch_size: int | None = None, dtype=None,
              routers: str | os.PathLike | None = None, attn_topk: float | None = None,
              dense_layers: Sequence[int] | None = None, router_weights: str | None = None,
+             page_topk: float | None = None, page_budget: int | None = None,
+             page_min_context: int | None = None, page_size: int | None = None,
              progress: bool = False) -> GenerationOutput:
     """Completions for `prompts` (a string, a list of strings or a list of token-id lists) by
     the model at `model` (a converted or Hugging Face directory) or an existing `Decoder`.
-    Greedy unless `temperature > 0`; sparse with a `routers` directory (`Decoder.load` takes
-    `dtype`, `routers`, `attn_topk`, `dense_layers` and `router_weights`, so a `Decoder`
-    refuses them). Every
-    value is checked (`polar_jax.settings`) before the model loads."""
+    Greedy unless `temperature > 0`; sparse with a `routers` directory, page-sparse with
+    `page_topk` or `page_budget` (`Decoder.load` takes `dtype`, `routers`, `attn_topk`,
+    `dense_layers`, `router_weights` and the page settings, so a `Decoder` refuses them).
+    Every value is checked (`polar_jax.settings`) before the model loads."""
     run = GenerationSettings(max_new_tokens, temperature, top_k, top_p, seed, batch_size)
     settings.prompts(prompts)
+    load_settings = {"dtype": dtype, "routers": routers, "attn_topk": attn_topk,
+                     "dense_layers": dense_layers, "router_weights": router_weights,
+                     "page_topk": page_topk, "page_budget": page_budget,
+                     "page_min_context": page_min_context, "page_size": page_size}
     if isinstance(model, Decoder):
-        settings.refuse_unused({"dtype": dtype, "routers": routers, "attn_topk": attn_topk,
-                                "dense_layers": dense_layers, "router_weights": router_weights},
-                               "when model is a path (a Decoder is loaded already)")
+        settings.refuse_unused(load_settings, "when model is a path (a Decoder is loaded already)")
         decoder = model
     elif isinstance(model, (str, os.PathLike)):
-        decoder = Decoder.load(model, dtype, routers, attn_topk, dense_layers,
-                               router_weights=router_weights)
+        decoder = Decoder.load(model, mesh=None, **load_settings)
     else:
         raise PolarJaxError(f"model must be a directory path (a str or os.PathLike) or a "
                             f"polar_jax.decode.Decoder, got {validate.describe(model)}")

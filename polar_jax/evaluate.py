@@ -4,6 +4,9 @@ Protocol: tokenize the whole text once with no special tokens; keep the first `m
 cut into non-overlapping windows of `seq_len` tokens (`polar_jax.windows`: a shorter last
 window is kept if it has at least 2 tokens); score every token after the first of each window;
 perplexity = exp(mean negative log-likelihood).
+
+`retrieval` is the long-context check of page sparsity: the accuracy of predicting a random
+token sequence's repeat from its first occurrence 500-900 positions back.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -101,3 +105,68 @@ def perplexity(model, config, tokenizer, text: str, seq_len: int = EvalSettings.
         count += int(to_host(batch_count))
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
             "windows": len(tokens) - pad}
+
+
+# The long-context retrieval check (issue 28): a random token sequence of REPEAT_TOKENS,
+# repeated REPEAT_DISTANCE positions later inside filler text.
+REPEAT_TOKENS = (64, 128)
+REPEAT_DISTANCE = (500, 900)
+
+
+def retrieval_windows(ids, vocab_size: int, trials: int, seq_len: int, seed: int = 0):
+    """`trials` windows of `seq_len` tokens of the text `ids` (random offsets), each with a
+    random token sequence (length in `REPEAT_TOKENS`) written twice, the second copy
+    `REPEAT_DISTANCE` positions after the first (cut to fit `seq_len`): (tokens `[N, seq_len]`,
+    first `[N, seq_len]` and repeat `[N, seq_len]` bool, the positions whose next token is the
+    first copy's (unpredictable) or the repeat's (retrievable) 2nd to last)."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((trials, seq_len), np.int32)
+    first = np.zeros((trials, seq_len), bool)
+    repeat = np.zeros((trials, seq_len), bool)
+    for i in range(trials):
+        n = int(rng.integers(REPEAT_TOKENS[0], REPEAT_TOKENS[1] + 1))
+        n = min(n, seq_len // 3)
+        far = min(REPEAT_DISTANCE[1], seq_len - n)
+        back = int(rng.integers(min(REPEAT_DISTANCE[0], far), far + 1))
+        start = int(rng.integers(0, seq_len - back - n + 1))
+        offset = int(rng.integers(0, max(1, len(ids) - seq_len)))
+        window = np.resize(ids[offset:offset + seq_len], seq_len)
+        sequence = rng.integers(1, vocab_size, n)
+        window[start:start + n] = window[start + back:start + back + n] = sequence
+        tokens[i] = window
+        first[i, start:start + n - 1] = True
+        repeat[i, start + back:start + back + n - 1] = True
+    return tokens, first, repeat
+
+
+def retrieval(model, config, tokenizer, text: str, trials: int = 16, seq_len: int = 1024,
+              batch_size: int = EvalSettings.batch_size, seed: int = 0, make_ops=None,
+              routers=None) -> dict:
+    """Greedy next-token accuracy on `retrieval_windows` of `text`: over the repeated
+    sequence's positions ("accuracy", the induction the KV cache must serve from 500-900
+    positions back) and over its first occurrence ("first_accuracy", chance: nothing to
+    retrieve). The blocks run through `make_ops(key_valid, routers)` (default: dense)."""
+    config.check_seq_len(seq_len)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    if len(ids) < 2:
+        raise PolarJaxError(f"the text has {len(ids)} token(s); the retrieval filler needs more")
+    tokens, first, repeat = retrieval_windows(ids, config.vocab_size, trials, seq_len, seed)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def predict(state, routers, tokens):
+        model = nnx.merge(graphdef, state)
+        mask = jnp.ones(tokens.shape, jnp.int32)
+        ops = DenseOps(mask) if make_ops is None else make_ops(mask, routers)
+        out = model.forward(tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+                            ops)
+        return jnp.argmax(model.logits(out.hidden_states), axis=-1)
+
+    pad = -trials % batch_size
+    padded = np.concatenate([tokens, np.zeros((pad, seq_len), np.int32)])
+    right = np.concatenate([np.asarray(predict(state, routers, padded[i:i + batch_size]))
+                            for i in range(0, len(padded), batch_size)])[:trials, :-1]
+    right = right == tokens[:, 1:]
+    return {"accuracy": float(right[repeat[:, :-1]].mean()),
+            "first_accuracy": float(right[first[:, :-1]].mean()),
+            "scored": int(repeat.sum()), "trials": trials, "seq_len": seq_len}

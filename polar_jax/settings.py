@@ -22,6 +22,8 @@ INT32_MAX = 2**31 - 1  # token counts and top-k travel as int32
 # per neuron (`Routers.unstack(int8_mlp_up=True)`).
 ROUTER_WEIGHTS = ("compute", "int8")
 DEFAULT_ATTN_TOPK = 0.5  # of the KV groups, for routers without a calibrated per-layer budget
+DEFAULT_PAGE_MIN_CONTEXT = 1024  # = pallas_kernels.page_selection.DEFAULT_MIN_CONTEXT
+DEFAULT_PAGE_SIZE = 16  # tokens per KV page (evaluation's and generation's page sparsity)
 
 
 def layers(name: str, value: Any) -> tuple[int, ...]:
@@ -42,6 +44,10 @@ CHECKS = {  # setting: (check, limits)
     "dense_layers": (layers, {}),
     "mlp_batch_size": (validate.integer, dict(low=1)),
     "router_weights": (validate.string, dict(choices=ROUTER_WEIGHTS)),
+    "page_topk": _FRACTION,
+    "page_budget": (validate.integer, dict(low=1, high=INT32_MAX)),
+    "page_min_context": (validate.integer, dict(low=0, high=INT32_MAX)),
+    "page_size": (validate.integer, dict(low=1, high=65536)),
     "seq_len": (validate.integer, dict(low=2)),
     "max_tokens": (validate.integer, dict(low=2)),
 }
@@ -104,6 +110,47 @@ class SparsitySettings(_Checked):
     @property
     def int8_mlp_up(self) -> bool:
         return self.router_weights == "int8"
+
+
+@dataclasses.dataclass(frozen=True)
+class PageSettings(_Checked):
+    """Page sparsity (inside the kept KV groups): each kept group reads a fraction
+    `page_topk` of its sequence's pages, or `page_budget` tokens of them (one of the two; both
+    None: off), always the first and the current page, every page below `page_min_context`
+    tokens; pages of `page_size` tokens (evaluation and generation; a paged cache has its
+    own)."""
+
+    page_topk: float | None = None
+    page_budget: int | None = None
+    page_min_context: int | None = None
+    page_size: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.page_topk is not None and self.page_budget is not None:
+            raise PolarJaxError(f"page_topk={self.page_topk!r} and page_budget="
+                                f"{self.page_budget!r} exclude each other; give one")
+        if not self.on:
+            refuse_unused({"page_min_context": self.page_min_context,
+                           "page_size": self.page_size}, "with page_topk or page_budget")
+
+    @property
+    def on(self) -> bool:
+        return self.page_topk is not None or self.page_budget is not None
+
+    @property
+    def size(self) -> int:
+        return DEFAULT_PAGE_SIZE if self.page_size is None else self.page_size
+
+    def rule(self):
+        """The `PageRule` (None when off)."""
+        if not self.on:
+            return None
+        from pallas_kernels.page_selection import PageRule
+
+        return PageRule(self.page_topk, self.page_budget,
+                        DEFAULT_PAGE_MIN_CONTEXT if self.page_min_context is None
+                        else self.page_min_context)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Polar Sparsity execution: routers choose, per layer, the KV groups each sequence reads and
-the MLP neurons the batch computes.
+the MLP neurons the batch computes; a page rule (`PageRule`, page sparsity) the pages of its
+KV cache each kept group reads.
 
 Two executions of the same selection rule:
 - `SparseDecodeOps`: the decode step, through the Pallas kernels (`sparse_decode_attention`,
@@ -7,7 +8,10 @@ Two executions of the same selection rule:
 - `MaskedOps`: full-sequence evaluation (`mode="sparse"` with the routers, `mode="oracle"` with
   the true top-k groups and the true active neurons): unselected groups' attention outputs are
   zeroed and unselected neurons' activations dropped, which computes exactly what the kernels
-  compute, so perplexity measured here is the decode path's.
+  compute, so perplexity measured here is the decode path's. With a page rule, attention keeps
+  per position and group the pages the rule keeps (`page_selection.keep_mask`: Quest's bound
+  from the pages' key summaries, or for the oracle the true attention mass), what the decode
+  step's selector hands the kernel.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import jax.numpy as jnp
 
 from models import ModelConfig, scopes
 from models.layers import F32
+from pallas_kernels._common import NEG_INF
 from jax.sharding import PartitionSpec as P
 
 from models.ops import (
     NO_RECORD,
+    causal_scores,
     DenseDecodeOps,
     DenseOps,
     group_output_energy,
@@ -34,6 +40,7 @@ from models.ops import (
 )
 from models.sharding import DATA, MODEL
 from pallas_kernels import neuron_scores, selective_mlp, topk_indices
+from pallas_kernels.page_selection import PageRule, keep_mask, page_summaries, quest_scores
 from pallas_kernels.selection import (
     DENSE_MLP_FRACTION,
     TIE_BREAK,
@@ -62,22 +69,34 @@ def attn_topk_of(metadata: dict | None, attn_topk: float | None) -> float:
 class SparsityPlan:
     """Static per-layer choices, per shard of a tensor-parallel split over `shards` devices
     (1: no split): groups kept per sequence (None: all) and MLP neurons kept (None: dense
-    MLP), each out of the shard's own."""
+    MLP), each out of the shard's own; `pages`: per layer the page rule inside the kept
+    groups (None: every page; the tuple None: no page sparsity)."""
 
     attn_groups: tuple[int | None, ...]
     mlp_neurons: tuple[int | None, ...]
     shards: int = 1
+    pages: tuple[PageRule | None, ...] | None = None
+
+    def page_rule(self, layer: int) -> PageRule | None:
+        return None if self.pages is None else self.pages[layer]
+
+    @property
+    def needs_routers(self) -> bool:
+        """Whether any layer selects groups or neurons (a page-only plan needs no routers)."""
+        return any(k is not None for k in self.attn_groups + self.mlp_neurons)
 
     @classmethod
     def build(cls, config: ModelConfig, metadata: dict | None, attn_topk: float | None = None,
-              dense_layers=None, mlp_batch_size: int | None = 1, shards: int = 1) -> "SparsityPlan":
+              dense_layers=None, mlp_batch_size: int | None = 1, shards: int = 1,
+              page_rule: PageRule | None = None) -> "SparsityPlan":
         """From a routers directory's metadata (as `read_metadata` checked it): k groups per
         layer from `attn_topk` (`attn_topk_of`), or the routers' calibrated per-layer budget
         (`attn_groups_per_layer`, for their own `attn_topk` only), and the MLP k calibrated for
         `mlp_batch_size` (the nearest calibrated size at or above it; a size beyond the largest
         calibrated one is refused), each split over `shards` (`selection.per_shard_k`; `shards`
         divides the groups). `dense_layers` stay dense (None: layer 0 for a uniform budget,
-        none for a calibrated one)."""
+        none for a calibrated one), pages included: `page_rule` applies to the others.
+        Without routers (`metadata` None), `attn_topk` 1 gives a page-only plan."""
         attn_topk = attn_topk_of(metadata, attn_topk)
         if not 0 < attn_topk <= 1:
             raise PolarJaxError(f"--attn-topk must be in (0, 1], got {attn_topk}")
@@ -108,7 +127,9 @@ class SparsityPlan:
             size = next(b for b in sizes if b >= mlp_batch_size)
             mlp = tuple(None if n >= DENSE_MLP_FRACTION * config.mlp_dim else per_shard_k(n, shards)
                         for n in table[str(size)])
-        return cls(attn, mlp, shards)
+        pages = None if page_rule is None else tuple(
+            None if i in dense_layers else page_rule for i in range(config.num_layers))
+        return cls(attn, mlp, shards, pages)
 
 
 class DecodeRoute(NamedTuple):
@@ -163,7 +184,8 @@ class SparseDecodeOps(DenseDecodeOps):
     def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
         keep = self.plan.attn_groups[layer]
         o, kv = self.attend(q, k, v, kv, window, logit_softcap, kernel=True,
-                            group_logits=None if keep is None else route.group_logits, keep=keep)
+                            group_logits=None if keep is None else route.group_logits, keep=keep,
+                            pages=self.plan.page_rule(layer))
         return o, kv, NO_RECORD
 
     @jax.named_scope(scopes.MLP)
@@ -211,29 +233,36 @@ class MaskedOps(DenseOps):
     split over shards, each shard's top k of its own (`shard_topk_mask`), as tensor-parallel
     decode selects. The route is
     the routers' (group logits `[B, T, Hkv]`, neuron logits `[B, T, N]` or None), or None for
-    the oracle. `routers`: every layer's `LayerRouters` (`Routers.unstack`), as the decode
-    path reads them (an int8 second projection included).
+    the oracle and for a plan that selects no groups or neurons (page sparsity only).
+    `routers`: every layer's `LayerRouters` (`Routers.unstack`), as the decode path reads
+    them (an int8 second projection included). `page_size`: the pages of the plan's page rule.
     """
 
     mode: str
     plan: SparsityPlan
     num_kv_heads: int
     routers: Sequence[LayerRouters] | None = None
+    page_size: int = 16
 
     def __post_init__(self):
         if self.mode not in ("sparse", "oracle"):
             raise PolarJaxError(f"unknown sparsity mode {self.mode!r}; choose dense, sparse or oracle")
-        if self.mode == "sparse" and self.routers is None:
+        if self.mode == "sparse" and self.routers is None and self.plan.needs_routers:
             raise PolarJaxError("--mode sparse needs --routers")
 
     def route(self, *, layer, u):
-        if self.mode == "oracle":
+        if self.mode == "oracle" or self.routers is None:
             return None
         return self.routers[layer].scores(u)
 
     def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
-        o, kv, _ = super().attention(layer=layer, route=route, q=q, k=k, v=v, kv=kv, window=window,
-                                     logit_softcap=logit_softcap)
+        rule = self.plan.page_rule(layer)
+        if rule is None:
+            o, kv, _ = super().attention(layer=layer, route=route, q=q, k=k, v=v, kv=kv,
+                                         window=window, logit_softcap=logit_softcap)
+        else:
+            o = page_masked_attention(q, k, v, self.key_valid, window, logit_softcap, rule,
+                                      self.page_size, oracle=self.mode == "oracle")
         keep = self.plan.attn_groups[layer]
         if keep is None:
             return o, kv, NO_RECORD
@@ -251,3 +280,30 @@ class MaskedOps(DenseOps):
             scores = batch_neuron_scores(route[1][..., None, :], axis=-2)
             kept = shard_topk_mask(scores, keep, self.plan.shards)
         return mlp.project_out(jnp.where(kept, h, 0.0), x.dtype), NO_RECORD
+
+
+def page_masked_attention(q, k, v, key_valid, window, logit_softcap, rule: PageRule,
+                          page_size: int, oracle: bool = False):
+    """Causal attention (`models.ops.causal_attention`'s contract: q `[B, T, Hq, D]`, k, v
+    `[B, T, Hkv, D]` -> `[B, T, Hq, D]`) where query t of group h sees only the pages the page
+    rule keeps for a sequence of length t + 1: ranked by Quest's bound from the page summaries
+    (full pages before t's hold the same keys as the decode step's cache), or with `oracle` by
+    the true attention mass of the group's heads."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    scores, visible = causal_scores(q, k, key_valid, window, logit_softcap=logit_softcap)
+    if oracle:  # [B, Hkv, G, T, S] -> the group's summed mass per page [B, Hkv, T, P]
+        mass = jax.nn.softmax(jnp.where(visible[:, None, None], scores, NEG_INF), axis=-1)
+        mass = jnp.pad(mass, [(0, 0)] * 4 + [(0, -t % page_size)])
+        page_scores = jnp.sum(mass.reshape(*mass.shape[:-1], -1, page_size), axis=(2, -1))
+    else:
+        kmin, kmax = page_summaries(k.swapaxes(1, 2), key_valid[:, None].astype(bool), page_size)
+        grouped = q.reshape(b, t, hkv, hq // hkv, d).swapaxes(1, 2)  # [B, Hkv, T, G, D]
+        page_scores = quest_scores(grouped, kmin, kmax)
+    lengths = jnp.arange(1, t + 1, dtype=jnp.int32)
+    kept = keep_mask(rule, page_scores, lengths, page_size, window)  # [B, Hkv, T, P]
+    kept = kept[..., jnp.arange(t) // page_size]  # [B, Hkv, T, S]
+    scores = jnp.where(visible[:, None, None] & kept[:, :, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=F32)
+    return o.reshape(b, t, hq, d).astype(q.dtype)

@@ -60,6 +60,7 @@ ROUTER_EPOCHS = {"tiny-opt": 1, "tiny-llama": 2}  # trained_routers's training e
 # the next group when it is nearly done with its own: a long group handed out last would keep
 # one worker busy while the other has nothing left.
 COSTLIEST_FIRST = ("routers:tiny-opt", "routers:tiny-llama", "test_sparsity.py", "test_decode.py",
+                   "test_page_decode.py", "test_engine_overlap.py",
                    "test_kernel_topk.py", "test_model_parity.py", "test_engine.py",
                    "test_perplexity.py")
 
@@ -73,6 +74,8 @@ QUICK = {
     "test_kernel_kv_write.py": ("test_write_matches_references[3-5-17-24-bfloat16]",
                                 "test_bad_arguments"),
     "test_kernel_sparse_attention.py": ("test_all_groups_default_and_jit", "test_argument_errors"),
+    "test_page_sparsity.py": ("test_selector_keeps_the_top_bound_pages_and_never_drops_sink_or_current",
+                              "test_page_rule_and_settings_refuse_bad_values"),
     "test_kernel_selective_mlp.py": ("test_order_of_indices_does_not_matter_and_jit",
                                      "test_argument_errors"),
     "test_kernel_neuron_scores.py": ("test_quantize_rows", "test_bad_arguments"),

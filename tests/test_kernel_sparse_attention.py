@@ -306,3 +306,102 @@ def test_paged_argument_errors():
         sparse_decode_attention(q, pool, pool, lens, gi, block_table=jnp.zeros((3, 2), jnp.int32))
     with pytest.raises(TypeError, match="block_table must be int32"):
         sparse_decode_attention(q, pool, pool, lens, gi, block_table=jnp.zeros((2, 2), jnp.float32))
+
+
+# Page lists (page sparsity): B, Hq, Hkv, S, D, k, dtype, lengths, window, page_size, overrides
+PAGE_LIST_CASES = [
+    (3, 8, 4, 37, 64, 2, jnp.float32, [37, 0, 16], None, 1, {}),
+    (2, 8, 2, 45, 64, 1, jnp.bfloat16, [45, 30], 20, 3, dict(num_splits=2)),
+    (3, 4, 4, 70, 128, 4, jnp.float16, [70, 49, 17], None, 16, dict(num_splits=4, combine="xla")),
+    (2, 12, 3, 64, 64, 3, jnp.float32, [64, 33], 40, 16, dict(num_splits=2, block_k=32)),
+]
+GPU_PAGE_LIST_CASES = [pytest.param(case, marks=pytest.mark.gpu) for case in [
+    (4, 32, 8, 4096, 128, 4, jnp.bfloat16, [1, 1000, 4000, 4096], None, 16, {}),
+    (2, 32, 8, 4096, 128, 8, jnp.float16, [4096, 2049], 1000, 32, {}),
+]]
+
+
+@pytest.mark.parametrize("case", PAGE_LIST_CASES + GPU_PAGE_LIST_CASES,
+                         ids=lambda c: f"B{c[0]}-{c[1]}/{c[2]}-S{c[3]}-k{c[5]}-"
+                         f"{jnp.dtype(c[6]).name}-W{c[8]}-page{c[9]}")
+def test_page_lists_read_only_listed_pages(rng, case):
+    """Random page lists per (row, group slot), the window's first and the current page always
+    among them, in random order: the kernel (paged pool and contiguous cache) equals float64
+    attention over the listed pages' positions; every page of the pool no list names is NaN,
+    so reading one would show."""
+    B, Hq, Hkv, S, D, k, dtype, lengths, window, page_size, over = case
+    q, kc, vc, lens, gi = make_inputs(rng, B, Hq, Hkv, S, D, k, dtype, lengths)
+    table, pages = page_table(rng, B, S, page_size)
+    per_seq = table.shape[1]
+    page_idx = np.zeros((B, k, per_seq), np.int32)
+    count = np.zeros((B, k), np.int32)
+    keep = np.zeros((B, Hkv, S), bool)  # which positions group h of row b reads
+    for b in range(B):
+        L = int(lens[b])
+        if L == 0:
+            continue
+        lo = 0 if window is None else max(0, L - window)
+        first, last = lo // page_size, (L - 1) // page_size
+        for j in range(k):
+            others = rng.permutation(np.arange(first + 1, last))
+            chosen = np.unique(np.r_[first, last, others[:rng.integers(0, len(others) + 1)]])
+            rng.shuffle(chosen)
+            page_idx[b, j, :len(chosen)] = chosen
+            page_idx[b, j, len(chosen):] = rng.integers(0, per_seq, per_seq - len(chosen))
+            count[b, j] = len(chosen)
+            for p in chosen:
+                keep[b, int(gi[b, j]), p * page_size:(p + 1) * page_size] = True
+    listed_pages = {int(table[b, p]) for b in range(B) for j in range(k)
+                    for p in page_idx[b, j, :count[b, j]]}
+    k_pages, v_pages = (to_pages(c, table, pages, page_size) for c in (kc, vc))
+    unlisted = np.array([p not in listed_pages for p in range(pages)])
+    k_pages, v_pages = (jnp.where(unlisted[None, :, None, None], jnp.nan, x)
+                        for x in (k_pages, v_pages))
+    lists = dict(page_idx=jnp.asarray(page_idx), page_count=jnp.asarray(count))
+    out = sparse_decode_attention(q, k_pages, v_pages, lens, gi, block_table=jnp.asarray(table),
+                                  sliding_window=window, **lists, **over)
+    o = np.asarray(out, np.float64)
+    assert np.all(np.isfinite(o)), "an unlisted page was read"
+    # float64: the unread positions' keys far below every score (exp underflows to 0)
+    masked_k = np.where(keep[..., None], np.asarray(kc, np.float64), 0.0)
+    qf = np.asarray(q, np.float64)
+    exact = np.zeros((B, Hq, D))
+    G = Hq // Hkv
+    for b in range(B):
+        L = int(lens[b])
+        lo = 0 if window is None else max(0, L - window)
+        for g in np.asarray(gi[b]):
+            at = np.flatnonzero(keep[b, g, lo:L]) + lo
+            if L == 0 or len(at) == 0:
+                continue
+            for h in range(g * G, (g + 1) * G):
+                s = masked_k[b, g, at] @ qf[b, h] / math.sqrt(D)
+                p = np.exp(s - s.max())
+                exact[b, h] = p @ np.asarray(vc, np.float64)[b, g, at] / p.sum()
+    assert rel_err(out, exact) < TOL[dtype]
+    contiguous = sparse_decode_attention(q, kc, vc, lens, gi, sliding_window=window,
+                                         page_size=page_size, **lists, **over)
+    assert rel_err(contiguous, exact) < TOL[dtype]
+    ref = sparse_decode_attention_reference(q, k_pages, v_pages, lens, gi,
+                                            block_table=jnp.asarray(table),
+                                            sliding_window=window, **lists)
+    sel = selected_mask(gi, lens, B, Hkv, G)
+    assert rel_err(np.asarray(ref, np.float64)[sel], exact[sel]) < TOL[dtype]
+    assert np.all(o[~sel] == 0.0)
+
+
+def test_page_list_argument_errors():
+    q, kc, vc, lens, gi = _args()
+    idx, cnt = jnp.zeros((2, gi.shape[1], 3), jnp.int32), jnp.ones((2, gi.shape[1]), jnp.int32)
+    with pytest.raises(ValueError, match="page_idx and page_count go together"):
+        sparse_decode_attention(q, kc, vc, lens, gi, page_idx=idx)
+    with pytest.raises(ValueError, match="need page_size"):
+        sparse_decode_attention(q, kc, vc, lens, gi, page_idx=idx, page_count=cnt)
+    with pytest.raises(ValueError, match="page_idx must have shape"):
+        sparse_decode_attention(q, kc, vc, lens, gi, page_idx=idx[:1], page_count=cnt,
+                                page_size=4)
+    with pytest.raises(TypeError, match="must be int32"):
+        sparse_decode_attention(q, kc, vc, lens, gi, page_idx=idx.astype(jnp.float32),
+                                page_count=cnt, page_size=4)
+    with pytest.raises(ValueError, match="page_size applies only"):
+        sparse_decode_attention(q, kc, vc, lens, gi, page_size=4)

@@ -22,6 +22,12 @@ are per device: its shard of each split array, the replicated ones whole. The pe
 device) runs only without a mesh. With `--collectives` nothing is timed: the dense and sparse
 steps are compiled at one and two layers and their collectives counted, per layer and outside
 the layers (`polar_jax.bench.collectives`; on a CPU too, at any shape).
+
+With `--page-topk F` (or `--page-budget N`) each row also times group x page sparsity: the
+same plan, each kept group reading only its selected pages of a paged cache with page
+summaries (`--page-size`, default 16), in the same call as dense and group-only; its roofline
+counts the kept groups' kept pages (the sink and the current page included) and the kept
+groups' page summaries the selector reads.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ from polar_jax.dtypes import DTYPES, parse_dtype
 from polar_jax.errors import PolarJaxError
 from polar_jax.loading import ModelDir
 from polar_jax.memory import check_fits
-from polar_jax.settings import ROUTER_WEIGHTS
+from polar_jax import validate
+from polar_jax.settings import DEFAULT_PAGE_SIZE, ROUTER_WEIGHTS
 from polar_jax.validate import cli_list
 
 RANDOM_ROUTER_RANK = 1024  # of the random routers timed where no trained ones are given
@@ -131,15 +138,17 @@ def place_routers(router_state, mesh):
 
 
 def kv_cache_abstract(config, batch: int, length: int, dtype, mesh=None,
-                      page_size: int | None = None) -> KVCache | PagedKVCache:
+                      page_size: int | None = None, summaries: bool = False
+                      ) -> KVCache | PagedKVCache:
     """`KVCache.abstract`, or with a `page_size` a `PagedKVCache` of `batch` sequences of
-    `length` positions (the pool exactly their pages); with a `mesh` each array carrying its
-    `kv_cache_shardings`."""
+    `length` positions (the pool exactly their pages; `summaries`: with page summaries); with
+    a `mesh` each array carrying its `kv_cache_shardings`."""
     if page_size is None:
         cache = KVCache.abstract(config, batch, length, dtype)
     else:
         per_seq = -(-length // page_size)
-        cache = PagedKVCache.abstract(config, batch * per_seq, page_size, batch, per_seq, dtype)
+        cache = PagedKVCache.abstract(config, batch * per_seq, page_size, batch, per_seq, dtype,
+                                      summaries)
     return cache if mesh is None else with_shardings(cache, kv_cache_shardings(cache, mesh))
 
 
@@ -152,7 +161,9 @@ def random_cache(abstract, seed: int, mesh=None):
     table = np.random.default_rng(seed).permutation(abstract.pages[0][0].shape[1])
     table = table.astype(np.int32).reshape(abstract.block_table.shape)
     return PagedKVCache(pages, jnp.asarray(table) if mesh is None
-                        else global_array(table, batch_sharding(mesh, 2)))
+                        else global_array(table, batch_sharding(mesh, 2)),
+                        None if abstract.summaries is None
+                        else random_arrays(abstract.summaries, seed + 1))
 
 
 @dataclasses.dataclass
@@ -220,16 +231,30 @@ class StepBytes:
     dense: int
     sparse: int
     fixed: int  # of both: the weights outside the layers (embeddings, final norm, head)
+    paged: int | None = None  # sparse with the plan's page rule
+
+
+def page_fractions(rule, context: int, page_size: int) -> tuple[float, float]:
+    """(the share of a `context`-token sequence's KV positions the page rule keeps, its page
+    summaries' bytes over its keys' and values'), for a step writing token `context + 1`."""
+    from pallas_kernels.page_selection import visible_pages
+
+    length = context + 1
+    first, last = (int(x) for x in visible_pages(np.int32(length), page_size))
+    kept = int(rule.pages_kept(np.array(first), np.array(last), np.array(length), page_size))
+    return min(1.0, kept * page_size / length), (last + 1) / length / page_size
 
 
 def step_bytes(config, state, router_state, plan, batch: int, context: int, dtype,
-               mesh=None) -> StepBytes:
+               mesh=None, page_size: int | None = None) -> StepBytes:
     """Bytes one device must read in a decode step, dense and sparse: its shards of the
     parameters and of the routers a sparse step runs (as placed; replicated ones whole) and,
     with a `mesh`, its shard of the KV cache. The plan's k are per shard, of the shard's groups
     and neurons. A layer's routers are read where it selects groups or neurons (the first
     projection, one matmul for both), the MLP router's second projection (and its int8
-    scales) only where it selects neurons."""
+    scales) only where it selects neurons. With the plan's page rule (pages of `page_size`)
+    also `paged`: a layer's kept groups read only their kept pages, and the summaries of
+    their pages."""
     params = nnx.to_pure_dict(state)
     weights = _bytes(params)
     # Tables a step reads only the batch's rows of: learned positions, and the token embedding
@@ -241,9 +266,15 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, dtyp
     dense = weights + config.num_layers * kv_layer
     sparse = weights
     shards = plan.shards if plan else 1
+    paged = 0.0  # the page rule's saving
     for layer in range(config.num_layers):
         groups = plan.attn_groups[layer] if plan else None
-        sparse += kv_layer * (1 if groups is None else groups * shards / config.num_kv_heads)
+        kv_read = kv_layer * (1 if groups is None else groups * shards / config.num_kv_heads)
+        sparse += kv_read
+        rule = plan.page_rule(layer) if plan else None
+        if rule is not None:
+            kept, summaries = page_fractions(rule, context, page_size)
+            paged += kv_read * (kept - 1 + summaries)
         neurons = plan.mlp_neurons[layer] if plan else None
         if router_state is not None and (groups, neurons) != (None, None):
             routers = router_state[layer]
@@ -254,7 +285,8 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, dtyp
             mlp = params["layers"][layer]["mlp"]
             rows = _bytes([mlp.get("w_in", mlp.get("w_gate_up")), mlp["w_out"]])
             sparse -= rows * (1 - neurons * shards / config.mlp_dim)
-    return StepBytes(int(dense), int(sparse), int(weights - _bytes(params["layers"])))
+    return StepBytes(int(dense), int(sparse), int(weights - _bytes(params["layers"])),
+                     None if plan is None or plan.pages is None else int(sparse + paged))
 
 
 def whole_model(ms: float, fixed_ms: float, scale: float) -> float:
@@ -331,17 +363,19 @@ def profile_steps(run, state, router_state, kv_cache, batch: int, context: int, 
 
 
 def sparse_plan(config, attn_topk: float, batch: int, mlp_topk: dict | None = None,
-                mlp_density: float | None = None, shards: int = 1, dense_layers=(0,)):
+                mlp_density: float | None = None, shards: int = 1, dense_layers=(0,),
+                page_rule=None):
     """The `SparsityPlan` a run times: `attn_topk` of the KV groups (but in `dense_layers`);
     MLP k `mlp_density` of the neurons in every layer (a multiple of 128), else the routers'
-    calibrated `mlp_topk` for this batch size, else (random routers) a dense MLP."""
+    calibrated `mlp_topk` for this batch size, else (random routers) a dense MLP; the page
+    rule `page_rule` (but in `dense_layers`)."""
     from polar_jax.sparsity import SparsityPlan
 
     if mlp_density is not None:
         k = round(mlp_density * config.mlp_dim / 128) * 128
         mlp_topk = {str(batch): [min(config.mlp_dim, max(128, k))] * config.num_layers}
     return SparsityPlan.build(config, {"mlp_topk": mlp_topk} if mlp_topk else None, attn_topk,
-                              dense_layers, batch, shards=shards)
+                              dense_layers, batch, shards=shards, page_rule=page_rule)
 
 
 def step_hlo(hf: dict, num_layers: int, sparse: bool, dtype, mesh, batch: int, cache_len: int,
@@ -394,22 +428,25 @@ def _format_collectives(mode: str, found) -> str:
 
 def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                 mlp_density: float | None, steps: int, repeats: int, dtype, bandwidth: float,
-                log, breakdown: bool = False, mesh=None, page_size: int | None = None) -> list[dict]:
+                log, breakdown: bool = False, mesh=None, page_size: int | None = None,
+                page_rule=None) -> list[dict]:
     """The rows of every batch size, context and fraction of groups; with a `mesh` (on which
     `subject` was made), over its devices, times and rooflines per device. With a
-    `page_size`, the cache is paged (the server's layout), else contiguous."""
+    `page_size`, the cache is paged (the server's layout), else contiguous; with a
+    `page_rule` (paged) each row also times the plan with page sparsity ("paged_*")."""
     config, graphdef, state = subject.config, subject.graphdef, subject.state
     router_state, name = subject.router_state, subject.name
     scale = subject.num_layers / config.num_layers
     tp, dp = tp_size(mesh), dp_size(mesh)
     rows = []
     dense_run = make_decode_loop(graphdef, None, mesh)
-    sparse_runs = {}  # (fraction, batch) -> (plan, jitted loop)
+    sparse_runs = {}  # (fraction, batch) -> (plan, jitted loop, page-sparse loop or None)
     # One cache per batch size, long enough for the longest context: the attention kernels
     # stop at each row's length, so a context is a traced value and never recompiles.
     cache_len = cache_length(max(context_lens) + 2 * steps + 1)
     for batch in batch_sizes:
-        cache = kv_cache_abstract(config, batch, cache_len, dtype, mesh, page_size)
+        cache = kv_cache_abstract(config, batch, cache_len, dtype, mesh, page_size,
+                                  summaries=page_rule is not None)
         try:
             check_fits(f"batch size {batch}", {"KV cache per device": _bytes(cache)},
                        jax.devices()[0], "--batch-sizes")
@@ -420,6 +457,9 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                 log(_format(rows[-1]))
             continue
         kv_cache = random_cache(cache, batch, mesh)
+        summaries = None
+        if page_rule is not None:  # read and written only by the page-sparse steps
+            kv_cache, summaries = PagedKVCache(kv_cache.pages, kv_cache.block_table), kv_cache.summaries
         for context in context_lens:
             base = dict(arch=name, batch=batch, context=context, tp=tp, dp=dp,
                         kv_layout="contiguous" if page_size is None else f"paged {page_size}",
@@ -429,13 +469,19 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
             for fraction in fractions:
                 if (fraction, batch) not in sparse_runs:
                     plan = sparse_plan(config, fraction, batch, subject.mlp_topk, mlp_density, tp)
-                    sparse_runs[fraction, batch] = plan, make_decode_loop(graphdef, plan, mesh)
-                plan, run = sparse_runs[fraction, batch]
+                    paged = (None if page_rule is None else
+                             dataclasses.replace(plan, pages=sparse_plan(
+                                 config, fraction, batch, subject.mlp_topk, mlp_density, tp,
+                                 page_rule=page_rule).pages))
+                    sparse_runs[fraction, batch] = plan, make_decode_loop(graphdef, plan, mesh), (
+                        None if paged is None else (paged, make_decode_loop(graphdef, paged, mesh)))
+                plan, run, paged = sparse_runs[fraction, batch]
                 neurons = [None if k is None else k * tp for k in plan.mlp_neurons]  # all shards'
                 kept = [k for k in neurons if k is not None]
                 sparse_ms, kv_cache = time_steps(run, state, router_state, kv_cache, batch, context,
                                                  steps, repeats, mesh)
-                nbytes = step_bytes(config, state, router_state, plan, batch, context, dtype, mesh)
+                nbytes = step_bytes(config, state, router_state, plan if paged is None else paged[0],
+                                    batch, context, dtype, mesh, page_size)
                 fixed_ms = nbytes.fixed / bandwidth * 1e3
                 dense_w, sparse_w = (whole_model(t, fixed_ms, scale) for t in (dense_ms, sparse_ms))
                 dense_roof, sparse_roof = (whole_model(b / bandwidth * 1e3, fixed_ms, scale)
@@ -453,6 +499,23 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                 row["dense_pct_roofline"] = round(100 * dense_roof / dense_w, 1)
                 row["sparse_pct_roofline"] = round(100 * sparse_roof / sparse_w, 1)
                 row["roofline_speedup"] = round(dense_roof / sparse_roof, 3)
+                if paged is not None:
+                    paged_ms, with_summaries = time_steps(
+                        paged[1], state, router_state, dataclasses.replace(kv_cache,
+                                                                           summaries=summaries),
+                        batch, context, steps, repeats, mesh)
+                    kv_cache = PagedKVCache(with_summaries.pages, with_summaries.block_table)
+                    summaries = with_summaries.summaries
+                    paged_w = whole_model(paged_ms, fixed_ms, scale)
+                    paged_roof = whole_model(nbytes.paged / bandwidth * 1e3, fixed_ms, scale)
+                    row.update(page_topk=page_rule.topk, page_budget=page_rule.budget,
+                               page_min_context=page_rule.min_context,
+                               paged_ms=round(paged_w, 4),
+                               paged_tokens_per_s=round(batch / paged_w * 1e3, 1),
+                               paged_speedup=round(dense_w / paged_w, 3),
+                               paged_roofline_ms=round(paged_roof, 4),
+                               paged_roofline_speedup=round(dense_roof / paged_roof, 3),
+                               paged_pct_roofline=round(100 * paged_roof / paged_w, 1))
                 if breakdown and fraction == fractions[0]:
                     row["breakdown_us_per_layer"] = {}
                     for mode, loop, routers in (("dense", dense_run, None), ("sparse", run, router_state)):
@@ -473,10 +536,14 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
 def _format(r: dict) -> str:
     if "skipped" in r:
         return f"{r['arch']:<14} {r['batch']:>5} {r['context']:>6}  skipped: {r['skipped']}"
-    return (f"{r['arch']:<14} {r['batch']:>5} {r['context']:>6} {r['attn_topk']:>5.2f} "
+    line = (f"{r['arch']:<14} {r['batch']:>5} {r['context']:>6} {r['attn_topk']:>5.2f} "
             f"{str(r['mlp_neurons'] or '-'):>6} {r['dense_ms']:>8.3f} {r['sparse_ms']:>8.3f} "
             f"{r['dense_tokens_per_s']:>10.0f} {r['sparse_tokens_per_s']:>10.0f} {r['speedup']:>6.2f} "
             f"{r['roofline_speedup']:>6.2f} {r['dense_pct_roofline']:>6.1f} {r['sparse_pct_roofline']:>6.1f}")
+    if "paged_ms" in r:
+        line += (f"  | x pages: {r['paged_ms']:.3f} ms, {r['paged_speedup']:.2f}x (roofline "
+                 f"{r['paged_roofline_speedup']:.2f}x, {r['paged_pct_roofline']:.1f}%)")
+    return line
 
 
 HEADER = (f"{'arch':<14} {'batch':>5} {'ctx':>6} {'attn':>5} {'mlp k':>6} {'dense ms':>8} "
@@ -564,6 +631,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a paged KV cache of pages of this many tokens (the server's "
                              "layout; each sequence's pages scattered over the pool); default: "
                              "contiguous")
+    pages = parser.add_mutually_exclusive_group()
+    pages.add_argument("--page-topk", type=bench.FRACTION,
+                       help="also time group x page sparsity: each kept group reads this fraction "
+                            "of its pages (the first and the current page always), in a paged "
+                            "cache with page summaries (--page-size, default 16)")
+    pages.add_argument("--page-budget", type=bench.COUNT,
+                       help="as --page-topk, a budget of tokens of pages per kept group")
+    parser.add_argument("--page-min-context", type=validate.cli_type(validate.integer, int, low=0),
+                        default=None, help="with --page-topk or --page-budget: contexts shorter "
+                                           "than this read every page (default 1024)")
     parser.add_argument("--collectives", action="store_true",
                         help="with --tp or --dp: count the collectives of the compiled dense and "
                              "sparse step, per layer and outside the layers, by type and size "
@@ -571,6 +648,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=bench.OUTPUT_FILE, help="write the rows here")
     parser.add_argument("--plot", type=bench.OUTPUT_FILE, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
+    pages_on = args.page_topk is not None or args.page_budget is not None
+    if args.page_min_context is not None and not pages_on:
+        parser.error("argument --page-min-context: applies only with --page-topk or --page-budget")
+    if pages_on and args.collectives:
+        parser.error("argument --collectives: counts the group-sparse step; drop --page-topk "
+                     "and --page-budget")
+    if pages_on and args.page_size is None:
+        args.page_size = DEFAULT_PAGE_SIZE
     if args.model is None and args.routers is not None:
         raise PolarJaxError("--routers needs --model (built-in --arch shapes use random routers)")
     if args.model is not None and args.layers is not None:
@@ -591,6 +676,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"argument --batch-sizes: each must be a multiple of --dp {args.dp}, got "
                      f"{', '.join(map(str, uneven))}")
     return args
+
+
+def page_rule(args: argparse.Namespace):
+    """The `PageRule` of --page-topk / --page-budget and --page-min-context (None: off)."""
+    if args.page_topk is None and args.page_budget is None:
+        return None
+    from pallas_kernels.page_selection import DEFAULT_MIN_CONTEXT, PageRule
+
+    return PageRule(args.page_topk, args.page_budget, DEFAULT_MIN_CONTEXT
+                    if args.page_min_context is None else args.page_min_context)
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
@@ -636,7 +731,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                else model_subject(model_dir, args.routers, dtype, mesh, int8_mlp_up))
     rows = run_subject(subject, args.batch_sizes, args.context_lens, args.attn_topk,
                        args.mlp_density, args.steps, args.repeats, dtype, bandwidth, log,
-                       args.breakdown, mesh, args.page_size)
+                       args.breakdown, mesh, args.page_size, page_rule(args))
     peer_rows = {(r["batch"], r["context"]): r for r in peer.get("rows", [])}
     for row in rows:
         match = peer_rows.get((row["batch"], row["context"]), {})
@@ -656,6 +751,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 date=str(datetime.date.today()), copy_tbps=round(bandwidth / 1e12, 3),
                 dtype=args.dtype, steps=args.steps, repeats=args.repeats, mlp_density=args.mlp_density,
                 tp=args.tp, dp=args.dp, router_weights=args.router_weights,
+                page_size=args.page_size, page_topk=args.page_topk, page_budget=args.page_budget,
+                page_min_context=args.page_min_context,
                 peer={k: v for k, v in peer.items() if k != "rows"})
     return {"meta": meta, "rows": rows}
 
