@@ -431,8 +431,12 @@ def _cmd_serve(args) -> int:
                             "pip install 'polar-jax[serve]'") from None
     from polar_jax.decode import Decoder
 
+    if args.page_topk is None and args.page_budget is None:
+        _refuse(args, ("page_min_context",), "with --page-topk or --page-budget")
+    pages = PageSettings(**settings.given(page_topk=args.page_topk, page_budget=args.page_budget,
+                                          page_min_context=args.page_min_context))
     if not args.routers:
-        _refuse(args, ("attn_topk", "dense_layers", "router_weights"),
+        _refuse(args, ("attn_topk", "router_weights") + (() if pages.on else ("dense_layers",)),
                 "with --routers (sparse decoding)")
     sparsity = _sparsity(args)
     mode = "dense"
@@ -440,6 +444,10 @@ def _cmd_serve(args) -> int:
         mode = (f"sparse: attn-topk {_topk_text(sparsity.attn_topk)}, dense layers "
                 f"{_dense_layers_text(sparsity.dense_layers)}"
                 + (", int8 MLP router" if sparsity.int8_mlp_up else ""))
+    if pages.on:
+        mode += (", pages: " + (f"top {pages.page_topk:g}" if pages.page_budget is None
+                                else f"{pages.page_budget} tokens")
+                 + f" past {pages.rule().min_context} tokens")
     mesh = None
     if args.tp > 1:
         from models.sharding import make_mesh
@@ -456,7 +464,9 @@ def _cmd_serve(args) -> int:
         chat_template = text.read_chat_template(args.chat_template, load_tokenizer(args.model))
     load = lambda: Decoder.load(args.model, args.dtype, routers=args.routers,
                                 attn_topk=args.attn_topk, dense_layers=args.dense_layers,
-                                mesh=mesh, router_weights=args.router_weights)
+                                mesh=mesh, router_weights=args.router_weights,
+                                page_topk=args.page_topk, page_budget=args.page_budget,
+                                page_min_context=args.page_min_context)
     # The pool is cut from what XLA's allocator may hold on a GPU: the fraction is its limit
     # (read when the backend starts, which is later: nothing has touched a device yet).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.gpu_memory_fraction:g}")
@@ -686,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     srv.add_argument("--routers", help="routers directory: decode with Polar Sparsity")
     _add_sparsity_args(srv, "with --routers")
+    _add_page_args(srv, page_size=False)  # the pool's --page-size is the pages selected
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument("--port", type=validate.cli_type(validate.integer, int, low=0, high=65535),
                      default=8000, help="port to listen on (0: any free one)")

@@ -143,3 +143,40 @@ def test_a_shared_prefix_is_computed_once_and_gives_the_same_tokens():
         if kv_pages is None:  # the others wait for the first's prefix pages, then share them
             assert counts.hits == prefix_cache * 4 * (300 // page_size) * page_size
         assert engine.pool.used == 0
+
+
+@pytest.mark.parametrize("groups", [False, True], ids=["pages", "groups-and-pages"])
+def test_page_sparse_serving_equals_page_sparse_generate(groups):
+    """Page sparsity in the engine (a quarter of the pages past 16 tokens, pages of 4 tokens,
+    with or without half of the KV groups): staggered requests whose contexts grow past the
+    threshold give `generate`'s greedy tokens under the same rule, and the pool keeps the
+    pages' key summaries (they equal the min and max of the keys written)."""
+    from pallas_kernels.page_selection import PageRule
+
+    config = config_from_hf(dict(LLAMA, max_position_embeddings=512))
+    graphdef, state = random_state(config, jnp.float32, int(np.random.default_rng().integers(1 << 30)))
+    model = nnx.merge(graphdef, jax.tree.map(lambda a: a * 10, state))
+    rule = PageRule(topk=0.25, min_context=16)
+    plan = SparsityPlan.build(config, None, 0.5 if groups else 1.0, (0,), page_rule=rule)
+    decoder = Decoder(config, model, routers=_routers(config, groups),
+                      plan_for_batch=lambda batch: plan, page_size=4)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 96, n).tolist() for n in (9, 30, 47, 18)]
+    expected = [c.tokens for c in decoder.generate(prompts, 16).completions]
+    engine = Engine(decoder, max_slots=4, max_len=80, prefill_chunk=16, page_size=4,
+                    batch_buckets=(4,))
+    assert engine.runner.summaries
+    engine.start()
+    try:
+        results = asyncio.run(_run(engine, [Request(tuple(p), 16) for p in prompts],
+                                   [0.02 * i for i in range(4)]))
+        kmin, kmax = engine.runner.pool[1][1]  # layer 1's summaries
+        k = engine.runner.pool[0][1][0]
+        pages = [p for p in range(k.shape[1]) if engine.pool._refs[p] or p in engine.pool._hash_of]
+    finally:
+        engine.shutdown()
+    assert [tokens for tokens, _ in results] == expected
+    assert pages  # prompt pages stay cached: their summaries are the min and max of their keys
+    for page in pages:
+        np.testing.assert_allclose(np.asarray(kmin[:, page]), np.asarray(k[:, page]).min(1), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(kmax[:, page]), np.asarray(k[:, page]).max(1), rtol=1e-6)

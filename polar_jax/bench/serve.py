@@ -48,7 +48,7 @@ from polar_jax.bench.generate import DEFAULT_TEXT
 from polar_jax.errors import PolarJaxError
 from polar_jax.validate import cli_list, cli_type, integer, number
 
-MODES = ("dense", "sparse")
+MODES = ("dense", "sparse", "pages")
 CHARS_PER_TOKEN = 8  # characters cut per prompt token (English BPE averages about 4)
 _ROOT = Path(__file__).resolve().parents[2]
 # The tiny-opt fixture: beside the checkout, else its copy bundled in demo/.
@@ -240,7 +240,8 @@ def static(decoder, loads: list[Load]) -> tuple[dict, list[list[int]] | None]:
 def build_decoder(mode: str, args, config, model, tokenizer):
     """The `Decoder` of `mode`, without EOS; sparse: with the routers (trained with
     `--routers`, else random), MLP k from `--mlp-density` (every layer), else the routers'
-    calibration, else a dense MLP."""
+    calibration, else a dense MLP; pages: sparse, and the page rule of `--page-topk` or
+    `--page-budget` inside the kept groups."""
     from pallas_kernels.selection import CALIBRATION_BATCH_SIZES
     from polar_jax.bench.decode import RANDOM_ROUTER_RANK
     from polar_jax.decode import Decoder
@@ -256,8 +257,11 @@ def build_decoder(mode: str, args, config, model, tokenizer):
     if args.mlp_density is not None:
         k = min(config.mlp_dim, max(128, round(args.mlp_density * config.mlp_dim / 128) * 128))
         metadata = {"mlp_topk": {str(CALIBRATION_BATCH_SIZES[-1]): [k] * config.num_layers}}
-    plan = lambda batch: SparsityPlan.build(config, metadata, args.attn_topk, (0,), batch)
-    return Decoder(config, model, tokenizer, eos_ids=(), routers=routers, plan_for_batch=plan)
+    rule = args.pages.rule() if mode == "pages" else None
+    plan = lambda batch: SparsityPlan.build(config, metadata, args.attn_topk, (0,), batch,
+                                            page_rule=rule)
+    return Decoder(config, model, tokenizer, eos_ids=(), routers=routers, plan_for_batch=plan,
+                   page_size=args.page_size)
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -335,8 +339,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "routers")
     parser.add_argument("--no-static", action="store_true",
                         help="skip the static-batching comparison")
+    parser.add_argument("--page-topk", type=settings.cli_type("page_topk", float),
+                        help="mode pages: the fraction of its pages each kept group reads")
+    parser.add_argument("--page-budget", type=settings.cli_type("page_budget"),
+                        help="mode pages: the tokens of pages each kept group reads")
+    parser.add_argument("--page-min-context", type=settings.cli_type("page_min_context"),
+                        help="mode pages: sequences shorter than this read every page")
     parser.add_argument("--modes", type=cli_list(_mode), default="dense,sparse",
-                        help="comma-separated, in this order")
+                        help="comma-separated, in this order: dense, sparse (groups), pages "
+                             "(groups and pages: --page-topk or --page-budget)")
     parser.add_argument("--seed", type=settings.cli_type("seed"), default=0,
                         help="of the prompts, lengths and arrivals")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
@@ -355,6 +366,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f"({args.shared_prefix} + {args.prompt_lens[1]} + {args.output_lens[1]}), "
                      f"got {args.max_len}")
     args.modes = list(dict.fromkeys(args.modes))
+    try:
+        args.pages = settings.PageSettings(**settings.given(
+            page_topk=args.page_topk, page_budget=args.page_budget,
+            page_min_context=args.page_min_context))
+    except PolarJaxError as err:
+        parser.error(str(err))
+    if ("pages" in args.modes) != args.pages.on:
+        parser.error("mode pages and --page-topk or --page-budget go together")
     return args
 
 

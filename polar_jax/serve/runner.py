@@ -118,6 +118,11 @@ def _sampled(logits, tokens):
                             _bits(top_logp, jnp.int32)], axis=1)
 
 
+def _pool(cache: PagedKVCache):
+    """What the runner keeps of a paged cache: its pages and their summaries."""
+    return cache.pages, cache.summaries
+
+
 def unpack_sampled(rows: np.ndarray):
     """(tokens, their log-probabilities, the best ids, their log-probabilities) of
     `_sampled`'s rows, on the host."""
@@ -136,19 +141,21 @@ class Runner:
         self.prefill_rows, self.prefill_chunk, self.buckets = prefill_rows, prefill_chunk, buckets
         self.pages_per_seq = -(-max_len // page_size)
         self.eos_ids = np.asarray(eos_ids or (-1,), np.int32)
-        self.plans = {b: decoder.plan_for_batch(b) if decoder.sparse else None for b in buckets}
+        sparse = decoder.plan_for_batch is not None  # routers, or page sparsity alone
+        self.plans = {b: decoder.plan_for_batch(b) if sparse else None for b in buckets}
+        self.summaries = decoder.page_sparse  # the pool keeps page summaries
         # The weights and routers as flat lists: a call flattens a list of arrays in C++, the
         # model's nested state (hundreds of variables) only in Python.
         self._weights, self._weights_def = jax.tree.flatten(decoder.state)
         self._routers, self._routers_def = jax.tree.flatten(decoder.router_state)
         self.transfers = 0  # explicit host-to-device transfers, since the start
         self.decode_calls: collections.Counter[int] = collections.Counter()  # by bucket, served
-        self.pages = self.slots = None
+        self.pool = self.slots = None  # the pages and their summaries (None without)
         self.num_pages = 0
         self.prefill_program = jax.jit(self._prefill_program, static_argnames=("echo",),
-                                       donate_argnames=("pages", "slots"))
+                                       donate_argnames=("pool", "slots"))
         self.decode_program = jax.jit(self._decode_program, static_argnames=("bucket", "plan"),
-                                      donate_argnames=("pages", "slots"))
+                                      donate_argnames=("pool", "slots"))
         self.edit_program = jax.jit(self._edit_program, donate_argnames=("slots",))
 
     # -- memory ------------------------------------------------------------------------------
@@ -181,7 +188,8 @@ class Runner:
             budget = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         else:
             budget = int(fraction * (available_bytes(device) or 0))
-        page_bytes = PagedKVCache.page_bytes(self.config, self.page_size, self.decoder.dtype)
+        page_bytes = PagedKVCache.page_bytes(self.config, self.page_size, self.decoder.dtype,
+                                             self.summaries)
         return plan_pages(budget=budget, transient=self.transient_bytes(),
                           page_bytes=page_bytes // tp_size(self.decoder.mesh),
                           page_size=self.page_size, max_len=self.max_len,
@@ -192,12 +200,17 @@ class Runner:
         are (an uncommitted first pool would make warm-up compile a variant that serving never
         calls): on the weights' device, or by KV group over the model's devices."""
         abstract = PagedKVCache.abstract(self.config, num_pages, self.page_size, self.max_slots,
-                                         self.pages_per_seq, self.decoder.dtype)
+                                         self.pages_per_seq, self.decoder.dtype,
+                                         self.summaries)
         mesh = self.decoder.mesh
         placement = (jax.tree.leaves(self.decoder.state)[0].sharding if mesh is None
                      else kv_cache_shardings(abstract, mesh).pages)
-        self.pages = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                                  abstract.pages), out_shardings=placement)()
+        pool = (abstract.pages, abstract.summaries)
+        if mesh is not None:
+            placement = (placement, None if abstract.summaries is None
+                         else kv_cache_shardings(abstract, mesh).summaries)
+        self.pool = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), pool),
+                            out_shardings=placement)()
         self.num_pages = num_pages
         S, P = self.max_slots, self.pages_per_seq
         self.slots = self._put(Slots(
@@ -208,7 +221,7 @@ class Runner:
             block_table=np.full((S, P), num_pages, np.int32)))
 
     def release(self) -> None:
-        self.pages = self.slots = None
+        self.pool = self.slots = None
 
     def _put(self, tree):
         """One explicit host-to-device transfer of `tree`, replicated beside the slots."""
@@ -239,7 +252,7 @@ class Runner:
         target = edits[:, EDIT_TARGET]
         return jax.tree.map(lambda x, row: x.at[target].set(row, mode="drop"), slots, new)
 
-    def _prefill_program(self, weights, pages, slots: Slots, batch: PrefillBatch, *, echo: bool):
+    def _prefill_program(self, weights, pool, slots: Slots, batch: PrefillBatch, *, echo: bool):
         """The chunks written into their pages; each row's next token sampled after its last
         one; rows finishing their prompt put it (or their `resume` token) into their slot,
         which decodes from there. Returns (the sampled tokens with their log-probabilities
@@ -250,7 +263,7 @@ class Runner:
         rows = slots.rows(jnp.minimum(batch.slot, self.max_slots - 1))
         block_table = jnp.where(padding[:, None], self.num_pages, rows.block_table)
         out = model.forward(batch.tokens, batch.positions, ChunkOps(batch.positions, batch.valid),
-                            PagedKVCache(pages, block_table))
+                            PagedKVCache(pool[0], block_table, pool[1]))
         index = jnp.arange(batch.tokens.shape[0])
         logits = model.logits(out.hidden_states[index, batch.last])
         position = batch.positions[index, batch.last] + 1
@@ -268,9 +281,9 @@ class Runner:
             tokens=slots.tokens.at[target].set(jnp.where(resumed, batch.resume, first), mode="drop"),
             positions=slots.positions.at[target].set(position, mode="drop"),
             active=slots.active.at[target].set(active, mode="drop"))
-        return (_sampled(logits, first), prompt_logp), slots, out.kv_cache.pages
+        return (_sampled(logits, first), prompt_logp), slots, _pool(out.kv_cache)
 
-    def _decode_program(self, weights, routers, pages, slots: Slots, *, bucket: int, plan):
+    def _decode_program(self, weights, routers, pool, slots: Slots, *, bucket: int, plan):
         """One `decode_step` over slots `[0, bucket)`: the next tokens with their
         log-probabilities and alternatives (`_sampled`); the slots advanced (stopped at EOS
         and `end`); the pool."""
@@ -281,14 +294,14 @@ class Runner:
         sample = lambda logits: sample_rows(logits, rows.sampling(), rows.seeds,
                                              rows.positions + 1, mesh)
         step = decode_step(model, DecodeState(rows.tokens, rows.positions, rows.active,
-                                              PagedKVCache(pages, rows.block_table)),
+                                              PagedKVCache(pool[0], rows.block_table, pool[1])),
                            sample, routers, plan, mesh)
         after = step.state
         active = after.active & (after.positions < rows.end) & ~self._is_eos(step.next_tokens)
         slots = slots.replace(tokens=slots.tokens.at[:bucket].set(after.tokens),
                               positions=slots.positions.at[:bucket].set(after.positions),
                               active=slots.active.at[:bucket].set(active))
-        return _sampled(step.logits, step.next_tokens), slots, after.kv_cache.pages
+        return _sampled(step.logits, step.next_tokens), slots, _pool(after.kv_cache)
 
     # -- dispatch (asynchronous: each returns the device outputs, not yet read) ---------------
 
@@ -326,14 +339,14 @@ class Runner:
             batch.slot[i], batch.last[i], batch.finishes[i] = sequence.slot, n - 1, chunk.finishes
             if chunk.finishes and sequence.resumed:
                 batch.resume[i] = sequence.generated[-1]
-        out, self.slots, self.pages = self.prefill_program(
-            self._weights, self.pages, self.slots, self._put(batch), echo=echo)
+        out, self.slots, self.pool = self.prefill_program(
+            self._weights, self.pool, self.slots, self._put(batch), echo=echo)
         return out
 
     def decode(self, bucket: int):
         """Dispatches one decode step over slots `[0, bucket)`; its outputs."""
-        out, self.slots, self.pages = self.decode_program(
-            self._weights, self._routers, self.pages, self.slots, bucket=bucket,
+        out, self.slots, self.pool = self.decode_program(
+            self._weights, self._routers, self.pool, self.slots, bucket=bucket,
             plan=self.plans[bucket])
         self.decode_calls[bucket] += 1
         return out
