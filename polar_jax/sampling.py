@@ -253,12 +253,15 @@ def next_token(logits, params: SamplingParams, key, mesh: Mesh | None = None):
                         lambda: argmax(logits, mesh)).astype(jnp.int32)
 
 
-def sample_rows(logits, params: SamplingParams, seeds, positions, mesh: Mesh | None = None):
+def sample_rows(logits, params: SamplingParams, seeds, positions, mesh: Mesh | None = None, *,
+                all_greedy: bool | None = None):
     """Token ids `[B]` from float32 logits `[B, V]`, each row by its own settings (the fields
     of `params` are `[B]`) and its own key, `fold_in(key(seeds[b]), positions[b])`: a row's
     draw depends on its request and position only, never on the rest of the batch. A batch
-    with no sampled row skips the sampling (its sort over the vocabulary) altogether. With
-    the vocabulary split over `mesh`, as `next_token`."""
+    with no sampled row skips the sampling (its sort over the vocabulary) altogether: decided
+    on the device (a `lax.cond`, whose predicate a GPU reads on the host: the call waits for
+    the logits), or by the caller with the static `all_greedy` (True: every row is greedy;
+    False: some row may sample). With the vocabulary split over `mesh`, as `next_token`."""
     greedy = params.temperature <= 0
 
     def draw():
@@ -277,4 +280,6 @@ def sample_rows(logits, params: SamplingParams, seeds, positions, mesh: Mesh | N
         drawn = jax.vmap(jax.random.categorical)(keys, filtered)
         return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
+    if all_greedy is not None:
+        return argmax(logits, mesh) if all_greedy else draw()
     return jax.lax.cond(jnp.all(greedy), lambda: argmax(logits, mesh), draw)

@@ -556,12 +556,13 @@ def test_startup_progress_on_stderr(server, base, decoder):
     assert progress[:3] == ["loading tiny-opt ...", progress[1], "compiling the programs ..."]
     assert re.fullmatch(rf"loaded in \d+\.\d s \({weights / 2**20:.1f} MiB of weights\)",
                         progress[1]), progress[1]
-    compiled = [re.fullmatch(r"compiled (.+) \((\d) of 5\) in \d+\.\d s", line)
+    compiled = [re.fullmatch(r"compiled (.+) \((\d) of 7\) in \d+\.\d s", line)
                 for line in progress[3:]]
-    assert all(compiled) and len(compiled) == 5, progress
+    assert all(compiled) and len(compiled) == 7, progress
     assert [(m.group(1), int(m.group(2))) for m in compiled] == [
         ("prefill", 1), ("prefill with echo", 2), ("decode step (batch 2)", 3),
-        ("decode step (batch 4)", 4), ("slot edit", 5)]  # --batch-buckets 2 and --max-slots 4
+        ("decode step (batch 2, sampling)", 4), ("decode step (batch 4)", 5),
+        ("decode step (batch 4, sampling)", 6), ("slot edit", 7)]  # --batch-buckets 2
 
 
 def test_full_queue_answers_503_and_disconnects_free_slots(base, client):
@@ -774,19 +775,32 @@ def test_an_exception_is_a_counted_500_and_one_log_line(caplog):
 
 
 def test_serve_modules_import_one_way():
-    """server -> api -> protocol and text -> engine: each serve module imports only those
-    below it (text may use protocol's errors)."""
+    """server -> api -> protocol and text -> engine -> runner -> scheduler -> kv_pages: each
+    serve module imports only those below it, none is over 400 lines, and the scheduler and
+    the page pool import no JAX (unit-tested without a model)."""
+    import ast
+
     from test_imports import project_imports
 
     below = {"server": {"api", "protocol", "engine", "metrics"},
-             "api": {"protocol", "text", "engine", "metrics"}, "text": {"protocol", "engine"},
-             "protocol": {"engine"}}
+             "api": {"protocol", "text", "engine", "request", "metrics"},
+             "text": {"protocol", "request"}, "protocol": {"request"},
+             "engine": {"runner", "scheduler", "request", "kv_pages"},
+             "runner": {"scheduler", "request", "kv_pages"}, "scheduler": {"kv_pages"},
+             "request": set(), "kv_pages": set(), "metrics": set()}
+    assert set(below) | {"__init__"} == {p.stem for p in (ROOT / "polar_jax" / "serve").glob("*.py")}
     for name, allowed in below.items():
         source = (ROOT / "polar_jax" / "serve" / f"{name}.py").read_text()
         imported = {m.removeprefix("polar_jax.serve.") for m in
                     project_imports(source, "polar_jax.serve") if m.startswith("polar_jax.serve.")}
         assert imported <= allowed, (name, imported - allowed)
         assert len(source.splitlines()) <= 400, name
+        if name in ("scheduler", "kv_pages", "request"):
+            modules = {alias.name for node in ast.walk(ast.parse(source))
+                       if isinstance(node, (ast.Import, ast.ImportFrom))
+                       for alias in (node.names if isinstance(node, ast.Import)
+                                     else [ast.alias(node.module or "")])}
+            assert not {m for m in modules if m.split(".")[0] in ("jax", "flax")}, name
 
 
 def test_a_port_is_bound_once():

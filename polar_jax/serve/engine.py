@@ -22,168 +22,28 @@ it alone, never on its batch, and nothing compiles after `start`.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import collections.abc
 import dataclasses
 import logging
-import numbers
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import jax
-import numpy as np
 
 from models.sharding import dp_size
 from pallas_kernels.selection import CALIBRATION_BATCH_SIZES
-from polar_jax import settings, validate
+from polar_jax import validate
 from polar_jax.decode import Decoder
 from polar_jax.errors import PolarJaxError
-from polar_jax.sampling import SamplingParams
 from polar_jax.serve.kv_pages import DEFAULT_GPU_MEMORY_FRACTION, DEFAULT_PAGE_SIZE, PagePool
-from polar_jax.serve.runner import TOP_LOGPROBS, Runner, pow2_sizes, unpack_sampled
+from polar_jax.serve.request import (  # noqa: F401  (Request, Token, Done, errors: the API)
+    TOP_LOGPROBS, Done, EngineBusy, IterationCounts, NoObserver, Observer, ProgramStats,
+    Request, RequestError, Stream, Token, check_request,
+)
+from polar_jax.serve.runner import Runner, pow2_sizes, unpack_sampled
 from polar_jax.serve.scheduler import Iteration, PrefillChunk, Scheduler, Sequence
-
-
-class RequestError(PolarJaxError):
-    """A request the engine cannot serve as asked (the HTTP server answers 400 or 413)."""
-
-    def __init__(self, message: str, too_long: bool = False):
-        super().__init__(message)
-        self.too_long = too_long
-
-
-class EngineBusy(PolarJaxError):
-    """The queue is full or the engine is shutting down (the server answers 503)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One completion: prompt token ids, at most `max_tokens` new ones (OpenAI's default 16),
-    sampling settings (temperature 0: greedy), `logprobs` alternatives per new token (0 to
-    `TOP_LOGPROBS`), `echo`: also the prompt's log-probabilities."""
-
-    prompt: tuple[int, ...]
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    logprobs: int = 0
-    echo: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Token:
-    """A new token, its log-probability and (if asked) the best alternatives, best first."""
-
-    id: int
-    logprob: float
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Done:
-    """The last event of a stream. reason: "stop" (EOS), "length" (`max_tokens` or the
-    context), "cancelled" (by its consumer), "abort" (the engine shut down), "error" (the
-    engine failed: `Engine.failure` says how). With `echo`, the prompt's log-probabilities and
-    (as `Token.top_logprobs`) its `logprobs` best alternatives per position (None for its
-    first token)."""
-
-    reason: str
-    prompt_logprobs: tuple[float | None, ...] | None = None
-    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...] | None, ...] | None = None
-
-
-class Observer(Protocol):
-    """What the engine reports, for metrics (the server's are Prometheus')."""
-
-    def admitted(self, prompt_tokens: int) -> None: ...
-    def first_token(self, seconds: float) -> None: ...
-    def finished(self, completion_tokens: int, seconds_per_token: float | None) -> None: ...
-    def step(self, seconds: float, running: int, waiting: int, pages_used: int) -> None: ...
-    def preempted(self) -> None: ...
-    def pool(self, pages: int) -> None: ...
-    def prefix_cache(self, queries: int, hits: int) -> None: ...
-
-
-@dataclasses.dataclass
-class ProgramStats:
-    """Totals over the engine's iterations of one kind since `start`: decode (a decode step
-    alone) or prefill (prefill chunks, and a decode step when sequences decode): iterations,
-    rows summed over them (decoding sequences; prefill tokens), seconds (from the previous
-    iteration's results to this one's, while the engine is busy: the device's time per
-    iteration when the host keeps up), `waited` (of those seconds, the host's wait for the
-    results: near 0, the host is the bottleneck), explicit host-to-device transfers, and the
-    decoding sequences' positions summed over the iterations (their mean context is
-    `positions / decoded`)."""
-
-    steps: int = 0
-    rows: int = 0
-    seconds: float = 0.0
-    transfers: int = 0
-    decoded: int = 0
-    positions: int = 0
-    waited: float = 0.0
-
-    def add(self, seconds: float, waited: float, counts: "_Counts") -> None:
-        self.steps, self.rows = self.steps + 1, self.rows + counts.rows
-        self.seconds, self.waited = self.seconds + seconds, self.waited + waited
-        self.transfers += counts.transfers
-        self.decoded, self.positions = self.decoded + counts.decoded, self.positions + counts.positions
-
-
-@dataclasses.dataclass(frozen=True)
-class _Counts:
-    """What an iteration adds to its `ProgramStats` besides its time."""
-
-    rows: int
-    transfers: int
-    decoded: int
-    positions: int
-
-
-class _NoObserver:
-    def admitted(self, prompt_tokens): pass
-    def first_token(self, seconds): pass
-    def finished(self, completion_tokens, seconds_per_token): pass
-    def step(self, seconds, running, waiting, pages_used): pass
-    def preempted(self): pass
-    def pool(self, pages): pass
-    def prefix_cache(self, queries, hits): pass
-
-
-class Stream:
-    """The events of one request (`Token`s, then a `Done`), as an async iterator on the event
-    loop that submitted it. `cancel()` (or closing the iteration early) frees its slot."""
-
-    def __init__(self, engine: "Engine"):
-        self._engine = engine
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._live: _Live | None = None
-        self._done = False
-
-    def _put(self, event) -> None:  # from the engine's thread, delivered by `Engine._flush`
-        self._engine._outbox.append((self, event))
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self._done:
-            raise StopAsyncIteration
-        event = await self._queue.get()
-        self._done = isinstance(event, Done)
-        return event
-
-    def cancel(self) -> None:
-        if not self._done and self._live is not None:
-            self._engine._cancel(self._live)
-
-
 
 
 @dataclasses.dataclass(eq=False)
@@ -212,7 +72,7 @@ class _Dispatched:
     decode: dict[int, Sequence]
     decode_out: tuple | None
     stats: ProgramStats | None
-    counts: _Counts
+    counts: IterationCounts
 
 
 def _deliver(events) -> None:
@@ -267,7 +127,7 @@ class Engine:
             buckets = tuple(sorted({validate.integer("--batch-buckets", b, low=1,
                                                      high=self.max_slots)
                                     for b in batch_buckets} | {self.max_slots}))
-        self.observer = observer or _NoObserver()
+        self.observer = observer or NoObserver()
         self.decode_stats, self.prefill_stats = ProgramStats(), ProgramStats()
         self.eos_ids = frozenset(int(t) for t in decoder.eos_ids if t >= 0)
         self.runner = Runner(decoder, max_slots=self.max_slots, max_len=self.max_len,
@@ -334,39 +194,7 @@ class Engine:
     def check(self, request: Request) -> Request:
         """The request with its values checked against the model and the pool (one-line
         `RequestError`s)."""
-        if not isinstance(request, Request):
-            raise RequestError(f"submit takes a polar_jax.serve.engine.Request, got "
-                               f"{validate.describe(request)}")
-        if isinstance(request.prompt, (str, bytes)) or not isinstance(
-                request.prompt, (collections.abc.Sequence, np.ndarray)):
-            raise RequestError(f"the prompt must be a sequence of token ids (tokenize text "
-                               f"first), got {validate.describe(request.prompt)}")
-        prompt = tuple(request.prompt)
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        bad = next((i for i, t in enumerate(prompt) if not isinstance(t, numbers.Integral)
-                    or isinstance(t, (bool, np.bool_))), None)
-        if bad is not None:
-            raise RequestError(f"token {bad} of the prompt must be an integer id, got "
-                               f"{validate.describe(prompt[bad])}")
-        prompt = tuple(map(int, prompt))
-        bad = next((t for t in prompt if not 0 <= t < self.config.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        if len(prompt) >= self.max_len:
-            raise RequestError(f"the prompt has {len(prompt)} tokens; this server's context is "
-                               f"{self.max_len} positions (prompt and completion together)",
-                               too_long=True)
-        try:
-            validate.integer("max_tokens", request.max_tokens, low=1)
-            sampling = SamplingParams(request.temperature, request.top_k, request.top_p).validated()
-            settings.check("seed", request.seed)
-            validate.integer("logprobs", request.logprobs, low=0, high=TOP_LOGPROBS)
-            validate.boolean("echo", request.echo)
-        except PolarJaxError as err:
-            raise RequestError(str(err)) from None
-        return dataclasses.replace(request, prompt=prompt, temperature=float(sampling.temperature),
-                                   top_k=int(sampling.top_k), top_p=float(sampling.top_p))
+        return check_request(request, self.config.vocab_size, self.max_len)
 
     def submit(self, request: Request) -> Stream:
         """Queues `request` (checked first) and returns its stream; call from a running event
@@ -485,10 +313,11 @@ class Engine:
             echo = any(c.sequence.echo and not c.sequence.resumed for c in iteration.prefill)
             prefill_out = runner.prefill(iteration.prefill, echo)
         if iteration.decode:
-            decode_out = runner.decode(iteration.bucket)
+            all_greedy = all(s.sampling[0] <= 0 for s in iteration.decode.values())
+            decode_out = runner.decode(iteration.bucket, all_greedy)
         stats, rows = ((self.prefill_stats, sum(c.length for c in iteration.prefill))
                        if iteration.prefill else (self.decode_stats, len(iteration.decode)))
-        counts = _Counts(rows, runner.transfers - transfers, len(iteration.decode),
+        counts = IterationCounts(rows, runner.transfers - transfers, len(iteration.decode),
                          sum(s.position for s in iteration.decode.values()))
         return _Dispatched(prefill, prefill_out, dict(iteration.decode), decode_out,
                            stats if iteration.prefill or iteration.decode else None, counts)
@@ -512,6 +341,9 @@ class Engine:
                 continue  # ended, or preempted since
             live = sequence.payload
             if sequence.echo and not sequence.resumed:
+                if chunk.start == 0:  # admitted again after a preemption: computed afresh
+                    live.prompt_logprobs.clear()
+                    live.prompt_top_logprobs.clear()
                 following = min(chunk.length, len(sequence.prompt) - 1 - chunk.start)
                 chosen, ids, logps = (x[i, :following] for x in prefill_out[1])
                 live.prompt_logprobs.extend(chosen.tolist())

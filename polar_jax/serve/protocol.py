@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from polar_jax import settings, validate
 from polar_jax.errors import PolarJaxError
-from polar_jax.serve.engine import Request
+from polar_jax.serve.request import Request
 
 MAX_JSON_DEPTH = 500  # below where Python's JSON parser raises RecursionError (about 1,000)
 # Fields of OpenAI's requests served only at their default (null is always accepted).

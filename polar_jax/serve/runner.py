@@ -11,7 +11,10 @@ decode step with nothing changed transfers nothing to the device (the engine's t
 under `jax.transfer_guard_host_to_device("disallow")`, so nothing is copied implicitly).
 
 Programs, each compiled once at `warm_up` (every shape is fixed): the decode step per batch
-bucket (with its sparsity plan: the bucket is the plan's batch size), the prefill of
+bucket (with its sparsity plan: the bucket is the plan's batch size), greedy and sampling
+(the host, which knows every row's settings, picks one per step: a `lax.cond` on the device
+would make the call wait for the logits on a GPU, and the host's work would not overlap the
+next step), the prefill of
 `prefill_rows` chunks of `prefill_chunk` tokens (with and without the prompt's
 log-probabilities for `echo`), and the edit of up to every slot's row. The pool and the
 slots are donated to each program and replaced by its outputs.
@@ -36,10 +39,10 @@ from polar_jax.decode import Decoder
 from polar_jax.memory import available_bytes
 from polar_jax.sampling import SamplingParams, sample_rows
 from polar_jax.serve.kv_pages import MemoryPlan, plan_pages
+from polar_jax.serve.request import TOP_LOGPROBS
 from polar_jax.serve.scheduler import PrefillChunk, SlotEdit
 from polar_jax.step import DecodeState, decode_step
 
-TOP_LOGPROBS = 5  # alternatives computed per token (the OpenAI completions API's maximum)
 
 
 def pow2_sizes(limit: int) -> tuple[int, ...]:
@@ -154,7 +157,8 @@ class Runner:
         self.num_pages = 0
         self.prefill_program = jax.jit(self._prefill_program, static_argnames=("echo",),
                                        donate_argnames=("pool", "slots"))
-        self.decode_program = jax.jit(self._decode_program, static_argnames=("bucket", "plan"),
+        self.decode_program = jax.jit(self._decode_program,
+                                      static_argnames=("bucket", "plan", "all_greedy"),
                                       donate_argnames=("pool", "slots"))
         self.edit_program = jax.jit(self._edit_program, donate_argnames=("slots",))
 
@@ -283,16 +287,19 @@ class Runner:
             active=slots.active.at[target].set(active, mode="drop"))
         return (_sampled(logits, first), prompt_logp), slots, _pool(out.kv_cache)
 
-    def _decode_program(self, weights, routers, pool, slots: Slots, *, bucket: int, plan):
+    def _decode_program(self, weights, routers, pool, slots: Slots, *, bucket: int, plan,
+                        all_greedy: bool):
         """One `decode_step` over slots `[0, bucket)`: the next tokens with their
         log-probabilities and alternatives (`_sampled`); the slots advanced (stopped at EOS
-        and `end`); the pool."""
+        and `end`); the pool. `all_greedy`: no row samples (decided on the host, which knows
+        every row's settings, so that no `lax.cond` makes a GPU wait for the logits before the
+        call returns)."""
         model = nnx.merge(self.decoder.graphdef, jax.tree.unflatten(self._weights_def, weights))
         routers = jax.tree.unflatten(self._routers_def, routers)
         rows = slots.rows(slice(0, bucket))
         mesh = self.decoder.mesh
         sample = lambda logits: sample_rows(logits, rows.sampling(), rows.seeds,
-                                             rows.positions + 1, mesh)
+                                             rows.positions + 1, mesh, all_greedy=all_greedy)
         step = decode_step(model, DecodeState(rows.tokens, rows.positions, rows.active,
                                               PagedKVCache(pool[0], rows.block_table, pool[1])),
                            sample, routers, plan, mesh)
@@ -343,11 +350,12 @@ class Runner:
             self._weights, self.pool, self.slots, self._put(batch), echo=echo)
         return out
 
-    def decode(self, bucket: int):
-        """Dispatches one decode step over slots `[0, bucket)`; its outputs."""
+    def decode(self, bucket: int, all_greedy: bool = True):
+        """Dispatches one decode step over slots `[0, bucket)` (`all_greedy`: no decoding row
+        samples); its outputs."""
         out, self.slots, self.pool = self.decode_program(
             self._weights, self._routers, self.pool, self.slots, bucket=bucket,
-            plan=self.plans[bucket])
+            plan=self.plans[bucket], all_greedy=all_greedy)
         self.decode_calls[bucket] += 1
         return out
 
@@ -360,8 +368,10 @@ class Runner:
         for bucket in self.buckets:
             plan = self.plans[bucket]
             detail = "" if plan is None else f", MLP k for up to {bucket} sequences"
-            programs.append((f"decode step (batch {bucket}{detail})",
-                             lambda bucket=bucket: self.decode(bucket)))
+            for greedy in (True, False):
+                programs.append((f"decode step (batch {bucket}{detail}"
+                                 f"{'' if greedy else ', sampling'})",
+                                 lambda bucket=bucket, greedy=greedy: self.decode(bucket, greedy)))
         programs.append(("slot edit", lambda: self.edit([])))
         for i, (name, run) in enumerate(programs):
             start = time.perf_counter()

@@ -15,7 +15,7 @@ import jinja2
 
 from polar_jax.errors import PolarJaxError
 from polar_jax.files import input_file
-from polar_jax.serve.engine import Done, Token
+from polar_jax.serve.request import Done, Token
 from polar_jax.serve.protocol import ApiError
 
 DETOKENIZE_CONTEXT = 6  # prompt tokens decoded before a completion's first (spaces, merges)
