@@ -48,8 +48,11 @@ def dense():
     """(decoder, started engine) shared by the tests that need no special pool: 3 slots, so
     some of 7 requests wait; a chunk of 8 tokens, so longer prompts prefill in pieces."""
     decoder = _decoder(False)
-    engine = Engine(decoder, max_slots=3, max_len=64, prefill_chunk=8, prefill_rows=2)
+    # The decode step's greedy and sampling variants, as on a GPU (a CPU's default is one).
+    engine = Engine(decoder, max_slots=3, max_len=64, prefill_chunk=8, prefill_rows=2,
+                    greedy_variants=True)
     engine.start()
+    assert engine.runner.greedy_variants == (True, False)
     yield decoder, engine
     engine.shutdown()
 

@@ -89,7 +89,7 @@ class Engine:
                  gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION,
                  max_batched_tokens: int | None = None, prefix_cache: bool = True,
                  batch_buckets: collections.abc.Sequence[int] | None = None,
-                 observer: Observer | None = None):
+                 greedy_variants: bool | None = None, observer: Observer | None = None):
         """`max_slots`: sequences decoded together at most; `max_len`: a sequence's positions
         (default the model's); `prefill_rows` chunks of `prefill_chunk` tokens prefilled per
         iteration at most, and `max_batched_tokens` tokens with the decoding sequences (default:
@@ -97,7 +97,8 @@ class Engine:
         many as fit, `gpu_memory_fraction` of the free memory on a CPU; on a GPU the
         allocator's limit, which `polar-jax serve` sets from the same fraction);
         `prefix_cache`: reuse the cached pages of a prompt's prefix; `batch_buckets`: the
-        decode step's batch sizes (default 1, 2, 4, ... up to `max_slots`)."""
+        decode step's batch sizes (default 1, 2, 4, ... up to `max_slots`);
+        `greedy_variants`: `Runner`'s (default: on a GPU)."""
         config = decoder.config
         if dp_size(decoder.mesh) > 1 or jax.process_count() > 1:
             raise PolarJaxError("the engine splits the model over devices (--tp) in one process; "
@@ -133,7 +134,9 @@ class Engine:
         self.runner = Runner(decoder, max_slots=self.max_slots, max_len=self.max_len,
                              page_size=page_size, prefill_rows=prefill_rows,
                              prefill_chunk=prefill_chunk, buckets=buckets,
-                             eos_ids=tuple(sorted(self.eos_ids)))
+                             eos_ids=tuple(sorted(self.eos_ids)),
+                             greedy_variants=validate.boolean("greedy_variants", greedy_variants)
+                             if greedy_variants is not None else None)
         self.memory = self.runner.plan_memory(kv_pages, fraction)
         self.pool = PagePool(self.memory.num_pages, prefix_cache)
         self.runner.allocate(self.memory.num_pages)

@@ -11,10 +11,10 @@ decode step with nothing changed transfers nothing to the device (the engine's t
 under `jax.transfer_guard_host_to_device("disallow")`, so nothing is copied implicitly).
 
 Programs, each compiled once at `warm_up` (every shape is fixed): the decode step per batch
-bucket (with its sparsity plan: the bucket is the plan's batch size), greedy and sampling
-(the host, which knows every row's settings, picks one per step: a `lax.cond` on the device
-would make the call wait for the logits on a GPU, and the host's work would not overlap the
-next step), the prefill of
+bucket (with its sparsity plan: the bucket is the plan's batch size), on a GPU greedy and
+sampling (the host, which knows every row's settings, picks one per step: a `lax.cond` on the
+device would make the call wait for the logits, and the host's work would not overlap the next
+step), the prefill of
 `prefill_rows` chunks of `prefill_chunk` tokens (with and without the prompt's
 log-probabilities for `echo`), and the edit of up to every slot's row. The pool and the
 slots are donated to each program and replaced by its outputs.
@@ -138,12 +138,18 @@ class Runner:
 
     def __init__(self, decoder: Decoder, *, max_slots: int, max_len: int, page_size: int,
                  prefill_rows: int, prefill_chunk: int, buckets: tuple[int, ...],
-                 eos_ids: tuple[int, ...]):
+                 eos_ids: tuple[int, ...], greedy_variants: bool | None = None):
+        """`greedy_variants`: a greedy and a sampling decode step per bucket, the host choosing
+        (default on a GPU, where a `lax.cond` reads its predicate on the host); else one step
+        that decides on the device."""
         self.decoder, self.config = decoder, decoder.config
         self.max_slots, self.max_len, self.page_size = max_slots, max_len, page_size
         self.prefill_rows, self.prefill_chunk, self.buckets = prefill_rows, prefill_chunk, buckets
         self.pages_per_seq = -(-max_len // page_size)
         self.eos_ids = np.asarray(eos_ids or (-1,), np.int32)
+        if greedy_variants is None:
+            greedy_variants = jax.default_backend() == "gpu"
+        self.greedy_variants = (True, False) if greedy_variants else (None,)
         sparse = decoder.plan_for_batch is not None  # routers, or page sparsity alone
         self.plans = {b: decoder.plan_for_batch(b) if sparse else None for b in buckets}
         self.summaries = decoder.page_sparse  # the pool keeps page summaries
@@ -288,12 +294,12 @@ class Runner:
         return (_sampled(logits, first), prompt_logp), slots, _pool(out.kv_cache)
 
     def _decode_program(self, weights, routers, pool, slots: Slots, *, bucket: int, plan,
-                        all_greedy: bool):
+                        all_greedy: bool | None):
         """One `decode_step` over slots `[0, bucket)`: the next tokens with their
         log-probabilities and alternatives (`_sampled`); the slots advanced (stopped at EOS
         and `end`); the pool. `all_greedy`: no row samples (decided on the host, which knows
         every row's settings, so that no `lax.cond` makes a GPU wait for the logits before the
-        call returns)."""
+        call returns; None: decided on the device)."""
         model = nnx.merge(self.decoder.graphdef, jax.tree.unflatten(self._weights_def, weights))
         routers = jax.tree.unflatten(self._routers_def, routers)
         rows = slots.rows(slice(0, bucket))
@@ -355,7 +361,8 @@ class Runner:
         samples); its outputs."""
         out, self.slots, self.pool = self.decode_program(
             self._weights, self._routers, self.pool, self.slots, bucket=bucket,
-            plan=self.plans[bucket], all_greedy=all_greedy)
+            plan=self.plans[bucket],
+            all_greedy=all_greedy if self.greedy_variants != (None,) else None)
         self.decode_calls[bucket] += 1
         return out
 
@@ -368,9 +375,9 @@ class Runner:
         for bucket in self.buckets:
             plan = self.plans[bucket]
             detail = "" if plan is None else f", MLP k for up to {bucket} sequences"
-            for greedy in (True, False):
+            for greedy in self.greedy_variants:
                 programs.append((f"decode step (batch {bucket}{detail}"
-                                 f"{'' if greedy else ', sampling'})",
+                                 f"{', sampling' if greedy is False else ''})",
                                  lambda bucket=bucket, greedy=greedy: self.decode(bucket, greedy)))
         programs.append(("slot edit", lambda: self.edit([])))
         for i, (name, run) in enumerate(programs):
