@@ -63,9 +63,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
     from polar_jax.bench.decode import arch_hf_config, random_state
     from polar_jax.decode import Decoder
     from polar_jax.dtypes import parse_dtype
-    from polar_jax.sampling import SamplingParams
     from polar_jax.serve.engine import Engine
     from polar_jax.serve.kv_pages import pages_for
+    from polar_jax.serve.scheduler import PrefillChunk, Sequence, SlotEdit
 
     config = config_from_hf(arch_hf_config(args.arch, args.max_len, args.layers))
     model = nnx.merge(*random_state(config, parse_dtype(args.dtype)))
@@ -73,22 +73,20 @@ def run(args: argparse.Namespace, log=print) -> dict:
     engine = Engine(Decoder(config, model, eos_ids=()), max_slots=args.rows,
                     max_len=args.max_len, prefill_chunk=args.chunk, prefill_rows=args.rows,
                     page_size=args.page_size, kv_pages=args.rows * per_seq)
-    rows, chunk = args.rows, args.chunk
+    rows, chunk, runner = args.rows, args.chunk, engine.runner
     rng = np.random.default_rng(0)
-    table = rng.permutation(rows * per_seq).astype(np.int32).reshape(rows, per_seq)
-    positions = np.broadcast_to(np.arange(args.offset, args.offset + chunk, dtype=np.int32),
-                                (rows, chunk))
-    inputs = (table, rng.integers(0, config.vocab_size, (rows, chunk)).astype(np.int32),
-              positions, np.ones((rows, chunk), bool), np.full(rows, chunk - 1, np.int32),
-              np.full((rows, chunk), -1, np.int32),
-              SamplingParams(np.zeros(rows, np.float32), np.zeros(rows, np.int32),
-                             np.ones(rows, np.float32)), np.zeros(rows, np.uint32))
+    table = rng.permutation(rows * per_seq).reshape(rows, per_seq)
+    # Each row a sequence in its slot, its pages scattered over the pool, its chunk at --offset.
+    sequences = [Sequence(tuple(rng.integers(0, config.vocab_size, args.offset + chunk).tolist()),
+                          1, sampling=(0.0, 0, 1.0, 0), slot=i, pages=table[i].tolist(),
+                          end=args.max_len - 1) for i in range(rows)]
+    for sequence in sequences:
+        sequence.prefill_ids = sequence.prompt
+    runner.edit([SlotEdit(i, sequence, -1) for i, sequence in enumerate(sequences)])
+    chunks = [PrefillChunk(sequence, args.offset, chunk, False) for sequence in sequences]
 
     def call():
-        out = engine.prefill_program(engine.decoder.state, engine.pages, *inputs,
-                                     echo=False)
-        engine.pages = out[-1]
-        jax.block_until_ready(out)
+        jax.block_until_ready(runner.prefill(chunks, echo=False))
 
     call(), call()
     seconds = []

@@ -195,6 +195,7 @@ def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]],
                                 tpot_ms=None if tpot is None else round(tpot * 1e3, 3)))
     output_tokens = sum(len(s.tokens) for s in served)
     stats, prefill, prefix = engine.decode_stats, engine.prefill_stats, engine.scheduler.prefix
+    steps, decoded = sum(engine.runner.decode_calls.values()), stats.decoded + prefill.decoded
     row = dict(completed=sum(r["generated"] == r["output_len"] and r["reason"] == "length"
                              for r in per_request),
                output_tokens=output_tokens, wall_s=round(wall, 3),
@@ -202,17 +203,17 @@ def serve(decoder, loads: list[Load], args, log) -> tuple[dict, list[list[int]],
                mean_active_slots=round(sum(s.times[-1] - s.times[0] for s in served
                                            if s.times) / wall, 2),
                **_percentiles("ttft", ttfts), **_percentiles("tpot", tpots),
-               decode_steps=stats.steps, decode_tokens=stats.rows,
-               decode_batch_mean=round(stats.rows / stats.steps, 2) if stats.steps else None,
+               decode_steps=steps, decode_tokens=decoded,
+               decode_batch_mean=round(decoded / steps, 2) if steps else None,
                decode_context_mean=(round(stats.positions / stats.decoded, 1) if stats.decoded
                                     else None),
-               decode_step_ms=round(stats.seconds / stats.steps * 1e3, 4) if stats.steps else None,
-               decode_wait_ms=round(stats.waited / stats.steps * 1e3, 4) if stats.steps else None,
+               decode_step_ms=round(stats.seconds / stats.timed * 1e3, 4) if stats.timed else None,
+               decode_wait_ms=round(stats.waited / stats.timed * 1e3, 4) if stats.timed else None,
                decode_transfers=stats.transfers,
                decode_buckets={str(b): n for b, n in sorted(engine.runner.decode_calls.items())},
                prefill_iterations=prefill.steps, prefill_tokens=prefill.rows,
                prefill_s=round(prefill.seconds, 3),
-               prefill_tokens_per_s=(round(prefill.rows / prefill.seconds, 1)
+               prefill_tokens_per_s=(round(prefill.timed_rows / prefill.seconds, 1)
                                      if prefill.seconds else None),
                prefill_share=round(prefill.seconds / wall, 3),
                prefix_cache_queries=prefix.queries, prefix_cache_hits=prefix.hits,

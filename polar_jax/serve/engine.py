@@ -331,11 +331,11 @@ class Engine:
         waiting = time.perf_counter()
         prefill_out, decode_out = jax.device_get((dispatched.prefill_out, dispatched.decode_out))
         ready = time.perf_counter()
+        seconds = None
         if dispatched.stats is not None:
             if self._last_ready is not None:
-                dispatched.stats.add(ready - self._last_ready, ready - waiting, dispatched.counts)
-                self.observer.step(ready - self._last_ready, len(self.scheduler.running),
-                                   self.queue_length, self.pool.used)
+                seconds = ready - self._last_ready
+            dispatched.stats.add(dispatched.counts, seconds, ready - waiting)
             self._last_ready = ready
         first_tokens = None if prefill_out is None else unpack_sampled(prefill_out[0])
         for i, (chunk, admissions, first) in enumerate(dispatched.prefill):
@@ -362,6 +362,9 @@ class Engine:
         for slot, sequence in dispatched.decode.items():
             if not sequence.finished:
                 self._emit(sequence, *(x[slot] for x in decode_out))
+        if seconds is not None:
+            self.observer.step(seconds, len(self.scheduler.running), self.queue_length,
+                               self.pool.used)
 
     def _emit(self, sequence: Sequence, token, logprob, top_ids, top_logp) -> None:
         """Sends a new token; ends the request at EOS, `max_tokens` or the context."""

@@ -85,26 +85,31 @@ class Observer(Protocol):
 class ProgramStats:
     """Totals over the engine's iterations of one kind since `start`: decode (a decode step
     alone) or prefill (prefill chunks, and a decode step when sequences decode): iterations,
-    rows summed over them (decoding sequences; prefill tokens), seconds (from the previous
-    iteration's results to this one's, while the engine is busy: the device's time per
-    iteration when the host keeps up), `waited` (of those seconds, the host's wait for the
-    results: near 0, the host is the bottleneck), explicit host-to-device transfers, and the
-    decoding sequences' positions summed over the iterations (their mean context is
-    `positions / decoded`)."""
+    rows summed over them (decoding sequences; prefill tokens), explicit host-to-device
+    transfers, the sequences decoded and their positions summed (their mean context is
+    `positions / decoded`); and over the `timed` ones (those that followed another while the
+    engine was busy, `timed_rows` their rows) `seconds` (from the previous iteration's results to this one's: the
+    device's time per iteration when the host keeps up) and `waited` (of those seconds, the
+    host's wait for the results)."""
 
     steps: int = 0
     rows: int = 0
-    seconds: float = 0.0
     transfers: int = 0
     decoded: int = 0
     positions: int = 0
+    timed: int = 0
+    timed_rows: int = 0
+    seconds: float = 0.0
     waited: float = 0.0
 
-    def add(self, seconds: float, waited: float, counts: "IterationCounts") -> None:
+    def add(self, counts: "IterationCounts", seconds: float | None = None,
+            waited: float = 0.0) -> None:
         self.steps, self.rows = self.steps + 1, self.rows + counts.rows
-        self.seconds, self.waited = self.seconds + seconds, self.waited + waited
         self.transfers += counts.transfers
         self.decoded, self.positions = self.decoded + counts.decoded, self.positions + counts.positions
+        if seconds is not None:
+            self.timed, self.timed_rows = self.timed + 1, self.timed_rows + counts.rows
+            self.seconds, self.waited = self.seconds + seconds, self.waited + waited
 
 
 @dataclasses.dataclass(frozen=True)

@@ -369,7 +369,7 @@ class Runner:
     def warm_up(self, progress: Callable[[str], None] | None = None) -> int:
         """Compiles every program the engine can call by running it on empty slots (both
         prefill variants, the decode step per bucket, the edit); returns how many.
-        `progress(line)` hears of each, with its seconds."""
+        `progress(line)` hears of each: its name, "(i of N)" and its seconds."""
         programs = [("prefill", lambda: self.prefill([], False)),
                     ("prefill with echo", lambda: self.prefill([], True))]
         for bucket in self.buckets:
@@ -384,7 +384,7 @@ class Runner:
             start = time.perf_counter()
             jax.block_until_ready(run())
             if progress is not None:
-                progress(f"compiled {name} ({i + 1} of {len(programs)}) in "
+                progress(f"{name} ({i + 1} of {len(programs)}) in "
                          f"{time.perf_counter() - start:.1f} s")
         self.decode_calls.clear()
         return len(programs)
