@@ -23,20 +23,21 @@ def _scheduler(pages=64, slots=4, page_size=4, max_len=64, rows=2, chunk=8, budg
                      buckets=tuple(b for b in (1, 2, 4, 8) if b < slots) + (slots,))
 
 
-def _read(scheduler, iteration, rng=random.Random(0)):
+def _read(scheduler, iteration):
     """What the engine does with an iteration's tokens: each sampled token appended (random
-    ids, never EOS), the sequences at `max_tokens` finished."""
+    ids, never EOS), the sequences at `max_tokens` or the context finished."""
     sampled = [c.sequence for c in iteration.prefill if c.finishes and not c.sequence.resumed]
     for sequence in sampled + list(iteration.decode.values()):
         if sequence.finished:
             continue
-        sequence.generated.append(rng.randrange(1000))
-        if len(sequence.generated) == sequence.max_tokens:
+        sequence.generated.append(random.randrange(1000))
+        if (len(sequence.generated) == sequence.max_tokens
+                or len(sequence.prompt) + len(sequence.generated) >= scheduler.max_len):
             scheduler.finish(sequence)
 
 
-def _prompt(n, rng=random.Random(1)):
-    return tuple(rng.randrange(1000) for _ in range(n))
+def _prompt(n):
+    return tuple(random.randrange(1000) for _ in range(n))
 
 
 def test_first_come_first_served_into_packed_slots_and_the_smallest_bucket():
@@ -101,7 +102,9 @@ def test_the_token_budget_bounds_prefill_beside_decoding_sequences():
 
 
 def test_pages_grow_and_the_newest_is_preempted_once_its_tokens_are_read():
-    s = _scheduler(pages=6, slots=3, page_size=4, max_len=64)
+    """A pool of 6 pages of 4 tokens (one sequence of --max-len 24 fits) and two sequences
+    that grow to the context."""
+    s = _scheduler(pages=6, slots=3, page_size=4, max_len=24)
     old, new = Sequence(_prompt(6), 40), Sequence(_prompt(6), 40)
     s.add(old)
     s.add(new)
@@ -144,8 +147,9 @@ def test_prefix_pages_are_shared_cached_after_use_and_evicted_least_recent_first
     b = Sequence(system + _prompt(5), 2)
     s.add(b)
     _read(s, first)
-    s.schedule()
-    assert b.pages[:3] == a.pages[:3] and b.computed == 12  # shared, not computed again
+    step = s.schedule()
+    assert b.pages[:3] == a.pages[:3]  # shared, not computed again: b's chunk starts at 12
+    assert [(c.sequence, c.start, c.length) for c in step.prefill] == [(b, 12, 5)]
     assert s.prefix.queries == 15 + 17 and s.prefix.hits == 12
     shared, own = b.pages[:3], b.pages[3]  # own: b's fourth page, full, hashed
     s.finish(a)  # the shared pages stay held by b
@@ -194,6 +198,11 @@ def test_echo_and_no_prefix_cache_compute_every_page():
         s.add(b)
         s.schedule()
         assert s.prefix.hits == 0 and not set(a.pages) & set(b.pages)
+
+
+def test_a_pool_smaller_than_one_sequence_is_refused():
+    with pytest.raises(ValueError, match="5 pages cannot hold one sequence of 24 positions"):
+        _scheduler(pages=5, page_size=4, max_len=24)
 
 
 def test_page_hashes_are_prefix_chains():

@@ -135,6 +135,9 @@ class Scheduler:
     def __init__(self, *, num_slots: int, pool: PagePool, page_size: int, max_len: int,
                  prefill_rows: int, prefill_chunk: int, max_batched_tokens: int,
                  buckets: tuple[int, ...]):
+        if pool.num_pages < pages_for(max_len, page_size):  # a preempted one could never return
+            raise ValueError(f"a pool of {pool.num_pages} pages cannot hold one sequence of "
+                             f"{max_len} positions")
         self.num_slots, self.pool, self.page_size, self.max_len = num_slots, pool, page_size, max_len
         self.prefill_rows, self.prefill_chunk = prefill_rows, prefill_chunk
         self.max_batched_tokens, self.buckets = max_batched_tokens, buckets
