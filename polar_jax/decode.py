@@ -12,7 +12,6 @@ sampling settings, the seed and the number of new tokens are traced values.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -198,12 +197,9 @@ class Decoder:
             if sparsity.int8_mlp_up:
                 router_module.check_int8_mlp_up()
         if routers is not None or pages.on:
-            build = functools.partial(SparsityPlan.build, config, metadata,
-                                      1.0 if routers is None else sparsity.attn_topk,
-                                      sparsity.dense_layers, shards=tp_size(mesh),
-                                      page_rule=pages.rule())
-            build(1)  # reject bad settings now, not at the first trace
-            plan_for_batch = lambda batch: build(mlp_batch_size=batch)
+            plan_for_batch = SparsityPlan.per_batch(
+                config, metadata, 1.0 if routers is None else sparsity.attn_topk,
+                sparsity.dense_layers, tp_size(mesh), pages.rule())
         return cls(config, model_dir.load(dtype, mesh), model_dir.tokenizer, model_dir.eos_ids,
                    router_module, plan_for_batch, mesh, sparsity.router_weights, pages.size)
 

@@ -17,7 +17,8 @@ Two executions of the same selection rule:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -44,6 +45,7 @@ from pallas_kernels.page_selection import PageRule, keep_mask, page_summaries, q
 from pallas_kernels.selection import (
     DENSE_MLP_FRACTION,
     TIE_BREAK,
+    CALIBRATION_BATCH_SIZES,
     batch_neuron_scores,
     groups_to_keep,
     per_shard_k,
@@ -130,6 +132,27 @@ class SparsityPlan:
         pages = None if page_rule is None else tuple(
             None if i in dense_layers else page_rule for i in range(config.num_layers))
         return cls(attn, mlp, shards, pages)
+
+    @classmethod
+    def per_batch(cls, config: ModelConfig, metadata: dict | None, attn_topk: float | None = None,
+                  dense_layers=None, shards: int = 1, page_rule: PageRule | None = None
+                  ) -> Callable[[int], "SparsityPlan"]:
+        """`build` as a function of the batch size, the one source of every decode program's
+        plan (`generate`'s per shape bucket, the engine's per batch bucket, `bench decode`'s
+        per row): the MLP's k is calibrated per batch size, the rest is fixed. The settings are
+        checked now (at batch 1), not at the first trace; plans are memoized."""
+        plan = functools.cache(lambda batch: cls.build(config, metadata, attn_topk, dense_layers,
+                                                       batch, shards, page_rule))
+        plan(1)
+        return plan
+
+
+def mlp_density_metadata(config: ModelConfig, density: float) -> dict:
+    """Routers' metadata keeping `density` of every layer's MLP neurons (rounded to a multiple
+    of 128, at least 128) at every calibrated batch size: benchmarks of a given MLP sparsity
+    without calibrated routers."""
+    k = min(config.mlp_dim, max(128, round(density * config.mlp_dim / 128) * 128))
+    return {"mlp_topk": {str(CALIBRATION_BATCH_SIZES[-1]): [k] * config.num_layers}}
 
 
 class DecodeRoute(NamedTuple):

@@ -48,11 +48,11 @@ def dense():
     """(decoder, started engine) shared by the tests that need no special pool: 3 slots, so
     some of 7 requests wait; a chunk of 8 tokens, so longer prompts prefill in pieces."""
     decoder = _decoder(False)
-    # The decode step's greedy and sampling variants, as on a GPU (a CPU's default is one).
+    # The decode step's tokens-only and full variants, as on a GPU (a CPU's default is one).
     engine = Engine(decoder, max_slots=3, max_len=64, prefill_chunk=8, prefill_rows=2,
-                    greedy_variants=True)
+                    decode_variants=True)
     engine.start()
-    assert engine.runner.greedy_variants == (True, False)
+    assert engine.runner.decode_variants == (True, False)
     yield decoder, engine
     engine.shutdown()
 
@@ -64,6 +64,8 @@ async def _run(engine: Engine, requests, delays, logprobs: bool = False):
         await asyncio.sleep(delay)
         events = [event async for event in engine.submit(request)]
         assert all(isinstance(e, Token) for e in events[:-1]) and isinstance(events[-1], Done)
+        # a log-probability exactly where asked for (the tokens-only step computes none)
+        assert all((e.logprob is None) == (request.logprobs is None) for e in events[:-1])
         if logprobs:
             return [e.id for e in events[:-1]], [e.logprob for e in events[:-1]], events[-1]
         return [e.id for e in events[:-1]], events[-1]

@@ -13,7 +13,8 @@ import pytest
 
 from models.kv_cache import PagedKVCache
 from pallas_kernels import sparse_decode_attention
-from pallas_kernels.page_selection import PageRule, keep_mask, select_pages, visible_pages
+from pallas_kernels.page_selection import (PageRule, keep_mask, quest_scores, select_pages,
+                                           visible_pages)
 from polar_jax.sparsity import page_masked_attention
 
 
@@ -87,6 +88,23 @@ def test_summaries_follow_token_and_chunk_writes_and_reused_pages(rng, page_size
 
 
 # --- the selector ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("queries", [1, 3])  # the decode step's fused form; evaluation's matmuls
+def test_quest_scores_against_float64(rng, queries):
+    """Quest's bound, max over the group's query heads of sum_d max(q_d kmin_d, q_d kmax_d),
+    from bfloat16 summaries, against float64 numpy."""
+    B, K, G, P, D = 3, 2, 4, 11, 16
+    q = rng.standard_normal((B, K, queries, G, D)).astype(np.float32)
+    a, b = (rng.standard_normal((B, K, P, D)) for _ in range(2))
+    kmin = jnp.asarray(np.minimum(a, b), jnp.bfloat16)
+    kmax = jnp.asarray(np.maximum(a, b), jnp.bfloat16)
+    lo, hi = (np.asarray(x, np.float64)[:, :, None, None] for x in (kmin, kmax))
+    q64 = np.asarray(q, np.float64)[..., None, :]
+    want = np.maximum(q64 * lo, q64 * hi).sum(-1).max(-2)  # [B, K, T, P]
+    got = quest_scores(jnp.asarray(q), kmin, kmax)
+    assert got.shape == (B, K, queries, P) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
 
 def test_selector_keeps_the_top_bound_pages_and_never_drops_sink_or_current():
     """Hand-made summaries: q = (1, -1); page p's keys lie in a box whose bound is known."""

@@ -369,13 +369,12 @@ def sparse_plan(config, attn_topk: float, batch: int, mlp_topk: dict | None = No
     MLP k `mlp_density` of the neurons in every layer (a multiple of 128), else the routers'
     calibrated `mlp_topk` for this batch size, else (random routers) a dense MLP; the page
     rule `page_rule` (but in `dense_layers`)."""
-    from polar_jax.sparsity import SparsityPlan
+    from polar_jax.sparsity import SparsityPlan, mlp_density_metadata
 
-    if mlp_density is not None:
-        k = round(mlp_density * config.mlp_dim / 128) * 128
-        mlp_topk = {str(batch): [min(config.mlp_dim, max(128, k))] * config.num_layers}
-    return SparsityPlan.build(config, {"mlp_topk": mlp_topk} if mlp_topk else None, attn_topk,
-                              dense_layers, batch, shards=shards, page_rule=page_rule)
+    metadata = ({"mlp_topk": mlp_topk} if mlp_topk else None) if mlp_density is None else (
+        mlp_density_metadata(config, mlp_density))
+    return SparsityPlan.per_batch(config, metadata, attn_topk, dense_layers, shards,
+                                  page_rule)(batch)
 
 
 def step_hlo(hf: dict, num_layers: int, sparse: bool, dtype, mesh, batch: int, cache_len: int,
@@ -460,6 +459,15 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
         summaries = None
         if page_rule is not None:  # read and written only by the page-sparse steps
             kv_cache, summaries = PagedKVCache(kv_cache.pages, kv_cache.block_table), kv_cache.summaries
+
+        def with_summaries(measure):
+            """`measure(cache)`'s result over the cache with its page summaries (which it
+            returns updated beside the result)."""
+            nonlocal kv_cache, summaries
+            result, cache = measure(dataclasses.replace(kv_cache, summaries=summaries))
+            kv_cache, summaries = PagedKVCache(cache.pages, cache.block_table), cache.summaries
+            return result
+
         for context in context_lens:
             base = dict(arch=name, batch=batch, context=context, tp=tp, dp=dp,
                         kv_layout="contiguous" if page_size is None else f"paged {page_size}",
@@ -500,12 +508,9 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                 row["sparse_pct_roofline"] = round(100 * sparse_roof / sparse_w, 1)
                 row["roofline_speedup"] = round(dense_roof / sparse_roof, 3)
                 if paged is not None:
-                    paged_ms, with_summaries = time_steps(
-                        paged[1], state, router_state, dataclasses.replace(kv_cache,
-                                                                           summaries=summaries),
-                        batch, context, steps, repeats, mesh)
-                    kv_cache = PagedKVCache(with_summaries.pages, with_summaries.block_table)
-                    summaries = with_summaries.summaries
+                    paged_ms = with_summaries(lambda cache: time_steps(
+                        paged[1], state, router_state, cache, batch, context, steps, repeats,
+                        mesh))
                     paged_w = whole_model(paged_ms, fixed_ms, scale)
                     paged_roof = whole_model(nbytes.paged / bandwidth * 1e3, fixed_ms, scale)
                     row.update(page_topk=page_rule.topk, page_budget=page_rule.budget,
@@ -518,9 +523,17 @@ def run_subject(subject: Subject, batch_sizes, context_lens, fractions,
                                paged_pct_roofline=round(100 * paged_roof / paged_w, 1))
                 if breakdown and fraction == fractions[0]:
                     row["breakdown_us_per_layer"] = {}
-                    for mode, loop, routers in (("dense", dense_run, None), ("sparse", run, router_state)):
-                        parts, kv_cache = profile_steps(loop, state, routers, kv_cache, batch,
-                                                        context, steps, config.num_layers, mesh)
+                    modes = [("dense", dense_run, None), ("sparse", run, router_state)]
+                    if paged is not None:
+                        modes.append(("paged", paged[1], router_state))
+                    for mode, loop, routers in modes:
+                        profile = lambda cache: profile_steps(loop, state, routers, cache, batch,
+                                                              context, steps, config.num_layers,
+                                                              mesh)
+                        if mode == "paged":
+                            parts = with_summaries(profile)
+                        else:
+                            parts, kv_cache = profile(kv_cache)
                         row["breakdown_us_per_layer"][mode] = parts
                         log(f"  {mode} us per layer: span {parts['span']}: " + ", ".join(
                             f"{k} {v}" for k, v in parts["parts"].items()))

@@ -73,7 +73,7 @@ def run(model: str, routers: str | None, attn_topks: list[float], batch_size: in
     if routers is not None:
         router_module, metadata = load_routers(routers, config)
         for fraction in attn_topks:
-            plan = lambda batch, f=fraction: SparsityPlan.build(config, metadata, f, (0,), batch)
+            plan = SparsityPlan.per_batch(config, metadata, fraction, (0,))
             sparse = Decoder(config, params, tokenizer, eos_ids=[], routers=router_module,
                              plan_for_batch=plan)
             row = dict(base, mode="sparse", attn_topk=fraction, dtype=rows[0]["dtype"],

@@ -243,10 +243,9 @@ def build_decoder(mode: str, args, config, model, tokenizer):
     `--routers`, else random), MLP k from `--mlp-density` (every layer), else the routers'
     calibration, else a dense MLP; pages: sparse, and the page rule of `--page-topk` or
     `--page-budget` inside the kept groups."""
-    from pallas_kernels.selection import CALIBRATION_BATCH_SIZES
     from polar_jax.bench.decode import RANDOM_ROUTER_RANK
     from polar_jax.decode import Decoder
-    from polar_jax.sparsity import SparsityPlan
+    from polar_jax.sparsity import SparsityPlan, mlp_density_metadata
     from routers.model import Routers, load_routers
 
     if mode == "dense":
@@ -256,11 +255,9 @@ def build_decoder(mode: str, args, config, model, tokenizer):
     else:
         routers, metadata = load_routers(args.routers, config)
     if args.mlp_density is not None:
-        k = min(config.mlp_dim, max(128, round(args.mlp_density * config.mlp_dim / 128) * 128))
-        metadata = {"mlp_topk": {str(CALIBRATION_BATCH_SIZES[-1]): [k] * config.num_layers}}
-    rule = args.pages.rule() if mode == "pages" else None
-    plan = lambda batch: SparsityPlan.build(config, metadata, args.attn_topk, (0,), batch,
-                                            page_rule=rule)
+        metadata = mlp_density_metadata(config, args.mlp_density)
+    plan = SparsityPlan.per_batch(config, metadata, args.attn_topk, (0,),
+                                  page_rule=args.pages.rule() if mode == "pages" else None)
     return Decoder(config, model, tokenizer, eos_ids=(), routers=routers, plan_for_batch=plan,
                    page_size=args.page_size)
 

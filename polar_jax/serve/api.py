@@ -180,7 +180,7 @@ class Api:
 
         req, ids, echoed = await self._parsed(request, parse)
         choices = self._submit(ids, req.n, req.stops, "prompt", req.sampling,
-                               logprobs=req.logprobs or 0, echo=req.echo)
+                               logprobs=req.logprobs, echo=req.echo)
         prefix = lambda choice: echoed[choice.index // req.n]
         head = protocol.head("cmpl", self.model_name) | {"object": "text_completion"}
 

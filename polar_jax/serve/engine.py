@@ -89,7 +89,7 @@ class Engine:
                  gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION,
                  max_batched_tokens: int | None = None, prefix_cache: bool = True,
                  batch_buckets: collections.abc.Sequence[int] | None = None,
-                 greedy_variants: bool | None = None, observer: Observer | None = None):
+                 decode_variants: bool | None = None, observer: Observer | None = None):
         """`max_slots`: sequences decoded together at most; `max_len`: a sequence's positions
         (default the model's); `prefill_rows` chunks of `prefill_chunk` tokens prefilled per
         iteration at most, and `max_batched_tokens` tokens with the decoding sequences (default:
@@ -98,7 +98,7 @@ class Engine:
         allocator's limit, which `polar-jax serve` sets from the same fraction);
         `prefix_cache`: reuse the cached pages of a prompt's prefix; `batch_buckets`: the
         decode step's batch sizes (default 1, 2, 4, ... up to `max_slots`);
-        `greedy_variants`: `Runner`'s (default: on a GPU)."""
+        `decode_variants`: `Runner`'s (default: on a GPU)."""
         config = decoder.config
         if dp_size(decoder.mesh) > 1 or jax.process_count() > 1:
             raise PolarJaxError("the engine splits the model over devices (--tp) in one process; "
@@ -135,8 +135,8 @@ class Engine:
                              page_size=page_size, prefill_rows=prefill_rows,
                              prefill_chunk=prefill_chunk, buckets=buckets,
                              eos_ids=tuple(sorted(self.eos_ids)),
-                             greedy_variants=validate.boolean("greedy_variants", greedy_variants)
-                             if greedy_variants is not None else None)
+                             decode_variants=validate.boolean("decode_variants", decode_variants)
+                             if decode_variants is not None else None)
         self.memory = self.runner.plan_memory(kv_pages, fraction)
         self.pool = PagePool(self.memory.num_pages, prefix_cache)
         self.runner.allocate(self.memory.num_pages)
@@ -316,8 +316,9 @@ class Engine:
             echo = any(c.sequence.echo and not c.sequence.resumed for c in iteration.prefill)
             prefill_out = runner.prefill(iteration.prefill, echo)
         if iteration.decode:
-            all_greedy = all(s.sampling[0] <= 0 for s in iteration.decode.values())
-            decode_out = runner.decode(iteration.bucket, all_greedy)
+            tokens_only = all(s.sampling[0] <= 0 and s.payload.request.logprobs is None
+                              for s in iteration.decode.values())
+            decode_out = runner.decode(iteration.bucket, tokens_only)
         stats, rows = ((self.prefill_stats, sum(c.length for c in iteration.prefill))
                        if iteration.prefill else (self.decode_stats, len(iteration.decode)))
         counts = IterationCounts(rows, runner.transfers - transfers, len(iteration.decode),
@@ -350,7 +351,7 @@ class Engine:
                 following = min(chunk.length, len(sequence.prompt) - 1 - chunk.start)
                 chosen, ids, logps = (x[i, :following] for x in prefill_out[1])
                 live.prompt_logprobs.extend(chosen.tolist())
-                n = live.request.logprobs
+                n = live.request.logprobs or 0
                 live.prompt_top_logprobs.extend(tuple(zip(a[:n].tolist(), b[:n].tolist()))
                                                 for a, b in zip(ids, logps))
             if first:
@@ -369,9 +370,12 @@ class Engine:
     def _emit(self, sequence: Sequence, token, logprob, top_ids, top_logp) -> None:
         """Sends a new token; ends the request at EOS, `max_tokens` or the context."""
         n = sequence.payload.request.logprobs
-        top = tuple(zip(top_ids[:n].tolist(), top_logp[:n].tolist()))
         token = int(token)
-        sequence.payload.stream._put(Token(token, float(logprob), top))
+        if n is None:
+            sequence.payload.stream._put(Token(token, None))
+        else:
+            top = tuple(zip(top_ids[:n].tolist(), top_logp[:n].tolist()))
+            sequence.payload.stream._put(Token(token, float(logprob), top))
         sequence.generated.append(token)
         if token in self.eos_ids:
             self._finish(sequence, "stop")

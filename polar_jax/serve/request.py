@@ -35,7 +35,8 @@ class EngineBusy(PolarJaxError):
 class Request:
     """One completion: prompt token ids, at most `max_tokens` new ones (OpenAI's default 16),
     sampling settings (temperature 0: greedy), `logprobs` alternatives per new token (0 to
-    `TOP_LOGPROBS`), `echo`: also the prompt's log-probabilities."""
+    `TOP_LOGPROBS`; None: no log-probabilities, so that a step whose rows are all greedy and
+    want none computes only an argmax), `echo`: also the prompt's log-probabilities."""
 
     prompt: tuple[int, ...]
     max_tokens: int = 16
@@ -43,16 +44,17 @@ class Request:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    logprobs: int = 0
+    logprobs: int | None = None
     echo: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Token:
-    """A new token, its log-probability and (if asked) the best alternatives, best first."""
+    """A new token, its log-probability (None unless the request asked for log-probabilities)
+    and (if asked) the best alternatives, best first."""
 
     id: int
-    logprob: float
+    logprob: float | None
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
@@ -193,7 +195,8 @@ def check_request(request: Request, vocab_size: int, max_len: int) -> Request:
         validate.integer("max_tokens", request.max_tokens, low=1)
         sampling = SamplingParams(request.temperature, request.top_k, request.top_p).validated()
         settings.check("seed", request.seed)
-        validate.integer("logprobs", request.logprobs, low=0, high=TOP_LOGPROBS)
+        if request.logprobs is not None:
+            validate.integer("logprobs", request.logprobs, low=0, high=TOP_LOGPROBS)
         validate.boolean("echo", request.echo)
     except PolarJaxError as err:
         raise RequestError(str(err)) from None

@@ -110,10 +110,13 @@ class PrefillBatch:
     resume: np.ndarray
 
 
-def _sampled(logits, tokens):
+def _sampled(logits, tokens, tokens_only: bool = False):
     """int32 `[B, 2 + 2 K]` of float32 logits `[B, V]` and the tokens sampled from them: per
     row the token, its log-probability, the K = `TOP_LOGPROBS` best ids and their
-    log-probabilities (floats as their bits: one transfer to the host; `unpack_sampled`)."""
+    log-probabilities (floats as their bits: one transfer to the host; `unpack_sampled`);
+    `tokens_only`: the tokens alone, `[B, 1]`."""
+    if tokens_only:
+        return tokens[:, None]
     logp = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)
     top_logp, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
@@ -128,7 +131,10 @@ def _pool(cache: PagedKVCache):
 
 def unpack_sampled(rows: np.ndarray):
     """(tokens, their log-probabilities, the best ids, their log-probabilities) of
-    `_sampled`'s rows, on the host."""
+    `_sampled`'s rows, on the host (NaN and no alternatives where it took the tokens only)."""
+    if rows.shape[1] == 1:
+        nan = np.full(len(rows), np.nan, np.float32)
+        return rows[:, 0], nan, np.zeros((len(rows), 0), np.int32), np.zeros((len(rows), 0), np.float32)
     k = (rows.shape[1] - 2) // 2
     return rows[:, 0], rows[:, 1].view(np.float32), rows[:, 2:2 + k], rows[:, 2 + k:].view(np.float32)
 
@@ -138,18 +144,19 @@ class Runner:
 
     def __init__(self, decoder: Decoder, *, max_slots: int, max_len: int, page_size: int,
                  prefill_rows: int, prefill_chunk: int, buckets: tuple[int, ...],
-                 eos_ids: tuple[int, ...], greedy_variants: bool | None = None):
-        """`greedy_variants`: a greedy and a sampling decode step per bucket, the host choosing
-        (default on a GPU, where a `lax.cond` reads its predicate on the host); else one step
-        that decides on the device."""
+                 eos_ids: tuple[int, ...], decode_variants: bool | None = None):
+        """`decode_variants`: two decode steps per bucket, the host choosing (default on a GPU,
+        where a `lax.cond` reads its predicate on the host): one for steps whose rows are all
+        greedy and want no log-probabilities (an argmax, nothing else), one for the rest; else
+        one step that decides on the device whether to sort."""
         self.decoder, self.config = decoder, decoder.config
         self.max_slots, self.max_len, self.page_size = max_slots, max_len, page_size
         self.prefill_rows, self.prefill_chunk, self.buckets = prefill_rows, prefill_chunk, buckets
         self.pages_per_seq = -(-max_len // page_size)
         self.eos_ids = np.asarray(eos_ids or (-1,), np.int32)
-        if greedy_variants is None:
-            greedy_variants = jax.default_backend() == "gpu"
-        self.greedy_variants = (True, False) if greedy_variants else (None,)
+        if decode_variants is None:
+            decode_variants = jax.default_backend() == "gpu"
+        self.decode_variants = (True, False) if decode_variants else (None,)
         sparse = decoder.plan_for_batch is not None  # routers, or page sparsity alone
         self.plans = {b: decoder.plan_for_batch(b) if sparse else None for b in buckets}
         self.summaries = decoder.page_sparse  # the pool keeps page summaries
@@ -164,7 +171,7 @@ class Runner:
         self.prefill_program = jax.jit(self._prefill_program, static_argnames=("echo",),
                                        donate_argnames=("pool", "slots"))
         self.decode_program = jax.jit(self._decode_program,
-                                      static_argnames=("bucket", "plan", "all_greedy"),
+                                      static_argnames=("bucket", "plan", "tokens_only"),
                                       donate_argnames=("pool", "slots"))
         self.edit_program = jax.jit(self._edit_program, donate_argnames=("slots",))
 
@@ -294,18 +301,21 @@ class Runner:
         return (_sampled(logits, first), prompt_logp), slots, _pool(out.kv_cache)
 
     def _decode_program(self, weights, routers, pool, slots: Slots, *, bucket: int, plan,
-                        all_greedy: bool | None):
+                        tokens_only: bool | None):
         """One `decode_step` over slots `[0, bucket)`: the next tokens with their
         log-probabilities and alternatives (`_sampled`); the slots advanced (stopped at EOS
-        and `end`); the pool. `all_greedy`: no row samples (decided on the host, which knows
-        every row's settings, so that no `lax.cond` makes a GPU wait for the logits before the
-        call returns; None: decided on the device)."""
+        and `end`); the pool. `tokens_only`: True, every row is greedy and wants no
+        log-probabilities (the step takes an argmax and returns the tokens alone); False, some
+        row samples or wants them (decided on the host, which knows every row's settings, so
+        that no `lax.cond` makes a GPU wait for the logits before the call returns); None:
+        whether to sort is decided on the device."""
         model = nnx.merge(self.decoder.graphdef, jax.tree.unflatten(self._weights_def, weights))
         routers = jax.tree.unflatten(self._routers_def, routers)
         rows = slots.rows(slice(0, bucket))
         mesh = self.decoder.mesh
         sample = lambda logits: sample_rows(logits, rows.sampling(), rows.seeds,
-                                             rows.positions + 1, mesh, all_greedy=all_greedy)
+                                             rows.positions + 1, mesh,
+                                             all_greedy=True if tokens_only else None)
         step = decode_step(model, DecodeState(rows.tokens, rows.positions, rows.active,
                                               PagedKVCache(pool[0], rows.block_table, pool[1])),
                            sample, routers, plan, mesh)
@@ -314,7 +324,8 @@ class Runner:
         slots = slots.replace(tokens=slots.tokens.at[:bucket].set(after.tokens),
                               positions=slots.positions.at[:bucket].set(after.positions),
                               active=slots.active.at[:bucket].set(active))
-        return _sampled(step.logits, step.next_tokens), slots, _pool(after.kv_cache)
+        return (_sampled(step.logits, step.next_tokens, bool(tokens_only)), slots,
+                _pool(after.kv_cache))
 
     # -- dispatch (asynchronous: each returns the device outputs, not yet read) ---------------
 
@@ -356,13 +367,13 @@ class Runner:
             self._weights, self.pool, self.slots, self._put(batch), echo=echo)
         return out
 
-    def decode(self, bucket: int, all_greedy: bool = True):
-        """Dispatches one decode step over slots `[0, bucket)` (`all_greedy`: no decoding row
-        samples); its outputs."""
+    def decode(self, bucket: int, tokens_only: bool = True):
+        """Dispatches one decode step over slots `[0, bucket)` (`tokens_only`: every decoding
+        row is greedy and wants no log-probabilities); its outputs."""
         out, self.slots, self.pool = self.decode_program(
             self._weights, self._routers, self.pool, self.slots, bucket=bucket,
             plan=self.plans[bucket],
-            all_greedy=all_greedy if self.greedy_variants != (None,) else None)
+            tokens_only=tokens_only if self.decode_variants != (None,) else None)
         self.decode_calls[bucket] += 1
         return out
 
@@ -375,10 +386,10 @@ class Runner:
         for bucket in self.buckets:
             plan = self.plans[bucket]
             detail = "" if plan is None else f", MLP k for up to {bucket} sequences"
-            for greedy in self.greedy_variants:
+            for tokens_only in self.decode_variants:
                 programs.append((f"decode step (batch {bucket}{detail}"
-                                 f"{', sampling' if greedy is False else ''})",
-                                 lambda bucket=bucket, greedy=greedy: self.decode(bucket, greedy)))
+                                 f"{', sampling and log-probabilities' if tokens_only is False else ''})",
+                                 lambda bucket=bucket, only=tokens_only: self.decode(bucket, only)))
         programs.append(("slot edit", lambda: self.edit([])))
         for i, (name, run) in enumerate(programs):
             start = time.perf_counter()
