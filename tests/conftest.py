@@ -7,14 +7,30 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
 # Eight CPU devices for the multi-device tests (set before JAX starts its backend); every
-# single-device test runs on the first, as without the flag.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+# single-device test runs on the first, as without the flag. Without a GPU, the CPU backend's
+# LLVM at optimization level 0: the suite's time is mostly compiling tiny models, which this
+# cuts by a third (tests/test_engine.py and test_page_decode.py on 2 cores: 211 -> 130 s); the
+# tests assert values, never speed. Subprocesses (the command-line tests) inherit both.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags and not os.path.exists("/dev/nvidiactl"):
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
+
+# XLA's compiled programs cached on disk, shared by the xdist workers and the command-line
+# tests' subprocesses (which inherit these variables): the suite compiles the same fixture
+# programs in many processes. Kept between runs (a developer's second run compiles little);
+# the tests that check for recompilation count lowerings, which a cache hit does not skip.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "polar-jax-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

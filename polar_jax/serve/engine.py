@@ -369,13 +369,9 @@ class Engine:
 
     def _emit(self, sequence: Sequence, token, logprob, top_ids, top_logp) -> None:
         """Sends a new token; ends the request at EOS, `max_tokens` or the context."""
-        n = sequence.payload.request.logprobs
-        token = int(token)
-        if n is None:
-            sequence.payload.stream._put(Token(token, None))
-        else:
-            top = tuple(zip(top_ids[:n].tolist(), top_logp[:n].tolist()))
-            sequence.payload.stream._put(Token(token, float(logprob), top))
+        n, token = sequence.payload.request.logprobs, int(token)
+        sequence.payload.stream._put(Token(token, None) if n is None else Token(
+            token, float(logprob), tuple(zip(top_ids[:n].tolist(), top_logp[:n].tolist()))))
         sequence.generated.append(token)
         if token in self.eos_ids:
             self._finish(sequence, "stop")
