@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
-from conftest import fixture_path
+from conftest import fixture_path, run_optimized_cli
 from polar_jax.cli import main
 from polar_jax.windows import make_windows
 
@@ -28,15 +27,13 @@ def test_windows_keep_a_last_window_of_at_least_two_tokens():
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_fixture_perplexity_matches_hf(name, tmp_path, capsys):
+def test_fixture_perplexity_matches_hf(name, tmp_path):
     """Acceptance: convert, then `eval perplexity --max-tokens 65536` within 0.05% of HF."""
     src = fixture_path("fixtures", name)
     text = fixture_path("data", "wikitext2_test.txt")
     dst = tmp_path / name
     assert main(["convert", str(src), str(dst)]) == 0
-    capsys.readouterr()
-    assert main(["eval", "perplexity", "--model", str(dst), "--text", str(text),
-                 "--max-tokens", "65536", "--dtype", "float32", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = run_optimized_cli(["eval", "perplexity", "--model", dst, "--text", text,
+                                "--max-tokens", "65536", "--dtype", "float32"])
     assert result["tokens"] == SCORED_TOKENS
     assert result["perplexity"] == pytest.approx(REFERENCE[name], rel=5e-4)

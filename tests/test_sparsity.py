@@ -3,8 +3,6 @@ decode against the masked evaluation, and perplexity bounds on the fixtures."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import jax
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import DEMO, fixture_path
+from conftest import DEMO, fixture_path, run_optimized_cli
 from models.kv_cache import KVCache
 from models.sharding import kv_cache_shardings, make_mesh, param_shardings, router_shardings
 from polar_jax.cli import main
@@ -151,14 +149,10 @@ def test_teacher_forced_decode_equals_sparse_evaluation(random_model, tp, int8, 
 def _eval(name: str, routers_dir, mode: str, *extra: str) -> dict:
     """`eval perplexity --mode MODE` of the fixture over the first 16,384 tokens of WikiText-2
     test (test_perplexity checks the dense evaluation against Hugging Face on 65,536)."""
-    buffer = io.StringIO()
-    argv = ["eval", "perplexity", "--model", str(fixture_path("fixtures", name)), "--text",
-            str(fixture_path("data", "wikitext2_test.txt")), "--max-tokens", "16384",
-            "--dtype", "float32", "--mode", mode, "--attn-topk", "0.5", "--routers",
-            str(routers_dir), "--json", *extra]
-    with contextlib.redirect_stdout(buffer):
-        assert main(argv) == 0
-    return json.loads(buffer.getvalue().strip().splitlines()[-1])
+    return run_optimized_cli(["eval", "perplexity", "--model", fixture_path("fixtures", name),
+                              "--text", fixture_path("data", "wikitext2_test.txt"),
+                              "--max-tokens", "16384", "--dtype", "float32", "--mode", mode,
+                              "--attn-topk", "0.5", "--routers", routers_dir, *extra])
 
 
 @pytest.mark.parametrize("name, bound", [

@@ -132,9 +132,8 @@ def _pool(cache: PagedKVCache):
 def unpack_sampled(rows: np.ndarray):
     """(tokens, their log-probabilities, the best ids, their log-probabilities) of
     `_sampled`'s rows, on the host (NaN and no alternatives where it took the tokens only)."""
-    if rows.shape[1] == 1:
-        nan = np.full(len(rows), np.nan, np.float32)
-        return rows[:, 0], nan, np.zeros((len(rows), 0), np.int32), np.zeros((len(rows), 0), np.float32)
+    if rows.shape[1] == 1:  # a NaN log-probability (its bits) and no alternatives
+        rows = np.pad(rows, ((0, 0), (0, 1)), constant_values=np.float32(np.nan).view(np.int32))
     k = (rows.shape[1] - 2) // 2
     return rows[:, 0], rows[:, 1].view(np.float32), rows[:, 2:2 + k], rows[:, 2 + k:].view(np.float32)
 
