@@ -16,7 +16,9 @@ from pathlib import Path
 # tests assert values, never speed. Subprocesses (the command-line tests) inherit both.
 # The few execution-bound commands (router training, long evaluations) run in a subprocess
 # at the default level instead (`run_optimized_cli`), where level 0 would double their time.
-_flags = os.environ.get("XLA_FLAGS", "")
+# The flags as the session found them, kept for the xdist workers (which inherit the flags
+# set here) and `run_optimized_cli`.
+_flags = os.environ.setdefault("POLAR_JAX_TESTS_GIVEN_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
 OPTIMIZED_XLA_FLAGS = _flags.strip()

@@ -51,14 +51,16 @@ def test_collected_over_a_mesh_equals_one_device(collected, name):
     """u within one bfloat16 rounding (its stored precision: tp's all-reduces change the
     float32 sums that are rounded) and 1e-6 of its largest magnitude (near-zero values of the
     norm, where float32 cancellation dominates); group norms within 1e-5 relative; active
-    neurons equal."""
+    neurons equal but for at most 1 in 100,000 labels (a pre-activation within float32
+    rounding of zero may change sign with the all-reduce's order: 1 of 768,000 seen)."""
     one, many = collected["dp1"], collected[name]
     assert many.num_tokens == one.num_tokens == 1500
     u_one, u_many = (np.asarray(data.u).view(jnp.bfloat16).astype(np.float32) for data in (one, many))
     np.testing.assert_allclose(u_many, u_one, rtol=2**-7, atol=1e-6 * np.abs(u_one).max())
     np.testing.assert_allclose(many.group_norm, one.group_norm, rtol=1e-5,
                                atol=1e-5 * np.abs(one.group_norm).max())
-    np.testing.assert_array_equal(many.active, one.active)
+    flipped = np.unpackbits(np.asarray(many.active) ^ np.asarray(one.active))
+    assert flipped.mean() <= 1e-5, flipped.sum()
     assert 0.1 < np.unpackbits(one.active).mean() < 0.9  # the labels are not trivial
 
 
