@@ -229,8 +229,9 @@ def test_page_rule_and_settings_refuse_bad_values():
 
 def test_bench_decode_times_group_by_page_and_counts_its_bytes(tmp_path):
     """`bench decode --page-topk`: each row times dense, group-only and group x page in one
-    call; the page rule's bytes: at 4096 positions of 16-token pages, 25% keeps 64 of 256
-    pages and the summaries add 1/16 of a page's bytes per page."""
+    call (`--breakdown` profiles all three); the page rule's bytes: at 4096 positions of
+    16-token pages, 25% keeps 64 of 256 pages and the summaries add 1/16 of a page's bytes per
+    page."""
     import json
 
     from polar_jax.bench.decode import main, page_fractions
@@ -241,9 +242,13 @@ def test_bench_decode_times_group_by_page_and_counts_its_bytes(tmp_path):
     out = tmp_path / "rows.json"
     assert main(["--arch", "tiny", "--batch-sizes", "2", "--context-lens", "200",
                  "--attn-topk", "0.5", "--page-topk", "0.25", "--page-min-context", "64",
-                 "--steps", "2", "--repeats", "1", "--peer", "off", "--json", str(out)]) == 0
+                 "--steps", "2", "--repeats", "1", "--peer", "off", "--breakdown",
+                 "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["kv_layout"] == "paged 16" and row["page_topk"] == 0.25
+    breakdown = row["breakdown_us_per_layer"]
+    assert set(breakdown) == {"dense", "sparse", "paged"}
+    assert "page_select" in breakdown["paged"]["parts"] and "page_select" not in breakdown["sparse"]["parts"]
     assert row["paged_ms"] > 0 and row["paged_roofline_ms"] < row["sparse_roofline_ms"]
 
 
