@@ -305,16 +305,16 @@ class Runner:
         log-probabilities and alternatives (`_sampled`); the slots advanced (stopped at EOS
         and `end`); the pool. `tokens_only`: True, every row is greedy and wants no
         log-probabilities (the step takes an argmax and returns the tokens alone); False, some
-        row samples or wants them (decided on the host, which knows every row's settings, so
-        that no `lax.cond` makes a GPU wait for the logits before the call returns); None:
-        whether to sort is decided on the device."""
+        row samples or wants them (every row through the sampler, greedy rows taking their
+        argmax there); decided on the host, which knows every row's settings, so that no
+        `lax.cond` makes a GPU wait for the logits before the call returns. None: whether to
+        sort is decided on the device."""
         model = nnx.merge(self.decoder.graphdef, jax.tree.unflatten(self._weights_def, weights))
         routers = jax.tree.unflatten(self._routers_def, routers)
         rows = slots.rows(slice(0, bucket))
         mesh = self.decoder.mesh
         sample = lambda logits: sample_rows(logits, rows.sampling(), rows.seeds,
-                                             rows.positions + 1, mesh,
-                                             all_greedy=True if tokens_only else None)
+                                             rows.positions + 1, mesh, all_greedy=tokens_only)
         step = decode_step(model, DecodeState(rows.tokens, rows.positions, rows.active,
                                               PagedKVCache(pool[0], rows.block_table, pool[1])),
                            sample, routers, plan, mesh)
