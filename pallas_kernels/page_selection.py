@@ -71,11 +71,11 @@ def quest_scores(q, kmin, kmax):
     q `[..., T, G, D]`, kmin, kmax `[..., P, D]` (per-channel min and max of the page's keys)
     -> float32 `[..., T, P]`, sum_d max(q_d min_d, q_d max_d).
 
-    One query (T = 1, the decode step): as one elementwise product and sum, which XLA fuses
-    with the summaries' gather into one pass over them (two matmuls would first write the
-    gathered summaries and their float32 center and radius: H100, llama-3-8b B 64 / 4096,
-    ...). Several (evaluation): q . c + |q| . r with the page's center c and radius r, two
-    matmuls, without the `[T, P, D]` products."""
+    One query (T = 1, the decode step): one elementwise product and sum, which XLA fuses with
+    the summaries' gather (no gathered copy or float32 center and radius written; on an H100
+    at llama-3-8b B 64 / 4096 the step time is the same as with the matmuls, 11.71 against
+    11.70 ms: the pass over the summaries is the cost). Several (evaluation): q . c + |q| . r
+    with the page's center c and radius r, two matmuls, without `[T, P, D]` products."""
     q = q.astype(jnp.float32)
     lo, hi = kmin.astype(jnp.float32), kmax.astype(jnp.float32)
     if q.shape[-3] == 1:

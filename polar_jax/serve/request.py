@@ -90,9 +90,9 @@ class ProgramStats:
     rows summed over them (decoding sequences; prefill tokens), explicit host-to-device
     transfers, the sequences decoded and their positions summed (their mean context is
     `positions / decoded`); and over the `timed` ones (those that followed another while the
-    engine was busy, `timed_rows` their rows) `seconds` (from the previous iteration's results to this one's: the
-    device's time per iteration when the host keeps up) and `waited` (of those seconds, the
-    host's wait for the results)."""
+    engine was busy, `timed_rows` their rows) `seconds` (from the previous iteration's results
+    to this one's: the device's time per iteration when the host keeps up) and `waited` (of
+    those seconds, the host's wait for the results)."""
 
     steps: int = 0
     rows: int = 0
