@@ -122,11 +122,13 @@ class Decoder:
     def __init__(self, config: ModelConfig, model, tokenizer=None, eos_ids: Sequence[int] = (),
                  routers: Routers | None = None,
                  plan_for_batch: Callable[[int], SparsityPlan] | None = None,
-                 mesh: Mesh | None = None, router_weights: str = SparsitySettings.router_weights,
+                 mesh: Mesh | None = None, router_weights: str | None = None,
                  page_size: int = settings.DEFAULT_PAGE_SIZE):
         """With `routers`, decoding is sparse: `plan_for_batch(batch_bucket)` gives each layer's
         groups kept per sequence and MLP neurons kept for the batch (per shard, with a mesh),
-        the MLP router's second projection stored as `router_weights` says (`SparsitySettings`).
+        the MLP router's second projection stored as `router_weights` says (None: int8 where
+        there is an MLP router; `SparsitySettings.router_weights_for`, resolved in
+        `self.router_weights`).
         A plan with a page rule (page sparsity; without routers where it selects no groups or
         neurons) decodes from a paged cache of `page_size`-token pages with summaries.
         Prefill stays dense. With a `mesh` (`models.sharding.make_mesh`), the model, routers
@@ -139,7 +141,6 @@ class Decoder:
         if self.page_size is not None and dp_size(mesh) > 1:
             raise PolarJaxError("page sparsity in generate runs with --dp 1 (the page pool is "
                                 "not split over data)")
-        int8_mlp_up = SparsitySettings(router_weights=router_weights).int8_mlp_up
         if mesh is not None:
             check_split(config, mesh)
         self.config = config
@@ -149,7 +150,10 @@ class Decoder:
         self.graphdef, self.state = nnx.split(model)
         self.dtype = jax.tree.leaves(self.state)[0].dtype
         self.plan_for_batch = plan_for_batch
-        self.router_state = None if routers is None else routers.unstack(self.dtype, int8_mlp_up)
+        self.router_weights = None if routers is None else SparsitySettings(
+            router_weights=router_weights).router_weights_for(routers.has_mlp)
+        self.router_state = None if routers is None else routers.unstack(
+            self.dtype, self.router_weights == "int8")
         if mesh is not None:
             self.state = jax.device_put(self.state, param_shardings(self.state, mesh))
             if self.router_state is not None:
@@ -194,7 +198,7 @@ class Decoder:
         router_module = plan_for_batch = metadata = None
         if routers is not None:
             router_module, metadata = load_routers(routers, config)
-            if sparsity.int8_mlp_up:
+            if sparsity.router_weights == "int8":
                 router_module.check_int8_mlp_up()
         if routers is not None or pages.on:
             plan_for_batch = SparsityPlan.per_batch(

@@ -16,6 +16,7 @@ from models.kv_cache import KVCache
 from models.sharding import kv_cache_shardings, make_mesh, param_shardings, router_shardings
 from polar_jax.cli import main
 from polar_jax.decode import Decoder
+from polar_jax.errors import PolarJaxError
 from polar_jax.sparsity import MaskedOps, SparsityPlan
 from polar_jax.step import DecodeState, decode_step
 from routers.budget import budget_total
@@ -82,9 +83,15 @@ def test_sparse_path_with_everything_kept_equals_dense(random_model):
     # The same through the whole generation loop: identical tokens.
     prompts = [np.random.default_rng().integers(0, config.vocab_size, size=n).tolist() for n in (5, 13, 2)]
     plain = Decoder(config, model).generate(prompts, 12)
-    kernels = Decoder(config, model, routers=routers,
-                      plan_for_batch=lambda batch: _full_plan(config)).generate(prompts, 12)
+    full = lambda batch: _full_plan(config)
+    decoder = Decoder(config, model, routers=routers, plan_for_batch=full)
+    # The MLP router's second projection: int8 by default where there is one (non-gated MLPs)
+    assert decoder.router_weights == ("compute" if config.gated_mlp else "int8")
+    kernels = decoder.generate(prompts, 12)
     assert [c.tokens for c in kernels.completions] == [c.tokens for c in plain.completions]
+    if config.gated_mlp:
+        with pytest.raises(PolarJaxError, match="these routers have no MLP router"):
+            Decoder(config, model, routers=routers, plan_for_batch=full, router_weights="int8")
 
 
 def random_budget(config, attn_topk: float, shards: int, rng) -> list[int]:
@@ -177,25 +184,28 @@ def test_bench_decode_smoke(tmp_path, capsys):
     assert main(["bench", "decode", "--arch", "tiny", "--steps", "2", "--repeats", "1",
                  "--batch-sizes", "2", "--context-lens", "64,128", "--attn-topk", "0.5",
                  "--mlp-density", "0.5", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert len(rows) == 2 and all(np.isfinite([r["dense_ms"], r["sparse_ms"]]).all() for r in rows)
     assert all(r["mlp_neurons"] == 128 and r["dense_roofline_ms"] > 0 for r in rows)
-    peer = json.loads(out.read_text())["meta"]["peer"]  # torch is installed with the test extra
+    assert result["meta"]["router_weights"] == "int8"  # the default for a non-gated MLP
+    peer = result["meta"]["peer"]  # torch is installed with the test extra
     assert peer.get("mode") == "eager" and all(r["torch_ms"] > 0 for r in rows), peer
 
 
 def test_bench_decode_breakdown_smoke(tmp_path):
     """`--breakdown` profiles one dense and one sparse loop and attributes the device time to
     the model's named parts (code path only: on the CPU the thunks stand in for kernels); the
-    MLP router's second projection in int8."""
+    MLP router's second projection in the compute dtype (int8 by default:
+    test_bench_decode_smoke)."""
     out = tmp_path / "rows.json"
     assert main(["bench", "decode", "--arch", "tiny", "--steps", "2", "--repeats", "1",
                  "--batch-sizes", "2", "--context-lens", "64", "--attn-topk", "0.5",
                  "--mlp-density", "0.5", "--peer", "off", "--breakdown", "--router-weights",
-                 "int8", "--json", str(out)]) == 0
+                 "compute", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     (row,) = result["rows"]
-    assert result["meta"]["router_weights"] == "int8"
+    assert result["meta"]["router_weights"] == "compute"
     dense, sparse = (row["breakdown_us_per_layer"][m]["parts"] for m in ("dense", "sparse"))
     assert {"attention", "mlp", "qkv_proj", "norm"} <= dense.keys()
     assert {"attention", "mlp", "attn_router", "mlp_router"} <= sparse.keys()

@@ -70,7 +70,7 @@ from polar_jax.errors import PolarJaxError
 from polar_jax.loading import ModelDir
 from polar_jax.memory import check_fits
 from polar_jax import validate
-from polar_jax.settings import DEFAULT_PAGE_SIZE, ROUTER_WEIGHTS
+from polar_jax.settings import DEFAULT_PAGE_SIZE, ROUTER_WEIGHTS, SparsitySettings
 from polar_jax.validate import cli_list
 
 RANDOM_ROUTER_RANK = 1024  # of the random routers timed where no trained ones are given
@@ -614,9 +614,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mlp-density", type=bench.FRACTION, default=None,
                         help="fraction of MLP neurons kept (non-gated MLPs); default: the "
                              "routers' calibrated k, or a dense MLP with random routers")
-    parser.add_argument("--router-weights", choices=ROUTER_WEIGHTS, default=ROUTER_WEIGHTS[0],
+    parser.add_argument("--router-weights", choices=ROUTER_WEIGHTS, default=None,
                         help="the MLP router's second projection in --dtype, or int8 with a "
-                             "float32 scale per neuron (non-gated MLPs)")
+                             "float32 scale per neuron (non-gated MLPs; their default)")
     parser.add_argument("--steps", type=bench.COUNT, default=16, help="N: steps per timed loop")
     parser.add_argument("--repeats", type=bench.COUNT, default=5,
                         help="timed loops; the median is reported")
@@ -712,10 +712,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
     hf = (arch_hf_config(args.arch, max_len, args.layers) if model_dir is None
           else model_hf_config(model_dir, max_len))
     config = config_from_hf(hf) if model_dir is None else model_dir.config
-    int8_mlp_up = args.router_weights == "int8"
-    if int8_mlp_up and config.gated_mlp:  # before the peer runs
+    if args.router_weights == "int8" and config.gated_mlp:  # before the peer runs
         raise PolarJaxError("--router-weights int8 applies to the MLP router of a non-gated MLP; "
                             "this model's MLP is gated")
+    router_weights = SparsitySettings(router_weights=args.router_weights).router_weights_for(
+        not config.gated_mlp)
+    int8_mlp_up = router_weights == "int8"
     mesh = None
     if args.tp * args.dp > 1:  # refused in one line before anything runs
         mesh = make_mesh(args.tp, args.dp)
@@ -763,7 +765,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=str(datetime.date.today()), copy_tbps=round(bandwidth / 1e12, 3),
                 dtype=args.dtype, steps=args.steps, repeats=args.repeats, mlp_density=args.mlp_density,
-                tp=args.tp, dp=args.dp, router_weights=args.router_weights,
+                tp=args.tp, dp=args.dp, router_weights=router_weights,
                 page_size=args.page_size, page_topk=args.page_topk, page_budget=args.page_budget,
                 page_min_context=args.page_min_context,
                 peer={k: v for k, v in peer.items() if k != "rows"})
@@ -786,7 +788,7 @@ def run_collectives(args: argparse.Namespace, hf: dict, dtype, mesh, int8_mlp_up
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=str(datetime.date.today()), dtype=args.dtype, tp=args.tp, dp=args.dp,
                 batch=batch, attn_topk=fraction, mlp_density=args.mlp_density,
-                router_weights=args.router_weights)
+                router_weights="int8" if int8_mlp_up else "compute")
     return {"meta": meta, "collectives": {mode: step.summary() for mode, step in found.items()}}
 
 

@@ -199,6 +199,8 @@ def serve(load: Callable[[], Decoder], *, host: str, port: int, model_name: str,
         engine.start(progress=lambda text: say(f"compiled {text}"))
         address = sock.getsockname()
         where = f"[{address[0]}]" if ":" in address[0] else address[0]
+        if decoder.router_weights == "int8":
+            mode += ", int8 MLP router"
         ready = (f"serving {model_name} ({mode}) at http://{where}:{address[1]}/v1: "
                  f"up to {engine.max_slots} sequences of {engine.max_len} positions, "
                  f"{engine.memory.describe()} (compiled in "
