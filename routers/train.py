@@ -333,8 +333,9 @@ def evaluate(routers: Routers, config: ModelConfig, data: Collected,
         if mlp_topk_batch1 is not None:
             active = _unpack(batch["active"], n)
             scores = batch_neuron_scores(routers.mlp_scores(batch["u"])[:, :, None], axis=2)
-            ranks = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)  # rank of each neuron
-            kept = ranks < jnp.asarray(mlp_topk_batch1)[:, None, None]
+            # the set of the ranks below k (ties to the lowest indices), without sorting
+            # (19.8 -> 2.6 s on tiny-opt's held-out tokens, 2 CPU cores)
+            kept = topk_mask(scores, jnp.asarray(mlp_topk_batch1)[:, None, None])
             out["mlp_hit"] = jnp.sum(kept & active, axis=(1, 2))
             out["mlp_active"] = jnp.sum(active, axis=(1, 2))
         return out

@@ -21,7 +21,7 @@ from routers.collect import Collected, collect
 from routers.budget import allocate
 from routers.model import Routers, load_routers
 from routers.pipeline import mix_corpora
-from routers.train import _pairwise_rank_loss, calibrate_mlp_topk
+from routers.train import _pairwise_rank_loss, calibrate_mlp_topk, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,32 @@ def test_calibration_against_brute_force(tmp_path):
                     best = k
                     break
             assert table[batch_size][layer] == best
+
+
+def test_heldout_recall_against_numpy(tmp_path):
+    """`evaluate`'s recall over chunks of 128 tokens (the last one ragged) and over a token
+    range: from the routers' own scores, numpy's stable sort picks the top k (ties to the
+    lowest index), per layer k groups of 4 and k neurons of 40."""
+    data, u, active = _synthetic_data(tmp_path)
+    rng = np.random.default_rng()
+    routers = Routers(2, 16, 4, 40, 8, jax.random.key(rng.integers(1 << 30)))
+    config = type("C", (), {"mlp_dim": 40, "num_layers": 2})()
+    groups, neurons, tokens = (1, 3), [int(rng.integers(1, 40)) for _ in range(2)], range(17, 290)
+    got = evaluate(routers, config, data, groups, neurons, batch_size=128, tokens=tokens)
+    x = jnp.asarray(u[:, tokens.start:tokens.stop], jnp.bfloat16)
+    group_norm = np.load(tmp_path / "group_norm.npy")[:, tokens.start:tokens.stop]
+    attn = np.asarray(routers.attn_scores(x))
+    mlp = np.asarray(batch_neuron_scores(routers.mlp_scores(x)[:, :, None], axis=2))
+    top = lambda scores, k: np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+    for layer in range(2):
+        router, oracle = top(attn[layer], groups[layer]), top(group_norm[layer], groups[layer])
+        hits = sum(len(set(a) & set(b)) for a, b in zip(router, oracle))
+        # per-layer recall is reported to 4 decimals
+        assert got["attn_recall_per_layer"][layer] == pytest.approx(
+            hits / (groups[layer] * len(tokens)), abs=5e-5)
+        on = active[layer, tokens.start:tokens.stop]
+        kept = np.take_along_axis(on, top(mlp[layer], neurons[layer]), axis=-1)
+        assert got["mlp_recall_per_layer"][layer] == pytest.approx(kept.sum() / on.sum(), abs=5e-5)
 
 
 @pytest.fixture(scope="module")
