@@ -48,8 +48,10 @@ def _with(config, model, routers: Routers | None, eos_ids=()) -> Decoder:
                    plan_for_batch=lambda batch: plan)
 
 
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+# Each family and each decode program once (the lag's bookkeeping is the host's, the same for
+# both): the other two pairs cost the suite 29 CPU-s and covered no other line.
+@pytest.mark.parametrize("name, sparse", [("tiny-llama", True), ("tiny-opt", False)],
+                         ids=["tiny-llama-sparse", "tiny-opt-dense"])
 def test_stops_at_every_offset_of_the_lag_end_where_generate_does(name, sparse):
     """16 staggered greedy requests through 8 slots: EOS is the token that greedy decoding
     first reaches at the most different offsets, and `max_tokens` runs over 1..12, so requests
