@@ -52,7 +52,10 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
-def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str) -> None:
+def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str,
+                       router_needs: str | None = None) -> None:
+    """--attn-topk and --dense-layers (`needs`: when they apply), --router-weights
+    (`router_needs`, default `needs`)."""
     parser.add_argument("--attn-topk", type=settings.cli_type("attn_topk", float),
                         help=f"{needs}: fraction of KV groups each token reads "
                              "(default: 0.5, or the routers' own where they carry a "
@@ -62,8 +65,9 @@ def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str) -> None:
                              "(default: 0, or none with routers that carry a calibrated "
                              "per-layer budget)")
     parser.add_argument("--router-weights", choices=settings.ROUTER_WEIGHTS,
-                        help=f"{needs}: the MLP router's second projection in the compute dtype, "
-                             "or int8 with a float32 scale per neuron (half the bytes of "
+                        help=f"{router_needs or needs}: the MLP router's second projection "
+                             "in the compute dtype, or int8 with a float32 scale per neuron "
+                             "(half the bytes of "
                              "bfloat16; non-gated MLPs) (default: int8 where there is an MLP "
                              "router, measured faster at the same accuracy)")
 
@@ -575,7 +579,7 @@ def _add_eval_mode_args(parser: argparse.ArgumentParser) -> None:
                              "--page-topk or --page-budget: every group, sparse pages")
     parser.add_argument("--routers", help="with --mode sparse (needed) or oracle: routers "
                                           "directory (its calibrated MLP k)")
-    _add_sparsity_args(parser, "with --mode sparse or oracle")
+    _add_sparsity_args(parser, "with --mode sparse or oracle", "with --mode sparse")
     parser.add_argument("--mlp-batch-size", type=settings.cli_type("mlp_batch_size"),
                         help="with --routers: use the MLP k calibrated for this decode batch size "
                              f"{_default(SparsitySettings.mlp_batch_size)}")
