@@ -67,9 +67,9 @@ def _add_sparsity_args(parser: argparse.ArgumentParser, needs: str,
     parser.add_argument("--router-weights", choices=settings.ROUTER_WEIGHTS,
                         help=f"{router_needs or needs}: the MLP router's second projection "
                              "in the compute dtype, or int8 with a float32 scale per neuron "
-                             "(half the bytes of "
-                             "bfloat16; non-gated MLPs) (default: int8 where there is an MLP "
-                             "router, measured faster at the same accuracy)")
+                             "(half the bytes of bfloat16; non-gated MLPs) (default: int8 "
+                             "where there is an MLP router, measured faster at the same "
+                             "accuracy)")
 
 
 def _add_page_args(parser: argparse.ArgumentParser, page_size: bool = True) -> None:

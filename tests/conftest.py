@@ -204,6 +204,9 @@ def trained_routers(tmp_path_factory):
     return train
 
 
+OPTIMIZED_CLI_TIMEOUT_S = 600
+
+
 def run_optimized_cli(argv) -> dict:
     """The JSON line `polar-jax ARGV --json` prints last, run in a subprocess whose XLA
     compiles at its default optimization level (`OPTIMIZED_XLA_FLAGS`): for the execution-bound
@@ -212,8 +215,9 @@ def run_optimized_cli(argv) -> dict:
     import sys
 
     env = dict(os.environ, XLA_FLAGS=OPTIMIZED_XLA_FLAGS)
+    # bounded: the longest (tiny-opt's router training) takes 65-100 s on 2 busy cores
     done = subprocess.run([sys.executable, "-m", "polar_jax.cli", *map(str, argv), "--json"],
-                          env=env, capture_output=True, text=True,
+                          env=env, capture_output=True, text=True, timeout=OPTIMIZED_CLI_TIMEOUT_S,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
