@@ -22,6 +22,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import gc
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ import secrets
 import shutil
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -383,24 +385,57 @@ def save_arrays(directory: Path, tree: Mapping) -> None:
     full disk) raises an OSError with its errno, without orbax's tracebacks."""
     import orbax.checkpoint as ocp
 
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.CRITICAL)  # orbax logs a traceback per failed writer thread
+    # orbax logs a traceback per failed writer thread (absl), and each write that fails after
+    # the first is a future whose exception nobody retrieves (asyncio)
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     if getattr(sys.unraisablehook, "func", None) is not _unless_closed_loop:  # stays installed:
-        # the writes of a failed save end after it returns
+        # a write that outlasts the wait below ends after the save returns
         sys.unraisablehook = functools.partial(_unless_closed_loop, sys.unraisablehook)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(directory.absolute(), tree)
             checkpointer.wait_until_finished()
     except Exception as err:  # tensorstore's errors carry the errno: [os_error_code='28']
+        _wait_until_unchanged(directory.parent)
+        gc.collect()  # the failed writes' futures, reported while the loggers are quiet
         code = re.search(r"os_error_code='(\d+)'", str(err))
         if code:  # as an OSError: `atomic_output` names the destination
             raise OSError(int(code[1]), os.strerror(int(code[1])), str(directory)) from None
         raise PolarJaxError(f"cannot write {directory}: {' '.join(str(err).split())[:300]}"
                             ) from None
     finally:
-        absl.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _wait_until_unchanged(directory: Path, quiet_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """Returns once nothing below `directory` has changed for `quiet_s` seconds (or after
+    `limit_s`). A failed orbax save returns while tensorstore's writes already under way still
+    run, and each creates the directories it needs: removing the staging directory before they
+    end left part of it behind (4 of 64 failed conversions on a loaded 2-core machine)."""
+    start = last_change = time.monotonic()
+    seen = _tree_state(directory)
+    while (now := time.monotonic()) - last_change < quiet_s and now - start < limit_s:
+        time.sleep(min(quiet_s / 10, start + limit_s - now))
+        state = _tree_state(directory)
+        if state != seen:
+            seen, last_change = state, time.monotonic()
+
+
+def _tree_state(directory: Path) -> set[tuple[str, int, int]]:
+    """{(path, size, mtime in ns)} of everything below `directory` (what vanishes meanwhile is
+    left out)."""
+    state = set()
+    for parent, names, files in os.walk(directory):
+        for name in names + files:
+            path = os.path.join(parent, name)
+            with contextlib.suppress(OSError):
+                info = os.lstat(path)
+                state.add((path, info.st_size, info.st_mtime_ns))
+    return state
 
 
 def _unless_closed_loop(hook, unraisable) -> None:
