@@ -203,6 +203,44 @@ def group_output_energy(o, num_kv_heads: int):
     return jnp.sum(jnp.square(group_outputs(o, num_kv_heads).astype(F32)), axis=-1)
 
 
+PROBE_EPS = 1e-6  # inside the log of a local probe's group output norm
+
+
+def probe_logits(group_logits, probe_w, probe_norm):
+    """Group logits `[..., Hkv]` plus a router's local probe term: `probe_w [Hkv]` times the log
+    of the groups' output norms over the probe's window, `probe_norm [..., Hkv]` (float32)."""
+    return group_logits + probe_w * jnp.log(probe_norm.astype(F32) + PROBE_EPS)
+
+
+def probe_window_of(window: int | None, probe_window: int) -> int:
+    """The positions a router's local probe reads: its last `probe_window`, within the layer's
+    own sliding `window` (None: none)."""
+    return probe_window if window is None else min(window, probe_window)
+
+
+def probe_norm(q, k, v, key_valid, window, logit_softcap, probe_window: int):
+    """A router's local probe over full sequences (`causal_attention`'s arguments): each KV
+    group's output norm `[B, T, Hkv]` float32 of the attention over only the last
+    `probe_window` positions."""
+    o = causal_attention(q, k, v, key_valid, probe_window_of(window, probe_window),
+                         logit_softcap=logit_softcap)
+    return jnp.sqrt(group_output_energy(o, k.shape[2]))
+
+
+def decode_probe_norm(q, kv, lengths, window, logit_softcap, probe_window: int, kernel: bool):
+    """`probe_norm` for one decode step: q `[B, Hq, D]` against the cache `kv` (the token
+    written), rows of `lengths [B]` -> `[B, Hkv]`. `kernel`: the Pallas kernel over every group
+    (reading only the window's blocks), else XLA."""
+    window = probe_window_of(window, probe_window)
+    if kernel:
+        o = sparse_decode_attention(q, kv.k, kv.v, lengths, block_table=kv.block_table,
+                                    sliding_window=window, logit_softcap=logit_softcap)
+    else:
+        o = decode_attention(q, *kv.dense(), lengths, window, logit_softcap=logit_softcap)
+    num_groups = kv.k.shape[0] if isinstance(kv, PagedLayerKV) else kv.k.shape[1]
+    return jnp.sqrt(group_output_energy(o[:, None], num_groups))[:, 0]
+
+
 @dataclasses.dataclass(frozen=True)
 class DenseOps:
     """Full sequences, dense: key_valid `[B, T]` marks real tokens (False at padding)."""
@@ -326,18 +364,20 @@ class DenseDecodeOps:
         return o, kv, NO_RECORD
 
     def attend(self, q, k, v, kv: LayerKV | PagedLayerKV, window, logit_softcap, kernel: bool,
-               group_logits=None, keep: int | None = None, pages: PageRule | None = None):
+               group_logits=None, keep: int | None = None, pages: PageRule | None = None,
+               probe_w=None, probe_window: int | None = None):
         """(o `[B, 1, Hq, D]`, the cache with the token written). With `group_logits [B, Hkv]`
         each row reads only its top-`keep` groups (per shard: its top `keep` of the shard's
-        groups); with a page rule `pages` (a paged cache with summaries), each of them only
-        the pages `select_pages` keeps. `kernel`: the Pallas kernel (which reads only up to
-        each row's length, pages through the block table), else XLA (all groups and pages
-        only)."""
+        groups), the logits first completed by a local probe of `probe_window` positions
+        where `probe_w [Hkv]` is given (`probe_logits`); with a page rule `pages` (a paged
+        cache with summaries), each of them only the pages `select_pages` keeps. `kernel`: the
+        Pallas kernel (which reads only up to each row's length, pages through the block
+        table), else XLA (all groups and pages only)."""
         if pages is not None and not (isinstance(kv, PagedLayerKV) and kv.summaries):
             raise ValueError("page sparsity needs a PagedKVCache with page summaries "
                              "(PagedKVCache.abstract(..., summaries=True))")
 
-        def shard(q, k, v, kv, positions, active, group_logits):
+        def shard(q, k, v, kv, positions, active, group_logits, probe_w):
             # An inactive row writes nothing (a position outside the cache) and reads nothing
             # (length 0: its output is zeros).
             writes = jnp.where(active, positions, kv.length)
@@ -348,6 +388,9 @@ class DenseDecodeOps:
                 group_idx = page_idx = page_count = None
                 if group_logits is not None:
                     with jax.named_scope(scopes.ATTN_ROUTER):
+                        if probe_w is not None:
+                            group_logits = probe_logits(group_logits, probe_w, decode_probe_norm(
+                                q, kv, lengths, window, logit_softcap, probe_window, kernel))
                         group_idx = topk_indices(group_logits, keep)
                 if pages is not None:
                     with jax.named_scope(scopes.PAGE_SELECT):
@@ -367,9 +410,10 @@ class DenseDecodeOps:
         o, kv = per_shard(
             self.mesh, shard,
             in_specs=(heads, heads, heads, cache, P(DATA), P(DATA),
-                      None if group_logits is None else P(DATA, MODEL)),
+                      None if group_logits is None else P(DATA, MODEL),
+                      None if probe_w is None else P(MODEL)),
             out_specs=(heads, cache),
-        )(q[:, 0], k[:, 0], v[:, 0], kv, self.positions, self.active, group_logits)
+        )(q[:, 0], k[:, 0], v[:, 0], kv, self.positions, self.active, group_logits, probe_w)
         return o[:, None], kv
 
     def mlp(self, *, layer, route, x, mlp):

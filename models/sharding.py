@@ -70,6 +70,7 @@ ROUTER_AXES: dict[str, tuple[str, ...]] = {
     "attn_up": ("rank", "router_out"),
     "mlp_up": ("neurons", "rank"),
     "mlp_up_scale": ("neurons",),
+    "probe_w": ("kv_heads",),  # a local probe weight per KV group: split with the groups
 }
 KV_CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")  # = models.kv_cache.KVCache.AXES
 # `models.kv_cache.PagedKVCache`'s leaves, by field: the pools split by KV group, like the

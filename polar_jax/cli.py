@@ -519,7 +519,7 @@ def _cmd_train_routers(args) -> int:
     if not args.attn_rank:
         _refuse(args, ("attn_activation",), "with --attn-rank (the low-rank attention router)")
     train_settings = TrainSettings(attn_topk=args.attn_topk, attn_budget=args.attn_budget,
-                                   attn_rank=args.attn_rank,
+                                   attn_rank=args.attn_rank, attn_probe=args.attn_probe,
                                    attn_loss=args.attn_loss, mlp_rank=args.mlp_rank,
                                    epochs=args.epochs, batch_size=args.batch_size,
                                    learning_rate=args.lr, seed=args.seed,
@@ -789,6 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: linear, d -> KV groups)")
     tr.add_argument("--attn-activation", choices=("relu", "silu"),
                     help="with --attn-rank: the low-rank router's activation (default: relu)")
+    tr.add_argument("--attn-probe", type=_positive, metavar="W",
+                    help="the attention router also reads each group's attention output over "
+                         "the last W positions (a local probe: W / context of a dense "
+                         "attention's reads; default: none)")
     tr.add_argument("--attn-loss", choices=("bce", "rank"), default="bce",
                     help="attention router loss: BCE on the top-k groups, or pairwise ranking "
                          "of the groups' output norms")

@@ -37,6 +37,7 @@ from models.ops import (
     group_output_energy,
     keep_groups,
     per_shard,
+    probe_norm,
     psum,
 )
 from models.sharding import DATA, MODEL
@@ -206,9 +207,12 @@ class SparseDecodeOps(DenseDecodeOps):
     @jax.named_scope(scopes.ATTENTION)
     def attention(self, *, layer, route, q, k, v, kv, window, logit_softcap):
         keep = self.plan.attn_groups[layer]
+        routers = None if keep is None else self.routers[layer]
         o, kv = self.attend(q, k, v, kv, window, logit_softcap, kernel=True,
                             group_logits=None if keep is None else route.group_logits, keep=keep,
-                            pages=self.plan.page_rule(layer))
+                            pages=self.plan.page_rule(layer),
+                            probe_w=None if routers is None else routers.probe_w,
+                            probe_window=None if routers is None else routers.probe_window)
         return o, kv, NO_RECORD
 
     @jax.named_scope(scopes.MLP)
@@ -289,7 +293,13 @@ class MaskedOps(DenseOps):
         keep = self.plan.attn_groups[layer]
         if keep is None:
             return o, kv, NO_RECORD
-        scores = route[0] if self.mode == "sparse" else group_output_energy(o, self.num_kv_heads)
+        if self.mode == "oracle":
+            scores = group_output_energy(o, self.num_kv_heads)
+        else:
+            routers = self.routers[layer]
+            scores = route[0] if routers.probe_w is None else routers.with_probe(
+                route[0], probe_norm(q, k, v, self.key_valid, window, logit_softcap,
+                                     routers.probe_window))
         return keep_groups(o, scores, keep, self.plan.shards), kv, NO_RECORD
 
     def mlp(self, *, layer, route, x, mlp):

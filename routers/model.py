@@ -3,7 +3,10 @@ all, plus saving and loading with a check that the routers belong to the model.
 
 - attention router (every model), one score per KV group: `Linear(d, Hkv)` with bias (the
   linear form), or with `attn_rank` r_a the low-rank form `Linear(d, r_a) -> ReLU or SiLU ->
-  Linear(r_a, Hkv)`, both with bias;
+  Linear(r_a, Hkv)`, both with bias; with `attn_probe` W (either form), each group's score
+  also adds `probe_w[g] * log(|o_W[g]| + eps)` (`models.ops.probe_logits`), where o_W is the
+  group's attention output over only the last W positions (the "local probe": a window of the
+  cache read for every group, W / context of a dense attention's reads);
 - MLP router (models whose MLP is not gated): `Linear(d, r) -> Linear(r, N)`, no bias and no
   activation between (the original's low-rank predictor).
 """
@@ -24,6 +27,7 @@ from flax import nnx
 
 from models import ModelConfig, build_model
 from models.layers import Matmul, xla_matmul
+from models.ops import probe_logits
 from pallas_kernels.neuron_scores import quantize_rows
 from polar_jax import validate
 from polar_jax.errors import PolarJaxError
@@ -55,15 +59,20 @@ def attn_group_logits(z, hidden_b, up, b, activation: str):
 class Routers(nnx.Module):
     """Every layer's routers; params `attn_w [L, d, Hkv]` (linear form) or `[L, d, r_a]`
     (low-rank form, with `attn_hidden_b [L, r_a]` and `attn_up [L, r_a, Hkv]`), `attn_b
-    [L, Hkv]`, `mlp_down [L, d, r]`, `mlp_up [L, r, N]` (the last two only for non-gated MLPs)."""
+    [L, Hkv]`, with a local probe of `attn_probe` positions `probe_w [L, Hkv]`, `mlp_down
+    [L, d, r]`, `mlp_up [L, r, N]` (the last two only for non-gated MLPs)."""
 
     def __init__(self, num_layers: int, d: int, num_groups: int, mlp_dim: int | None,
-                 mlp_rank: int, key, attn_rank: int | None = None, attn_activation: str = "relu"):
+                 mlp_rank: int, key, attn_rank: int | None = None, attn_activation: str = "relu",
+                 attn_probe: int | None = None):
         keys = jax.random.split(key, 4)
         if attn_activation not in ATTN_ACTIVATIONS:
             raise PolarJaxError(f"unknown attention router activation {attn_activation!r}; "
                                 f"choose {' or '.join(ATTN_ACTIVATIONS)}")
         self.attn_activation = attn_activation
+        self.attn_probe = attn_probe
+        # starts at 1: a group scores the log of its local output norm, plus the router
+        self.probe_w = nnx.Param(jnp.ones((num_layers, num_groups), F32)) if attn_probe else None
         self.attn_w = nnx.Param(_uniform(keys[0], (num_layers, d, attn_rank or num_groups), d))
         hidden_key, up_key = jax.random.split(jax.random.fold_in(key, 1))
         self.attn_hidden_b = nnx.Param(_uniform(hidden_key, (num_layers, attn_rank), d)) if attn_rank else None
@@ -76,27 +85,35 @@ class Routers(nnx.Module):
 
     @classmethod
     def for_model(cls, config: ModelConfig, mlp_rank: int = 1024, seed: int = 0,
-                  attn_rank: int | None = None, attn_activation: str = "relu") -> "Routers":
-        """`attn_rank` None: the linear attention router; else the low-rank form of that rank."""
+                  attn_rank: int | None = None, attn_activation: str = "relu",
+                  attn_probe: int | None = None) -> "Routers":
+        """`attn_rank` None: the linear attention router; else the low-rank form of that rank.
+        `attn_probe` W: with the local probe over the last W positions."""
         mlp_dim = None if config.gated_mlp else config.mlp_dim
         return cls(config.num_layers, config.hidden_size, config.num_kv_heads, mlp_dim,
                    min(mlp_rank, config.hidden_size), jax.random.key(seed), attn_rank,
-                   attn_activation)
+                   attn_activation, attn_probe)
 
     @property
     def has_mlp(self) -> bool:
         return self.mlp_down is not None
 
-    def attn_scores(self, u, layer: int | None = None):
-        """Group logits: u `[L, ..., d]` -> `[L, ..., Hkv]`, or for one `layer`, `[..., d]` -> `[..., Hkv]`."""
+    def attn_scores(self, u, probe_norm=None, layer: int | None = None):
+        """Group logits: u `[L, ..., d]` (with a local probe, its group norms `probe_norm
+        [L, ..., Hkv]`) -> `[L, ..., Hkv]`, or for one `layer`, `[..., d]` -> `[..., Hkv]`."""
         if layer is not None:
-            return self.layer(layer).scores(u)[0]
+            return self.layer(layer).scores(u, probe_norm)[0]
         param = lambda p: None if p is None else p[...]
         z = jnp.einsum("l...d,ldh->l...h", u, self.attn_w[...].astype(u.dtype),
                        preferred_element_type=F32)
         logits = lambda z, hidden_b, up, b: attn_group_logits(z, hidden_b, up, b,
                                                               self.attn_activation)
-        return jax.vmap(logits)(z, param(self.attn_hidden_b), param(self.attn_up), self.attn_b[...])
+        logits = jax.vmap(logits)(z, param(self.attn_hidden_b), param(self.attn_up),
+                                  self.attn_b[...])
+        if self.probe_w is None:
+            return logits
+        probe_w = self.probe_w[...].reshape(self.probe_w.shape[0], *[1] * (u.ndim - 2), -1)
+        return probe_logits(logits, probe_w, probe_norm)
 
     def mlp_scores(self, u, layer: int | None = None):
         """Neuron logits: u `[L, ..., d]` -> `[L, ..., N]`, or for one `layer`, `[..., d]` -> `[..., N]`."""
@@ -117,7 +134,9 @@ class Routers(nnx.Module):
         return LayerRouters(w, self.attn_b[i], None if self.mlp_up is None else self.mlp_up[i].T,
                             attn_hidden_b=self.attn_hidden_b[i] if low_rank else None,
                             attn_up=self.attn_up[i] if low_rank else None,
-                            attn_activation=self.attn_activation)
+                            attn_activation=self.attn_activation,
+                            probe_w=None if self.probe_w is None else self.probe_w[i],
+                            probe_window=self.attn_probe)
 
     def check_int8_mlp_up(self) -> None:
         """Refuses int8 router weights for routers without an MLP router (gated MLPs)."""
@@ -146,7 +165,7 @@ class Routers(nnx.Module):
             return jax.tree.map(jnp.copy, dataclasses.replace(
                 layer, w_in=cast(layer.w_in), attn_b=cast(layer.attn_b), mlp_up=up,
                 mlp_up_scale=scale, attn_hidden_b=cast(layer.attn_hidden_b) if low_rank else None,
-                attn_up=cast(layer.attn_up) if low_rank else None))
+                attn_up=cast(layer.attn_up) if low_rank else None))  # probe_w stays float32
 
         return tuple(one(i) for i in range(self.attn_w.shape[0]))
 
@@ -160,7 +179,8 @@ class LayerRouters:
     neuron-major as the `neuron_scores` kernel reads it; None for gated MLPs) and, where
     `mlp_up` is int8, `mlp_up_scale [N]` float32 (neuron n's weights are `mlp_up[n] *
     mlp_up_scale[n]`); the low-rank attention router's `attn_hidden_b [r_a]`, `attn_up
-    [r_a, Hkv]` and `attn_activation` (None, None for the linear form)."""
+    [r_a, Hkv]` and `attn_activation` (None, None for the linear form); the local probe's
+    `probe_w [Hkv]` float32 and its window `probe_window` (None, None without a probe)."""
 
     w_in: jax.Array
     attn_b: jax.Array
@@ -169,6 +189,8 @@ class LayerRouters:
     attn_hidden_b: jax.Array | None = None
     attn_up: jax.Array | None = None
     attn_activation: str = dataclasses.field(default="relu", metadata=dict(static=True))
+    probe_w: jax.Array | None = None
+    probe_window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     def project(self, u, matmul: Matmul = xla_matmul):
         """(group logits `[..., Hkv]` float32, the MLP router's hidden state `[..., r]` in u's
@@ -187,9 +209,19 @@ class LayerRouters:
                             preferred_element_type=F32)
         return logits if self.mlp_up_scale is None else logits * self.mlp_up_scale
 
-    def scores(self, u):
-        """(group logits `[..., Hkv]`, neuron logits `[..., N]` or None), float32, of u `[..., d]`."""
+    def with_probe(self, group_logits, probe_norm):
+        """The group logits with the local probe's term added (unchanged without a probe)."""
+        if self.probe_w is None:
+            return group_logits
+        return probe_logits(group_logits, self.probe_w, probe_norm)
+
+    def scores(self, u, probe_norm=None):
+        """(group logits `[..., Hkv]`, neuron logits `[..., N]` or None), float32, of u `[..., d]`;
+        with a local probe, its term is added where its group norms `probe_norm [..., Hkv]`
+        are given (else the logits are those before it)."""
         groups, hidden = self.project(u)
+        if probe_norm is not None:
+            groups = self.with_probe(groups, probe_norm)
         return groups, None if hidden is None else self.neuron_logits(hidden)
 
 
@@ -224,8 +256,9 @@ def _checked_metadata(metadata: object, meta_file: Path) -> dict:
     """`metadata` (routers.json) with every key that loading and decoding read checked, each
     refusal naming the file and the key: format, model fingerprint, mlp_rank, attn_topk and
     the mlp_topk table (batch-size strings -> per layer, a k in [1, N]), and the low-rank
-    attention router's attn_rank and attn_activation and the per-layer attention budget
-    attn_groups_per_layer (a k in [1, Hkv] per layer) where given."""
+    attention router's attn_rank and attn_activation, the local probe's window attn_probe and
+    the per-layer attention budget attn_groups_per_layer (a k in [1, Hkv] per layer) where
+    given."""
     validate.mapping(str(meta_file), metadata)
     if metadata.get("format") != FORMAT_VERSION:
         raise PolarJaxError(
@@ -243,6 +276,8 @@ def _checked_metadata(metadata: object, meta_file: Path) -> dict:
     num_layers, mlp_dim = (validate.integer(f"{name}[{key!r}]", model.get(key), low=1)
                            for key in ("num_layers", "mlp_dim"))
     validate.integer(*field("mlp_rank"), low=1)
+    if metadata.get("attn_probe") is not None:  # absent: no local probe
+        validate.integer(f"{meta_file}: 'attn_probe'", metadata["attn_probe"], low=1)
     if metadata.get("attn_rank") is not None:  # absent: the linear attention router
         validate.integer(f"{meta_file}: 'attn_rank'", metadata["attn_rank"], low=1)
         validate.string(f"{meta_file}: 'attn_activation'", metadata.get("attn_activation"),
@@ -291,7 +326,8 @@ def load_routers(path: str | Path, config: ModelConfig) -> tuple[Routers, dict]:
         )
     abstract = nnx.eval_shape(lambda: Routers.for_model(
         config, metadata["mlp_rank"], attn_rank=metadata.get("attn_rank"),
-        attn_activation=metadata.get("attn_activation", "relu")))
+        attn_activation=metadata.get("attn_activation", "relu"),
+        attn_probe=metadata.get("attn_probe")))
     graphdef, state = nnx.split(abstract)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restore_arrays(Path(path), PARAMS_DIR, target))

@@ -123,7 +123,7 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray | Mapping[str, np.
         start = time.perf_counter()
         train_data, calib_data, metric_data = (
             collect(model, config, part, staging.scratch / name, seq_len, collect_batch_size,
-                    progress, mesh)
+                    progress, mesh, settings.attn_probe)
             for name, part in zip(("train", "calib", "metric"), parts))
         collect_seconds = time.perf_counter() - start
         start = time.perf_counter()
@@ -165,6 +165,7 @@ def train_routers(model, config: ModelConfig, ids: np.ndarray | Mapping[str, np.
                 [None if np.isnan(c) else round(float(c), 5) for c in row] for row in budget_costs],
             "attn_rank": settings.attn_rank,
             "attn_activation": settings.attn_activation,
+            "attn_probe": settings.attn_probe,
             "mlp_rank": min(settings.mlp_rank, config.hidden_size),
             **metrics,
             "mlp_topk": None if mlp_topk is None else {str(b): k for b, k in mlp_topk.items()},

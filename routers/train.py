@@ -50,13 +50,15 @@ class TrainSettings:
     """Router training settings, checked on construction. `attn_rank`: None for the linear
     attention router, else the rank of the low-rank form (with `attn_activation`); `attn_loss`:
     "bce" on the top-k labels or "rank", pairwise on the groups' output norms; `attn_budget`:
-    "uniform" (every layer keeps `attn_topk` of its groups) or "adaptive" (`routers.budget`)."""
+    "uniform" (every layer keeps `attn_topk` of its groups) or "adaptive" (`routers.budget`);
+    `attn_probe`: None, or the window (positions) of the attention router's local probe."""
 
     attn_topk: float = 0.5
     attn_budget: str = "uniform"
     attn_rank: int | None = None
     attn_activation: str = "relu"
     attn_loss: str = "bce"
+    attn_probe: int | None = None
     mlp_rank: int = 1024
     epochs: int = 10
     batch_size: int = 64
@@ -73,8 +75,9 @@ class TrainSettings:
         for name in ("mlp_rank", "epochs", "batch_size", "patience", "device_budget_bytes"):
             validate.integer(name, getattr(self, name), low=1)
         validate.integer("seed", self.seed, low=0)
-        if self.attn_rank is not None:
-            validate.integer("attn_rank", self.attn_rank, low=1)
+        for name in ("attn_rank", "attn_probe"):
+            if getattr(self, name) is not None:
+                validate.integer(name, getattr(self, name), low=1)
         validate.string("attn_activation", self.attn_activation, choices=tuple(ATTN_ACTIVATIONS))
         validate.string("attn_loss", self.attn_loss, choices=ATTN_LOSSES)
         validate.string("attn_budget", self.attn_budget, choices=ATTN_BUDGETS)
@@ -90,10 +93,12 @@ def check_batch_split(settings: TrainSettings, mesh: Mesh | None) -> None:
 
 def _read(data: Collected, idx: np.ndarray) -> dict:
     """Host arrays of the records of tokens `idx`, read from the memmaps: u `[L, n, d]`
-    (bfloat16), group_norm `[L, n, Hkv]`, active `[L, n, N / 8]` (packed bits)."""
+    (bfloat16), group_norm `[L, n, Hkv]`, active `[L, n, N / 8]` (packed bits), probe_norm
+    `[L, n, Hkv]` (the last two where recorded)."""
     out = {"u": data.u[:, idx].view(jnp.bfloat16), "group_norm": data.group_norm[:, idx]}
-    if data.active is not None:
-        out["active"] = data.active[:, idx]
+    for name in ("active", "probe_norm"):
+        if getattr(data, name) is not None:
+            out[name] = getattr(data, name)[:, idx]
     return out
 
 
@@ -154,11 +159,12 @@ class _Trainer:
     def _loss_impl(self, params, batch):
         routers = nnx.merge(self.graphdef, params)
         u = batch["u"].astype(F32)  # routers train in float32; the data is stored in bf16
+        logits = routers.attn_scores(u, batch.get("probe_norm"))
         if self.attn_loss == "rank":
-            loss = _pairwise_rank_loss(routers.attn_scores(u), batch["group_norm"])
+            loss = _pairwise_rank_loss(logits, batch["group_norm"])
         else:
             labels = topk_mask(batch["group_norm"], self.k)
-            loss = _weighted_bce(routers.attn_scores(u), labels, self.attn_neg_weight)
+            loss = _weighted_bce(logits, labels, self.attn_neg_weight)
         if routers.has_mlp:
             active = _unpack(batch["active"], self.config.mlp_dim)
             loss = loss + _weighted_bce(routers.mlp_scores(u), active, self.mlp_neg_weight)
@@ -180,8 +186,8 @@ class _Trainer:
         return params, opt_state, jnp.mean(losses)
 
     def epoch(self, data: Collected, settings: TrainSettings, rng: np.random.Generator) -> float:
-        per_token = data.u[:, :1].nbytes + data.group_norm[:, :1].nbytes + (
-            data.active[:, :1].nbytes if data.active is not None else 0)
+        per_token = sum(a[:, :1].nbytes for a in (data.u, data.group_norm, data.active,
+                                                   data.probe_norm) if a is not None)
         chunk = max(settings.batch_size, settings.device_budget_bytes // per_token)
         chunk -= chunk % settings.batch_size
         starts = rng.permutation(range(0, data.num_tokens, chunk))
@@ -235,8 +241,11 @@ def train(config: ModelConfig, train_data: Collected, calib_data: Collected,
         raise PolarJaxError(
             f"router training needs at least batch_size ({settings.batch_size}) training tokens "
             f"and one held-out token, got {train_data.num_tokens} and {calib_data.num_tokens}")
+    if (train_data.probe_norm is None) != (settings.attn_probe is None):
+        raise ValueError("the collected data must hold probe norms exactly when "
+                         "settings.attn_probe is set")
     routers = Routers.for_model(config, settings.mlp_rank, settings.seed, settings.attn_rank,
-                                settings.attn_activation)
+                                settings.attn_activation, settings.attn_probe)
     neg = None
     if routers.has_mlp:
         neg = mlp_positive_rate(train_data, config.mlp_dim) + MLP_NEG_WEIGHT_OFFSET
@@ -327,7 +336,7 @@ def evaluate(routers: Routers, config: ModelConfig, data: Collected,
 
     @jax.jit
     def hits(batch):
-        router_top = topk_mask(routers.attn_scores(batch["u"]), k)
+        router_top = topk_mask(routers.attn_scores(batch["u"], batch.get("probe_norm")), k)
         oracle_top = topk_mask(batch["group_norm"], k)
         out = {"attn": jnp.sum(router_top & oracle_top, axis=(1, 2))}
         if mlp_topk_batch1 is not None:

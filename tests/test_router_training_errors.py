@@ -106,6 +106,8 @@ DAMAGE = {
     "larger rank than the params": (_set(("mlp_rank",), 16), "'mlp_down' is stored as (2, 32, 8) but expected (2, 32, 16)"),
     "attn_topk zero": (_set(("attn_topk",), 0), "'attn_topk' must be a finite number in (0, 1]"),
     "attn_topk a string": (_set(("attn_topk",), "half"), "'attn_topk' must be a finite number"),
+    "probe window zero": (_set(("attn_probe",), 0), "'attn_probe' must be an integer >= 1, got 0"),
+    "probe without its params": (_set(("attn_probe",), 8), "do not match the shapes"),
     "model a string": (_set(("model",), "opt"), "'model' must be a JSON object"),
     "negative layer count": (_set(("model", "num_layers"), -2), "'model'['num_layers'] must be an integer >= 1"),
     "other model": (_set(("model", "num_kv_heads"), 2), "belong to another model"),

@@ -104,16 +104,19 @@ def random_budget(config, attn_topk: float, shards: int, rng) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize("tp, int8, budget", [(1, False, False), (2, False, False),
-                                              (2, True, False), (2, False, True)])
+@pytest.mark.parametrize("tp, int8, budget", [(1, False, False), (1, False, True),
+                                              (2, False, False), (2, True, False),
+                                              (2, False, True)])
 def test_teacher_forced_decode_equals_sparse_evaluation(random_model, tp, int8, budget):
     """The decode path (Pallas kernels, interpret mode on CPU) and the masked evaluation give
     the same next-token log-probabilities at every position; at tp 2 the decode runs split over
     two devices, each selecting among its own groups and neurons, and the evaluation applies
     the same per-shard rule on one device. `int8`: both read the MLP router's second
     projection as int8 rows and scales (split over the devices with the neurons). `budget`:
-    low-rank SiLU attention routers with a calibrated per-layer budget in their metadata (a
-    random one averaging 0.75 of the groups, multiples of tp), which the plan follows."""
+    low-rank SiLU attention routers with a local probe of 2-8 positions (random weights; the
+    window within the models' own sliding windows) and a calibrated per-layer budget in their
+    metadata (a random one averaging 0.75 of the groups, multiples of tp), which the plan
+    follows."""
     config, model, routers = random_model
     if int8 and config.gated_mlp:
         pytest.skip("int8 router weights apply to an MLP router (non-gated MLPs)")
@@ -125,7 +128,9 @@ def test_teacher_forced_decode_equals_sparse_evaluation(random_model, tp, int8, 
     topk, dense_layers = 0.5, (0,)
     if budget:
         routers = Routers.for_model(config, mlp_rank=32, seed=int(rng.integers(1 << 30)),
-                                    attn_rank=8, attn_activation="silu")
+                                    attn_rank=8, attn_activation="silu",
+                                    attn_probe=int(rng.integers(2, 9)))
+        routers.probe_w.value = jnp.asarray(rng.normal(0, 2, routers.probe_w.shape), jnp.float32)
         topk, dense_layers = 0.75, None
         counts = random_budget(config, topk, tp, rng)
         metadata.update(attn_topk=topk, attn_groups_per_layer=counts)

@@ -251,8 +251,9 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, dtyp
     parameters and of the routers a sparse step runs (as placed; replicated ones whole) and,
     with a `mesh`, its shard of the KV cache. The plan's k are per shard, of the shard's groups
     and neurons. A layer's routers are read where it selects groups or neurons (the first
-    projection, one matmul for both), the MLP router's second projection (and its int8
-    scales) only where it selects neurons. With the plan's page rule (pages of `page_size`)
+    projection, one matmul for both; with a local probe also every group's last positions of
+    the cache), the MLP router's second projection (and its int8 scales) only where it
+    selects neurons. With the plan's page rule (pages of `page_size`)
     also `paged`: a layer's kept groups read only their kept pages, and the summaries of
     their pages."""
     params = nnx.to_pure_dict(state)
@@ -279,6 +280,8 @@ def step_bytes(config, state, router_state, plan, batch: int, context: int, dtyp
         if router_state is not None and (groups, neurons) != (None, None):
             routers = router_state[layer]
             sparse += _bytes([routers.w_in, routers.attn_b])
+            if groups is not None and routers.probe_window is not None:  # every group's window
+                sparse += kv_layer * min(routers.probe_window, context) / context
             if neurons is not None:
                 sparse += _bytes([routers.mlp_up, routers.mlp_up_scale])
         if neurons is not None:
