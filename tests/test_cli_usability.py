@@ -145,6 +145,8 @@ def test_defaults_are_the_apis():
      ("argument --lr: must be a finite number > 0",)),
     (["train-routers", "--model", "m", "--text", "t", "--out", "o", "--epochs", "0"],
      ("argument --epochs",)),
+    (["train-routers", "--model", "m", "--text", "t", "--out", "o", "--attn-probe", "0"],
+     ("argument --attn-probe: must be an integer >= 1, got 0",)),
     (["serve", "--model", "m", "--max-n", "0"], ("argument --max-n: must be an integer >= 1, "
                                                  "got 0",)),
 ])
