@@ -43,6 +43,10 @@ F32 = jnp.float32
 MLP_NEG_WEIGHT_OFFSET = 0.005
 ATTN_LOSSES = ("bce", "rank")
 ATTN_BUDGETS = ("uniform", "adaptive")
+# The local probe's weights (one per layer and group) train at this multiple of the learning
+# rate: at the routers' own rate they were still learning after 10 epochs (tiny-opt, probe of
+# 64, 2 epochs: recall 0.806 at 1x, 0.854 at 10x, 0.862 at 30x; docs/BENCHMARKS.md).
+PROBE_LR_SCALE = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +153,13 @@ class _Trainer:
         # Chunks `[L, steps, batch, ...]`: every step's tokens split over `data`.
         self.steps_sharding = None if mesh is None else NamedSharding(mesh, P(None, None, DATA))
         self.graphdef, params = nnx.split(routers)
-        self.optimizer = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay)
+        adamw = lambda lr: optax.adamw(lr, weight_decay=settings.weight_decay)
+        labels = jax.tree_util.tree_map_with_path(  # the probe's weights at their own rate
+            lambda path, _: "probe" if "probe_w" in jax.tree_util.keystr(path) else "router",
+            params)
+        self.optimizer = optax.multi_transform(
+            {"router": adamw(settings.learning_rate),
+             "probe": adamw(PROBE_LR_SCALE * settings.learning_rate)}, labels)
         self.params, self.opt_state = _put((params, self.optimizer.init(params)),
                                            self.whole_sharding)
         self._train_chunk = jax.jit(self._train_chunk_impl, donate_argnums=(0, 1),

@@ -212,13 +212,13 @@ def test_tiny_llama_low_rank_router_beats_linear(llama_routers, trained_routers)
 @pytest.mark.routers("tiny-llama")
 def test_tiny_llama_local_probe_router_beats_linear(llama_routers, trained_routers):
     """The linear router with a local probe of 16 positions against the linear one alone,
-    trained on the same split with the same settings and seed: held-out recall 0.8945 against
+    trained on the same split with the same settings and seed: held-out recall 0.9149 against
     0.8805 (measured; docs/BENCHMARKS.md). Loaded, it holds a probe weight per layer and group
     and decodes with its window."""
     linear, _ = llama_routers
     probed, routers_dir = trained_routers("tiny-llama", "--attn-probe", "16")
     assert probed["tokens_train"] == linear["tokens_train"]
-    assert probed["attn_recall_mean"] > linear["attn_recall_mean"] + 0.007
+    assert probed["attn_recall_mean"] > linear["attn_recall_mean"] + 0.02
     config, model = load_model(fixture_path("fixtures", "tiny-llama"), jnp.float32)
     routers, metadata = load_routers(routers_dir, config)
     assert metadata["attn_probe"] == 16 and routers.probe_w.shape == (6, 4)
