@@ -99,8 +99,9 @@ class Routers(nnx.Module):
         return self.mlp_down is not None
 
     def attn_scores(self, u, probe_norm=None, layer: int | None = None):
-        """Group logits: u `[L, ..., d]` (with a local probe, its group norms `probe_norm
-        [L, ..., Hkv]`) -> `[L, ..., Hkv]`, or for one `layer`, `[..., d]` -> `[..., Hkv]`."""
+        """Group logits: u `[L, ..., d]` -> `[L, ..., Hkv]`, or for one `layer`, `[..., d]` ->
+        `[..., Hkv]`; with a local probe, its term is added where its group norms `probe_norm
+        [L, ..., Hkv]` are given (else the logits are those before it), as `LayerRouters.scores`."""
         if layer is not None:
             return self.layer(layer).scores(u, probe_norm)[0]
         param = lambda p: None if p is None else p[...]
@@ -110,7 +111,7 @@ class Routers(nnx.Module):
                                                               self.attn_activation)
         logits = jax.vmap(logits)(z, param(self.attn_hidden_b), param(self.attn_up),
                                   self.attn_b[...])
-        if self.probe_w is None:
+        if self.probe_w is None or probe_norm is None:
             return logits
         probe_w = self.probe_w[...].reshape(self.probe_w.shape[0], *[1] * (u.ndim - 2), -1)
         return probe_logits(logits, probe_w, probe_norm)

@@ -342,6 +342,26 @@ def test_local_probe_against_numpy(model_window):
                                        err_msg=f"{type(cache).__name__}, kernel {kernel}")
 
 
+def test_probe_term_against_numpy():
+    """A probe router's group logits, stacked (training, recall) and per layer (decoding,
+    evaluation): the linear router's plus probe_w x log(norm + 1e-6), in float64 numpy; without
+    the norms, the logits before the probe's term."""
+    rng = np.random.default_rng()
+    routers = Routers(3, 16, 4, None, 8, jax.random.key(int(rng.integers(1 << 30))), attn_probe=5)
+    routers.probe_w.value = jnp.asarray(rng.normal(0, 2, (3, 4)), jnp.float32)
+    u, norm = rng.normal(size=(3, 7, 16)), np.abs(rng.normal(size=(3, 7, 4)))
+    base = (np.einsum("ltd,ldh->lth", u, np.asarray(routers.attn_w[...], np.float64))
+            + np.asarray(routers.attn_b[...], np.float64)[:, None])
+    expected = base + np.asarray(routers.probe_w[...], np.float64)[:, None] * np.log(norm + 1e-6)
+    u32, norm32 = jnp.asarray(u, jnp.float32), jnp.asarray(norm, jnp.float32)
+    np.testing.assert_allclose(routers.attn_scores(u32, norm32), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(routers.attn_scores(u32), base, rtol=1e-5, atol=1e-5)
+    for layer, state in enumerate(routers.unstack()):
+        assert state.probe_window == 5
+        np.testing.assert_allclose(state.scores(u32[layer], norm32[layer])[0], expected[layer],
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_pairwise_rank_loss_against_numpy():
     rng = np.random.default_rng()
     logits = rng.standard_normal((2, 3, 5)).astype(np.float32)
